@@ -1,0 +1,5 @@
+"""Model building blocks."""
+
+from limoe.model.mlp import Mlp
+
+__all__ = ["Mlp"]

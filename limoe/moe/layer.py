@@ -1,0 +1,195 @@
+"""The sparse MoE MLP: router -> top-k routing with capacity (and BPR) -> dispatch -> experts -> combine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from limoe.moe import losses
+from limoe.moe.experts import ExpertMlps
+from limoe.moe.routing import Routing, capacity, route
+from limoe.moe.stats import MoeStats
+
+
+@dataclass
+class MoeConfig:
+    dim: int
+    hidden_dim: int
+    num_experts: int = 8
+    k: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float | None = None  # None: same as capacity_factor
+    batch_priority: bool = True  # LIMoE trains with BPR
+    noise_std: float = 1.0  # router noise std is noise_std / num_experts (V-MoE), training only
+    capacity_multiple_of: int = 4
+    modalities: tuple[str, ...] = ("image", "text")
+    # Global-entropy threshold per modality: the loss asks each modality to use at least this many experts
+    # (tau = log of it). None: all num_experts for every modality.
+    global_entropy_min_experts: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden_dim", "num_experts", "capacity_multiple_of"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.k <= self.num_experts:
+            raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got {self.k}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        self.modalities = tuple(self.modalities)
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be distinct names, got {self.modalities}")
+        if self.global_entropy_min_experts is not None:
+            self.global_entropy_min_experts = tuple(self.global_entropy_min_experts)
+            if len(self.global_entropy_min_experts) != len(self.modalities):
+                raise ValueError(f"global_entropy_min_experts needs one value per modality {self.modalities}, "
+                                 f"got {self.global_entropy_min_experts}")
+            if not all(1 <= s <= self.num_experts for s in self.global_entropy_min_experts):
+                raise ValueError(f"global_entropy_min_experts values must be in [1, num_experts={self.num_experts}], "
+                                 f"got {self.global_entropy_min_experts}")
+
+    @property
+    def min_experts_per_modality(self) -> tuple[float, ...]:
+        return self.global_entropy_min_experts or (float(self.num_experts),) * len(self.modalities)
+
+
+@dataclass
+class MoeAux:
+    """What one MoE call reports besides its output: unweighted aux losses and routing statistics."""
+
+    losses: dict[str, torch.Tensor]  # scalar, differentiable; the caller weights and sums them
+    stats: MoeStats
+    routing: Routing
+
+
+class MoeMlp(nn.Module):
+    """Sparse Mixture-of-Experts MLP; one call routes its whole input as one group of S tokens.
+
+    forward(x [..., d], modality=None | int | long [...], valid=None | bool [...]) -> (y [..., d], MoeAux).
+    `modality` indexes `config.modalities` (None: every token is modalities[0]); `valid` False marks padding,
+    which is neither routed nor counted and gets 0 from this layer. Capacity is computed from all S tokens of the
+    group, padding included, so it never depends on data (no host synchronisation).
+    """
+
+    def __init__(self, config: MoeConfig):
+        super().__init__()
+        self.config = config
+        self.router_dE = nn.Parameter(torch.empty(config.dim, config.num_experts))
+        self.experts = ExpertMlps(config.num_experts, config.dim, config.hidden_dim)
+        self.reset_router()
+
+    def reset_router(self) -> None:
+        # Small init keeps early routing near uniform (V-MoE initialises the router with zeros/small normals).
+        nn.init.normal_(self.router_dE, std=0.02)
+
+    def capacity_for(self, num_tokens: int) -> int:
+        cfg = self.config
+        factor = cfg.capacity_factor if self.training else (cfg.eval_capacity_factor or cfg.capacity_factor)
+        return capacity(num_tokens, cfg.num_experts, cfg.k, factor, cfg.capacity_multiple_of)
+
+    def forward(self, x: torch.Tensor, modality: int | torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoeAux]:
+        cfg = self.config
+        if x.dim() < 1 or x.shape[-1] != cfg.dim:
+            raise ValueError(f"x must have last dimension dim={cfg.dim}, got shape {tuple(x.shape)}")
+        lead_shape = x.shape[:-1]
+        x_Sd = x.reshape(-1, cfg.dim)
+        num_tokens = x_Sd.shape[0]
+        modality_S = self._modality_ids(modality, lead_shape, x.device).reshape(-1)
+        valid_S = self._valid_mask(valid, lead_shape).reshape(-1) if valid is not None else None
+
+        logits_SE, noisy_logits_SE = self._router_logits(x_Sd)
+        routing = route(torch.softmax(noisy_logits_SE, dim=-1), cfg.k, self.capacity_for(num_tokens),
+                        cfg.batch_priority, valid_S)
+        y_Sd = self._dispatch_combine(x_Sd, routing)
+
+        # A comparison, not F.one_hot: one_hot validates its input with a host sync on accelerators.
+        onehot_SM = (modality_S[:, None] == torch.arange(len(cfg.modalities), device=x.device)).float()
+        if valid_S is not None:
+            onehot_SM = onehot_SM * valid_S[:, None]
+        aux_losses = self._aux_losses(logits_SE, noisy_logits_SE, onehot_SM)
+        stats = MoeStats.compute(cfg.modalities, onehot_SM, routing.expert_SK, routing.kept_SK,
+                                 losses.entropy(logits_SE.detach()), cfg.num_experts)
+        return y_Sd.reshape(x.shape), MoeAux(aux_losses, stats, routing)
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    def _router_logits(self, x_Sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits even under autocast: routing decisions are sensitive to rounding."""
+        with torch.autocast(device_type=x_Sd.device.type, enabled=False):
+            logits_SE = x_Sd.float() @ self.router_dE.float()
+        if self.training and self.config.noise_std > 0:
+            noise_std = self.config.noise_std / self.config.num_experts
+            return logits_SE, logits_SE + noise_std * torch.randn_like(logits_SE)
+        return logits_SE, logits_SE
+
+    def _dispatch_combine(self, x_Sd: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Gather kept tokens into [E, C, d] buffers, run the experts, gather back and weight by gate."""
+        num_tokens, dim = x_Sd.shape
+        num_experts, cap = routing.num_experts, routing.capacity
+        num_slots = num_experts * cap
+        # Flat buffer row of every assignment; dropped ones point at an extra row (num_slots) that holds zeros.
+        row_SK = torch.where(routing.kept_SK, routing.expert_SK * cap + routing.slot_SK, num_slots)
+        # Source token of every buffer row; empty rows read the appended zero token (index num_tokens). Dropped
+        # assignments all write the spare row num_slots, which is then cut off.
+        token_SK = torch.arange(num_tokens, device=x_Sd.device)[:, None].expand_as(row_SK)
+        source_row = torch.full((num_slots + 1,), num_tokens, dtype=torch.long, device=x_Sd.device)
+        source_row.scatter_(0, row_SK.reshape(-1), token_SK.reshape(-1))
+        x_pad = F.pad(x_Sd, (0, 0, 0, 1))
+        x_ECd = x_pad[source_row[:num_slots]].view(num_experts, cap, dim)
+
+        y_ECd = self.experts(x_ECd)
+
+        y_pad = F.pad(y_ECd.reshape(num_slots, dim), (0, 0, 0, 1))
+        weight_SK = (routing.gate_SK * routing.kept_SK).to(y_pad.dtype)
+        if routing.k == 1:  # skip the [S, K, d] intermediate in the common case
+            return y_pad[row_SK[:, 0]] * weight_SK
+        return torch.einsum("skd,sk->sd", y_pad[row_SK], weight_SK)
+
+    def _aux_losses(self, logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor,
+                    onehot_SM: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        valid_w_S = onehot_SM.sum(1)
+        out = {"importance": losses.importance_loss(logits_SE, valid_w_S)}
+        if self.training and cfg.noise_std > 0:
+            out["load"] = losses.load_loss(logits_SE, noisy_logits_SE, cfg.noise_std / cfg.num_experts, cfg.k,
+                                           valid_w_S)
+        else:
+            out["load"] = logits_SE.new_zeros(())
+        out["z"] = losses.z_loss(logits_SE, valid_w_S)
+        for m, name in enumerate(cfg.modalities):
+            w_S = onehot_SM[:, m]
+            out[f"local_entropy/{name}"] = losses.local_entropy_loss(logits_SE, w_S)
+            out[f"global_entropy/{name}"] = losses.global_entropy_loss(logits_SE, w_S,
+                                                                        cfg.min_experts_per_modality[m])
+        return out
+
+    def _modality_ids(self, modality: int | torch.Tensor | None, lead_shape: torch.Size,
+                      device: torch.device) -> torch.Tensor:
+        num_modalities = len(self.config.modalities)
+        if modality is None:
+            modality = 0
+        if isinstance(modality, int):
+            if not 0 <= modality < num_modalities:
+                raise ValueError(f"modality must be in [0, {num_modalities}) for {self.config.modalities}, "
+                                 f"got {modality}")
+            return torch.full(lead_shape, modality, dtype=torch.long, device=device)
+        if modality.shape != lead_shape or modality.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"modality must be an integer tensor of shape {tuple(lead_shape)}, got "
+                             f"{modality.dtype} {tuple(modality.shape)}")
+        if modality.device.type == "cpu":  # a data-dependent check; on accelerators it would stall the stream
+            if modality.numel() and not (0 <= int(modality.min()) and int(modality.max()) < num_modalities):
+                raise ValueError(f"modality ids must be in [0, {num_modalities}) for {self.config.modalities}")
+        return modality.long().to(device)
+
+    @staticmethod
+    def _valid_mask(valid: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
+        if valid.shape != lead_shape or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a bool tensor of shape {tuple(lead_shape)}, got "
+                             f"{valid.dtype} {tuple(valid.shape)}")
+        return valid

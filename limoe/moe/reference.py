@@ -1,0 +1,65 @@
+"""Slow, obviously-correct reference implementations, for tests and as benchmark baselines.
+
+Never used by the model: `route_loop` walks assignments one by one in Python, `moe_loop` runs each expert on its
+tokens in a Python loop, and `moe_onehot_einsum` is the GShard / V-MoE style dispatch with dense one-hot
+[S, E, C] tensors that the real layer avoids.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from limoe.moe.experts import ExpertMlps
+from limoe.moe.routing import Routing
+
+
+def route_loop(gates_SE: torch.Tensor, k: int, capacity: int, batch_priority: bool = False,
+               valid_S: torch.Tensor | None = None) -> Routing:
+    """`route` written as the V-MoE description reads: a Python loop over choice ranks and tokens."""
+    num_tokens, num_experts = gates_SE.shape
+    gate_SK, expert_SK = gates_SE.topk(k, dim=1)
+    tokens = list(range(num_tokens))
+    if batch_priority:
+        tokens.sort(key=lambda s: -float(gate_SK[s, 0]))  # Python's sort is stable: ties keep token order
+    valid = [True] * num_tokens if valid_S is None else [bool(v) for v in valid_S]
+    used = [0] * num_experts
+    slot_SK = torch.full((num_tokens, k), -1, dtype=torch.long)
+    for choice in range(k):
+        for s in tokens:
+            if valid[s]:
+                e = int(expert_SK[s, choice])
+                slot_SK[s, choice] = used[e]
+                used[e] += 1
+    kept_SK = (slot_SK >= 0) & (slot_SK < capacity)
+    return Routing(expert_SK, slot_SK, gate_SK, kept_SK, capacity, num_experts)
+
+
+def _expert_mlp(experts: ExpertMlps, e: int, x_Nd: torch.Tensor) -> torch.Tensor:
+    h_Nh = F.gelu(x_Nd @ experts.w_in_Edh[e] + experts.b_in_Eh[e])
+    return h_Nh @ experts.w_out_Ehd[e] + experts.b_out_Ed[e]
+
+
+def moe_loop(experts: ExpertMlps, x_Sd: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """For each expert, run its MLP on the tokens it kept and add gate * output to those tokens."""
+    y_Sd = torch.zeros_like(x_Sd)
+    for e in range(experts.num_experts):
+        for choice in range(routing.k):
+            mask_S = routing.kept_SK[:, choice] & (routing.expert_SK[:, choice] == e)
+            if mask_S.any():
+                gate_N = routing.gate_SK[mask_S, choice]
+                y_Sd = y_Sd.index_add(0, mask_S.nonzero()[:, 0], gate_N[:, None] * _expert_mlp(experts, e, x_Sd[mask_S]))
+    return y_Sd
+
+
+def moe_onehot_einsum(experts: ExpertMlps, x_Sd: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """GShard / V-MoE style: dense dispatch and combine tensors [S, E, C] contracted with einsum."""
+    num_experts, cap = routing.num_experts, routing.capacity
+    slot_SK = routing.slot_SK.clamp(0, cap - 1)
+    dispatch_SKEC = (F.one_hot(routing.expert_SK, num_experts)[..., None]
+                     * F.one_hot(slot_SK, cap)[..., None, :]
+                     * routing.kept_SK[..., None, None]).to(x_Sd.dtype)
+    dispatch_SEC = dispatch_SKEC.sum(1)
+    combine_SEC = (dispatch_SKEC * routing.gate_SK[..., None, None].to(x_Sd.dtype)).sum(1)
+    x_ECd = torch.einsum("sec,sd->ecd", dispatch_SEC, x_Sd)
+    return torch.einsum("sec,ecd->sd", combine_SEC, experts(x_ECd))
