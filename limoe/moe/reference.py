@@ -21,7 +21,7 @@ def route_loop(gates_SE: torch.Tensor, k: int, capacity: int, batch_priority: bo
     gate_SK, expert_SK = gates_SE.topk(k, dim=1)
     tokens = list(range(num_tokens))
     if batch_priority:
-        tokens.sort(key=lambda s: -float(gate_SK[s, 0]))  # Python's sort is stable: ties keep token order
+        tokens.sort(key=lambda s: -float(gate_SK[s, 0].detach()))  # Python's sort is stable: ties keep token order
     valid = [True] * num_tokens if valid_S is None else [bool(v) for v in valid_S]
     used = [0] * num_experts
     slot_SK = torch.full((num_tokens, k), -1, dtype=torch.long)

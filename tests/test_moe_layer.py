@@ -1,0 +1,193 @@
+"""MoeMlp against slow references, its invariants, modes, dtypes and argument checks."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from limoe.moe import MoeConfig, MoeMlp
+from limoe.moe.reference import moe_loop, moe_onehot_einsum, route_loop
+
+
+def make_layer(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(dim=12, hidden_dim=20, num_experts=4, k=1, capacity_factor=1.0)
+    cfg.update(overrides)
+    layer = MoeMlp(MoeConfig(**cfg))
+    with torch.no_grad():  # a sharper router than the default init, so gates differ visibly between experts
+        layer.router_dE.normal_(0, 1.0)
+    return layer
+
+
+def reference_forward(layer, x_Sd):
+    """Independent pipeline: router softmax -> Python-loop routing -> Python loop over experts."""
+    cfg = layer.config
+    gates_SE = torch.softmax(x_Sd @ layer.router_dE, dim=-1)
+    cap = layer.capacity_for(x_Sd.shape[0])
+    return moe_loop(layer.experts, x_Sd, route_loop(gates_SE, cfg.k, cap, cfg.batch_priority))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_equals_loop_reference_when_nothing_drops(k):
+    layer = make_layer(k=k, capacity_factor=4.0 / k).eval()  # capacity = all tokens: nothing can drop
+    x_Sd = torch.randn(40, 12, requires_grad=True)
+    y_Sd, aux = layer(x_Sd)
+    assert bool(aux.routing.kept_SK.all())
+    x_ref = x_Sd.detach().clone().requires_grad_(True)
+    y_ref = reference_forward(layer, x_ref)
+    torch.testing.assert_close(y_Sd, y_ref, rtol=1e-5, atol=1e-6)
+
+    grad_out = torch.randn_like(y_Sd)
+    params = [x_Sd, *layer.parameters()]
+    got = torch.autograd.grad(y_Sd, params, grad_out)
+    want = torch.autograd.grad(y_ref, [x_ref, *layer.parameters()], grad_out)
+    for name, g, w in zip(["x", *[n for n, _ in layer.named_parameters()]], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("k, bpr", [(1, False), (1, True), (2, False), (2, True)])
+def test_equals_loop_and_einsum_references_with_drops(k, bpr):
+    layer = make_layer(k=k, capacity_factor=0.5, batch_priority=bpr).eval()
+    x_Sd = torch.randn(64, 12)
+    y_Sd, aux = layer(x_Sd)
+    assert not bool(aux.routing.kept_SK.all())  # capacity binds
+    torch.testing.assert_close(y_Sd, reference_forward(layer, x_Sd), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_Sd, moe_onehot_einsum(layer.experts, x_Sd, aux.routing), rtol=1e-5, atol=1e-6)
+
+
+def test_dropped_and_padding_tokens_output_exactly_zero():
+    layer = make_layer(capacity_factor=0.25).eval()
+    x_BTd = torch.randn(4, 16, 12)
+    valid_BT = torch.rand(4, 16) > 0.3
+    y_BTd, aux = layer(x_BTd, modality=torch.randint(0, 2, (4, 16)), valid=valid_BT)
+    no_kept_S = ~aux.routing.kept_SK.any(1)
+    assert bool(no_kept_S.any())
+    assert bool((y_BTd.reshape(-1, 12)[no_kept_S] == 0).all())
+    assert bool((y_BTd[~valid_BT] == 0).all())
+    assert bool((y_BTd.reshape(-1, 12)[~no_kept_S] != 0).any(1).all())
+
+
+def test_padding_does_not_change_routing_of_real_tokens():
+    layer = make_layer(capacity_factor=0.5).eval()
+    x_Sd = torch.randn(32, 12)
+    valid_S = torch.arange(32) % 3 != 0
+    y_a, aux_a = layer(x_Sd, valid=valid_S)
+    x_b = x_Sd.clone()
+    x_b[~valid_S] = torch.randn(int((~valid_S).sum()), 12) * 100  # garbage in the padding positions
+    y_b, aux_b = layer(x_b, valid=valid_S)
+    torch.testing.assert_close(y_a, y_b)
+    assert torch.equal(aux_a.routing.kept_SK, aux_b.routing.kept_SK)
+    for name in aux_a.losses:
+        torch.testing.assert_close(aux_a.losses[name], aux_b.losses[name], msg=name)
+
+
+def test_eval_is_deterministic_and_training_is_noisy():
+    layer = make_layer(capacity_factor=0.5)
+    x_Sd = torch.randn(64, 12)
+    layer.eval()
+    y1, aux1 = layer(x_Sd)
+    y2, aux2 = layer(x_Sd)
+    assert torch.equal(y1, y2) and torch.equal(aux1.routing.slot_SK, aux2.routing.slot_SK)
+    assert float(aux1.losses["load"]) == 0.0  # the load loss needs router noise
+    layer.train()
+    with torch.no_grad():
+        layer.router_dE.mul_(0.01)  # near-tied logits: noise of std 1/E must flip some choices
+    torch.manual_seed(1)
+    _, aux_t1 = layer(x_Sd)
+    torch.manual_seed(2)
+    _, aux_t2 = layer(x_Sd)
+    assert not torch.equal(aux_t1.routing.expert_SK, aux_t2.routing.expert_SK)
+    assert aux_t1.losses["load"].item() > 0.0
+
+
+def test_train_and_eval_capacity_factors_are_separate():
+    layer = make_layer(capacity_factor=1.0, eval_capacity_factor=2.0)
+    assert layer.capacity_for(64) == 16
+    assert layer.eval().capacity_for(64) == 32
+    assert make_layer(capacity_factor=1.5).eval().capacity_for(64) == 24  # None follows the train factor
+
+
+def test_gradients_reach_every_parameter():
+    layer = make_layer(num_experts=4, k=2, capacity_factor=2.0).train()
+    y, aux = layer(torch.randn(64, 12), modality=torch.arange(64) % 2)
+    total = y.square().mean() + sum(aux.losses.values())
+    total.backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+    # Every expert received tokens, so every expert's weights moved.
+    assert bool((layer.experts.w_in_Edh.grad.abs().sum((1, 2)) > 0).all())
+
+
+def test_router_runs_in_float32_under_bf16_autocast():
+    layer = make_layer().eval()
+    x_Sd = torch.randn(32, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x_Sd)
+    assert aux.routing.gate_SK.dtype == torch.float32
+    assert y.dtype == torch.bfloat16 and bool(torch.isfinite(y).all())
+    y32, _ = layer(x_Sd)
+    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_dense_dispatch_tensor_forward_or_backward():
+    layer = make_layer(dim=8, hidden_dim=16, num_experts=8, k=2).train()
+    x_Sd = torch.randn(512, 8, requires_grad=True)
+    cap = layer.capacity_for(512)
+    with _LargestTensor() as probe:
+        y, aux = layer(x_Sd, modality=torch.arange(512) % 2)
+        (y.sum() + sum(aux.losses.values())).backward()
+    # The biggest legitimate tensor is the [E, C, h] hidden buffer; a one-hot [S, E, C] would be 32x larger.
+    assert probe.largest <= 8 * cap * 16
+    assert probe.largest * 16 < 512 * 8 * cap
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda m: m(torch.randn(4, 13)), "dim"),
+    (lambda m: m(torch.randn(4, 12), modality=2), "modality"),
+    (lambda m: m(torch.randn(4, 12), modality=-1), "modality"),
+    (lambda m: m(torch.randn(4, 12), modality=torch.tensor([0, 1, 2, 0])), "modality"),
+    (lambda m: m(torch.randn(4, 12), modality=torch.zeros(5, dtype=torch.long)), "modality"),
+    (lambda m: m(torch.randn(4, 12), modality=torch.zeros(4)), "modality"),
+    (lambda m: m(torch.randn(4, 12), valid=torch.ones(4)), "valid"),
+    (lambda m: m(torch.randn(2, 4, 12), valid=torch.ones(8, dtype=torch.bool)), "valid"),
+])
+def test_forward_rejects_bad_inputs(call, name):
+    with pytest.raises(ValueError, match=name):
+        call(make_layer())
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (dict(k=5), "k"),
+    (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(eval_capacity_factor=-1.0), "eval_capacity_factor"),
+    (dict(num_experts=0), "num_experts"),
+    (dict(noise_std=-0.5), "noise_std"),
+    (dict(modalities=("image", "image")), "modalities"),
+    (dict(global_entropy_min_experts=(2.0,)), "global_entropy_min_experts"),
+    (dict(global_entropy_min_experts=(2.0, 9.0)), "global_entropy_min_experts"),
+])
+def test_config_rejects_bad_values(overrides, name):
+    with pytest.raises(ValueError, match=name):
+        MoeConfig(**{"dim": 12, "hidden_dim": 20, "num_experts": 4, **overrides})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    layer = make_layer(k=2, capacity_factor=0.75).eval()
+    x_Sd = torch.randn(256, 12)
+    y_cpu, aux_cpu = layer(x_Sd, modality=torch.arange(256) % 2)
+    y_gpu, aux_gpu = layer.cuda()(x_Sd.cuda(), modality=(torch.arange(256) % 2).cuda())
+    assert torch.equal(aux_cpu.routing.kept_SK, aux_gpu.routing.kept_SK.cpu())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,116 @@
+"""Aux losses: hand-computed values, an independent scalar implementation, per-modality isolation, gradients."""
+
+import math
+
+import pytest
+import torch
+
+from limoe.moe import MoeConfig, MoeMlp, losses
+
+LN2 = math.log(2.0)
+
+
+def test_importance_golden():
+    ones = torch.ones(1)
+    # One token with p = [.75, .25]: Imp = [.75, .25], mean .5, population std .25 -> (0.5)^2.
+    assert losses.importance_loss(torch.tensor([[math.log(3.0), 0.0]]), ones).item() == pytest.approx(0.25)
+    # Two mirrored tokens balance exactly.
+    mirrored = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]])
+    assert losses.importance_loss(mirrored, torch.ones(2)).item() == pytest.approx(0.0, abs=1e-7)
+    # Weight 0 removes a token: only the first one counts.
+    assert losses.importance_loss(mirrored, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.25)
+
+
+def _load_loss_scalar(logits, noisy, sigma, k):
+    """The V-MoE load loss written with Python floats and math.erf."""
+    num_tokens, num_experts = len(logits), len(logits[0])
+    load = [0.0] * num_experts
+    for s in range(num_tokens):
+        threshold = sorted(noisy[s], reverse=True)[k - 1]
+        for e in range(num_experts):
+            z = (threshold - logits[s][e]) / sigma
+            load[e] += (1.0 - 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))) / num_tokens
+    mean = sum(load) / num_experts
+    var = sum((v - mean) ** 2 for v in load) / num_experts
+    return var / mean**2
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_load_matches_scalar_formula(k):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    noisy = logits + 0.25 * torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    got = losses.load_loss(logits, noisy, 0.25, k, torch.ones(7, dtype=torch.float64)).item()
+    assert got == pytest.approx(_load_loss_scalar(logits.tolist(), noisy.tolist(), 0.25, k), rel=1e-9)
+
+
+def test_local_entropy_golden():
+    logits = torch.tensor([[0.0, 0.0], [0.0, -100.0]])  # H = ln 2 and ~0
+    assert losses.local_entropy_loss(logits, torch.ones(2)).item() == pytest.approx(LN2 / 2)
+    assert losses.local_entropy_loss(logits, torch.tensor([1.0, 0.0])).item() == pytest.approx(LN2)
+
+
+def test_global_entropy_golden_and_threshold():
+    confident_a = torch.tensor([[100.0, 0.0], [100.0, 0.0]])  # both tokens on expert 0: marginal entropy 0
+    split = torch.tensor([[100.0, 0.0], [0.0, 100.0]])  # one token each: marginal entropy ln 2
+    w = torch.ones(2)
+    assert losses.global_entropy_loss(confident_a, w, min_experts=2).item() == pytest.approx(LN2)
+    assert losses.global_entropy_loss(split, w, min_experts=2).item() == pytest.approx(0.0, abs=1e-6)
+    # The threshold is a soft minimum: asking for one expert never penalises collapse.
+    assert losses.global_entropy_loss(confident_a, w, min_experts=1).item() == 0.0
+    # An empty set gives 0, not log(min_experts).
+    assert losses.global_entropy_loss(split, torch.zeros(2), min_experts=2).item() == 0.0
+
+
+def test_z_loss_golden():
+    assert losses.z_loss(torch.zeros(3, 2), torch.ones(3)).item() == pytest.approx(LN2**2)
+
+
+def test_layer_losses_match_formulas_on_its_own_logits():
+    torch.manual_seed(0)
+    layer = MoeMlp(MoeConfig(dim=6, hidden_dim=8, num_experts=4, global_entropy_min_experts=(4, 2))).eval()
+    x_Sd = torch.randn(10, 6)
+    modality_S = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    _, aux = layer(x_Sd, modality=modality_S)
+    p_SE = torch.softmax(x_Sd @ layer.router_dE, -1)
+    text = p_SE[6:]
+    h_text = -(text * text.log()).sum(-1).mean()
+    marginal = text.mean(0)
+    want_global = max(0.0, math.log(2) + float((marginal * marginal.log()).sum()))
+    assert aux.losses["local_entropy/text"].item() == pytest.approx(h_text.item(), rel=1e-5)
+    assert aux.losses["global_entropy/text"].item() == pytest.approx(want_global, abs=1e-6)
+    imp = p_SE.sum(0)
+    assert aux.losses["importance"].item() == pytest.approx((imp.var(correction=0) / imp.mean() ** 2).item(), rel=1e-4)
+
+
+def test_per_modality_losses_only_see_their_own_tokens():
+    torch.manual_seed(0)
+    layer = MoeMlp(MoeConfig(dim=6, hidden_dim=8, num_experts=4)).eval()
+    x_Sd = torch.randn(12, 6, requires_grad=True)
+    modality_S = torch.tensor([0] * 8 + [1] * 4)
+    _, aux = layer(x_Sd, modality=modality_S)
+    for name in ("local_entropy/text", "global_entropy/text"):
+        (grad_x,) = torch.autograd.grad(aux.losses[name], x_Sd, retain_graph=True)
+        assert bool((grad_x[:8] == 0).all()), name  # image tokens do not touch text losses
+        assert bool((grad_x[8:] != 0).any()), name
+    # Changing image tokens leaves the text losses unchanged.
+    x_other = x_Sd.detach().clone()
+    x_other[:8] = torch.randn(8, 6)
+    _, aux_other = layer(x_other, modality=modality_S)
+    for name in ("local_entropy/text", "global_entropy/text"):
+        torch.testing.assert_close(aux.losses[name], aux_other.losses[name])
+    assert not torch.allclose(aux.losses["local_entropy/image"], aux_other.losses["local_entropy/image"])
+
+
+def test_every_loss_is_differentiable_in_training():
+    torch.manual_seed(0)
+    layer = MoeMlp(MoeConfig(dim=6, hidden_dim=8, num_experts=4, global_entropy_min_experts=(4, 4))).train()
+    with torch.no_grad():
+        layer.router_dE.normal_(0, 2.0)  # skewed routing so that no loss sits at its zero floor
+    _, aux = layer(torch.randn(32, 6), modality=torch.arange(32) % 2)
+    assert set(aux.losses) == {"importance", "load", "z", "local_entropy/image", "global_entropy/image",
+                               "local_entropy/text", "global_entropy/text"}
+    for name, value in aux.losses.items():
+        assert value.dim() == 0 and bool(torch.isfinite(value)), name
+        (grad,) = torch.autograd.grad(value, layer.router_dE, retain_graph=True)
+        assert bool(grad.abs().sum() > 0), name
