@@ -146,7 +146,7 @@ class MoeMlp(nn.Module):
         y_ECd = self.experts(x_ECd)
 
         y_pad = F.pad(y_ECd.reshape(num_slots, dim), (0, 0, 0, 1))
-        weight_SK = (routing.gate_SK * routing.kept_SK).to(y_pad.dtype)
+        weight_SK = routing.gate_SK.to(y_pad.dtype)  # dropped choices read the zero row: no mask needed
         if routing.k == 1:  # skip the [S, K, d] intermediate in the common case
             return y_pad[row_SK[:, 0]] * weight_SK
         return torch.einsum("skd,sk->sd", y_pad[row_SK], weight_SK)
