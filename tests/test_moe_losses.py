@@ -11,11 +11,10 @@ LN2 = math.log(2.0)
 
 
 def test_importance_golden():
-    ones = torch.ones(1)
     # One token with p = [.75, .25]: Imp = [.75, .25], mean .5, population std .25 -> (0.5)^2.
-    assert losses.importance_loss(torch.tensor([[math.log(3.0), 0.0]]), ones).item() == pytest.approx(0.25)
+    assert losses.importance_loss(torch.tensor([[0.75, 0.25]]), torch.ones(1)).item() == pytest.approx(0.25)
     # Two mirrored tokens balance exactly.
-    mirrored = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]])
+    mirrored = torch.tensor([[0.75, 0.25], [0.25, 0.75]])
     assert losses.importance_loss(mirrored, torch.ones(2)).item() == pytest.approx(0.0, abs=1e-7)
     # Weight 0 removes a token: only the first one counts.
     assert losses.importance_loss(mirrored, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.25)
@@ -45,21 +44,22 @@ def test_load_matches_scalar_formula(k):
 
 
 def test_local_entropy_golden():
-    logits = torch.tensor([[0.0, 0.0], [0.0, -100.0]])  # H = ln 2 and ~0
-    assert losses.local_entropy_loss(logits, torch.ones(2)).item() == pytest.approx(LN2 / 2)
-    assert losses.local_entropy_loss(logits, torch.tensor([1.0, 0.0])).item() == pytest.approx(LN2)
+    entropy_S = losses.entropy(torch.tensor([[0.0, 0.0], [0.0, -100.0]]))  # ln 2 and ~0
+    assert entropy_S.tolist() == pytest.approx([LN2, 0.0], abs=1e-6)
+    # Column 0: both tokens; column 1: only the first.
+    w_SM = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert losses.local_entropy_loss(entropy_S, w_SM).tolist() == pytest.approx([LN2 / 2, LN2])
 
 
 def test_global_entropy_golden_and_threshold():
-    confident_a = torch.tensor([[100.0, 0.0], [100.0, 0.0]])  # both tokens on expert 0: marginal entropy 0
-    split = torch.tensor([[100.0, 0.0], [0.0, 100.0]])  # one token each: marginal entropy ln 2
-    w = torch.ones(2)
-    assert losses.global_entropy_loss(confident_a, w, min_experts=2).item() == pytest.approx(LN2)
-    assert losses.global_entropy_loss(split, w, min_experts=2).item() == pytest.approx(0.0, abs=1e-6)
+    # Tokens 0 and 1 both on expert 0, token 2 on expert 1. Modality columns: {0, 1}, {0, 2}, {} (empty).
+    p_SE = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    w_SM = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    loss = losses.global_entropy_loss(p_SE, w_SM, min_experts_M=torch.tensor([2.0, 2.0, 2.0]))
+    # Collapsed: marginal entropy 0 -> ln 2; split evenly: ln 2 - ln 2 = 0; empty: 0, not ln 2.
+    assert loss.tolist() == pytest.approx([LN2, 0.0, 0.0], abs=1e-6)
     # The threshold is a soft minimum: asking for one expert never penalises collapse.
-    assert losses.global_entropy_loss(confident_a, w, min_experts=1).item() == 0.0
-    # An empty set gives 0, not log(min_experts).
-    assert losses.global_entropy_loss(split, torch.zeros(2), min_experts=2).item() == 0.0
+    assert losses.global_entropy_loss(p_SE, w_SM, torch.tensor([1.0, 1.0, 1.0])).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_z_loss_golden():

@@ -113,9 +113,12 @@ class MoeMlp(nn.Module):
         onehot_SM = (modality_S[:, None] == torch.arange(len(cfg.modalities), device=x.device)).float()
         if valid_S is not None:
             onehot_SM = onehot_SM * valid_S[:, None]
-        aux_losses = self._aux_losses(logits_SE, noisy_logits_SE, onehot_SM)
-        stats = MoeStats.compute(cfg.modalities, onehot_SM, routing.expert_SK, routing.kept_SK,
-                                 losses.entropy(logits_SE.detach()), cfg.num_experts)
+        logp_SE = torch.log_softmax(logits_SE, dim=-1)
+        p_SE = logp_SE.exp()
+        entropy_S = -(p_SE * logp_SE).sum(-1)
+        aux_losses = self._aux_losses(logits_SE, noisy_logits_SE, p_SE, entropy_S, onehot_SM)
+        stats = MoeStats.compute(cfg.modalities, onehot_SM, routing.expert_SK, routing.kept_SK, entropy_S,
+                                 cfg.num_experts)
         return y_Sd.reshape(x.shape), MoeAux(aux_losses, stats, routing)
 
     # -- pieces -------------------------------------------------------------------------------------------------
@@ -141,32 +144,35 @@ class MoeMlp(nn.Module):
         source_row = torch.full((num_slots + 1,), num_tokens, dtype=torch.long, device=x_Sd.device)
         source_row.scatter_(0, row_SK.reshape(-1), token_SK.reshape(-1))
         x_pad = F.pad(x_Sd, (0, 0, 0, 1))
-        x_ECd = x_pad[source_row[:num_slots]].view(num_experts, cap, dim)
+        # index_select, not x[idx]: its backward is index_add, much faster on CPU than an accumulating index_put.
+        x_ECd = x_pad.index_select(0, source_row[:num_slots]).view(num_experts, cap, dim)
 
         y_ECd = self.experts(x_ECd)
 
         y_pad = F.pad(y_ECd.reshape(num_slots, dim), (0, 0, 0, 1))
         weight_SK = routing.gate_SK.to(y_pad.dtype)  # dropped choices read the zero row: no mask needed
         if routing.k == 1:  # skip the [S, K, d] intermediate in the common case
-            return y_pad[row_SK[:, 0]] * weight_SK
-        return torch.einsum("skd,sk->sd", y_pad[row_SK], weight_SK)
+            return y_pad.index_select(0, row_SK[:, 0]) * weight_SK
+        y_SKd = y_pad.index_select(0, row_SK.reshape(-1)).view(num_tokens, routing.k, dim)
+        return torch.einsum("skd,sk->sd", y_SKd, weight_SK)
 
-    def _aux_losses(self, logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor,
-                    onehot_SM: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _aux_losses(self, logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, p_SE: torch.Tensor,
+                    entropy_S: torch.Tensor, onehot_SM: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config
-        valid_w_S = onehot_SM.sum(1)
-        out = {"importance": losses.importance_loss(logits_SE, valid_w_S)}
+        valid_S = onehot_SM.sum(1)
+        out = {"importance": losses.importance_loss(p_SE, valid_S)}
         if self.training and cfg.noise_std > 0:
             out["load"] = losses.load_loss(logits_SE, noisy_logits_SE, cfg.noise_std / cfg.num_experts, cfg.k,
-                                           valid_w_S)
+                                           valid_S)
         else:
             out["load"] = logits_SE.new_zeros(())
-        out["z"] = losses.z_loss(logits_SE, valid_w_S)
+        out["z"] = losses.z_loss(logits_SE, valid_S)
+        local_M = losses.local_entropy_loss(entropy_S, onehot_SM)
+        min_experts_M = torch.tensor(cfg.min_experts_per_modality, device=p_SE.device)
+        global_M = losses.global_entropy_loss(p_SE, onehot_SM, min_experts_M)
         for m, name in enumerate(cfg.modalities):
-            w_S = onehot_SM[:, m]
-            out[f"local_entropy/{name}"] = losses.local_entropy_loss(logits_SE, w_S)
-            out[f"global_entropy/{name}"] = losses.global_entropy_loss(logits_SE, w_S,
-                                                                        cfg.min_experts_per_modality[m])
+            out[f"local_entropy/{name}"] = local_M[m]
+            out[f"global_entropy/{name}"] = global_M[m]
         return out
 
     def _modality_ids(self, modality: int | torch.Tensor | None, lead_shape: torch.Size,

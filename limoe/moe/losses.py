@@ -1,12 +1,11 @@
 """Auxiliary router losses (unweighted): V-MoE importance and load, LIMoE entropies, router z-loss.
 
-Each takes float32 router logits [S, E] and a float token weight w_S (1 for tokens that count, 0 for padding or
-for tokens of another modality), so one masked formula serves every subset without dynamic shapes.
+Tokens are weighted instead of selected (w = 1 counts, 0 for padding or another modality), so one masked formula
+serves every subset without data-dependent shapes. Per-modality losses take a weight matrix w_SM (one column per
+modality) and return one value per modality. p_SE is the clean router softmax, entropy_S its row entropies.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -22,10 +21,9 @@ def entropy(logits_SE: torch.Tensor) -> torch.Tensor:
     return -(logp_SE.exp() * logp_SE).sum(-1)
 
 
-def importance_loss(logits_SE: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
-    """Imp_e = sum_x p(e|x) over the clean softmax; loss = (std_e Imp / mean_e Imp)^2."""
-    importance_E = (torch.softmax(logits_SE, dim=-1) * w_S[:, None]).sum(0)
-    return _cv_squared(importance_E)
+def importance_loss(p_SE: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
+    """Imp_e = sum_x p(e|x); loss = (std_e Imp / mean_e Imp)^2."""
+    return _cv_squared(w_S @ p_SE)
 
 
 def load_loss(logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, noise_std: float, k: int,
@@ -36,28 +34,26 @@ def load_loss(logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, noise_std:
     """
     threshold_S = noisy_logits_SE.topk(k, dim=-1).values[:, -1]
     prob_SE = 1.0 - torch.special.ndtr((threshold_S[:, None] - logits_SE) / noise_std)
-    load_E = (prob_SE * w_S[:, None]).sum(0) / w_S.sum().clamp_min(1.0)
-    return _cv_squared(load_E)
+    return _cv_squared(w_S @ prob_SE / w_S.sum().clamp_min(1.0))
 
 
-def local_entropy_loss(logits_SE: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
-    """LIMoE Omega_local: mean over the weighted tokens of the entropy of their routing distribution."""
-    return (entropy(logits_SE) * w_S).sum() / w_S.sum().clamp_min(1.0)
+def local_entropy_loss(entropy_S: torch.Tensor, w_SM: torch.Tensor) -> torch.Tensor:
+    """LIMoE Omega_local per modality: mean entropy of its tokens' routing distributions. -> [M]"""
+    return (entropy_S @ w_SM) / w_SM.sum(0).clamp_min(1.0)
 
 
-def global_entropy_loss(logits_SE: torch.Tensor, w_S: torch.Tensor, min_experts: float) -> torch.Tensor:
-    """LIMoE thresholded Omega_global: max(0, log(min_experts) - H(mean_x p(.|x))), 0 for an empty set.
+def global_entropy_loss(p_SE: torch.Tensor, w_SM: torch.Tensor, min_experts_M: torch.Tensor) -> torch.Tensor:
+    """LIMoE thresholded Omega_global per modality: max(0, log(S_m) - H(mean_x p(.|x))); 0 for no tokens. -> [M]
 
-    H(p~) <= log(min_experts) is penalised, so the modality must spread over at least `min_experts` experts
-    on average but is free to use fewer than all E.
+    H(p~) <= log(S_m) is penalised, so modality m must spread over at least S_m experts on average but is free
+    to use fewer than all E.
     """
-    count = w_S.sum()
-    mean_p_E = (torch.softmax(logits_SE, dim=-1) * w_S[:, None]).sum(0) / count.clamp_min(1.0)
-    marginal_entropy = -torch.xlogy(mean_p_E, mean_p_E).sum()
-    loss = torch.clamp(math.log(min_experts) - marginal_entropy, min=0.0)
-    return loss * (count > 0)
+    count_M = w_SM.sum(0)
+    mean_p_ME = (w_SM.T @ p_SE) / count_M.clamp_min(1.0)[:, None]
+    marginal_entropy_M = -torch.xlogy(mean_p_ME, mean_p_ME).sum(-1)
+    return torch.clamp(min_experts_M.log() - marginal_entropy_M, min=0.0) * (count_M > 0)
 
 
 def z_loss(logits_SE: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean_x logsumexp(logits(x))^2."""
-    return (torch.logsumexp(logits_SE, dim=-1).square() * w_S).sum() / w_S.sum().clamp_min(1.0)
+    return (w_S @ torch.logsumexp(logits_SE, dim=-1).square()) / w_S.sum().clamp_min(1.0)
