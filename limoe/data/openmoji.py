@@ -48,7 +48,12 @@ def name_of(codepoints: tuple[int, ...]) -> str | None:
     for candidate in (text, text + "\ufe0f", text.replace("\ufe0f", "")):
         data = emoji.EMOJI_DATA.get(candidate)
         if data:
-            return humanise(data["en"])
+            name = humanise(data["en"])
+            # `emoji` names flags by the place alone ("Algeria"); CLDR says "flag: Algeria", which is
+            # what the picture shows.
+            is_flag = len(codepoints) >= 2 and (all(0x1F1E6 <= c <= 0x1F1FF for c in codepoints)
+                                                or (codepoints[0] == 0x1F3F4 and codepoints[-1] == 0xE007F))
+            return f"flag: {name}" if is_flag and not name.lower().startswith("flag") else name
     if len(codepoints) == 1 and not 0xE000 <= codepoints[0] <= 0xF8FF:
         name = unicodedata.name(text, "")
         return name.lower() or None
