@@ -117,3 +117,32 @@ def test_full_build(tmp_path):
     train_c = set(builtin_concepts("train", BuiltinConfig(cache_dir=str(tmp_path))))
     test_c = set(builtin_concepts("test", BuiltinConfig(cache_dir=str(tmp_path))))
     assert not train_c & test_c
+
+
+def test_extra_style_follows_the_builtin_split(small, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from limoe.data import CsvPairs
+    from limoe.data.styles import build_style, parse_codepoints
+
+    cfg, root = small
+    assert parse_codepoints("emoji_u1f44d_1f3fd") == (0x1F44D, 0x1F3FD)
+    assert parse_codepoints("1F1E9-1F1FF") == (0x1F1E9, 0x1F1FF)
+    assert parse_codepoints("readme") is None
+    p = plan(cfg)
+    style_dir = tmp_path / "other_style"
+    style_dir.mkdir()
+    for e in p.emoji:  # a fake "style": one flat-colour PNG per emoji, named the Noto way
+        buf = io.BytesIO()
+        Image.new("RGBA", (16, 16), (200, 100, 0, 255)).save(buf, format="PNG")
+        stem = "emoji_u" + "_".join(f"{c:x}" for c in e.codepoints if c != 0xFE0F)
+        (style_dir / f"{stem}.png").write_bytes(buf.getvalue())
+    (style_dir / "LICENSE.txt").write_text("not an emoji")
+    counts = build_style(style_dir, "flat", cfg)
+    assert counts == {"train": len(builtin_concepts("train", cfg)), "test": len(builtin_concepts("test", cfg)),
+                      "unmatched": 1}
+    test_pairs = CsvPairs(root / "styles" / "flat" / "test.csv").collect()
+    assert sorted(c for _, c in test_pairs) == sorted(
+        e.name for e, c in zip(p.emoji, p.concept) if c in p.test)
