@@ -1,0 +1,84 @@
+"""Classification image folders for zero-shot evaluation: `root/<class folder>/<image>` per sample.
+
+Optional text files beside the data:
+- class names: one line per class, either `folder<TAB>name` or, in sorted-folder order, just `name`
+  (folder names such as `n01440764` or `thumbs_up` are rarely what the text tower should read);
+- prompt templates: one template per line containing `{}`, e.g. `a photo of a {}.`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+
+from limoe.data.stream import Record, SampleStream, deal_indices, read_file
+
+DEFAULT_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "{}")
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
+    """Class display names in the order of `folders` (see module docstring for the two layouts)."""
+    lines = read_lines(path)
+    if all("\t" in line for line in lines):
+        mapping = dict(line.split("\t", 1) for line in lines)
+        unknown = [d for d in folders if d not in mapping]
+        if unknown:
+            raise KeyError(f"{path}: no class name for folders {unknown[:5]}")
+        return [mapping[d].strip() for d in folders]
+    if len(lines) != len(folders):
+        raise ValueError(f"{path}: {len(lines)} class names for {len(folders)} class folders")
+    return [line.strip() for line in lines]
+
+
+def read_templates(path: str | os.PathLike) -> list[str]:
+    templates = read_lines(path)
+    bad = [t for t in templates if "{}" not in t]
+    if bad or not templates:
+        raise ValueError(f"{path}: every prompt template needs a '{{}}' for the class name; bad: {bad[:3]}")
+    return templates
+
+
+class ImageFolder(SampleStream):
+    """Yields (image [3,S,S], class index); `class_names[i]` and `templates` are for the text tower."""
+
+    target_kind = "label"
+
+    def __init__(self, root: str | os.PathLike, class_names_file: str | os.PathLike | None = None,
+                 templates_file: str | os.PathLike | None = None, **stream_kwargs):
+        root = os.fspath(root)
+        super().__init__(name=root, **stream_kwargs)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder not found: {root}")
+        self.folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not self.folders:
+            raise ValueError(f"{root}: no class sub-folders")
+        self.class_names = (read_class_names(class_names_file, self.folders) if class_names_file
+                            else [d.replace("_", " ") for d in self.folders])
+        self.templates = list(read_templates(templates_file) if templates_file else DEFAULT_TEMPLATES)
+        self.paths: list[str] = []
+        self.labels: list[int] = []
+        for label, d in enumerate(self.folders):
+            for name in sorted(os.listdir(os.path.join(root, d))):
+                # Any regular file is listed (a mislabelled or broken file is counted when read);
+                # hidden files such as .DS_Store are not data.
+                path = os.path.join(root, d, name)
+                if not name.startswith(".") and os.path.isfile(path):
+                    self.paths.append(path)
+                    self.labels.append(label)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def records(self, part: int, parts: int, gen: torch.Generator | None) -> Iterator[Record]:
+        for i in deal_indices(len(self.paths), part, parts, gen, self.drop_uneven):
+            yield Record(key=self.paths[i], image=read_file(self.paths[i]), target=self.labels[i])
+
+    def decode_target(self, raw: int) -> int:
+        return raw

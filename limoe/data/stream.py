@@ -1,0 +1,161 @@
+"""The one streaming dataset every format builds on: split, shuffle, decode, skip bad samples, yield.
+
+Every process that reads data (distributed rank x DataLoader worker) is one "part" of `parts`; a format
+only has to list its records for a given part. Map-like formats (CSV, image folders) deal a seeded global
+permutation of their indices round-robin, so across all parts every sample is read exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from limoe.data.stats import NoValidSamplesError, SkipCounter, SkipError, warn_skips
+from limoe.data.transforms import ImageConfig, ImageTransform
+
+
+@dataclass
+class Record:
+    """One raw sample before decoding: image bytes (or a function that reads them) and a target."""
+
+    key: str
+    image: bytes | Callable[[], bytes]
+    target: Any  # raw caption (str or bytes) for pairs, int class index for classification
+
+
+def clean_caption(raw: str | bytes) -> str:
+    """Raw caption -> stripped str, or SkipError('bad_encoding' | 'empty_caption')."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SkipError("bad_encoding") from None
+    elif any("\udc80" <= ch <= "\udcff" for ch in raw):
+        # Text files are read with errors="surrogateescape": undecodable bytes show up as lone surrogates.
+        raise SkipError("bad_encoding")
+    text = " ".join(raw.split())  # also folds newlines/tabs, which would break CSV/TSV round trips
+    if not text:
+        raise SkipError("empty_caption")
+    return text
+
+
+def mix_seed(*parts: int) -> int:
+    """Deterministic 63-bit seed from several ints (seed, epoch, part); no Python hash() randomisation."""
+    s = 0x9E3779B97F4A7C15
+    for p in parts:
+        s = (s ^ (int(p) + 0x9E3779B97F4A7C15 + (s << 6) + (s >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return s & 0x7FFFFFFFFFFFFFFF
+
+
+def current_part(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(part, parts) of the calling process: rank-major, worker-minor."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = 0, 1
+    info = get_worker_info()
+    worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+    return rank * workers + worker, world_size * workers
+
+
+def deal_indices(n: int, part: int, parts: int, gen: torch.Generator | None, drop_uneven: bool) -> list[int]:
+    """This part's share of range(n): a (seeded) permutation dealt round-robin.
+
+    drop_uneven trims the permutation to a multiple of `parts` so every rank/worker yields the same
+    count (DDP needs equal steps per rank); the dropped tail changes every epoch when shuffled.
+    """
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    if drop_uneven:
+        order = order[: n - n % parts]
+    return order[part::parts].tolist()
+
+
+class SampleStream(IterableDataset):
+    """Base class: yields (image [3,S,S] float tensor, target) for the records of this process's part.
+
+    Subclasses implement `records(part, parts, gen)` and, if their target is not a caption,
+    `decode_target`. Bad samples are skipped and counted in `self.skips` (shared with workers).
+    """
+
+    target_kind = "caption"  # or "label" (int class index)
+
+    def __init__(
+        self,
+        name: str,
+        image: ImageConfig | None = None,
+        train: bool = False,
+        shuffle: bool | None = None,
+        seed: int = 0,
+        drop_uneven: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        self.name = name
+        self.transform = ImageTransform(image, train=train)
+        self.shuffle = train if shuffle is None else shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.drop_uneven = drop_uneven
+        self.rank, self.world_size = rank, world_size
+        self.skips = SkipCounter()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before each epoch (before the DataLoader starts its workers) for a new shuffle."""
+        self.epoch = epoch
+
+    # --- to implement -------------------------------------------------------------------------------
+    def records(self, part: int, parts: int, gen: torch.Generator | None) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def decode_target(self, raw: Any) -> Any:
+        return clean_caption(raw)
+
+    # --- shared machinery ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        part, parts = current_part(self.rank, self.world_size)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, part))
+        order_gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)) if self.shuffle else None
+        for rec in self.records(part, parts, order_gen):
+            try:
+                target = self.decode_target(rec.target)
+                data = rec.image() if callable(rec.image) else rec.image
+                image_3SS = self.transform.from_bytes(data, gen)
+            except SkipError as e:
+                self.skips.skip(e.reason)
+                continue
+            self.skips.ok()
+            yield image_3SS, target
+
+    def check_pass(self) -> dict[str, int]:
+        """After a full pass: one summary warning of skips; an error if nothing at all was usable."""
+        skips = self.skips.totals()
+        if self.skips.yielded == 0:
+            detail = f" ({', '.join(f'{n} {r}' for r, n in skips.items())})" if skips else ""
+            raise NoValidSamplesError(f"{self.name}: no valid samples{detail}")
+        warn_skips(self.name, skips, kept=self.skips.yielded)
+        return skips
+
+    def collect(self) -> list[tuple[torch.Tensor, Any]]:
+        """Whole pass in this process as a list (small eval sets, tests); warns/raises like a loader."""
+        self.skips.reset()
+        items = list(self)
+        self.check_pass()
+        return items
+
+
+def read_file(path: str) -> Callable[[], bytes]:
+    """A deferred read of `path` (runs in the worker) that maps a missing path to a counted skip."""
+
+    def read() -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise SkipError("missing_file", path) from None
+
+    return read

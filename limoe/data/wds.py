@@ -1,0 +1,180 @@
+"""webdataset tar shards: `<key>.<png|jpg|...>` + `<key>.txt` (or `<key>.json` with a "caption") per sample.
+
+Shards are read as a stream, one tar at a time, with the `webdataset` package's tar iterator; the split
+over ranks/workers stays ours so that it is exact: whole shards are dealt out when there are at least as
+many shards as readers, otherwise every reader scans all shards and keeps every `parts`-th sample.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from typing import Iterable, Iterator
+
+import braceexpand
+import torch
+import webdataset
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from limoe.data.stats import SkipError
+from limoe.data.stream import Record, SampleStream, mix_seed
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """'a/{000..009}.tar::b/*.tar' -> existing shard paths, in order; a clear error naming what is wrong.
+
+    `::` separates several patterns (open_clip's convention); each may use brace ranges/lists and globs.
+    """
+    if not pattern or not pattern.strip():
+        raise ValueError("empty webdataset shard pattern")
+    shards: list[str] = []
+    for sub in pattern.split("::"):
+        try:
+            expanded = list(braceexpand.braceexpand(sub))
+        except braceexpand.UnbalancedBracesError:
+            raise ValueError(f"malformed shard pattern {sub!r}: unbalanced braces") from None
+        for name in expanded:
+            if any(c in name for c in "{}"):
+                raise ValueError(f"malformed shard pattern {sub!r}: cannot expand {name!r}")
+            matches = sorted(glob.glob(name)) if glob.has_magic(name) else [name]
+            if not matches or not all(os.path.isfile(m) for m in matches):
+                missing = name if not matches else next(m for m in matches if not os.path.isfile(m))
+                raise FileNotFoundError(f"shard pattern {sub!r}: no shard file {missing!r}")
+            shards.extend(matches)
+    return shards
+
+
+def iter_tar_samples(path: str, on_bad_shard) -> Iterator[dict[str, bytes]]:
+    """Samples (dict extension -> bytes, plus '__key__') of one tar shard, in file order.
+
+    A truncated or corrupt shard ends early: the samples before the damage are kept and the damage is
+    reported once through `on_bad_shard` (a long run must survive one bad shard).
+    """
+    current: dict | None = None
+    try:
+        with open(path, "rb") as f:
+            for entry in tar_file_iterator(f):
+                key, ext = base_plus_ext(entry["fname"])
+                if key is None:
+                    continue
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key}
+                current[ext.lower()] = entry["data"]
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        on_bad_shard()
+    if current is not None:
+        yield current
+
+
+def split_sample(sample: dict) -> tuple[bytes, bytes | str]:
+    """(image bytes, raw caption) of a shard sample, or SkipError('incomplete_sample' | 'bad_encoding')."""
+    image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    if image is None:
+        raise SkipError("incomplete_sample", f"{sample['__key__']}: no image")
+    if "txt" in sample:
+        return image, sample["txt"]
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SkipError("bad_encoding", f"{sample['__key__']}.json") from None
+        caption = next((meta[k] for k in ("caption", "text", "title") if isinstance(meta, dict) and k in meta), None)
+        if caption is None:
+            raise SkipError("incomplete_sample", f"{sample['__key__']}: json without caption")
+        return image, str(caption)
+    raise SkipError("incomplete_sample", f"{sample['__key__']}: no caption")
+
+
+class _Raw:
+    """Marks a sample whose image/caption split is deferred to decode_target (so skips are counted)."""
+
+    __slots__ = ("sample",)
+
+    def __init__(self, sample: dict):
+        self.sample = sample
+
+
+class WdsPairs(SampleStream):
+    """Image-text pairs from webdataset tar shards; yields (image [3,S,S], caption str).
+
+    Streams: at most `shuffle_buffer` decoded-free raw samples per reader are held in memory.
+    """
+
+    def __init__(self, pattern: str, shuffle_buffer: int = 1000, **stream_kwargs):
+        self.shards = expand_shards(pattern)
+        super().__init__(name=pattern, **stream_kwargs)
+        self.shuffle_buffer = shuffle_buffer
+
+    def _stream(self, part: int, parts: int, gen: torch.Generator | None) -> Iterator[dict]:
+        shards = self.shards
+        if gen is not None:
+            shards = [shards[i] for i in torch.randperm(len(shards), generator=gen).tolist()]
+        bad = lambda: self.skips.skip("bad_shard")  # noqa: E731
+        if len(shards) >= parts:
+            for shard in shards[part::parts]:
+                yield from iter_tar_samples(shard, bad)
+        else:
+            i = 0
+            for shard in shards:
+                # Every reader scans every shard, so only one of them (part 0) counts a shard's damage.
+                for sample in iter_tar_samples(shard, bad if part == 0 else (lambda: None)):
+                    if i % parts == part:
+                        yield sample
+                    i += 1
+
+    def records(self, part: int, parts: int, gen: torch.Generator | None) -> Iterator[Record]:
+        stream = self._stream(part, parts, gen)
+        if gen is not None and self.shuffle_buffer > 1:
+            stream = buffer_shuffle(stream, self.shuffle_buffer, mix_seed(self.seed, self.epoch, part, 1))
+        for sample in stream:
+            yield Record(key=sample["__key__"], image=lambda s=sample: self._image(s), target=_Raw(sample))
+
+    def _image(self, sample: dict) -> bytes:
+        return split_sample(sample)[0]
+
+    def decode_target(self, raw) -> str:
+        return super().decode_target(split_sample(raw.sample)[1])
+
+
+def buffer_shuffle(items: Iterable, size: int, seed: int) -> Iterator:
+    """Approximate streaming shuffle with a fixed-size buffer (webdataset's usual strategy), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(torch.randint(0, size, (1,), generator=gen))
+        buf[j], item = item, buf[j]
+        yield item
+    while buf:
+        j = int(torch.randint(0, len(buf), (1,), generator=gen))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+def write_shards(samples: Iterable[tuple[str, bytes, str]], pattern: str, maxcount: int = 10000,
+                 image_ext: str = "png") -> list[str]:
+    """Write (key, image bytes, caption) samples to shards `pattern % i` (e.g. 'out/pairs-%06d.tar')."""
+    os.makedirs(os.path.dirname(os.path.abspath(pattern % 0)), exist_ok=True)
+    paths: list[str] = []
+    writer, count = None, 0
+    for key, image, caption in samples:
+        if writer is None or count == maxcount:
+            if writer is not None:
+                writer.close()
+            paths.append(pattern % len(paths))
+            # mtime fixed so the same samples give byte-identical shards.
+            writer, count = webdataset.TarWriter(paths[-1], mtime=0.0), 0
+        writer.write({"__key__": key, image_ext: image, "txt": caption})
+        count += 1
+    if writer is not None:
+        writer.close()
+    return paths
