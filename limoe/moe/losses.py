@@ -50,7 +50,8 @@ def global_entropy_loss(p_SE: torch.Tensor, w_SM: torch.Tensor, min_experts_M: t
     """
     count_M = w_SM.sum(0)
     mean_p_ME = (w_SM.T @ p_SE) / count_M.clamp_min(1.0)[:, None]
-    marginal_entropy_M = -torch.xlogy(mean_p_ME, mean_p_ME).sum(-1)
+    # Clamp inside the log, not xlogy: an absent modality has p~ = 0, where xlogy's gradient is 0 * inf = NaN.
+    marginal_entropy_M = -(mean_p_ME * mean_p_ME.clamp_min(1e-20).log()).sum(-1)
     return torch.clamp(min_experts_M.log() - marginal_entropy_M, min=0.0) * (count_M > 0)
 
 
