@@ -55,20 +55,30 @@ def _peak_mib(device: torch.device) -> float:
     return float("nan")
 
 
-def time_fwd_bwd(step, device: torch.device, reps: int, warmup: int) -> tuple[float, float]:
-    """Median milliseconds of one forward+backward and the peak memory (MiB) while running it."""
-    for _ in range(warmup):
+def time_interleaved(steps: dict, device: torch.device, reps: int, warmup: int) -> dict[str, tuple[float, float]]:
+    """Median milliseconds of one forward+backward and peak memory (MiB) per step function.
+
+    Repetitions go round-robin over the variants, so background load slows all of them alike and the ratios
+    stay fair on a busy machine.
+    """
+    peaks = {}
+    for name, step in steps.items():
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        _reset_peak(device)
         step()
-    _sync(device)
-    _reset_peak(device)
-    times = []
+        _sync(device)
+        peaks[name] = _peak_mib(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), _peak_mib(device)
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
 
 
 def make_steps(args, device, dtype, num_experts, batch_priority):
@@ -129,13 +139,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for num_experts in args.experts:
         for bpr in (False, True):
             dense_step, moe_step, onehot_step = make_steps(args, device, dtype, num_experts, bpr)
-            variants = [("dense MLP", dense_step), (f"MoE E={num_experts} bpr={int(bpr)}", moe_step)]
+            variants = {"dense MLP": dense_step, f"MoE E={num_experts} bpr={int(bpr)}": moe_step}
             if onehot_step is not None and not args.no_onehot:
-                variants.append((f"one-hot einsum E={num_experts}", onehot_step))
-            dense_ms = None
-            for name, step in variants:
-                ms, peak = time_fwd_bwd(step, device, args.reps, args.warmup)
-                dense_ms = dense_ms or ms
+                variants[f"one-hot einsum E={num_experts}"] = onehot_step
+            measured = time_interleaved(variants, device, args.reps, args.warmup)
+            dense_ms = measured["dense MLP"][0]
+            for name, (ms, peak) in measured.items():
                 row = dict(variant=name, experts=num_experts, bpr=bpr, ms=ms, tokens_per_s=args.tokens / ms * 1e3,
                            tflops=flops / ms / 1e9, peak_mib=peak, ratio_to_dense=dense_ms / ms)
                 rows.append(row)

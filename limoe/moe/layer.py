@@ -132,28 +132,31 @@ class MoeMlp(nn.Module):
         return logits_SE, logits_SE
 
     def _dispatch_combine(self, x_Sd: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Gather kept tokens into [E, C, d] buffers, run the experts, gather back and weight by gate."""
+        """Gather kept tokens into [E, C, d] buffers, run the experts, gather back and weight by gate.
+
+        Empty buffer rows and dropped assignments point at row 0 instead of a zero row: nothing reads an empty
+        row's output (so its gradient is exactly 0) and a dropped choice has weight 0. This saves padding copies
+        of the activations in both directions.
+        """
         num_tokens, dim = x_Sd.shape
         num_experts, cap = routing.num_experts, routing.capacity
         num_slots = num_experts * cap
-        # Flat buffer row of every assignment; dropped ones point at an extra row (num_slots) that holds zeros.
-        row_SK = torch.where(routing.kept_SK, routing.expert_SK * cap + routing.slot_SK, num_slots)
-        # Source token of every buffer row; empty rows read the appended zero token (index num_tokens). Dropped
-        # assignments all write the spare row num_slots, which is then cut off.
-        token_SK = torch.arange(num_tokens, device=x_Sd.device)[:, None].expand_as(row_SK)
-        source_row = torch.full((num_slots + 1,), num_tokens, dtype=torch.long, device=x_Sd.device)
-        source_row.scatter_(0, row_SK.reshape(-1), token_SK.reshape(-1))
-        x_pad = F.pad(x_Sd, (0, 0, 0, 1))
+        kept_row_SK = routing.expert_SK * cap + routing.slot_SK
+        # Source token of every buffer row. Dropped assignments write a spare row (num_slots) that is cut off.
+        token_SK = torch.arange(num_tokens, device=x_Sd.device)[:, None].expand_as(kept_row_SK)
+        source_row = torch.zeros(num_slots + 1, dtype=torch.long, device=x_Sd.device)
+        source_row.scatter_(0, torch.where(routing.kept_SK, kept_row_SK, num_slots).reshape(-1),
+                            token_SK.reshape(-1))
         # index_select, not x[idx]: its backward is index_add, much faster on CPU than an accumulating index_put.
-        x_ECd = x_pad.index_select(0, source_row[:num_slots]).view(num_experts, cap, dim)
+        x_ECd = x_Sd.index_select(0, source_row[:num_slots]).view(num_experts, cap, dim)
 
-        y_ECd = self.experts(x_ECd)
+        y_Rd = self.experts(x_ECd).view(num_slots, dim)
 
-        y_pad = F.pad(y_ECd.reshape(num_slots, dim), (0, 0, 0, 1))
-        weight_SK = routing.gate_SK.to(y_pad.dtype)  # dropped choices read the zero row: no mask needed
+        row_SK = torch.where(routing.kept_SK, kept_row_SK, 0)
+        weight_SK = (routing.gate_SK * routing.kept_SK).to(y_Rd.dtype)
         if routing.k == 1:  # skip the [S, K, d] intermediate in the common case
-            return y_pad.index_select(0, row_SK[:, 0]) * weight_SK
-        y_SKd = y_pad.index_select(0, row_SK.reshape(-1)).view(num_tokens, routing.k, dim)
+            return y_Rd.index_select(0, row_SK[:, 0]) * weight_SK
+        y_SKd = y_Rd.index_select(0, row_SK.reshape(-1)).view(num_tokens, routing.k, dim)
         return torch.einsum("skd,sk->sd", y_SKd, weight_SK)
 
     def _aux_losses(self, logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, p_SE: torch.Tensor,
