@@ -150,7 +150,7 @@ class MoeMlp(nn.Module):
         # index_select, not x[idx]: its backward is index_add, much faster on CPU than an accumulating index_put.
         x_ECd = x_Sd.index_select(0, source_row[:num_slots]).view(num_experts, cap, dim)
 
-        y_Rd = self.experts(x_ECd).view(num_slots, dim)
+        y_Rd = self.run_experts(x_ECd).view(num_slots, dim)
 
         row_SK = torch.where(routing.kept_SK, kept_row_SK, 0)
         weight_SK = (routing.gate_SK * routing.kept_SK).to(y_Rd.dtype)
@@ -158,6 +158,10 @@ class MoeMlp(nn.Module):
             return y_Rd.index_select(0, row_SK[:, 0]) * weight_SK
         y_SKd = y_Rd.index_select(0, row_SK.reshape(-1)).view(num_tokens, routing.k, dim)
         return torch.einsum("skd,sk->sd", y_SKd, weight_SK)
+
+    def run_experts(self, x_ECd: torch.Tensor) -> torch.Tensor:
+        """All E experts on their capacity buffers. The hook an expert-parallel layer overrides."""
+        return self.experts(x_ECd)
 
     def _aux_losses(self, logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, p_SE: torch.Tensor,
                     entropy_S: torch.Tensor, onehot_SM: torch.Tensor) -> dict[str, torch.Tensor]:
