@@ -64,7 +64,7 @@ def test_compute_losses_weights_and_sums_the_terms():
     config = LossConfig(importance=0.5, load=0.0, z=0.25, local_entropy={"text": 2.0},
                         global_entropy={"image": 1.0, "text": 0.0})
     terms = compute_losses(out, config)
-    raw = sum_aux_losses(out.aux)
+    raw = sum_aux_losses(out.aux, out.aux_modalities)
     assert set(raw) == {"importance", "load", "z", "local_entropy/image", "local_entropy/text",
                         "global_entropy/image", "global_entropy/text"}
     # Summed over the 2 MoE layers x 2 passes.
@@ -80,6 +80,21 @@ def test_compute_losses_weights_and_sums_the_terms():
     torch.testing.assert_close(terms["total_loss"], expected)
     terms["total_loss"].backward()
     assert model.log_scale.grad is not None
+
+
+def test_per_modality_aux_terms_come_only_from_their_own_pass():
+    torch.manual_seed(0)
+    model = limoe.create_model("limoe-tiny")
+    out = model(torch.randn(4, 3, 32, 32), torch.randint(1, 1000, (4, 16)))
+    assert out.aux_modalities == ["image", "image", "text", "text"]
+    raw = sum_aux_losses(out.aux, out.aux_modalities)
+    torch.testing.assert_close(raw["global_entropy/text"], sum(a.losses["global_entropy/text"] for a in out.aux[2:]))
+    torch.testing.assert_close(raw["importance"], sum(a.losses["importance"] for a in out.aux))
+    # Every aux term's gradient is finite, including the global entropy of each modality.
+    compute_losses(out, LossConfig(global_entropy={"image": 1.0, "text": 1.0}))["total_loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError):
+        sum_aux_losses(out.aux, ["image"])
 
 
 def test_sigmoid_option_uses_the_model_bias():

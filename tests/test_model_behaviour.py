@@ -34,6 +34,7 @@ def test_gradients_reach_every_parameter(name):
         compute_losses(model(images, tokens))["total_loss"].backward()
         for n, p in model.named_parameters():
             assert p.grad is not None, f"{n} gets no gradient"
+            assert torch.isfinite(p.grad).all(), f"{n} has a non-finite gradient"
             touched[n] |= p.grad != 0
         opt.step()
     # Token-table rows of unseen ids legitimately get none; every other tensor must be touched everywhere,
