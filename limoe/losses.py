@@ -39,11 +39,16 @@ def gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
 def _pair_logits(image_BD, text_BD, logit_scale, local_loss):
     """Image-major logits: rows are (local or all) images, columns all texts; plus the row offset."""
     rank, world = _world()
-    image_all, text_all = gather_with_grad(image_BD), gather_with_grad(text_BD)
-    if world > 1 and local_loss:
-        return logit_scale * image_BD @ text_all.T, logit_scale * text_BD @ image_all.T, rank * image_BD.shape[0]
-    logits_ij = logit_scale * image_all @ text_all.T
-    return logits_ij, logits_ij.T, 0
+    # Float32 even under autocast: with a logit scale near 100, bf16 similarities would round away the
+    # differences the loss is about.
+    with torch.autocast(device_type=image_BD.device.type, enabled=False):
+        image_BD, text_BD = image_BD.float(), text_BD.float()
+        logit_scale = torch.as_tensor(logit_scale, device=image_BD.device).float()
+        image_all, text_all = gather_with_grad(image_BD), gather_with_grad(text_BD)
+        if world > 1 and local_loss:
+            return logit_scale * image_BD @ text_all.T, logit_scale * text_BD @ image_all.T, rank * image_BD.shape[0]
+        logits_ij = logit_scale * image_all @ text_all.T
+        return logits_ij, logits_ij.T, 0
 
 
 def clip_loss(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Tensor,

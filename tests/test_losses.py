@@ -161,3 +161,17 @@ def test_gathered_loss_equals_single_process_loss(tmp_path):
             grad_y = torch.cat([r[f"{name}_{variant}"][2] for r in ranks])
             torch.testing.assert_close(grad_x / world, x.grad)
             torch.testing.assert_close(grad_y / world, y.grad)
+
+
+def test_losses_are_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = limoe.create_model("limoe-tiny")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 32, 32), torch.randint(1, 1000, (4, 16)))
+        terms = compute_losses(out)
+    assert out.image_embeds.dtype == torch.bfloat16
+    assert terms["contrastive_loss"].dtype == torch.float32
+    expected = clip_loss(out.image_embeds.float(), out.text_embeds.float(), out.logit_scale.float())
+    torch.testing.assert_close(terms["contrastive_loss"], expected)
+    terms["total_loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
