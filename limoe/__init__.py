@@ -1,3 +1,14 @@
 """LIMoE in PyTorch: one sparse Mixture-of-Experts transformer shared by images and text."""
 
 __version__ = "0.1.0"
+
+__all__ = ["create_model", "list_models"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import limoe` (and the command line's --help) does not pay for importing torch.
+    if name in __all__:
+        from limoe.model import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'limoe' has no attribute {name!r}")

@@ -1,0 +1,207 @@
+"""Zero-shot classification, image-text retrieval and k-shot linear probes for any registry model.
+
+Every `model`-level function streams batches from an iterable (a DataLoader or any generator) and keeps only
+embeddings, never a whole dataset of images. Batches are `(images, targets)` pairs (tuples, lists or dicts with
+keys "image" and "label"/"text"). Text is tokenized by the caller's `tokenize(list[str]) -> LongTensor[B, T]`,
+so evaluation does not depend on a particular tokenizer. The `*_from_embeddings` functions hold the metrics
+themselves and work on hand-made embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tokenize = Callable[[list[str]], torch.Tensor]
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[torch.device]:
+    """Eval mode and no gradients inside; the model's previous mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+def _pair(batch: Any, second: str) -> tuple[Any, Any]:
+    if isinstance(batch, dict):
+        return batch["image"], batch[second]
+    images, targets = batch[0], batch[1]
+    return images, targets
+
+
+def _topk_hits(scores_NC: torch.Tensor, labels_N: torch.Tensor, topk: Sequence[int]) -> dict[int, int]:
+    k_max = min(max(topk), scores_NC.shape[1])
+    hit_NK = scores_NC.topk(k_max, dim=1).indices == labels_N[:, None]
+    return {k: int(hit_NK[:, :k].any(1).sum()) for k in topk}
+
+
+# -- zero-shot classification ---------------------------------------------------------------------------------
+def class_embeddings(model: nn.Module, classnames: Sequence[str], tokenize: Tokenize,
+                     templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 256) -> torch.Tensor:
+    """[C, D]: per class, the normalised mean of the normalised text embeddings of its prompts."""
+    per_chunk = max(1, batch_size // len(templates))
+    out = []
+    with _eval_mode(model) as device:
+        for start in range(0, len(classnames), per_chunk):
+            names = classnames[start:start + per_chunk]
+            prompts = [t.format(name) for name in names for t in templates]
+            z_PD = model.encode_text(tokenize(prompts).to(device))
+            out.append(F.normalize(z_PD.view(len(names), len(templates), -1).mean(1), dim=-1))
+    return torch.cat(out)
+
+
+def zero_shot_from_embeddings(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], class_embeds_CD: torch.Tensor,
+                              topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy of nearest-class-embedding prediction over (image_embeds [B, D], labels [B]) batches."""
+    hits = dict.fromkeys(topk, 0)
+    count = 0
+    for image_BD, labels_B in batches:
+        for k, h in _topk_hits(image_BD @ class_embeds_CD.T.to(image_BD), labels_B.to(image_BD.device),
+                               topk).items():
+            hits[k] += h
+        count += labels_B.shape[0]
+    return {f"top{k}": hits[k] / max(count, 1) for k in topk}
+
+
+def image_embeddings(model: nn.Module, loader: Iterable, second: str = "label"
+                     ) -> Iterator[tuple[torch.Tensor, Any]]:
+    """Yield (normalised image embeddings [B, D], the batch's targets) for every batch of `loader`."""
+    with _eval_mode(model) as device:
+        for batch in loader:
+            images, targets = _pair(batch, second)
+            yield model.encode_image(images.to(device)), targets
+
+
+def zero_shot_classification(model: nn.Module, loader: Iterable, classnames: Sequence[str], tokenize: Tokenize,
+                             templates: Sequence[str] = DEFAULT_TEMPLATES, topk: Sequence[int] = (1, 5)
+                             ) -> dict[str, float]:
+    """Classify (images, labels) batches by the most similar class prompt ensemble; returns {"top1", "top5"}."""
+    class_CD = class_embeddings(model, classnames, tokenize, templates)
+    return zero_shot_from_embeddings(((z, torch.as_tensor(y)) for z, y in image_embeddings(model, loader)),
+                                     class_CD, topk)
+
+
+# -- retrieval ------------------------------------------------------------------------------------------------
+def retrieval_from_embeddings(image_ND: torch.Tensor, text_MD: torch.Tensor, text_image_M: torch.Tensor,
+                              ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
+    """Recall@k both ways; text m describes image text_image_M[m], an image may have several texts.
+
+    image->text: an image counts as found at k if any of its texts is among its k most similar texts;
+    text->image: a text counts if its image is among its k most similar images. Ties rank in the query's favour.
+    """
+    text_image_M = text_image_M.to(image_ND.device).long()
+    n, m = image_ND.shape[0], text_MD.shape[0]
+    i2t = dict.fromkeys(ks, 0)
+    t2i = dict.fromkeys(ks, 0)
+    for start in range(0, n, chunk):
+        sim_nM = image_ND[start:start + chunk] @ text_MD.T
+        own_nM = text_image_M[None, :] == torch.arange(start, start + sim_nM.shape[0], device=image_ND.device)[:, None]
+        best_n = sim_nM.masked_fill(~own_nM, float("-inf")).amax(1)
+        rank_n = (sim_nM > best_n[:, None]).sum(1)  # texts strictly better than the best own text
+        for k in ks:
+            i2t[k] += int((rank_n < k).sum())
+    for start in range(0, m, chunk):
+        sim_mN = text_MD[start:start + chunk] @ image_ND.T
+        own_m = sim_mN.gather(1, text_image_M[start:start + chunk, None])
+        rank_m = (sim_mN > own_m).sum(1)
+        for k in ks:
+            t2i[k] += int((rank_m < k).sum())
+    out = {f"image_to_text/R@{k}": i2t[k] / max(n, 1) for k in ks}
+    out.update({f"text_to_image/R@{k}": t2i[k] / max(m, 1) for k in ks})
+    return out
+
+
+def _caption_tokens(captions: Any, tokenize: Tokenize | None) -> tuple[torch.Tensor, list[int]]:
+    """Captions of one batch -> (tokens [M, T], number of captions per image)."""
+    if isinstance(captions, torch.Tensor):  # [B, T] or [B, n, T] already tokenized
+        per_image = captions.shape[1] if captions.dim() == 3 else 1
+        return captions.reshape(-1, captions.shape[-1]), [per_image] * captions.shape[0]
+    if tokenize is None:
+        raise ValueError("captions are strings: pass a tokenize function")
+    groups = [[c] if isinstance(c, str) else list(c) for c in captions]
+    return tokenize([c for group in groups for c in group]), [len(group) for group in groups]
+
+
+def retrieval(model: nn.Module, loader: Iterable, tokenize: Tokenize | None = None,
+              ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k over (images, captions) batches; captions per image: a string, a list of strings, or tokens."""
+    images, texts, owners = [], [], []
+    with _eval_mode(model) as device:
+        for batch in loader:
+            pixels, captions = _pair(batch, "text")
+            tokens_MT, counts = _caption_tokens(captions, tokenize)
+            offset = sum(z.shape[0] for z in images)
+            images.append(model.encode_image(pixels.to(device)))
+            texts.append(model.encode_text(tokens_MT.to(device)))
+            owners.append(torch.repeat_interleave(torch.arange(len(counts)) + offset, torch.tensor(counts)))
+    return retrieval_from_embeddings(torch.cat(images), torch.cat(texts), torch.cat(owners).to(device), ks)
+
+
+# -- k-shot linear probe --------------------------------------------------------------------------------------
+def fit_ridge(x_ND: torch.Tensor, labels_N: torch.Tensor, num_classes: int, l2: float = 1e-2
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form ridge regression onto +-1 class targets (big_vision's few-shot probe): (W [D, C], b [C]).
+
+    The bias is fitted by centring, so it is not regularised.
+    """
+    x = x_ND.double()
+    y = F.one_hot(labels_N.long(), num_classes).double() * 2 - 1
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    xc = x - mean_x
+    gram_DD = xc.T @ xc + l2 * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    w_DC = torch.linalg.solve(gram_DD, xc.T @ (y - mean_y))
+    return w_DC.to(x_ND.dtype), (mean_y - mean_x @ w_DC).to(x_ND.dtype)
+
+
+def linear_probe_from_embeddings(train_ND: torch.Tensor, train_labels_N: torch.Tensor,
+                                 test_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                                 l2: float = 1e-2) -> dict[str, float]:
+    w_DC, b_C = fit_ridge(train_ND, train_labels_N, num_classes, l2)
+    correct = count = 0
+    for x_BD, labels_B in test_batches:
+        pred_B = (x_BD.to(w_DC) @ w_DC + b_C).argmax(1)
+        correct += int((pred_B.cpu() == torch.as_tensor(labels_B).cpu()).sum())
+        count += len(labels_B)
+    return {"accuracy": correct / max(count, 1)}
+
+
+def select_shots(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], shots: int, num_classes: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `shots` examples of every class in stream order (the loader's order decides which)."""
+    taken = [0] * num_classes
+    xs, ys = [], []
+    for x_BD, labels_B in batches:
+        labels_B = torch.as_tensor(labels_B).cpu()
+        keep = []
+        for i, label in enumerate(labels_B.tolist()):
+            if taken[label] < shots:
+                taken[label] += 1
+                keep.append(i)
+        if keep:
+            xs.append(x_BD[keep].cpu())
+            ys.append(labels_B[keep])
+        if min(taken) >= shots:
+            break
+    if not xs:
+        raise ValueError("the training stream had no examples")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def few_shot_linear_probe(model: nn.Module, train_loader: Iterable, test_loader: Iterable, num_classes: int,
+                          shots: int = 10, l2: float = 1e-2) -> dict[str, float]:
+    """k-shot (default 10) linear probe on frozen, normalised image embeddings; returns {"accuracy"}."""
+    # closing(): select_shots stops early, and the generator must then leave eval mode at once.
+    with contextlib.closing(image_embeddings(model, train_loader)) as train:
+        train_ND, train_N = select_shots(train, shots, num_classes)
+    test = ((z.cpu(), y) for z, y in image_embeddings(model, test_loader))
+    return linear_probe_from_embeddings(train_ND, train_N, test, num_classes, l2)

@@ -1,0 +1,143 @@
+"""Contrastive losses (softmax CLIP, sigmoid SigLIP) over the global batch, and the weighted total with MoE aux.
+
+Distributed: when torch.distributed is initialised, embeddings are all-gathered with autograd, so gradients of
+the other ranks' loss terms flow back to the local shard (the gather's backward sums them over ranks). With
+`local_loss=True` each rank scores only its own rows against the global batch: the mean of the ranks' losses
+equals the single-process loss on the concatenated batch, and DDP's gradient averaging then gives exactly that
+loss's gradient. With `local_loss=False` every rank computes the full global loss (same value everywhere).
+Every rank must contribute the same batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from limoe.model.base import ModelOutput
+from limoe.moe.layer import MoeAux
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
+    """[B, D] per rank -> [world * B, D], rank-major; differentiable w.r.t. the local shard."""
+    _, world = _world()
+    if world == 1:
+        return x_BD
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x_BD), dim=0)
+
+
+def _pair_logits(image_BD, text_BD, logit_scale, local_loss):
+    """Image-major logits: rows are (local or all) images, columns all texts; plus the row offset."""
+    rank, world = _world()
+    # Float32 even under autocast: with a logit scale near 100, bf16 similarities would round away the
+    # differences the loss is about.
+    with torch.autocast(device_type=image_BD.device.type, enabled=False):
+        image_BD, text_BD = image_BD.float(), text_BD.float()
+        logit_scale = torch.as_tensor(logit_scale, device=image_BD.device).float()
+        image_all, text_all = gather_with_grad(image_BD), gather_with_grad(text_BD)
+        if world > 1 and local_loss:
+            return logit_scale * image_BD @ text_all.T, logit_scale * text_BD @ image_all.T, rank * image_BD.shape[0]
+        logits_ij = logit_scale * image_all @ text_all.T
+        return logits_ij, logits_ij.T, 0
+
+
+def clip_loss(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Tensor,
+              local_loss: bool = True) -> torch.Tensor:
+    """Softmax contrastive loss: (CE over image rows + CE over text rows) / 2, positives on the diagonal."""
+    if image_BD.shape != text_BD.shape:
+        raise ValueError(f"image and text embeddings must pair up, got {tuple(image_BD.shape)} and "
+                         f"{tuple(text_BD.shape)}")
+    logits_img, logits_txt, offset = _pair_logits(image_BD, text_BD, logit_scale, local_loss)
+    labels = offset + torch.arange(logits_img.shape[0], device=image_BD.device)
+    return (F.cross_entropy(logits_img.float(), labels) + F.cross_entropy(logits_txt.float(), labels)) / 2
+
+
+def siglip_loss(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | float | None = None, local_loss: bool = True) -> torch.Tensor:
+    """Sigmoid loss: -(1/B) sum_ij log sigmoid(z_ij (s x_i.y_j + b)), z = +1 for pairs, -1 otherwise."""
+    if image_BD.shape != text_BD.shape:
+        raise ValueError(f"image and text embeddings must pair up, got {tuple(image_BD.shape)} and "
+                         f"{tuple(text_BD.shape)}")
+    logits_img, _, offset = _pair_logits(image_BD, text_BD, logit_scale, local_loss)
+    logits_img = logits_img.float() + (0.0 if logit_bias is None else logit_bias)
+    rows, cols = logits_img.shape
+    positive = (offset + torch.arange(rows, device=image_BD.device))[:, None] == torch.arange(cols,
+                                                                                             device=image_BD.device)
+    sign = positive.float() * 2 - 1
+    return -F.logsigmoid(sign * logits_img).sum() / rows
+
+
+@dataclass
+class LossConfig:
+    """Which contrastive loss and how much each MoE aux loss weighs (aux losses are summed over MoE layers and
+    over the image and text passes). Entropy weights are per modality; their defaults are a starting point,
+    not values from the paper, which does not state them."""
+
+    contrastive: str = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP; give the model a logit_bias_init)
+    local_loss: bool = True
+    importance: float = 0.005  # V-MoE
+    load: float = 0.005  # V-MoE
+    z: float = 0.0
+    local_entropy: dict[str, float] = field(default_factory=lambda: {"image": 0.01, "text": 0.01})
+    global_entropy: dict[str, float] = field(default_factory=lambda: {"image": 0.01, "text": 0.01})
+
+    def __post_init__(self) -> None:
+        if self.contrastive not in ("softmax", "sigmoid"):
+            raise ValueError(f"contrastive must be 'softmax' or 'sigmoid', got {self.contrastive!r}")
+
+    def weight(self, aux_name: str) -> float:
+        """Weight of a MoeAux loss key such as "importance" or "local_entropy/text"; unknown keys weigh 0."""
+        kind, _, modality = aux_name.partition("/")
+        if modality:
+            return getattr(self, kind, {}).get(modality, 0.0) if kind in ("local_entropy", "global_entropy") else 0.0
+        return float(getattr(self, kind, 0.0)) if kind in ("importance", "load", "z") else 0.0
+
+
+def sum_aux_losses(aux: list[MoeAux], modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Unweighted aux losses summed over every MoE record (layers x passes), by name.
+
+    With `modalities` (the modality of each record's pass) a per-modality loss such as "global_entropy/text"
+    is taken only from passes of that modality. Besides being the meaningful sum, this keeps NaN out of the
+    gradients: the MoE layer's global-entropy loss of a modality absent from a pass is 0 but its backward is
+    0 * log(0) = NaN.
+    """
+    if modalities is not None and len(modalities) != len(aux):
+        raise ValueError(f"got {len(modalities)} modalities for {len(aux)} aux records")
+    totals: dict[str, torch.Tensor] = {}
+    for i, record in enumerate(aux):
+        for name, value in record.losses.items():
+            _, _, modality = name.partition("/")
+            if modality and modalities is not None and modality != modalities[i]:
+                continue
+            totals[name] = totals[name] + value if name in totals else value
+    return totals
+
+
+def compute_losses(output: ModelOutput, config: LossConfig | None = None) -> dict[str, torch.Tensor]:
+    """Named loss terms for logging: weighted `*_loss` entries, `total_loss` = their sum, and the unweighted
+    aux sums as `aux/<name>` (not part of the total)."""
+    config = config or LossConfig()
+    if config.contrastive == "softmax":
+        contrastive = clip_loss(output.image_embeds, output.text_embeds, output.logit_scale, config.local_loss)
+    else:
+        contrastive = siglip_loss(output.image_embeds, output.text_embeds, output.logit_scale, output.logit_bias,
+                                  config.local_loss)
+    terms = {"contrastive_loss": contrastive}
+    raw = sum_aux_losses(output.aux, output.aux_modalities if output.aux_modalities else None)
+    for name, value in raw.items():
+        weight = config.weight(name)
+        if weight:
+            terms[f"{name.replace('/', '_')}_loss"] = weight * value
+    terms["total_loss"] = sum(terms.values())
+    terms.update({f"aux/{name}": value.detach() for name, value in raw.items()})
+    return terms

@@ -1,0 +1,102 @@
+"""What every contrastive model shares: modality embeddings, pooling, projections, temperature, the interface.
+
+Subclasses only say which encoder processes which modality (`encoder_for`); one-tower models return the same
+encoder for both, two-tower models a separate one each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from limoe.model.block import Encoder
+from limoe.model.config import ModelConfig
+from limoe.model.embed import PatchEmbed, TokenEmbed
+from limoe.model.pool import make_pool
+from limoe.moe.layer import MoeAux
+
+IMAGE, TEXT = 0, 1  # modality ids, indexing MoeConfig.modalities = ("image", "text")
+
+
+@dataclass
+class ModelOutput:
+    image_embeds: torch.Tensor  # [B, D], L2-normalised
+    text_embeds: torch.Tensor  # [B', D], L2-normalised
+    logit_scale: torch.Tensor  # scalar, exp of the learned log temperature
+    logit_bias: torch.Tensor | None = None  # scalar, only for models built with logit_bias_init
+    aux: list[MoeAux] = field(default_factory=list)  # every MoE layer of the image pass, then of the text pass
+    aux_modalities: list[str] = field(default_factory=list)  # the modality of the pass each aux record is from
+
+
+class ContrastiveModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.image_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.width)
+        self.text_embed = TokenEmbed(c.vocab_size, c.context_length, c.width)
+        self.image_pool = make_pool(c.image_pool, c.width, c.heads, c.mlp_dim, c.norm_eps)
+        self.text_pool = make_pool(c.text_pool, c.width, c.heads, c.mlp_dim, c.norm_eps)
+        # Linear maps W_m into the shared space; no bias since the output is normalised anyway.
+        self.image_proj = nn.Linear(c.width, c.output_dim, bias=False)
+        self.text_proj = nn.Linear(c.width, c.output_dim, bias=False)
+        for proj in (self.image_proj, self.text_proj):
+            nn.init.normal_(proj.weight, std=c.width ** -0.5)
+        self.log_scale = nn.Parameter(torch.tensor(float(c.temperature_init)))
+        self.logit_bias = (nn.Parameter(torch.tensor(float(c.logit_bias_init)))
+                           if c.logit_bias_init is not None else None)
+
+    def _make_encoder(self) -> Encoder:
+        c = self.config
+        layers = c.moe_layer_ids
+        return Encoder(c.width, c.depth, c.heads, c.mlp_dim, layers, c.moe_config() if layers else None, c.norm_eps)
+
+    def encoder_for(self, modality: int) -> Encoder:
+        raise NotImplementedError
+
+    # -- interface ----------------------------------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.config.max_logit_scale)
+
+    def text_valid_mask(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        return tokens_BT != self.config.pad_id
+
+    def encode_image(self, images_BCHW: torch.Tensor, return_aux: bool = False):
+        """Images [B, C, H, W] -> normalised embeddings [B, D] (and the MoE records if `return_aux`)."""
+        x_BNd = self.image_embed(images_BCHW)
+        x_BNd, aux = self.encoder_for(IMAGE)(x_BNd, IMAGE)
+        z_BD = F.normalize(self.image_proj(self.image_pool(x_BNd)), dim=-1)
+        return (z_BD, aux) if return_aux else z_BD
+
+    def encode_text(self, tokens_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, return_aux: bool = False):
+        """Token ids [B, T] -> normalised embeddings [B, D]; padding is `valid_BT` False, default tokens == pad_id.
+
+        Padding is masked out of attention keys, MoE routing and pooling, so its content never matters.
+        """
+        if valid_BT is None:
+            valid_BT = self.text_valid_mask(tokens_BT)
+        elif valid_BT.shape != tokens_BT.shape or valid_BT.dtype != torch.bool:
+            raise ValueError(f"valid_BT must be a bool tensor of shape {tuple(tokens_BT.shape)}, got "
+                             f"{valid_BT.dtype} {tuple(valid_BT.shape)}")
+        # An all-padding text (an empty caption) would leave attention rows with no key (NaN); let it see its
+        # first position instead.
+        valid_BT = valid_BT.clone()
+        valid_BT[:, 0] |= ~valid_BT.any(1)
+        x_BTd = self.text_embed(tokens_BT)
+        x_BTd, aux = self.encoder_for(TEXT)(x_BTd, TEXT, valid_BT)
+        z_BD = F.normalize(self.text_proj(self.text_pool(x_BTd, valid_BT)), dim=-1)
+        return (z_BD, aux) if return_aux else z_BD
+
+    def forward(self, images_BCHW: torch.Tensor, tokens_BT: torch.Tensor,
+                valid_BT: torch.Tensor | None = None) -> ModelOutput:
+        image_BD, image_aux = self.encode_image(images_BCHW, return_aux=True)
+        text_BD, text_aux = self.encode_text(tokens_BT, valid_BT, return_aux=True)
+        modalities = ["image"] * len(image_aux) + ["text"] * len(text_aux)
+        return ModelOutput(image_BD, text_BD, self.logit_scale, self.logit_bias, image_aux + text_aux, modalities)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
