@@ -128,6 +128,13 @@ def test_router_runs_in_float32_under_bf16_autocast():
     torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
 
 
+def test_runs_on_meta_device():
+    # Large models are sized on the meta device; the layer must trace there too.
+    layer = MoeMlp(MoeConfig(dim=12, hidden_dim=20, num_experts=4)).to("meta")
+    y, aux = layer(torch.empty(2, 8, 12, device="meta"), modality=1)
+    assert y.shape == (2, 8, 12) and y.device.type == "meta" and aux.routing.capacity == 4
+
+
 class _LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -124,7 +125,10 @@ class MoeMlp(nn.Module):
     # -- pieces -------------------------------------------------------------------------------------------------
     def _router_logits(self, x_Sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits even under autocast: routing decisions are sensitive to rounding."""
-        with torch.autocast(device_type=x_Sd.device.type, enabled=False):
+        device_type = x_Sd.device.type
+        no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+                       else contextlib.nullcontext())  # e.g. the meta device, where models are sized
+        with no_autocast:
             logits_SE = x_Sd.float() @ self.router_dE.float()
         if self.training and self.config.noise_std > 0:
             noise_std = self.config.noise_std / self.config.num_experts
