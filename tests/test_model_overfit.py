@@ -1,4 +1,4 @@
-"""A tiny LIMoE must be able to learn: it overfits a small fixed batch of synthetic image-caption pairs."""
+"""A tiny LIMoE must be able to learn: it overfits a small fixed batch of image-caption pairs, real and synthetic."""
 
 import pytest
 import torch
@@ -37,3 +37,26 @@ def test_tiny_limoe_overfits_a_fixed_batch():
 def test_every_tiny_preset_overfits_sixteen_pairs(name):
     first, last, _ = _train(name, num_pairs=16, steps=80)
     assert last < 0.2 * first, f"{name}: contrastive loss only went from {first:.3f} to {last:.3f}"
+
+
+def test_tiny_limoe_overfits_real_emoji_pairs(tmp_path):
+    # Real pairs: a small subset of the built-in OpenMoji dataset and a BPE tokenizer trained on its captions.
+    from limoe.data import BuiltinConfig, builtin_captions, load_builtin, train_tokenizer
+
+    cfg = BuiltinConfig(max_concepts=24, cache_dir=str(tmp_path))
+    tok = train_tokenizer(builtin_captions("train", cfg), vocab_size=300)
+    samples = load_builtin("train", image_size=32, cfg=cfg).collect()[:8]
+    images = torch.stack([image for image, _ in samples])
+    batch = tok([caption for _, caption in samples])
+    torch.manual_seed(0)
+    model = limoe.create_model("limoe-tiny", vocab_size=tok.vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(30):
+        terms = compute_losses(model(images, batch.ids_BL, valid_BT=~batch.padding_mask_BL))
+        opt.zero_grad()
+        terms["total_loss"].backward()
+        opt.step()
+        losses.append(terms["contrastive_loss"].item())
+    assert losses[0] > 1.5  # about log(8) before anything is paired
+    assert losses[-1] < 0.15 * losses[0], f"contrastive loss only went from {losses[0]:.3f} to {losses[-1]:.3f}"
