@@ -199,7 +199,8 @@ class MoeMlp(nn.Module):
         if modality.shape != lead_shape or modality.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"modality must be an integer tensor of shape {tuple(lead_shape)}, got "
                              f"{modality.dtype} {tuple(modality.shape)}")
-        if modality.device.type == "cpu":  # a data-dependent check; on accelerators it would stall the stream
+        # A data-dependent check: on accelerators it would stall the stream, and compiled graphs cannot hold it.
+        if modality.device.type == "cpu" and not torch.compiler.is_compiling():
             if modality.numel() and not (0 <= int(modality.min()) and int(modality.max()) < num_modalities):
                 raise ValueError(f"modality ids must be in [0, {num_modalities}) for {self.config.modalities}")
         return modality.long().to(device)
