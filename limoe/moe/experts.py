@@ -29,6 +29,10 @@ class ExpertMlps(nn.Module):
         nn.init.zeros_(self.b_in_Eh)
         nn.init.zeros_(self.b_out_Ed)
 
+    def extra_repr(self) -> str:
+        num_experts, dim, hidden_dim = self.w_in_Edh.shape
+        return f"num_experts={num_experts}, dim={dim}, hidden_dim={hidden_dim}"
+
     @property
     def num_experts(self) -> int:
         return self.w_in_Edh.shape[0]

@@ -89,6 +89,12 @@ class MoeMlp(nn.Module):
         # Small init keeps early routing near uniform (V-MoE initialises the router with zeros/small normals).
         nn.init.normal_(self.router_dE, std=0.02)
 
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"dim={c.dim}, hidden_dim={c.hidden_dim}, num_experts={c.num_experts}, k={c.k}, "
+                f"capacity_factor={c.capacity_factor}/{c.eval_capacity_factor or c.capacity_factor} (train/eval), "
+                f"batch_priority={c.batch_priority}, noise_std={c.noise_std}")
+
     def capacity_for(self, num_tokens: int) -> int:
         cfg = self.config
         factor = cfg.capacity_factor if self.training else (cfg.eval_capacity_factor or cfg.capacity_factor)
