@@ -78,11 +78,13 @@ class MoeMlp(nn.Module):
     group, padding included, so it never depends on data (no host synchronisation).
     """
 
-    def __init__(self, config: MoeConfig):
+    def __init__(self, config: MoeConfig, experts: ExpertMlps | None = None):
         super().__init__()
         self.config = config
         self.router_dE = nn.Parameter(torch.empty(config.dim, config.num_experts))
-        self.experts = ExpertMlps(config.num_experts, config.dim, config.hidden_dim)
+        # `experts`: a prebuilt subset (an expert-parallel shard) so that the full set is never allocated.
+        self.experts = experts if experts is not None else ExpertMlps(config.num_experts, config.dim,
+                                                                      config.hidden_dim)
         self.reset_router()
 
     def reset_router(self) -> None:

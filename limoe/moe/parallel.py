@@ -1,0 +1,111 @@
+"""Expert-parallel MoE layer and portable (EP-size independent) checkpoints.
+
+Each rank routes its own S tokens exactly like `MoeMlp` (same capacity C from its local S), so a rank's output
+equals `MoeMlp` with the full expert set applied to that rank's tokens. Only the experts are sharded: the [E, C, d]
+capacity buffer is exchanged with one all_to_all, each rank runs its E/P experts on [E/P, P*C, d], and a second
+all_to_all sends the results back. Buffers have fixed capacity, so all splits are equal and no sizes are exchanged.
+Every rank of an EP group must therefore call the layer with the same number of tokens (pad with valid=False).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from limoe.distributed import EXPERT_PARALLEL_ATTR, ExpertParallelGroups, all_to_all, check_expert_parallel
+from limoe.moe.experts import ExpertMlps
+from limoe.moe.layer import MoeConfig, MoeMlp
+
+
+class ExpertParallelMoeMlp(MoeMlp):
+    """`MoeMlp` whose experts are split over `groups.ep_group`; this rank holds `groups.local_experts(E)`.
+
+    State-dict keys equal MoeMlp's; expert tensors hold this rank's shard along dim 0 (see `shard_state_dict`).
+    Expert parameters are marked for `allreduce_gradients`. Initialisation: the router draws from the global RNG
+    as usual (same seed on every rank gives the same router); the local experts draw from a generator seeded with
+    (torch.initial_seed(), ep_rank), so shards differ across an EP group and agree across its replicas.
+    """
+
+    def __init__(self, config: MoeConfig, groups: ExpertParallelGroups):
+        check_expert_parallel(groups.ep_size, groups.world_size, config.num_experts)
+        if groups.ep_group is not None and dist.get_world_size(groups.ep_group) != groups.ep_size:
+            raise ValueError(f"ep_group has {dist.get_world_size(groups.ep_group)} ranks, expected {groups.ep_size}")
+        # Fork (and restore) every RNG manual_seed touches: the global streams stay as they were for the router.
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed((torch.initial_seed() * 1009 + groups.ep_rank) % 2**63)
+            experts = ExpertMlps(config.num_experts // groups.ep_size, config.dim, config.hidden_dim)
+        super().__init__(config, experts=experts)
+        self.groups = groups
+        for param in self.experts.parameters():
+            setattr(param, EXPERT_PARALLEL_ATTR, True)
+
+    def run_experts(self, x_ECd: torch.Tensor) -> torch.Tensor:
+        num_experts, cap, dim = x_ECd.shape
+        ep = self.groups.ep_size
+        local = num_experts // ep
+        # Dim 0 is expert-major, so chunk j (experts of EP rank j) goes to rank j; we receive, from each rank j,
+        # its C rows for each of our experts: [P, E/P, C, d] -> per expert, all ranks' rows side by side.
+        recv_PLCd = all_to_all(x_ECd, self.groups.ep_group).view(ep, local, cap, dim)
+        x_LRd = recv_PLCd.transpose(0, 1).reshape(local, ep * cap, dim)
+        y_LRd = self.experts(x_LRd)
+        send_PLCd = y_LRd.view(local, ep, cap, dim).transpose(0, 1)
+        return all_to_all(send_PLCd.reshape(num_experts, cap, dim), self.groups.ep_group)
+
+
+# -- portable checkpoints ---------------------------------------------------------------------------------------
+def expert_state_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of expert tensors (stacked along dim 0 by expert) of every MoE layer, EP or not."""
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoeMlp):
+            prefix = f"{name}.experts." if name else "experts."
+            keys += [prefix + key for key in module.experts.state_dict()]
+    return keys
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], expert_keys: list[str], ep_rank: int,
+                     ep_size: int) -> dict[str, torch.Tensor]:
+    """Slice a single-process state dict for EP rank `ep_rank` of `ep_size` (expert tensors only; the rest as is)."""
+    out = dict(full)
+    for key in expert_keys:
+        if key not in full:
+            raise ValueError(f"state dict has no expert tensor {key!r}")
+        num_experts = full[key].shape[0]
+        if num_experts % ep_size:
+            raise ValueError(f"{key}: {num_experts} experts are not divisible by the expert-parallel size {ep_size}")
+        per_rank = num_experts // ep_size
+        out[key] = full[key][ep_rank * per_rank:(ep_rank + 1) * per_rank]
+    return out
+
+
+def merge_state_dicts(shards: list[dict[str, torch.Tensor]], expert_keys: list[str]) -> dict[str, torch.Tensor]:
+    """Single-process state dict from the state dicts of EP ranks 0..P-1 (e.g. per-rank files), no collectives."""
+    out = dict(shards[0])
+    for key in expert_keys:
+        out[key] = torch.cat([shard[key] for shard in shards])
+    return out
+
+
+def gather_full_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor]:
+    """The model's single-process state dict, on every rank. Collective over the EP group.
+
+    Non-expert tensors are taken from this rank (they are replicated); expert shards are all-gathered in EP-rank
+    order, which is expert order because shards are contiguous.
+    """
+    local = model.state_dict()
+    out = dict(local)
+    if groups.ep_size == 1:
+        return out
+    for key in expert_state_keys(model):
+        shard = local[key].detach().contiguous()
+        parts = [torch.empty_like(shard) for _ in range(groups.ep_size)]
+        dist.all_gather(parts, shard, group=groups.ep_group)
+        out[key] = torch.cat(parts)
+    return out
+
+
+def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], groups: ExpertParallelGroups) -> None:
+    """Load a single-process state dict (any EP size wrote it, once merged) into this rank's shard of `model`."""
+    model.load_state_dict(shard_state_dict(full, expert_state_keys(model), groups.ep_rank, groups.ep_size))
