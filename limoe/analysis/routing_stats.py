@@ -1,0 +1,342 @@
+"""Routing statistics of a contrastive model over a sample of image-text pairs: what the blog's pictures show.
+
+`analyze_routing(model, tokenizer, pairs)` encodes the pairs in batches (images and texts in their own passes,
+exactly as in training) and keeps, per MoE layer:
+
+- the layer's `MoeStats` summed over every batch and both passes (counts, so rates weight every token equally);
+- the mean of each aux loss per pass (unweighted, as the layer reports them);
+- per expert, how often each text token id was processed by it (-> its most typical text tokens);
+- per expert, the N image patches it processed with the highest gate, with their pixels (-> typical patches);
+- for the first few images, the top-1 expert of every patch and whether it was kept (-> token-to-expert maps).
+
+Layers are found by module identity, so one-tower models (one layer sees both modalities) and two-tower models
+(each encoder has its own layers) are both handled; a model without MoE layers gives an analysis with no layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from limoe.moe.stats import MoeStats
+
+IMAGE, TEXT = 0, 1  # modality ids of the model's passes (limoe.model.base)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the data layer's default normalisation, undone for pictures
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class AnalysisConfig:
+    num_pairs: int | None = 256  # pairs to read from the iterable (None: all)
+    batch_size: int = 32  # one routing group per pass, as in evaluation; capacity depends on it
+    train_routing: bool = False  # route as in training (train capacity factor, router noise) instead of eval
+    top_tokens: int = 10  # most typical text tokens kept per expert
+    top_patches: int = 8  # highest-gate image patches kept per expert
+    num_maps: int = 16  # images whose per-patch expert maps (and pixels) are kept
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass(eq=False)  # identity: the same layer object is shared by every pass through it
+class LayerRef:
+    """One MoE layer: which encoder (one-tower: 'shared'), which block, which passes route through it."""
+
+    name: str  # e.g. "block 1" or "image block 1"
+    encoder: str
+    block: int
+    num_experts: int
+    k: int
+    passes: tuple[str, ...]
+
+
+@dataclass
+class LayerRouting:
+    ref: LayerRef
+    stats: MoeStats  # summed over every batch of every pass through this layer
+    aux_losses: dict[str, float]  # "<pass>/<loss name>" -> mean over batches
+    token_counts_EV: torch.Tensor  # kept text assignments per expert and token id
+    patch_gate_EP: torch.Tensor  # top-N gates of kept image assignments per expert (-inf: fewer than N)
+    patch_where_EP2: torch.Tensor  # (image index, patch index) of those, -1 where empty
+    patch_pixels_EP3hw: torch.Tensor  # their pixels in [0, 1]
+    map_expert_IP: torch.Tensor  # top-1 expert of every patch of the first images
+    map_kept_IP: torch.Tensor  # whether that top-1 assignment was kept (else the token skipped or fell back)
+
+
+@dataclass
+class RoutingAnalysis:
+    model_kind: str
+    num_pairs: int
+    batch_size: int
+    train_routing: bool
+    image_size: int
+    patch_size: int
+    modalities: tuple[str, ...]
+    layers: list[LayerRouting]
+    map_images_I3HW: torch.Tensor  # pixels in [0, 1] of the images with expert maps
+    map_captions: list[str]
+    vocab: dict[int, str] = field(default_factory=dict)  # decoded text of every token id that was counted
+    top_tokens: int = 10
+
+    @property
+    def has_moe(self) -> bool:
+        return bool(self.layers)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def top_tokens_of(self, layer: int, expert: int) -> list[tuple[str, int, float]]:
+        """(token text, times this expert processed it, share of that token's kept assignments it took)."""
+        counts_EV = self.layers[layer].token_counts_EV
+        counts_V = counts_EV[expert]
+        total_V = counts_EV.sum(0)
+        n = min(self.top_tokens, int((counts_V > 0).sum()))
+        # Ties broken by the token's share: a token this expert takes every time is more typical of it.
+        score_V = counts_V + total_V.clamp(min=1).reciprocal() * counts_V * 1e-3
+        ids = score_V.topk(n).indices.tolist() if n else []
+        return [(self.vocab.get(i, f"#{i}"), int(counts_V[i]), float(counts_V[i] / total_V[i])) for i in ids]
+
+    def top_patches_of(self, layer: int, expert: int) -> list[dict[str, Any]]:
+        lr = self.layers[layer]
+        out = []
+        for gate, (image, patch) in zip(lr.patch_gate_EP[expert].tolist(), lr.patch_where_EP2[expert].tolist()):
+            if image >= 0:
+                out.append({"image": image, "patch": patch, "row": patch // self.grid, "col": patch % self.grid,
+                            "gate": gate})
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """Every number of the analysis as plain JSON types (NaN, e.g. a rate over no tokens, becomes null)."""
+        return _clean({
+            "model_kind": self.model_kind,
+            "has_moe": self.has_moe,
+            "num_pairs": self.num_pairs,
+            "batch_size": self.batch_size,
+            "routing": "train" if self.train_routing else "eval",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "grid": self.grid,
+            "modalities": list(self.modalities),
+            "layers": [self._layer_json(i) for i in range(len(self.layers))],
+            "maps": {
+                "captions": self.map_captions,
+                # Per layer, per image, the grid of top-1 experts (row-major) and whether each was kept.
+                "expert": [lr.map_expert_IP.tolist() for lr in self.layers],
+                "kept": [lr.map_kept_IP.tolist() for lr in self.layers],
+            },
+        })
+
+    def _layer_json(self, i: int) -> dict[str, Any]:
+        lr = self.layers[i]
+        s = lr.stats
+        mods = list(s.modalities)
+        per_modality = {
+            m: {"tokens": s.tokens_M[j].item(), "top1_kept": s.top1_kept_M[j].item(),
+                "dropped": s.dropped_M[j].item(), "routing_success": s.routing_success_M[j].item(),
+                "dropped_fraction": s.dropped_fraction_M[j].item(), "mean_entropy": s.mean_entropy_M[j].item()}
+            for j, m in enumerate(mods)
+        }
+        experts = []
+        for e in range(lr.ref.num_experts):
+            experts.append({
+                "expert": e,
+                "processed": {m: s.processed_ME[j, e].item() for j, m in enumerate(mods)},
+                "routed": {m: s.routed_ME[j, e].item() for j, m in enumerate(mods)},
+                "share": {m: s.modality_share_ME[j, e].item() for j, m in enumerate(mods)},
+                "load": s.expert_load_E[e].item(),
+                "top_tokens": [{"token": t, "count": c, "share": sh} for t, c, sh in self.top_tokens_of(i, e)],
+                "top_patches": self.top_patches_of(i, e),
+            })
+        return {"name": lr.ref.name, "encoder": lr.ref.encoder, "block": lr.ref.block,
+                "num_experts": lr.ref.num_experts, "k": lr.ref.k, "passes": list(lr.ref.passes),
+                "modality": per_modality, "aux_losses": lr.aux_losses, "experts": experts}
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+# -- discovering the layers -----------------------------------------------------------------------------------
+
+def moe_layers_of(model) -> dict[str, list[LayerRef]]:
+    """Per pass ("image", "text"), the MoE layers it goes through in order, as shared LayerRef objects."""
+    image_enc, text_enc = model.encoder_for(IMAGE), model.encoder_for(TEXT)
+    shared = image_enc is text_enc
+    out: dict[str, list[LayerRef]] = {}
+    refs: dict[tuple[int, int], LayerRef] = {}
+    for pass_name, enc in (("image", image_enc), ("text", text_enc)):
+        encoder = "shared" if shared else pass_name
+        layers = []
+        for b, block in enumerate(enc.blocks):
+            if not block.is_moe:
+                continue
+            key = (id(enc), b)
+            if key not in refs:
+                cfg = block.mlp.config
+                name = f"block {b}" if shared else f"{pass_name} block {b}"
+                refs[key] = LayerRef(name, encoder, b, cfg.num_experts, cfg.k, ())
+            refs[key].passes += (pass_name,)
+            layers.append(refs[key])
+        out[pass_name] = layers
+    return out
+
+
+# -- the pass over the data -----------------------------------------------------------------------------------
+
+def _batches(pairs: Iterable[tuple[torch.Tensor, str]], batch_size: int,
+             limit: int | None) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    images, captions, seen = [], [], 0
+    for image, caption in pairs:
+        if limit is not None and seen >= limit:
+            break
+        images.append(image)
+        captions.append(caption)
+        seen += 1
+        if len(images) == batch_size:
+            yield torch.stack(images), captions
+            images, captions = [], []
+    if images:
+        yield torch.stack(images), captions
+
+
+class _LayerAccumulator:
+    """Running sums for one layer; the top-N patches are merged batch by batch so memory stays bounded."""
+
+    def __init__(self, ref: LayerRef, vocab_size: int, cfg: AnalysisConfig, num_patches: int, patch_px: int):
+        E, N = ref.num_experts, cfg.top_patches
+        self.ref, self.cfg = ref, cfg
+        self.stats: MoeStats | None = None
+        self.loss_sum: dict[str, float] = defaultdict(float)
+        self.loss_n: dict[str, int] = defaultdict(int)
+        self.token_counts_EV = torch.zeros(E, vocab_size, dtype=torch.float64)
+        self.patch_gate_EP = torch.full((E, N), -math.inf)
+        self.patch_where_EP2 = torch.full((E, N, 2), -1, dtype=torch.long)
+        self.patch_pixels_EP3hw = torch.zeros(E, N, 3, patch_px, patch_px)
+        self.map_expert: list[torch.Tensor] = []
+        self.map_kept: list[torch.Tensor] = []
+        self.num_patches = num_patches
+
+    def add_common(self, pass_name: str, aux) -> None:
+        self.stats = aux.stats if self.stats is None else self.stats + aux.stats
+        for name, value in aux.losses.items():
+            self.loss_sum[f"{pass_name}/{name}"] += float(value)
+            self.loss_n[f"{pass_name}/{name}"] += 1
+
+    def add_text(self, aux, ids_S: torch.Tensor) -> None:
+        r = aux.routing
+        kept_SK = r.kept_SK.cpu()
+        expert_A = r.expert_SK.cpu()[kept_SK]
+        token_A = ids_S[:, None].expand_as(kept_SK)[kept_SK]
+        vocab_size = self.token_counts_EV.shape[1]
+        ones_A = torch.ones(len(expert_A), dtype=torch.float64)
+        self.token_counts_EV.view(-1).index_add_(0, expert_A * vocab_size + token_A, ones_A)
+
+    def add_image(self, aux, first_image: int, patches_BP3hw: torch.Tensor, maps_left: int) -> None:
+        r = aux.routing
+        B, P = patches_BP3hw.shape[:2]
+        expert_SK, kept_SK, gate_SK = r.expert_SK.cpu(), r.kept_SK.cpu(), r.gate_SK.float().cpu()
+        if maps_left > 0:
+            n = min(maps_left, B)
+            self.map_expert.append(expert_SK[:, 0].view(B, P)[:n])
+            self.map_kept.append(kept_SK[:, 0].view(B, P)[:n])
+        # Candidates: every kept assignment, scored by its gate; merged with the running top-N of each expert.
+        token_A = torch.arange(B * P)[:, None].expand_as(kept_SK)[kept_SK]
+        expert_A, gate_A = expert_SK[kept_SK], gate_SK[kept_SK]
+        N = self.cfg.top_patches
+        for e in range(self.ref.num_experts):
+            sel = expert_A == e
+            if not bool(sel.any()) or N == 0:
+                continue
+            gates = gate_A[sel]
+            top = gates.topk(min(N, len(gates)))
+            tokens = token_A[sel][top.indices]
+            where = torch.stack([first_image + tokens // P, tokens % P], 1)
+            pixels = patches_BP3hw.reshape(B * P, *patches_BP3hw.shape[2:])[tokens]
+            all_gate = torch.cat([self.patch_gate_EP[e], top.values])
+            best = all_gate.topk(N).indices
+            self.patch_gate_EP[e] = all_gate[best]
+            self.patch_where_EP2[e] = torch.cat([self.patch_where_EP2[e], where])[best]
+            self.patch_pixels_EP3hw[e] = torch.cat([self.patch_pixels_EP3hw[e], pixels])[best]
+
+    def result(self) -> LayerRouting:
+        P = self.num_patches
+        cat = (lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, P, dtype=dtype))
+        return LayerRouting(
+            ref=self.ref, stats=self.stats,
+            aux_losses={k: self.loss_sum[k] / self.loss_n[k] for k in sorted(self.loss_sum)},
+            token_counts_EV=self.token_counts_EV, patch_gate_EP=self.patch_gate_EP,
+            patch_where_EP2=self.patch_where_EP2, patch_pixels_EP3hw=self.patch_pixels_EP3hw,
+            map_expert_IP=cat(self.map_expert, torch.long), map_kept_IP=cat(self.map_kept, torch.bool))
+
+
+def _to_patches(images_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, P, 3, p, p] in raster order, the order PatchEmbed flattens its grid in."""
+    B, C, H, W = images_BCHW.shape
+    x = images_BCHW.reshape(B, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // patch) * (W // patch), C, patch, patch)
+
+
+@torch.no_grad()
+def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
+                    cfg: AnalysisConfig | None = None) -> RoutingAnalysis:
+    """Run `model` over (image [3,H,W] normalised, caption) pairs and collect the routing analysis.
+
+    `tokenizer(texts)` must return a TokenBatch (ids_BL, padding_mask_BL) and `tokenizer.decode(ids)` text.
+    The model's train/eval mode is restored afterwards.
+    """
+    cfg = cfg or AnalysisConfig()
+    mc = model.config
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.train(cfg.train_routing)
+    passes = moe_layers_of(model)
+    refs = list(dict.fromkeys(passes["image"] + passes["text"]))  # unique, image-pass order first
+    mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    acc = {id(ref): _LayerAccumulator(ref, mc.vocab_size, cfg, mc.num_patches, mc.patch_size) for ref in refs}
+    map_images, map_captions = [], []
+    seen = 0
+    try:
+        for images_BCHW, captions in _batches(pairs, cfg.batch_size, cfg.num_pairs):
+            tokens = tokenizer(captions)
+            ids_BL, valid_BL = tokens.ids_BL, ~tokens.padding_mask_BL
+            _, image_aux = model.encode_image(images_BCHW.to(device), return_aux=True)
+            _, text_aux = model.encode_text(ids_BL.to(device), valid_BL.to(device), return_aux=True)
+            pixels_BCHW = (images_BCHW.float().cpu() * std + mean).clamp(0, 1)
+            patches = _to_patches(pixels_BCHW, mc.patch_size)
+            maps_left = cfg.num_maps - len(map_captions)
+            for ref, aux in zip(passes["image"], image_aux):
+                acc[id(ref)].add_common("image", aux)
+                acc[id(ref)].add_image(aux, seen, patches, maps_left)
+            for ref, aux in zip(passes["text"], text_aux):
+                acc[id(ref)].add_common("text", aux)
+                acc[id(ref)].add_text(aux, ids_BL.reshape(-1))
+            if maps_left > 0:
+                map_images.append(pixels_BCHW[:maps_left])
+                map_captions += captions[:maps_left]
+            seen += len(captions)
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("no pairs to analyse: the data gave nothing")
+    layers = [acc[id(ref)].result() for ref in refs]
+    counted = set()
+    for lr in layers:
+        counted.update(lr.token_counts_EV.sum(0).nonzero().flatten().tolist())
+    vocab = {i: tokenizer.decode([i]) or f"#{i}" for i in sorted(counted)}
+    modalities = tuple(layers[0].stats.modalities) if layers else ("image", "text")
+    return RoutingAnalysis(
+        model_kind=mc.kind, num_pairs=seen, batch_size=cfg.batch_size, train_routing=cfg.train_routing,
+        image_size=mc.image_size, patch_size=mc.patch_size, modalities=modalities, layers=layers,
+        map_images_I3HW=torch.cat(map_images) if map_images else torch.zeros(0, 3, mc.image_size, mc.image_size),
+        map_captions=map_captions, vocab=vocab, top_tokens=cfg.top_tokens)
