@@ -279,6 +279,16 @@ class _LayerAccumulator:
             map_expert_IP=cat(self.map_expert, torch.long), map_kept_IP=cat(self.map_kept, torch.bool))
 
 
+def _token_text(tokenizer, token_id: int) -> str:
+    """Readable text of one token; special tokens (EOS) decode to "", so fall back to their vocabulary name."""
+    text = tokenizer.decode([token_id])
+    if text:
+        return text
+    hf = getattr(tokenizer, "hf", None)
+    name = hf.id_to_token(token_id) if hf is not None else None
+    return name or f"#{token_id}"
+
+
 def _to_patches(images_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, 3, H, W] -> [B, P, 3, p, p] in raster order, the order PatchEmbed flattens its grid in."""
     B, C, H, W = images_BCHW.shape
@@ -333,7 +343,7 @@ def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
     counted = set()
     for lr in layers:
         counted.update(lr.token_counts_EV.sum(0).nonzero().flatten().tolist())
-    vocab = {i: tokenizer.decode([i]) or f"#{i}" for i in sorted(counted)}
+    vocab = {i: _token_text(tokenizer, i) for i in sorted(counted)}
     modalities = tuple(layers[0].stats.modalities) if layers else ("image", "text")
     return RoutingAnalysis(
         model_kind=mc.kind, num_pairs=seen, batch_size=cfg.batch_size, train_routing=cfg.train_routing,
