@@ -100,7 +100,8 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
 
     if analysis.has_moe:
         n = len(analysis.layers)
-        layer = n - 1 if layer is None else layer
+        if layer is None:  # the last layer images pass through (in a two-tower model the text tower's are last)
+            layer = max(i for i, lr in enumerate(analysis.layers) if "image" in lr.ref.passes or i == 0)
         if not -n <= layer < n:
             raise ValueError(f"layer must index one of the {n} MoE layers, got {layer}")
         layer %= n
@@ -109,8 +110,12 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
         plots.plot_modality_share(analysis, out / "modality_share.png")
         plots.plot_routing_success(analysis, out / "routing_success.png")
         plots.plot_expert_usage(analysis, out / "expert_usage.png")
-        plots.plot_token_maps(analysis, layer, out / "token_maps.png")
-        plots.plot_expert_patches(analysis, layer, out / "expert_patches.png")
+        has_maps = len(analysis.layers[layer].map_expert_IP) > 0
+        if has_maps:
+            plots.plot_token_maps(analysis, layer, out / "token_maps.png")
+            plots.plot_expert_patches(analysis, layer, out / "expert_patches.png")
+        else:
+            notes.append(f"{html.escape(chosen)} sees no image tokens: no token-to-expert maps.")
         parts += [
             "<h2>Expert specialisation</h2>",
             _figure("modality_share.png", "Share of image (red) and text (blue) tokens among the tokens each expert "
@@ -121,11 +126,11 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
             _summary_table(data),
             "<h2>Expert usage</h2>",
             _figure("expert_usage.png", "Share of each layer's processed tokens that each expert took."),
-            f"<h2>Token-to-expert maps ({html.escape(chosen)})</h2>",
-            _figure("token_maps.png", f"Patches tinted by the expert their top-1 choice went to in {chosen}; "
-                                      "hatched patches were dropped (over capacity)."),
-            _figure("expert_patches.png", f"The image patches each expert of {chosen} processed with the highest "
-                                          "gate."),
+            *([f"<h2>Token-to-expert maps ({html.escape(chosen)})</h2>",
+               _figure("token_maps.png", f"Patches tinted by the expert their top-1 choice went to in {chosen}; "
+                                         "hatched patches were dropped (over capacity)."),
+               _figure("expert_patches.png", f"The image patches each expert of {chosen} processed with the "
+                                             "highest gate.")] if has_maps else []),
             "<h2>Per layer</h2>",
             *(_layer_section(lr) for lr in data["layers"]),
         ]

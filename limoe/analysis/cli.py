@@ -1,0 +1,98 @@
+"""`limoe analyze CHECKPOINT`: the routing analysis of a trained model as an HTML report (or JSON for scripts).
+
+Wire it into the main parser with `add_analyze_parser(subparsers)`; the handler loads the checkpoint through
+`limoe.load_checkpoint` only when it runs, so this module imports without the training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "analyze", help="routing analysis of a checkpoint: expert specialisation, routing success, expert maps",
+        description="Run a checkpoint over a sample of image-text pairs and write an HTML report (index.html, PNG "
+                    "plots, report.json) of its routing: image/text share per expert, routing success per "
+                    "modality, expert usage, token-to-expert maps, and curves over training from the run's "
+                    "metrics.jsonl.")
+    p.add_argument("checkpoint", help="checkpoint file or run folder (what limoe.load_checkpoint accepts)")
+    p.add_argument("--data", default="builtin",
+                   help="pairs to analyse: 'builtin' (built-in test split), 'builtin:train', a CSV/TSV file "
+                        "(filepath,title columns) or webdataset shards ('data/{000..009}.tar'); default: builtin")
+    p.add_argument("--out", help="report folder (default: analysis/ in the run folder)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="MoE layer (0-based among MoE layers; negative counts from the end) for the token maps "
+                        "(default: the last one images pass through)")
+    p.add_argument("--num-pairs", type=int, default=256, help="pairs to read (default: 256)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="pairs per routing group; capacity depends on it (default: 32)")
+    p.add_argument("--train-routing", action="store_true",
+                   help="route as in training (train capacity factor, router noise) instead of eval")
+    p.add_argument("--metrics", help="metrics.jsonl of the run (default: the one next to the checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair sample's shuffle (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--json", action="store_true",
+                   help="print the JSON of every number to stdout (the report is then written only with --out)")
+    p.set_defaults(func=run_analyze)
+    return p
+
+
+def load_pairs(spec: str, image_size: int, seed: int = 0):
+    """(image, caption) pairs for a --data value, as eval-time (unaugmented) images of the model's size."""
+    from limoe.data import CsvPairs, ImageConfig, WdsPairs, load_builtin
+
+    image = ImageConfig(image_size=image_size)
+    if spec in ("builtin", "builtin:test", "builtin:train"):
+        split = "train" if spec.endswith(":train") else "test"
+        return load_builtin(split, image=image, train=False, shuffle=True, seed=seed)
+    if ".tar" in spec:
+        return WdsPairs(spec, image=image, train=False, shuffle=True, seed=seed)
+    if Path(spec).suffix.lower() in (".csv", ".tsv", ".txt"):
+        return CsvPairs(spec, image=image, train=False, shuffle=True, seed=seed)
+    raise SystemExit(f"limoe analyze: --data must be builtin, builtin:train, a .csv/.tsv file or .tar shards, "
+                     f"got {spec!r}")
+
+
+def _load_checkpoint(path: str):
+    try:
+        from limoe import load_checkpoint
+    except ImportError:
+        raise SystemExit("limoe analyze: this install has no limoe.load_checkpoint (checkpoints come with "
+                         "`limoe train`); use limoe.analysis.analyze_routing on a model from Python instead") from None
+    if not Path(path).exists():
+        raise SystemExit(f"limoe analyze: checkpoint not found: {path}")
+    return load_checkpoint(path)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from limoe.analysis.metrics_log import find_metrics
+    from limoe.analysis.report import write_report
+    from limoe.analysis.routing_stats import AnalysisConfig, analyze_routing
+
+    model, tokenizer, _ = _load_checkpoint(args.checkpoint)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    pairs = load_pairs(args.data, model.config.image_size, args.seed)
+    cfg = AnalysisConfig(num_pairs=args.num_pairs, batch_size=args.batch_size, train_routing=args.train_routing)
+    analysis = analyze_routing(model, tokenizer, pairs, cfg)
+    if args.layer is not None and analysis.layers and not -len(analysis.layers) <= args.layer < len(analysis.layers):
+        raise SystemExit(f"limoe analyze: --layer must be in [-{len(analysis.layers)}, {len(analysis.layers)}), "
+                         f"got {args.layer}")
+
+    metrics = args.metrics or find_metrics(args.checkpoint)
+    run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    out = args.out or (None if args.json else run_dir / "analysis")
+    if out is not None:
+        index = write_report(analysis, out, metrics_path=metrics, layer=args.layer if analysis.layers else None)
+        print(f"limoe analyze: report written to {index}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        data = analysis.to_json()
+        data["metrics_path"] = str(metrics) if metrics else None
+        print(json.dumps(data))
+    return 0
