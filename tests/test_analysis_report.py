@@ -1,0 +1,153 @@
+"""The HTML report folder and `limoe analyze`: every plot, the JSON of every number, dense models, the CLI."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import limoe
+from limoe.analysis import AnalysisConfig, analyze_routing
+from limoe.analysis.cli import add_analyze_parser
+from limoe.analysis.metrics_log import find_metrics, read_metrics
+from limoe.analysis.report import write_report
+from tests._analysis_forced import WordTokenizer, force_routing, images
+
+WORDS = ["red", "blue", "circle", "square"]
+MOE_PLOTS = ["modality_share.png", "routing_success.png", "expert_usage.png", "token_maps.png",
+             "expert_patches.png"]
+
+
+def write_metrics(path, steps=20, torn=False):
+    rows = [{"step": i, "total_loss": 3.0 - 0.1 * i, "contrastive_loss": 2.9 - 0.1 * i, "importance_loss": 0.01,
+             "layer1/routing_success/image": 0.6 + 0.01 * i, "layer1/routing_success/text": 0.5 + 0.02 * i}
+            for i in range(steps)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + ("\n{\"step\": 20, \"tot" if torn else "\n"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def moe_analysis():
+    torch.manual_seed(0)
+    model = limoe.create_model("limoe-tiny", num_experts=4, vocab_size=8)
+    captions = ["red circle", "blue square", "red square", "blue circle"] * 2
+    return analyze_routing(model, WordTokenizer(WORDS), zip(images(8), captions), AnalysisConfig(batch_size=4))
+
+
+def test_report_has_every_plot_table_and_number(tmp_path, moe_analysis):
+    write_metrics(tmp_path / "metrics.jsonl", torn=True)
+    index = write_report(moe_analysis, tmp_path / "report", metrics_path=tmp_path / "metrics.jsonl", layer=0)
+    page = index.read_text()
+    for name in MOE_PLOTS + ["training_curves.png"]:
+        assert f'src="{name}"' in page
+        with Image.open(index.parent / name) as im:  # a real, decodable PNG
+            assert im.format == "PNG" and im.width > 100 and im.height > 100
+    data = json.loads((index.parent / "report.json").read_text())
+    expected = json.loads(json.dumps(moe_analysis.to_json()))
+    assert data["layers"] == expected["layers"] and data["maps"] == expected["maps"]
+    assert data["map_layer"] == 0
+    assert data["training_curves"] == {"file": "training_curves.png", "steps": 20, "skipped_lines": 1}
+    # A table of experts and one of aux losses per layer, plus the settings and the routing summary.
+    assert page.count("<table>") == 2 + 2 * len(moe_analysis.layers)
+    assert page.count("<h3") == len(moe_analysis.layers)
+    first = data["layers"][0]["modality"]["image"]["routing_success"]
+    assert f"{first:.3f}" in page
+    assert "http://" not in page and "https://" not in page  # nothing to fetch: opens offline
+
+
+def test_report_without_metrics_says_so(tmp_path, moe_analysis):
+    index = write_report(moe_analysis, tmp_path / "report")
+    assert "No metrics log" in index.read_text()
+    assert not (tmp_path / "report" / "training_curves.png").exists()
+    assert all((tmp_path / "report" / name).is_file() for name in MOE_PLOTS)
+    with pytest.raises(ValueError, match="layer"):
+        write_report(moe_analysis, tmp_path / "other", layer=5)
+
+
+def test_dense_report_says_nothing_to_route(tmp_path):
+    result = analyze_routing(limoe.create_model("dense-tiny", vocab_size=8), WordTokenizer(WORDS),
+                             zip(images(2), ["red", "blue"]))
+    index = write_report(result, tmp_path / "dense")
+    page = index.read_text()
+    assert "nothing to route" in page and page.rstrip().endswith("</html>")
+    assert not list((tmp_path / "dense").glob("*.png"))
+    assert json.loads((tmp_path / "dense" / "report.json").read_text())["has_moe"] is False
+
+
+def test_metrics_log_reading_and_discovery(tmp_path):
+    rows = write_metrics(tmp_path / "metrics.jsonl", steps=3, torn=True)
+    assert read_metrics(tmp_path / "metrics.jsonl") == (rows, 1)
+    (tmp_path / "checkpoints").mkdir()
+    assert find_metrics(tmp_path) == tmp_path / "metrics.jsonl"
+    assert find_metrics(tmp_path / "checkpoints" / "step_100.pt") == tmp_path / "metrics.jsonl"
+    assert find_metrics(tmp_path / "checkpoints") == tmp_path / "metrics.jsonl"
+    assert find_metrics(tmp_path / "elsewhere" / "a" / "b.pt") is None
+
+
+# -- the command line -------------------------------------------------------------------------------------
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="limoe")
+    add_analyze_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def csv_pairs(tmp_path, n=6):
+    """A CSV dataset of n 32 px PNGs captioned with the test words."""
+    lines = ["filepath,title"]
+    for i in range(n):
+        Image.new("RGB", (32, 32), (40 * i, 100, 200 - 30 * i)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{WORDS[i % 4]} {WORDS[(i + 1) % 4]}")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "pairs.csv"
+
+
+def fake_checkpoint(tmp_path, monkeypatch, name="limoe-tiny"):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"")  # the loader below ignores it; the CLI only checks that it exists
+    write_metrics(run / "metrics.jsonl")
+    torch.manual_seed(0)
+    model = limoe.create_model(name, num_experts=4, vocab_size=8)
+    loaded = []
+    monkeypatch.setattr(limoe, "load_checkpoint", lambda path: loaded.append(path) or
+                        (model, WordTokenizer(WORDS), model.config), raising=False)
+    return run / "model.pt", loaded
+
+
+def test_cli_writes_report_next_to_the_run(tmp_path, monkeypatch, capsys):
+    ckpt, loaded = fake_checkpoint(tmp_path, monkeypatch)
+    args = parse(["analyze", str(ckpt), "--data", str(csv_pairs(tmp_path)), "--num-pairs", "5",
+                  "--batch-size", "4", "--layer", "-2"])
+    assert args.func(args) == 0
+    assert loaded == [str(ckpt)]
+    out = tmp_path / "run" / "analysis"
+    assert str(out / "index.html") in capsys.readouterr().out
+    data = json.loads((out / "report.json").read_text())
+    assert data["num_pairs"] == 5 and data["map_layer"] == 0 and data["training_curves"]["steps"] == 20
+    assert (out / "training_curves.png").is_file()
+
+
+def test_cli_json_for_scripts(tmp_path, monkeypatch, capsys):
+    ckpt, _ = fake_checkpoint(tmp_path, monkeypatch, name="dense-tiny")
+    args = parse(["analyze", str(ckpt), "--data", str(csv_pairs(tmp_path)), "--json"])
+    assert args.func(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["has_moe"] is False and data["num_pairs"] == 6
+    assert data["metrics_path"] == str(tmp_path / "run" / "metrics.jsonl")
+    assert not (tmp_path / "run" / "analysis").exists()  # --json without --out writes no report
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.delattr(limoe, "load_checkpoint", raising=False)
+    args = parse(["analyze", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match="no limoe.load_checkpoint"):
+        args.func(args)
+    ckpt, _ = fake_checkpoint(tmp_path, monkeypatch)
+    args = parse(["analyze", str(ckpt), "--data", "pairs.parquet"])
+    with pytest.raises(SystemExit, match="--data must be"):
+        args.func(args)
+    args = parse(["analyze", str(ckpt), "--data", str(csv_pairs(tmp_path)), "--layer", "7"])
+    with pytest.raises(SystemExit, match="--layer must be"):
+        args.func(args)
