@@ -151,3 +151,13 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch):
     args = parse(["analyze", str(ckpt), "--data", str(csv_pairs(tmp_path)), "--layer", "7"])
     with pytest.raises(SystemExit, match="--layer must be"):
         args.func(args)
+
+
+def test_parser_import_is_light():
+    # `limoe --help` builds every sub-command's parser; the analysis one must not import torch or matplotlib.
+    import subprocess
+    import sys
+
+    code = ("import sys, limoe.analysis.cli; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
