@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--images", help="style: folder of images named by codepoints")
     data.add_argument("--name", help="style: name of the style")
     data.set_defaults(func=_data)
+
+    from limoe.analysis.cli import add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 
