@@ -115,7 +115,9 @@ class TrainConfig:
             if key not in MOE_KEYS:
                 raise ConfigError(f"unknown MoE option {key!r}; known: {list(MOE_KEYS)}")
         try:
-            self.model_config()
+            model = self.model_config()
+            if model.moe_layer_ids:
+                model.moe_config()  # MoeConfig checks its values only when built
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"invalid model config: {e}") from None
         return self
