@@ -35,28 +35,37 @@ def _fail(message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from limoe.checkpoint import CheckpointError
+    from pathlib import Path
+
+    from limoe import checkpoint as ckpt
     from limoe.train import ConfigError, TrainingError, apply_overrides, get_preset, load_config, train
 
     try:
-        cfg = load_config(args.config) if args.config else get_preset(args.preset)
+        if args.config:
+            cfg = load_config(args.config)
+        elif args.resume:  # continue with the run's own config; --steps / --set may still change it
+            path = ckpt.resolve(args.resume, args.run_dir)
+            cfg = load_config(str(path / "config.json"))
+            cfg.run_dir = args.run_dir or str(path.parent.parent)
+        else:
+            cfg = get_preset(args.preset)
         if args.model:
             cfg.model = args.model
-        for flag, key in ((args.steps, "steps"), (args.run_dir, "run_dir"), (args.device, "device")):
-            if flag is not None:
-                setattr(cfg, key, flag)
+        for value, key in ((args.steps, "steps"), (args.run_dir, "run_dir"), (args.device, "device")):
+            if value is not None:
+                setattr(cfg, key, value)
         apply_overrides(cfg, args.set or [])
         cfg.validate()
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, TrainingError) as e:
-        return _fail(str(e))
-    except FileNotFoundError as e:
+    except (ConfigError, ckpt.CheckpointError, TrainingError, FileNotFoundError) as e:
         return _fail(str(e))
     if result.interrupted:
         return 130 if result.interrupted == "SIGINT" else 143
     if result.metrics:
-        print(f"\nResults after {result.step} steps ({cfg.model}; held-out concepts and pairs):")
+        print(f"\nResults after {result.step} steps of {cfg.model} (held-out concepts; routing over the last "
+              f"{cfg.log_interval} training steps):")
         print(result.table())
+    print(f"run directory: {cfg.run_dir}  (metrics.jsonl, config.json, checkpoints/)")
     print(f"checkpoint: {result.checkpoint}")
     return 0
 

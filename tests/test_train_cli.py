@@ -105,3 +105,12 @@ def test_embed_texts_and_images(run, images, tmp_path, capsys):
 def test_train_resume_without_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["train", "--run-dir", str(tmp_path / "empty"), "--resume", "latest"]) == 2
     _one_error_line(capsys, "no checkpoint to resume from")
+
+
+def test_train_refuses_to_overwrite_and_resumes_with_the_runs_config(run, capsys):
+    run_dir = run[0].parent.parent
+    assert main(["train", "--run-dir", str(run_dir), "--steps", "1"]) == 2
+    _one_error_line(capsys, "already has checkpoints: pass --resume latest")
+    # the run's own config.json (subset data, no eval) is used; only --steps changes
+    assert main(["train", "--run-dir", str(run_dir), "--resume", "latest", "--steps", "4", "--no-progress"]) == 0
+    assert "step_00000004" in capsys.readouterr().out

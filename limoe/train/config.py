@@ -75,7 +75,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     steps: int = 1000
     seed: int = 0
-    run_dir: str = "runs/default"
+    run_dir: str = ""  # "": runs/<model>-<date>-<time>, a new folder per run
     device: str = "auto"  # auto: cuda if available, else cpu
     log_interval: int = 10  # steps between metrics lines in metrics.jsonl
     checkpoint_interval: int = 500  # steps between checkpoints (one is always written at the end)
@@ -151,7 +151,7 @@ def _quick() -> TrainConfig:
     """Seconds: a smoke test of the whole pipeline on a small subset of the built-in data."""
     return TrainConfig(steps=20, data=DataConfig(batch_size=32, max_concepts=64, num_workers=0),
                        optim=OptimConfig(warmup_steps=5), checkpoint_interval=10, log_interval=5,
-                       run_dir="runs/quick")
+                       run_dir="")
 
 
 def _b16() -> TrainConfig:
@@ -159,8 +159,7 @@ def _b16() -> TrainConfig:
     return TrainConfig(model="limoe-b16", data=DataConfig(image_size=224, batch_size=4096, vocab_size=32_000,
                                                           num_workers=8),
                        optim=OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=10_000, schedule="rsqrt"),
-                       steps=100_000, checkpoint_interval=2000, eval=EvalConfig(interval=5000),
-                       run_dir="runs/limoe-b16")
+                       steps=100_000, checkpoint_interval=2000, eval=EvalConfig(interval=5000))
 
 
 PRESETS = {"default": _default, "quick": _quick, "limoe-b16": _b16}

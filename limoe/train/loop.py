@@ -124,8 +124,28 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         distributed.shutdown(world)
 
 
-def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
+def _run_dir(cfg: TrainConfig, resume: str | None, world) -> Path:
+    """The run's folder: a new dated one unless given; a fresh run never writes into an earlier run's."""
+    if not cfg.run_dir:
+        if resume == "latest":
+            raise TrainingError("--resume latest needs --run-dir (the run to resume)")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if world.size > 1:  # every rank must agree on the name
+            import torch.distributed as dist
+
+            box = [stamp]
+            dist.broadcast_object_list(box, src=0)
+            stamp = box[0]
+        cfg.run_dir = str(Path("runs") / f"{cfg.model}-{stamp}")
     run_dir = Path(cfg.run_dir)
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise TrainingError(f"{run_dir} already has checkpoints: pass --resume latest to continue it, or "
+                            f"another --run-dir")
+    return run_dir
+
+
+def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
+    run_dir = _run_dir(cfg, resume, world)
     start_path = ckpt.resolve(resume, run_dir) if resume else None
     torch.manual_seed(cfg.seed)
 
