@@ -27,10 +27,14 @@ def _weights(run_dir):
     return model.state_dict()
 
 
-def test_resume_is_exact(tmp_path, cache):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_resume_is_exact(tmp_path, cache, in_memory):
     # 8 steps straight == 4 steps, stop, resume for 4 more: the stop falls mid-epoch (4-5 batches per epoch).
-    straight = train(tiny_config(tmp_path / "a", cache, steps=8, checkpoint_interval=0), progress=False)
+    straight_cfg = tiny_config(tmp_path / "a", cache, steps=8, checkpoint_interval=0)
+    straight_cfg.data.in_memory = in_memory
+    straight = train(straight_cfg, progress=False)
     cfg = tiny_config(tmp_path / "b", cache, steps=8, checkpoint_interval=0)
+    cfg.data.in_memory = in_memory
     first = train(cfg, stop_after=4, progress=False)
     assert first.step == 4 and first.checkpoint.name == "step_00000004"
     second = train(cfg, resume="latest", progress=False)

@@ -36,7 +36,10 @@ class DataConfig:
     context_length: int = 16
     max_concepts: int | None = None  # built-in: a small subset (tests, quick runs)
     cache_dir: str | None = None  # built-in: where the rendered dataset lives (default: the limoe cache)
-    augment: bool = True  # light random crop + colour jitter on training images
+    augment: bool = True  # light random crop (+ colour jitter when streaming) on training images
+    # Built-in data: decode the images once and keep them in memory (decoding costs more than a tiny model's
+    # step on CPU); csv/wds sources always stream.
+    in_memory: bool = True
 
 
 @dataclass
@@ -77,6 +80,9 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = ""  # "": runs/<model>-<date>-<time>, a new folder per run
     device: str = "auto"  # auto: cuda if available, else cpu
+    # CPU intra-op threads. Tiny models gain little from a second thread, and OpenMP threads slow down several
+    # times when the cores are shared with other processes; None: torch's default (all cores).
+    threads: int | None = 1
     log_interval: int = 10  # steps between metrics lines in metrics.jsonl
     checkpoint_interval: int = 500  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted

@@ -87,6 +87,21 @@ class TrainBatches:
             pos.epoch, pos.batch = pos.epoch + 1, 0
 
 
+def make_batches(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
+                 position: DataPosition | None = None):
+    """In-memory batches for the built-in data (unless data.in_memory=false), else a streaming loader."""
+    if cfg.data.source == "builtin" and cfg.data.in_memory:
+        from limoe.train.memory import MemoryBatches
+
+        if cfg.data.batch_size % world_size:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world_size} ranks")
+        dataset = load_builtin("train", cfg=builtin_config(cfg), image=ImageConfig(image_size=cfg.data.image_size),
+                               train=False, rank=0, world_size=1)
+        return MemoryBatches(dataset, tokenizer, cfg.data.batch_size, cfg.seed, rank, world_size,
+                             augment=cfg.data.augment, position=position)
+    return TrainBatches(cfg, tokenizer, rank, world_size, position)
+
+
 def eval_sets(cfg: TrainConfig):
     """(zero-shot (dataset, class names, templates) or None, retrieval dataset or None), read whole by one rank."""
     from limoe.data import ImageFolder, builtin_zero_shot

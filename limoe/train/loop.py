@@ -23,7 +23,7 @@ from limoe.losses import compute_losses
 from limoe.moe.stats import MoeStats
 from limoe.train import distributed
 from limoe.train.config import TrainConfig
-from limoe.train.data import DataPosition, TrainBatches, eval_sets, make_tokenizer
+from limoe.train.data import DataPosition, eval_sets, make_batches, make_tokenizer
 from limoe.train.evaluation import held_out
 from limoe.train.logger import MetricsLogger, results_table
 from limoe.train.optim import lr_at, make_optimizer, set_lr
@@ -115,6 +115,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         # Adam's second moments and some gradients underflow into denormal floats, which x86 CPUs process
         # ~100x slower: without this a tiny model's step goes from ~60 ms to seconds.
         torch.set_flush_denormal(True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
     world = distributed.init(device.type)
     if world.size > 1 and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -186,7 +188,7 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
 
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
 
-    batches = TrainBatches(cfg, tokenizer, world.rank, world.size, position)
+    batches = make_batches(cfg, tokenizer, world.rank, world.size, position)
     zero_shot_set, retrieval_set = eval_sets(cfg) if world.main else (None, None)
     logger = MetricsLogger(run_dir, cfg.tensorboard) if world.main else None
     if rng is not None:
