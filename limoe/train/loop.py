@@ -111,6 +111,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     """
     cfg.validate()
     device = pick_device(cfg.device)
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         # Adam's second moments and some gradients underflow into denormal floats, which x86 CPUs process
         # ~100x slower: without this a tiny model's step goes from ~60 ms to seconds.
@@ -124,6 +125,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         return _train(cfg, resume, stop_after, progress, device, world)
     finally:
         distributed.shutdown(world)
+        torch.set_num_threads(threads)
 
 
 def _run_dir(cfg: TrainConfig, resume: str | None, world) -> Path:
@@ -178,8 +180,9 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
         ckpt.load_weights(model, start_path)
         state, tensors = ckpt.read_state(start_path)
         ckpt.load_optimizer_state(optimizer, tensors, state["optimizer"])
-        step, position = state["step"], DataPosition(**state["data"][str(world.rank)]
-                                                     if str(world.rank) in state["data"] else state["data"]["0"])
+        step, position = state["step"], DataPosition(**state["data"]["0"])
+        # Rank 0's generators are restored on every rank: all ranks start from the same seed and draw the
+        # same shapes, so in a straight run their states are identical too.
         rng = (tensors, state["rng"])
     model.train()
     runner: nn.Module = torch.compile(model) if cfg.compile else model
@@ -199,8 +202,7 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
 
     def save(metrics: dict[str, float] | None = None) -> Path | None:
         nonlocal last_saved
-        # Every rank's data position is gathered? Positions advance in lockstep (equal batches per rank),
-        # so rank 0's position is every rank's.
+        # Ranks consume batches in lockstep (equal batches per rank), so rank 0's position is every rank's.
         if world.main:
             state = {"step": step, "data": {"0": asdict(batches.position)}, "metrics": metrics or {},
                      "world_size": world.size}
