@@ -36,7 +36,9 @@ class DataConfig:
     context_length: int = 16
     max_concepts: int | None = None  # built-in: a small subset (tests, quick runs)
     cache_dir: str | None = None  # built-in: where the rendered dataset lives (default: the limoe cache)
-    augment: bool = True  # light random crop (+ colour jitter when streaming) on training images
+    augment: bool = True  # random crop + colour jitter on training images
+    crop_scale: float = 0.8  # smallest area fraction of the random crop
+    jitter: float = 0.1  # brightness / contrast / saturation factors in [1 - jitter, 1 + jitter]
     # Built-in data: decode the images once and keep them in memory (decoding costs more than a tiny model's
     # step on CPU); csv/wds sources always stream.
     in_memory: bool = True

@@ -22,7 +22,8 @@ def builtin_config(cfg: TrainConfig) -> BuiltinConfig:
 
 def image_config(cfg: TrainConfig) -> ImageConfig:
     if cfg.data.augment:
-        return ImageConfig(image_size=cfg.data.image_size)
+        return ImageConfig(image_size=cfg.data.image_size, crop_scale=(cfg.data.crop_scale, 1.0),
+                           jitter=cfg.data.jitter)
     return ImageConfig(image_size=cfg.data.image_size, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter=0.0)
 
 
@@ -95,10 +96,11 @@ def make_batches(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_si
 
         if cfg.data.batch_size % world_size:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world_size} ranks")
-        dataset = load_builtin("train", cfg=builtin_config(cfg), image=ImageConfig(image_size=cfg.data.image_size),
-                               train=False, rank=0, world_size=1)
-        return MemoryBatches(dataset, tokenizer, cfg.data.batch_size, cfg.seed, rank, world_size,
-                             augment=cfg.data.augment, position=position)
+        # Stored unnormalised at twice the training size; MemoryBatches crops, jitters and normalises.
+        stored = ImageConfig(image_size=2 * cfg.data.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        dataset = load_builtin("train", cfg=builtin_config(cfg), image=stored, train=False, rank=0, world_size=1)
+        return MemoryBatches(dataset, tokenizer, cfg.data.batch_size, cfg.seed, image_config(cfg), rank,
+                             world_size, augment=cfg.data.augment, position=position)
     return TrainBatches(cfg, tokenizer, rank, world_size, position)
 
 

@@ -5,8 +5,9 @@ the built-in dataset (3,278 pairs, ~40 MB at 32 px) the images are decoded once 
 crop) and every epoch only permutes indices. The global batch b of epoch e is the slice b of a permutation
 seeded by (seed, e), split over ranks, so the batch a rank trains on is a pure function of
 (seed, epoch, batch, rank): resuming is exact and 2 ranks see the same global batch as 1 process.
-Augmentation (random zoom-in crop, drawn from a generator seeded by (seed, epoch, batch)) is one
-affine resampling of the whole batch.
+Images are kept as uint8 at twice the training size, so a zoom-in crop still has detail to show;
+augmentation (random crop + colour jitter, drawn from a generator seeded by (seed, epoch, batch)) is one
+affine resampling of the whole batch and a few elementwise ops.
 """
 
 from __future__ import annotations
@@ -16,20 +17,21 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from limoe.data import PairBatch, Tokenizer
+from limoe.data import ImageConfig, PairBatch, Tokenizer
 from limoe.data.stream import mix_seed
 
 
 class MemoryBatches:
     """Endless PairBatches from decoded images; `position` (epoch, batch) says where the stream is."""
 
-    def __init__(self, dataset, tokenizer: Tokenizer, global_batch: int, seed: int, rank: int = 0,
-                 world_size: int = 1, augment: bool = True, crop_scale: tuple[float, float] = (0.8, 1.0),
-                 position=None):
+    def __init__(self, dataset, tokenizer: Tokenizer, global_batch: int, seed: int, image: ImageConfig,
+                 rank: int = 0, world_size: int = 1, augment: bool = True, position=None):
+        """`dataset` yields (image in [0, 1] (mean 0, std 1), caption); `image` says the output size,
+        normalisation and augmentation strength (crop_scale, jitter)."""
         from limoe.train.data import DataPosition
 
         samples = dataset.collect()  # one decoding pass, skips counted and warned about like a loader
-        self.images_N3HW = torch.stack([image for image, _ in samples])
+        self.images_N3HW = torch.stack([(image * 255).round().to(torch.uint8) for image, _ in samples])
         self.captions = [caption for _, caption in samples]
         tokens = tokenizer(self.captions)
         self.ids_NL, self.padding_NL, self.eos_N = tokens.ids_BL, tokens.padding_mask_BL, tokens.eos_index_B
@@ -37,7 +39,9 @@ class MemoryBatches:
             raise ValueError(f"training data has {len(samples)} samples, fewer than one batch of {global_batch}")
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
         self.seed, self.rank = seed, rank
-        self.augment, self.crop_scale = augment, crop_scale
+        self.augment, self.image = augment, image
+        self.mean_1311 = torch.tensor(image.mean).view(1, 3, 1, 1)
+        self.std_1311 = torch.tensor(image.std).view(1, 3, 1, 1)
         self.batches_per_epoch = len(samples) // global_batch  # the remainder changes every epoch
         self.position = position or DataPosition()
         self._order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its permutation)
@@ -52,24 +56,40 @@ class MemoryBatches:
         order = self._order[1]
         start = index * self.global_batch + self.rank * self.local_batch
         idx = order[start:start + self.local_batch]
-        images = self.images_N3HW[idx]
-        if self.augment:
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, self.rank, 11))
-            images = self.random_crop(images, gen)
+        images = self.images_N3HW[idx].float().div_(255.0)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, self.rank, 11))
+        images = self.resample(images, gen if self.augment else None)
+        if self.augment and self.image.jitter > 0:
+            images = self.jitter(images, gen)
+        images = (images - self.mean_1311) / self.std_1311
         return PairBatch(images, self.ids_NL[idx], self.padding_NL[idx], self.eos_N[idx],
                          [self.captions[i] for i in idx.tolist()])
 
-    def random_crop(self, images_B3HW: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Zoom into a random square of area fraction in crop_scale, resampled back to full size."""
-        b = images_B3HW.shape[0]
-        lo, hi = self.crop_scale
+    def resample(self, images_B3HW: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """To the output size; with `gen`, first zoom into a random square of area fraction in crop_scale."""
+        b, size = images_B3HW.shape[0], self.image.image_size
+        if gen is None:
+            return F.interpolate(images_B3HW, size=(size, size), mode="bilinear", antialias=True,
+                                 align_corners=False)
+        lo, hi = self.image.crop_scale
         side_B = (lo + (hi - lo) * torch.rand(b, generator=gen)).sqrt()
         shift_B2 = (2 * torch.rand(b, 2, generator=gen) - 1) * (1 - side_B)[:, None]  # stays inside the image
         theta_B23 = torch.zeros(b, 2, 3)
         theta_B23[:, 0, 0] = theta_B23[:, 1, 1] = side_B
         theta_B23[:, :, 2] = shift_B2
-        grid = F.affine_grid(theta_B23, list(images_B3HW.shape), align_corners=False)
+        grid = F.affine_grid(theta_B23, [b, 3, size, size], align_corners=False)
         return F.grid_sample(images_B3HW, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def jitter(self, x_B3HW: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Brightness, contrast and saturation factors in [1 - jitter, 1 + jitter] per image."""
+        b = x_B3HW.shape[0]
+        f_B3 = 1.0 + self.image.jitter * (2 * torch.rand(b, 3, generator=gen) - 1)
+        x_B3HW = x_B3HW * f_B3[:, 0, None, None, None]
+        mean_B111 = x_B3HW.mean(dim=(1, 2, 3), keepdim=True)
+        x_B3HW = (x_B3HW - mean_B111) * f_B3[:, 1, None, None, None] + mean_B111
+        gray_B1HW = (0.299 * x_B3HW[:, 0] + 0.587 * x_B3HW[:, 1] + 0.114 * x_B3HW[:, 2]).unsqueeze(1)
+        x_B3HW = (x_B3HW - gray_B1HW) * f_B3[:, 2, None, None, None] + gray_B1HW
+        return x_B3HW.clamp_(0.0, 1.0)
 
     def __iter__(self) -> Iterator[PairBatch]:
         pos = self.position
