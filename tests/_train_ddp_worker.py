@@ -34,6 +34,7 @@ def same_global_batch(rank: int, world: int, port: int, out_dir: str) -> None:
             torch.save(grads, os.path.join(out_dir, "ddp.pt"))
             with open(os.path.join(out_dir, "ddp.json"), "w") as f:
                 json.dump(losses, f)
+        dist.barrier()  # leave together: tearing gloo down under a busy peer can abort it
     finally:
         dist.destroy_process_group()
 

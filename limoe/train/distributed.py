@@ -52,4 +52,6 @@ def any_flag(flag: bool, world: World, device: torch.device) -> bool:
 
 def shutdown(world: World) -> None:
     if world.owns_group and dist.is_initialized():
+        # Leave together: a rank tearing down gloo while a peer still talks to it can abort the peer.
+        dist.barrier()
         dist.destroy_process_group()

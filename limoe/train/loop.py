@@ -221,6 +221,11 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
 
     from tqdm import tqdm
 
+    if progress and world.main:
+        pairs = f"{len(batches)} training pairs, " if hasattr(batches, "__len__") else ""
+        print(f"limoe: {cfg.model} ({model.num_params() / 1e6:.2f}M params), {pairs}batch {cfg.data.batch_size}, "
+              f"{cfg.steps} steps on {device}{f' x {world.size} ranks' if world.size > 1 else ''} -> {run_dir}",
+              flush=True)
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and world.main), dynamic_ncols=True,
                desc="train", unit="step")
     window_stats: MoeStats | None = None
