@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -61,6 +62,8 @@ def _train(args: argparse.Namespace) -> int:
         return _fail(str(e))
     if result.interrupted:
         return 130 if result.interrupted == "SIGINT" else 143
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     if result.metrics:
         print(f"\nResults after {result.step} steps of {cfg.model} (held-out concepts; routing over the last "
               f"{cfg.log_interval} training steps):")

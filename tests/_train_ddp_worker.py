@@ -43,6 +43,10 @@ def train_loop(rank: int, world: int, port: int, config_json: str) -> None:
     _init(rank, world, port)
     from limoe.train import TrainConfig, train
 
-    result = train(TrainConfig.from_dict(json.loads(config_json)), progress=False)
-    with open(os.path.join(json.loads(config_json)["run_dir"], f"rank{rank}.json"), "w") as f:
-        json.dump({"losses": result.losses, "step": result.step, "metrics": result.metrics}, f)
+    try:
+        result = train(TrainConfig.from_dict(json.loads(config_json)), progress=False)
+        with open(os.path.join(json.loads(config_json)["run_dir"], f"rank{rank}.json"), "w") as f:
+            json.dump({"losses": result.losses, "step": result.step, "metrics": result.metrics}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
