@@ -39,6 +39,7 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from limoe import checkpoint as ckpt
+    from limoe.data import NoValidSamplesError
     from limoe.train import ConfigError, TrainingError, apply_overrides, get_preset, load_config, train
 
     try:
@@ -58,8 +59,10 @@ def _train(args: argparse.Namespace) -> int:
         apply_overrides(cfg, args.set or [])
         cfg.validate()
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, ckpt.CheckpointError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, ckpt.CheckpointError, TrainingError, FileNotFoundError, NoValidSamplesError) as e:
         return _fail(str(e))
+    except KeyError as e:  # e.g. a CSV without the configured column
+        return _fail(str(e.args[0]) if e.args else repr(e))
     if result.interrupted:
         return 130 if result.interrupted == "SIGINT" else 143
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports

@@ -114,3 +114,9 @@ def test_train_refuses_to_overwrite_and_resumes_with_the_runs_config(run, capsys
     # the run's own config.json (subset data, no eval) is used; only --steps changes
     assert main(["train", "--run-dir", str(run_dir), "--resume", "latest", "--steps", "4", "--no-progress"]) == 0
     assert "step_00000004" in capsys.readouterr().out
+
+
+def test_train_with_a_missing_csv_is_one_line(tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--set", "data.source=csv",
+                 "--set", f"data.train={tmp_path / 'none.csv'}"]) == 2
+    _one_error_line(capsys, "CSV file not found")

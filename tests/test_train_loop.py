@@ -107,3 +107,15 @@ def test_sigint_saves_a_checkpoint_and_exits(tmp_path, cache):
     cfg.steps = state["step"] + 1
     cfg.eval.zero_shot = cfg.eval.retrieval = False
     assert train(cfg, resume="latest", progress=False).step == state["step"] + 1
+
+
+def test_tensorboard_is_optional(tmp_path, capsys):
+    from limoe.train.logger import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.log("train", 1, {"loss": 1.0, "bad": float("nan")})
+    logger.close()
+    if logger.tb is None:
+        assert "TensorBoard is not installed" in capsys.readouterr().out
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert line["loss"] == 1.0 and line["bad"] is None  # NaN is written as null: the file stays valid JSON
