@@ -42,3 +42,19 @@ def test_training_loop_under_two_gloo_ranks(tmp_path):
     from limoe import checkpoint as ckpt
 
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000002", "step_00000003"]
+
+
+def test_two_rank_loop_trains_on_the_same_global_batches_as_one_process(tmp_path):
+    # dense-tiny (no routing groups that depend on the local batch), in-memory data with augmentation:
+    # per step, the mean of the two ranks' losses equals the one-process loss.
+    from limoe.train import train
+
+    cfg = tiny_config(tmp_path / "two", steps=3, checkpoint_interval=0, model="dense-tiny")
+    cfg.eval.zero_shot = cfg.eval.retrieval = False
+    mp.spawn(train_loop, args=(2, _free_port(), cfg.to_json()), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / "two" / "run" / f"rank{r}.json").read_text())["losses"] for r in range(2)]
+    single_cfg = tiny_config(tmp_path / "one", tmp_path / "two" / "cache", steps=3, checkpoint_interval=0,
+                             model="dense-tiny")
+    single_cfg.eval.zero_shot = single_cfg.eval.retrieval = False
+    single = train(single_cfg, progress=False).losses
+    assert [(a + b) / 2 for a, b in zip(*ranks)] == pytest.approx(single, abs=1e-5)

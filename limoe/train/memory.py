@@ -57,33 +57,38 @@ class MemoryBatches:
         start = index * self.global_batch + self.rank * self.local_batch
         idx = order[start:start + self.local_batch]
         images = self.images_N3HW[idx].float().div_(255.0)
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, self.rank, 11))
-        images = self.resample(images, gen if self.augment else None)
+        # Random numbers are drawn for the whole global batch and sliced, so an image gets the same crop
+        # whatever the number of ranks: 2 ranks train on exactly the batch 1 process would.
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, 11))
+        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        u_crop_B3 = torch.rand(self.global_batch, 3, generator=gen)[mine]
+        u_jitter_B3 = torch.rand(self.global_batch, 3, generator=gen)[mine]
+        images = self.resample(images, u_crop_B3 if self.augment else None)
         if self.augment and self.image.jitter > 0:
-            images = self.jitter(images, gen)
+            images = self.jitter(images, u_jitter_B3)
         images = (images - self.mean_1311) / self.std_1311
         return PairBatch(images, self.ids_NL[idx], self.padding_NL[idx], self.eos_N[idx],
                          [self.captions[i] for i in idx.tolist()])
 
-    def resample(self, images_B3HW: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        """To the output size; with `gen`, first zoom into a random square of area fraction in crop_scale."""
+    def resample(self, images_B3HW: torch.Tensor, u_B3: torch.Tensor | None) -> torch.Tensor:
+        """To the output size; with uniform numbers `u_B3`, first zoom into a random square of area fraction
+        in crop_scale (u[:, 0]) at a random place inside the image (u[:, 1:])."""
         b, size = images_B3HW.shape[0], self.image.image_size
-        if gen is None:
+        if u_B3 is None:
             return F.interpolate(images_B3HW, size=(size, size), mode="bilinear", antialias=True,
                                  align_corners=False)
         lo, hi = self.image.crop_scale
-        side_B = (lo + (hi - lo) * torch.rand(b, generator=gen)).sqrt()
-        shift_B2 = (2 * torch.rand(b, 2, generator=gen) - 1) * (1 - side_B)[:, None]  # stays inside the image
+        side_B = (lo + (hi - lo) * u_B3[:, 0]).sqrt()
+        shift_B2 = (2 * u_B3[:, 1:] - 1) * (1 - side_B)[:, None]  # stays inside the image
         theta_B23 = torch.zeros(b, 2, 3)
         theta_B23[:, 0, 0] = theta_B23[:, 1, 1] = side_B
         theta_B23[:, :, 2] = shift_B2
         grid = F.affine_grid(theta_B23, [b, 3, size, size], align_corners=False)
         return F.grid_sample(images_B3HW, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    def jitter(self, x_B3HW: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Brightness, contrast and saturation factors in [1 - jitter, 1 + jitter] per image."""
-        b = x_B3HW.shape[0]
-        f_B3 = 1.0 + self.image.jitter * (2 * torch.rand(b, 3, generator=gen) - 1)
+    def jitter(self, x_B3HW: torch.Tensor, u_B3: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast and saturation factors in [1 - jitter, 1 + jitter] per image (from u_B3)."""
+        f_B3 = 1.0 + self.image.jitter * (2 * u_B3 - 1)
         x_B3HW = x_B3HW * f_B3[:, 0, None, None, None]
         mean_B111 = x_B3HW.mean(dim=(1, 2, 3), keepdim=True)
         x_B3HW = (x_B3HW - mean_B111) * f_B3[:, 1, None, None, None] + mean_B111
