@@ -36,8 +36,6 @@ def _fail(message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from limoe import checkpoint as ckpt
     from limoe.data import NoValidSamplesError
     from limoe.train import ConfigError, TrainingError, apply_overrides, get_preset, load_config, train
