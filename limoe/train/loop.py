@@ -254,10 +254,11 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                         sums[name] = sums.get(name, 0.0) + float(value.detach()) / accumulation
                     if stats is not None:
                         window_stats = stats if window_stats is None else window_stats + stats
-                    if not math.isfinite(float(loss.detach())):
-                        where = f"; the last good checkpoint is {last_saved}" if last_saved else \
-                            "; no checkpoint was written yet"
-                        raise TrainingError(f"non-finite loss ({float(loss.detach())}) at step {step + 1}, stopping{where}")
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        where = (f"; the last good checkpoint is {last_saved}" if last_saved
+                                 else "; no checkpoint was written yet")
+                        raise TrainingError(f"non-finite loss ({value}) at step {step + 1}, stopping{where}")
                 grad_norm = None
                 if cfg.optim.grad_clip:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
@@ -268,7 +269,7 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                 result.losses.append(sums["total_loss"])
                 if world.main and (step % cfg.log_interval == 0 or step == cfg.steps):
                     seconds = time.perf_counter() - window_start
-                    routing = {k: v for k, v in window_stats.summary().items()} if window_stats else {}
+                    routing = window_stats.summary() if window_stats else {}
                     last_routing = routing
                     values = {**sums, "lr": lr, "pairs_per_s": window_steps * cfg.data.batch_size / seconds,
                               **{f"routing/{k}": v for k, v in routing.items()}}
@@ -296,13 +297,14 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                     return result
                 if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.steps:
                     save()
+        metrics = evaluate_now()
+        metrics.update({f"train/{k}": v for k, v in last_routing.items()})
+        result.metrics, result.step = metrics, step
+        result.checkpoint = save(metrics)
+        if logger is not None:
+            logger.log("final", step, metrics)
+        return result
     finally:
         bar.close()
-    metrics = evaluate_now()
-    metrics.update({f"train/{k}": v for k, v in last_routing.items()})
-    result.metrics, result.step = metrics, step
-    result.checkpoint = save(metrics)
-    if logger is not None:
-        logger.log("final", step, metrics)
-        logger.close()
-    return result
+        if logger is not None:
+            logger.close()
