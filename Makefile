@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo demo-moe bench clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# The main job: train the default tiny LIMoE on the built-in data (CPU, about 2 minutes) and evaluate it.
 demo: install
+	$(VENV)/bin/limoe train
+
+# The MoE layer alone: plain top-1 vs LIMoE aux losses + BPR on two synthetic token modalities.
+demo-moe: install
 	$(VENV)/bin/limoe demo
 
 bench: install

@@ -2,11 +2,15 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models"]
+__all__ = ["create_model", "list_models", "load_checkpoint"]
 
 
 def __getattr__(name: str):
     # Lazy, so that `import limoe` (and the command line's --help) does not pay for importing torch.
+    if name == "load_checkpoint":
+        from limoe.checkpoint import load_checkpoint
+
+        return load_checkpoint
     if name in __all__:
         from limoe.model import registry
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -29,17 +30,161 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    print(f"limoe: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from limoe import checkpoint as ckpt
+    from limoe.data import NoValidSamplesError
+    from limoe.train import ConfigError, TrainingError, apply_overrides, get_preset, load_config, train
+
+    try:
+        if args.config:
+            cfg = load_config(args.config)
+        elif args.resume:  # continue with the run's own config; --steps / --set may still change it
+            path = ckpt.resolve(args.resume, args.run_dir)
+            cfg = load_config(str(path / "config.json"))
+            cfg.run_dir = args.run_dir or str(path.parent.parent)
+        else:
+            cfg = get_preset(args.preset)
+        if args.model:
+            cfg.model = args.model
+        for value, key in ((args.steps, "steps"), (args.run_dir, "run_dir"), (args.device, "device")):
+            if value is not None:
+                setattr(cfg, key, value)
+        apply_overrides(cfg, args.set or [])
+        cfg.validate()
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, ckpt.CheckpointError, TrainingError, FileNotFoundError, NoValidSamplesError) as e:
+        return _fail(str(e))
+    except KeyError as e:  # e.g. a CSV without the configured column
+        return _fail(str(e.args[0]) if e.args else repr(e))
+    if result.interrupted:
+        return 130 if result.interrupted == "SIGINT" else 143
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    if result.metrics:
+        print(f"\nResults after {result.step} steps of {cfg.model} (held-out concepts; routing over the last "
+              f"{cfg.log_interval} training steps):")
+        print(result.table())
+    print(f"run directory: {cfg.run_dir}  (metrics.jsonl, config.json, checkpoints/)")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from limoe.jobs import JobError, evaluate_checkpoint, metrics_table
+
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, args.zero_shot, args.class_names, args.templates,
+                                      args.retrieval, args.probe_train, args.probe_test, args.shots,
+                                      args.batch_size, args.device)
+    except JobError as e:
+        return _fail(str(e))
+    print(metrics_table(metrics))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from limoe.jobs import JobError, classify
+
+    try:
+        results = classify(args.checkpoint, args.images, args.labels, top=args.top, device=args.device)
+    except JobError as e:
+        return _fail(str(e))
+    for r in results:
+        print(f"{r['image']}: " + ", ".join(f"{label} {100 * p:.1f}%" for label, p in r["labels"]))
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from limoe.jobs import JobError, embed
+
+    texts = list(args.text or [])
+    if args.texts_file:
+        if not Path(args.texts_file).is_file():
+            return _fail(f"texts file not found: {args.texts_file}")
+        texts += [t for t in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if t.strip()]
+    try:
+        path, shape = embed(args.checkpoint, args.output, images=args.images or [], texts=texts,
+                            device=args.device)
+    except JobError as e:
+        return _fail(str(e))
+    print(f"wrote {path}: {shape[0]} embeddings of dimension {shape[1]}")
+    return 0
+
+
+def _add_job_parsers(sub) -> None:
+    train = sub.add_parser("train", help="train (default: a tiny LIMoE on the built-in data, CPU) and evaluate",
+                           description="Train a contrastive model, evaluate it on held-out data and print results. "
+                                       "With no arguments: the default tiny LIMoE on the built-in OpenMoji data.")
+    train.add_argument("--preset", default="default", help="named training preset: default, quick, limoe-b16")
+    train.add_argument("--config", help="a config.json of an earlier run (instead of a preset)")
+    train.add_argument("--model", help="model preset, e.g. limoe-tiny, dense-tiny, limoe-b16")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. optim.lr=1e-3, moe.capacity_factor=1.25, "
+                            "model.width=96, data.batch_size=64 (repeatable)")
+    train.add_argument("--steps", type=int, help="optimizer steps (same as --set steps=N)")
+    train.add_argument("--run-dir", help="run directory (config, metrics.jsonl, checkpoints)")
+    train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    train.add_argument("--resume", help="'latest' (of the run directory) or a checkpoint path")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="zero-shot, retrieval and k-shot linear probe of a checkpoint")
+    ev.add_argument("checkpoint", help="checkpoint folder or run directory (its latest checkpoint)")
+    ev.add_argument("--zero-shot", metavar="DIR", help="image folder, one sub-folder per class "
+                                                       "(default: built-in held-out concepts)")
+    ev.add_argument("--class-names", help="class-name file (default: DIR/classnames.txt or folder names)")
+    ev.add_argument("--templates", help="prompt template file (default: DIR/templates.txt or built-in)")
+    ev.add_argument("--retrieval", metavar="CSV", help="image-text pairs CSV (default: built-in test split)")
+    ev.add_argument("--probe-train", metavar="DIR", help="image folder to pick the k shots per class from")
+    ev.add_argument("--probe-test", metavar="DIR", help="image folder to test the linear probe on")
+    ev.add_argument("--shots", type=int, default=10)
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--output", "-o", help="write the metrics as JSON here")
+    ev.set_defaults(func=_eval)
+
+    cl = sub.add_parser("classify", help="zero-shot labels for your own images")
+    cl.add_argument("checkpoint")
+    cl.add_argument("images", nargs="+", metavar="IMAGE")
+    cl.add_argument("--labels", required=True, help='comma-separated labels ("cat,dog") or @file, one per line')
+    cl.add_argument("--top", type=int, default=3)
+    cl.add_argument("--device", default="cpu")
+    cl.set_defaults(func=_classify)
+
+    em = sub.add_parser("embed", help="image or text embeddings to .npy / .safetensors")
+    em.add_argument("checkpoint")
+    em.add_argument("--images", nargs="+", metavar="IMAGE")
+    em.add_argument("--text", action="append", help="a text to embed (repeatable)")
+    em.add_argument("--texts-file", help="a file with one text per line")
+    em.add_argument("--output", "-o", required=True, help="output .npy or .safetensors")
+    em.add_argument("--device", default="cpu")
+    em.set_defaults(func=_embed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="limoe",
         description="LIMoE: one sparse Mixture-of-Experts transformer for images and text.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="route two-modality tokens through a MoE layer and report routing health")
-    demo.add_argument("--tokens", type=int, default=2048, help="tokens per step (default: 2048)")
-    demo.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    _add_job_parsers(sub)
+
+    from limoe.analysis.cli import add_analyze_parser
+
+    add_analyze_parser(sub)
 
     data = sub.add_parser("data", help="build or inspect the built-in OpenMoji image-text dataset")
     data.add_argument("action", choices=["build", "info", "style"],
@@ -52,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--name", help="style: name of the style")
     data.set_defaults(func=_data)
 
-    from limoe.analysis.cli import add_analyze_parser
-
-    add_analyze_parser(sub)
+    demo = sub.add_parser("demo", help="route two-modality tokens through a MoE layer and report routing health")
+    demo.add_argument("--tokens", type=int, default=2048, help="tokens per step (default: 2048)")
+    demo.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
     return parser
 
 

@@ -10,7 +10,7 @@ from limoe.cli import main
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "limoe.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo", "data", "analyze"):
+    for command in ("train", "eval", "classify", "embed", "analyze", "data", "demo"):
         assert command in out.stdout
 
 

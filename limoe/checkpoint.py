@@ -1,0 +1,239 @@
+"""Checkpoints: safetensors weights + optimizer tensors, JSON for everything else, written atomically.
+
+Layout of one checkpoint (a folder `<run_dir>/checkpoints/step_<N>/`):
+
+    model.safetensors      model weights (state_dict)
+    optimizer.safetensors  optimizer state tensors ("state.<param idx>.<name>") and RNG state tensors ("rng.*")
+    state.json             step, data position, optimizer scalars and param groups, Python RNG state, metrics
+    config.json            the TrainConfig of the run
+    model.json             the ModelConfig (so a checkpoint loads even if presets change)
+    tokenizer.json         the tokenizer the model was trained with
+
+Nothing is pickled: loading a checkpoint never executes code from it. A checkpoint is written into a
+`.tmp-*` folder beside the others and renamed into place only when complete, so a crash (even SIGKILL)
+during a write leaves the previous checkpoints intact and `latest` never resolves to a partial one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.json", "model.json",
+         "tokenizer.json")
+
+
+class CheckpointError(RuntimeError):
+    """A missing, partial or incompatible checkpoint; the message is one line for the command line."""
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first; temporary and partial folders are ignored."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = STEP_RE.match(child.name)
+        if m and child.is_dir() and all((child / f).is_file() for f in FILES):
+            found.append((int(m.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def resolve(path_or_latest: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
+    """A checkpoint folder from a path (a checkpoint, or a run directory: its latest) or "latest" of `run_dir`."""
+    if str(path_or_latest) == "latest":
+        if run_dir is None:
+            raise CheckpointError("--resume latest needs a run directory")
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"no checkpoint to resume from in {checkpoints_dir(run_dir)}")
+        return found[-1]
+    path = Path(path_or_latest)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        missing = [f for f in FILES if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: incomplete checkpoint (missing {', '.join(missing)})")
+        return path
+    if path.is_dir() and (found := list_checkpoints(path)):
+        return found[-1]
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{path}: run directory without a complete checkpoint")
+    if path.exists():
+        raise CheckpointError(f"{path}: not a checkpoint (expected a folder with model.safetensors)")
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+# -- state that is not the model ------------------------------------------------------------------------------
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, JSON) of the torch, CUDA, NumPy and Python generators of this process."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, internal, gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(internal), gauss]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (safetensors) and JSON scalars / param groups."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, per_param in sd["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = meta["param_groups"]
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state does not fit this model: {e}") from None
+
+
+# -- writing --------------------------------------------------------------------------------------------------
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None, state: dict[str, Any], config_json: str,
+                    tokenizer, keep_last: int | None = None) -> Path:
+    """Write `step_<step>` atomically and delete all but the newest `keep_last` checkpoints."""
+    from safetensors.torch import save as st_save
+
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a killed writer; one writer per run, so never in use
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        _fsync_write(tmp / "model.safetensors", st_save(weights))
+        tensors, meta = rng_state()
+        state = dict(state, rng=meta)
+        if optimizer is not None:
+            opt_tensors, state["optimizer"] = optimizer_state(optimizer)
+            tensors.update(opt_tensors)
+        _fsync_write(tmp / "optimizer.safetensors", st_save(tensors))
+        _fsync_write(tmp / "config.json", config_json.encode())
+        model_json = json.dumps(dataclasses.asdict(model.config), indent=2, sort_keys=True) + "\n"
+        _fsync_write(tmp / "model.json", model_json.encode())
+        tokenizer.save(tmp / "tokenizer.json")
+        _fsync_write(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            old = root / f".tmp-old-{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(state.json, optimizer/RNG tensors) of a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    with open(path / "state.json", encoding="utf-8") as f:
+        state = json.load(f)
+    return state, load_file(path / "optimizer.safetensors")
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / "model.safetensors"
+    try:
+        weights = load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read weights ({e})") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [k for k in own if k in weights and own[k].shape != weights[k].shape]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {shapes[0]} is {tuple(weights[shapes[0]].shape)}, model has "
+                       f"{tuple(own[shapes[0]].shape)}")
+        raise CheckpointError(f"{file}: incompatible with this model ({detail})")
+    model.load_state_dict(weights)
+
+
+def load_checkpoint(path: str | os.PathLike = "latest", device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, TrainConfig) from a checkpoint folder or a run directory (its latest)."""
+    from limoe.data.tokenizer import Tokenizer
+    from limoe.model.config import ModelConfig
+    from limoe.model.registry import build_model
+    from limoe.train.config import TrainConfig
+
+    path = resolve(path)
+    try:
+        model_config = ModelConfig(**json.loads((path / "model.json").read_text(encoding="utf-8")))
+        config = TrainConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    model = build_model(model_config)
+    load_weights(model, path)
+    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    return model.to(device).eval(), tokenizer, config

@@ -1,0 +1,126 @@
+"""Training and evaluation data for a run: the tokenizer, the training stream with a resumable position,
+and the held-out evaluation sets.
+
+The order of training batches is a pure function of (seed, epoch, batch index): the stream's shuffle and
+augmentation are seeded by (seed, epoch, part). So the data position is just (epoch, batches consumed), and
+resuming replays the epoch's first batches without training on them (cheap next to a training step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from limoe.data import (BuiltinConfig, CsvPairs, ImageConfig, LoaderConfig, Tokenizer, WdsPairs, builtin_captions,
+                        load_builtin, make_loader, train_tokenizer)
+from limoe.train.config import TrainConfig
+
+
+def builtin_config(cfg: TrainConfig) -> BuiltinConfig:
+    return BuiltinConfig(max_concepts=cfg.data.max_concepts, cache_dir=cfg.data.cache_dir)
+
+
+def image_config(cfg: TrainConfig) -> ImageConfig:
+    if cfg.data.augment:
+        return ImageConfig(image_size=cfg.data.image_size, crop_scale=(cfg.data.crop_scale, 1.0),
+                           jitter=cfg.data.jitter)
+    return ImageConfig(image_size=cfg.data.image_size, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter=0.0)
+
+
+def training_pairs(cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+    """The training SampleStream; every rank yields the same number of samples (DDP needs equal steps)."""
+    common = dict(image=image_config(cfg), train=True, seed=cfg.seed, rank=rank, world_size=world_size)
+    d = cfg.data
+    if d.source == "builtin":
+        return load_builtin("train", cfg=builtin_config(cfg), drop_uneven=True, **common)
+    if d.source == "csv":
+        return CsvPairs(d.train, d.csv_img_key, d.csv_caption_key, drop_uneven=True, **common)
+    return WdsPairs(d.train, **common)
+
+
+def training_captions(cfg: TrainConfig) -> list[str]:
+    if cfg.data.source == "builtin":
+        return builtin_captions("train", builtin_config(cfg))
+    if cfg.data.source == "csv":
+        return CsvPairs(cfg.data.train, cfg.data.csv_img_key, cfg.data.csv_caption_key).captions
+    # shards: read the captions of one pass (text only would need a second reader; a pass is fine at this scale)
+    return [caption for _, caption in WdsPairs(cfg.data.train, image=ImageConfig(image_size=8))]
+
+
+def make_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """Byte-level BPE on the training captions only, so held-out class names are not in its merges' making."""
+    return train_tokenizer(training_captions(cfg), vocab_size=cfg.data.vocab_size,
+                           context_length=cfg.data.context_length)
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch already consumed
+
+
+class TrainBatches:
+    """Endless batches from a StreamLoader, tracking (epoch, batch) so a run can resume mid-epoch exactly."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
+                 position: DataPosition | None = None):
+        if cfg.data.batch_size % world_size:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world_size} ranks")
+        self.local_batch = cfg.data.batch_size // world_size
+        self.dataset = training_pairs(cfg, rank, world_size)
+        self.loader = make_loader(self.dataset, LoaderConfig(batch_size=self.local_batch, drop_last=True,
+                                                             num_workers=cfg.data.num_workers), tokenizer)
+        self.position = position or DataPosition()
+
+    def __iter__(self) -> Iterator:
+        pos = self.position
+        while True:
+            self.loader.epoch = pos.epoch
+            skip, seen = pos.batch, 0
+            for i, batch in enumerate(self.loader):
+                seen += 1
+                if i < skip:
+                    continue
+                pos.batch = i + 1
+                yield batch
+            if seen == 0:
+                raise ValueError(f"training data has fewer samples per rank than one batch of {self.local_batch}")
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+
+
+def make_batches(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
+                 position: DataPosition | None = None):
+    """In-memory batches for the built-in data (unless data.in_memory=false), else a streaming loader."""
+    if cfg.data.source == "builtin" and cfg.data.in_memory:
+        from limoe.train.memory import MemoryBatches
+
+        if cfg.data.batch_size % world_size:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world_size} ranks")
+        # Stored unnormalised at twice the training size; MemoryBatches crops, jitters and normalises.
+        stored = ImageConfig(image_size=2 * cfg.data.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        dataset = load_builtin("train", cfg=builtin_config(cfg), image=stored, train=False, rank=0, world_size=1)
+        return MemoryBatches(dataset, tokenizer, cfg.data.batch_size, cfg.seed, image_config(cfg), rank,
+                             world_size, augment=cfg.data.augment, position=position)
+    return TrainBatches(cfg, tokenizer, rank, world_size, position)
+
+
+def eval_sets(cfg: TrainConfig):
+    """(zero-shot (dataset, class names, templates) or None, retrieval dataset or None), read whole by one rank."""
+    from limoe.data import ImageFolder, builtin_zero_shot
+
+    image = ImageConfig(image_size=cfg.data.image_size)
+    one = dict(rank=0, world_size=1)
+    zero_shot = retrieval = None
+    if cfg.eval.zero_shot:
+        if cfg.eval.zero_shot_dir:
+            root = cfg.eval.zero_shot_dir
+            ds = ImageFolder(root, f"{root}/classnames.txt", f"{root}/templates.txt", image=image, **one)
+            zero_shot = (ds, ds.class_names, ds.templates)
+        elif cfg.data.source == "builtin":
+            zero_shot = builtin_zero_shot(cfg=builtin_config(cfg), image=image, **one)
+    if cfg.eval.retrieval:
+        if cfg.eval.retrieval_csv:
+            retrieval = CsvPairs(cfg.eval.retrieval_csv, image=image, **one)
+        elif cfg.data.source == "builtin":
+            retrieval = load_builtin("test", cfg=builtin_config(cfg), image=image, **one)
+    return zero_shot, retrieval

@@ -1,0 +1,59 @@
+"""Metrics sinks of a run (rank 0 only): a JSONL file, optional TensorBoard, and the final results table."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Append one JSON object per log event to <run_dir>/metrics.jsonl; mirror scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:  # optional: TensorBoard is not a dependency of limoe
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                print("limoe: tensorboard=true but TensorBoard is not installed (pip install tensorboard); "
+                      "logging to metrics.jsonl only")
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        self.file.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3), **clean}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def results_table(metrics: dict[str, float], chance: dict[str, float] | None = None) -> str:
+    """The end-of-run table: zero-shot, retrieval and routing health, with chance levels where known."""
+    rows = [
+        ("zero-shot top-1", "zero_shot/top1"), ("zero-shot top-5", "zero_shot/top5"),
+        ("retrieval image->text R@1", "retrieval/image_to_text/R@1"),
+        ("retrieval text->image R@1", "retrieval/text_to_image/R@1"),
+        ("routing success image", "train/routing_success/image"),
+        ("routing success text", "train/routing_success/text"),
+    ]
+    chance = chance or {}
+    lines = [f"{'metric':<28}{'value':>9}{'chance':>9}"]
+    for label, key in rows:
+        if key in metrics:
+            c = chance.get(key)
+            lines.append(f"{label:<28}{100 * metrics[key]:>8.2f}%" + (f"{100 * c:>8.2f}%" if c else f"{'':>9}"))
+    return "\n".join(lines)

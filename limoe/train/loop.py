@@ -1,0 +1,310 @@
+"""The training loop: one function, `train(config)`, from an empty run directory (or a checkpoint) to results.
+
+Order of a step: micro-batches (gradient accumulation) -> forward under autocast (bf16 on CUDA, fp32 on CPU)
+-> compute_losses -> backward -> clip -> AdamW with the scheduled lr. Every loss term, routing success per
+modality (from the MoeStats of every MoE layer of the step), the grad norm and pairs/s go to metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from limoe import checkpoint as ckpt
+from limoe.losses import compute_losses
+from limoe.moe.stats import MoeStats
+from limoe.train import distributed
+from limoe.train.config import TrainConfig
+from limoe.train.data import DataPosition, eval_sets, make_batches, make_tokenizer
+from limoe.train.evaluation import held_out
+from limoe.train.logger import MetricsLogger, results_table
+from limoe.train.optim import lr_at, make_optimizer, set_lr
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message is one line for the command line."""
+
+
+@dataclass
+class RunResult:
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    interrupted: str | None = None  # the signal's name when a signal stopped the run
+    losses: list[float] = field(default_factory=list)  # total loss of every step of this invocation
+
+    def table(self) -> str:
+        return results_table(self.metrics, self.chance)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def step_losses(model: nn.Module, batch, cfg: TrainConfig, device: torch.device
+                ) -> tuple[dict[str, torch.Tensor], MoeStats | None]:
+    """Forward one (micro-)batch: loss terms and the routing counts summed over every MoE layer and pass."""
+    batch = batch.to(device, non_blocking=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with amp:
+        out = model(batch.images_B3HW, batch.ids_BL, valid_BT=~batch.padding_mask_BL)
+        terms = compute_losses(out, cfg.loss)
+    stats = None
+    for record in out.aux:
+        stats = record.stats if stats is None else stats + record.stats
+    return terms, stats
+
+
+def _split(batch, parts: int) -> list:
+    if parts == 1:
+        return [batch]
+    from limoe.data import PairBatch
+
+    n = len(batch) // parts
+    return [PairBatch(batch.images_B3HW[i * n:(i + 1) * n], batch.ids_BL[i * n:(i + 1) * n],
+                      batch.padding_mask_BL[i * n:(i + 1) * n], batch.eos_index_B[i * n:(i + 1) * n],
+                      batch.captions[i * n:(i + 1) * n]) for i in range(parts)]
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and returns."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None, progress: bool = True
+          ) -> RunResult:
+    """Train (or resume) the run described by `cfg`; returns the final metrics.
+
+    `resume`: "latest" (of cfg.run_dir) or a checkpoint path. `stop_after`: leave after this many steps of this
+    invocation, with a checkpoint (as if interrupted; used to test exact resume).
+    """
+    cfg.validate()
+    device = pick_device(cfg.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # Adam's second moments and some gradients underflow into denormal floats, which x86 CPUs process
+        # ~100x slower: without this a tiny model's step goes from ~60 ms to seconds.
+        torch.set_flush_denormal(True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+    world = distributed.init(device.type)
+    if world.size > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    try:
+        return _train(cfg, resume, stop_after, progress, device, world)
+    finally:
+        distributed.shutdown(world)
+        torch.set_num_threads(threads)
+
+
+def _run_dir(cfg: TrainConfig, resume: str | None, world) -> Path:
+    """The run's folder: a new dated one unless given; a fresh run never writes into an earlier run's."""
+    if not cfg.run_dir:
+        if resume == "latest":
+            raise TrainingError("--resume latest needs --run-dir (the run to resume)")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if world.size > 1:  # every rank must agree on the name
+            import torch.distributed as dist
+
+            box = [stamp]
+            dist.broadcast_object_list(box, src=0)
+            stamp = box[0]
+        cfg.run_dir = str(Path("runs") / f"{cfg.model}-{stamp}")
+    run_dir = Path(cfg.run_dir)
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise TrainingError(f"{run_dir} already has checkpoints: pass --resume latest to continue it, or "
+                            f"another --run-dir")
+    return run_dir
+
+
+def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
+    run_dir = _run_dir(cfg, resume, world)
+    start_path = ckpt.resolve(resume, run_dir) if resume else None
+    torch.manual_seed(cfg.seed)
+
+    # Tokenizer: from the checkpoint when resuming, else trained on the training captions (deterministic,
+    # but rank 0 trains it and the others load its file so all ranks certainly agree).
+    from limoe.data import Tokenizer
+
+    if start_path is not None:
+        tokenizer = Tokenizer.load(start_path / "tokenizer.json")
+    else:
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            make_tokenizer(cfg).save(run_dir / "tokenizer.json")
+            (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+        distributed.barrier(world)
+        tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+
+    from limoe.model.registry import build_model
+
+    model_cfg = cfg.model_config()
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TrainingError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                            f"{model_cfg.vocab_size} (data.vocab_size)")
+    model = build_model(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg.optim)
+    step, position, rng = 0, DataPosition(), None
+    if start_path is not None:
+        ckpt.load_weights(model, start_path)
+        state, tensors = ckpt.read_state(start_path)
+        ckpt.load_optimizer_state(optimizer, tensors, state["optimizer"])
+        step, position = state["step"], DataPosition(**state["data"]["0"])
+        # Rank 0's generators are restored on every rank: all ranks start from the same seed and draw the
+        # same shapes, so in a straight run their states are identical too.
+        rng = (tensors, state["rng"])
+    model.train()
+    runner: nn.Module = torch.compile(model) if cfg.compile else model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+
+    batches = make_batches(cfg, tokenizer, world.rank, world.size, position)
+    zero_shot_set, retrieval_set = eval_sets(cfg) if world.main else (None, None)
+    logger = MetricsLogger(run_dir, cfg.tensorboard) if world.main else None
+    if rng is not None:
+        ckpt.set_rng_state(*rng)  # last: nothing between here and the first step may draw random numbers
+
+    result = RunResult(step=step)
+    last_saved = start_path
+
+    def save(metrics: dict[str, float] | None = None) -> Path | None:
+        nonlocal last_saved
+        # Ranks consume batches in lockstep (equal batches per rank), so rank 0's position is every rank's.
+        if world.main:
+            state = {"step": step, "data": {"0": asdict(batches.position)}, "metrics": metrics or {},
+                     "world_size": world.size}
+            last_saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, cfg.to_json(), tokenizer,
+                                              cfg.keep_last)
+        distributed.barrier(world)
+        return last_saved
+
+    def evaluate_now() -> dict[str, float]:
+        if not world.main:
+            return {}
+        metrics, chance = held_out(model, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
+        result.chance.update(chance)
+        logger.log("eval", step, metrics)
+        return metrics
+
+    from tqdm import tqdm
+
+    if progress and world.main:
+        pairs = f"{len(batches)} training pairs, " if hasattr(batches, "__len__") else ""
+        print(f"limoe: {cfg.model} ({model.num_params() / 1e6:.2f}M params), {pairs}batch {cfg.data.batch_size}, "
+              f"{cfg.steps} steps on {device}{f' x {world.size} ranks' if world.size > 1 else ''} -> {run_dir}",
+              flush=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and world.main), dynamic_ncols=True,
+               desc="train", unit="step")
+    window_stats: MoeStats | None = None
+    window_start, window_steps = time.perf_counter(), 0
+    last_routing: dict[str, float] = {}
+    data_iter = iter(batches)
+    ran = 0
+    accumulation = cfg.optim.accumulation
+    try:
+        with _Signals() as signals:
+            while step < cfg.steps:
+                lr = lr_at(step, cfg.optim, cfg.steps)
+                set_lr(optimizer, lr)
+                batch = next(data_iter)
+                optimizer.zero_grad(set_to_none=True)
+                sums: dict[str, float] = {}
+                for i, micro in enumerate(_split(batch, accumulation)):
+                    sync = i == accumulation - 1 or world.size == 1
+                    with contextlib.nullcontext() if sync else runner.no_sync():
+                        terms, stats = step_losses(runner, micro, cfg, device)
+                        loss = terms["total_loss"]
+                        if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
+                            loss = loss * float("nan")
+                        (loss / accumulation).backward()
+                    for name, value in terms.items():
+                        sums[name] = sums.get(name, 0.0) + float(value.detach()) / accumulation
+                    if stats is not None:
+                        window_stats = stats if window_stats is None else window_stats + stats
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        where = (f"; the last good checkpoint is {last_saved}" if last_saved
+                                 else "; no checkpoint was written yet")
+                        raise TrainingError(f"non-finite loss ({value}) at step {step + 1}, stopping{where}")
+                grad_norm = None
+                if cfg.optim.grad_clip:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+                optimizer.step()
+                step += 1
+                ran += 1
+                window_steps += 1
+                result.losses.append(sums["total_loss"])
+                if world.main and (step % cfg.log_interval == 0 or step == cfg.steps):
+                    seconds = time.perf_counter() - window_start
+                    routing = window_stats.summary() if window_stats else {}
+                    last_routing = routing
+                    values = {**sums, "lr": lr, "pairs_per_s": window_steps * cfg.data.batch_size / seconds,
+                              **{f"routing/{k}": v for k, v in routing.items()}}
+                    if grad_norm is not None:
+                        values["grad_norm"] = grad_norm
+                    logger.log("train", step, values)
+                    post = {"loss": f"{sums['total_loss']:.3f}", "pairs/s": f"{values['pairs_per_s']:.0f}"}
+                    for modality in ("image", "text"):
+                        if f"routing_success/{modality}" in routing:
+                            post[f"ok_{modality[:3]}"] = f"{routing[f'routing_success/{modality}']:.2f}"
+                    bar.set_postfix(post, refresh=False)
+                    window_stats, window_start, window_steps = None, time.perf_counter(), 0
+                bar.update(1)
+                if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.steps:
+                    evaluate_now()
+                    distributed.barrier(world)
+                stop = distributed.any_flag(signals.received is not None, world, device)
+                if stop or (stop_after is not None and ran >= stop_after):
+                    result.interrupted = (signal.Signals(signals.received).name if signals.received is not None
+                                          else None)
+                    result.step, result.checkpoint = step, save()
+                    if world.main and result.interrupted:
+                        print(f"\nlimoe: {result.interrupted} received: saved {result.checkpoint}; resume with "
+                              f"--resume latest", flush=True)
+                    return result
+                if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.steps:
+                    save()
+        metrics = evaluate_now()
+        metrics.update({f"train/{k}": v for k, v in last_routing.items()})
+        result.metrics, result.step = metrics, step
+        result.checkpoint = save(metrics)
+        if logger is not None:
+            logger.log("final", step, metrics)
+        return result
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()

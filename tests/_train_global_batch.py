@@ -1,0 +1,38 @@
+"""A fixed global batch and one optimizer step, shared by the 1-process and 2-process DDP tests."""
+
+import torch
+
+from limoe.data import PairBatch
+
+
+def _slice(self, start, stop):
+    return PairBatch(self.images_B3HW[start:stop], self.ids_BL[start:stop], self.padding_mask_BL[start:stop],
+                     self.eos_index_B[start:stop], self.captions[start:stop])
+
+
+def global_batch(size: int = 8) -> PairBatch:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 100, (size, 16), generator=gen)
+    padding = torch.arange(16)[None, :] >= torch.randint(3, 16, (size, 1), generator=gen)
+    batch = PairBatch(torch.randn(size, 3, 32, 32, generator=gen), ids.masked_fill(padding, 0), padding,
+                      (~padding).sum(1) - 1, [str(i) for i in range(size)])
+    batch.slice = _slice.__get__(batch)
+    return batch
+
+
+def one_step(cfg, batch, wrap=None):
+    from limoe.model.registry import build_model
+    from limoe.train.loop import step_losses
+    from limoe.train.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model_config())
+    opt = make_optimizer(model, cfg.optim)
+    runner = wrap(model) if wrap else model
+    terms, _ = step_losses(runner, batch, cfg, torch.device("cpu"))
+    terms["total_loss"].backward()
+    # Gradients, not updated weights, are compared: Adam's first step moves every weight by about lr * sign(g),
+    # so parameters whose true gradient is 0 (e.g. attention key biases) would differ by rounding noise.
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    opt.step()
+    return float(terms["contrastive_loss"].detach()), grads

@@ -1,0 +1,122 @@
+"""`limoe eval`, `limoe classify`, `limoe embed` and `limoe train` on a checkpoint from a few-step run."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import limoe
+from limoe.cli import main
+from limoe.data.builtin import dataset_dir
+from limoe.train import train
+from limoe.train.data import builtin_config
+
+from _train_utils import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = tiny_config(tmp, steps=3)
+    cfg.eval.zero_shot = cfg.eval.retrieval = False
+    result = train(cfg, progress=False)
+    return result.checkpoint, cfg
+
+
+@pytest.fixture(scope="module")
+def images(run, tmp_path_factory):
+    folder = dataset_dir(builtin_config(run[1])) / "images"
+    return [str(p) for p in sorted(folder.iterdir())[:2]]
+
+
+def _one_error_line(capsys, contains: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("limoe: error:") and contains in err[0], err
+
+
+def test_load_checkpoint_api(run):
+    model, tokenizer, config = limoe.load_checkpoint(str(run[0]))
+    z = model.encode_text(tokenizer(["thumbs up", "red heart"]).ids_BL)
+    assert z.shape == (2, model.config.output_dim) and config.steps == 3
+
+
+def test_classify_prints_labels_per_image(run, images, capsys):
+    assert main(["classify", str(run[0]), *images, "--labels", "cat, dog,thumbs up", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(images[0]) and lines[0].count("%") == 2
+
+
+def test_classify_bad_inputs_give_one_line(run, images, tmp_path, capsys):
+    assert main(["classify", str(run[0]), str(tmp_path / "missing.png"), "--labels", "cat,dog"]) == 2
+    _one_error_line(capsys, "image not found")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    assert main(["classify", str(run[0]), str(corrupt), "--labels", "cat,dog"]) == 2
+    _one_error_line(capsys, "cannot read image")
+    assert main(["classify", str(run[0]), images[0], "--labels", "cat"]) == 2
+    _one_error_line(capsys, "at least two labels")
+    assert main(["classify", str(tmp_path / "nope"), images[0], "--labels", "cat,dog"]) == 2
+    _one_error_line(capsys, "checkpoint not found")
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("a text, not an image")
+    assert main(["classify", str(run[0]), str(text_file), "--labels", "cat,dog"]) == 2
+    _one_error_line(capsys, "not an image")
+
+
+def test_eval_defaults_to_the_builtin_held_out_split(run, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert main(["eval", str(run[0].parent.parent), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "zero_shot/top1" in text and "retrieval/image_to_text/R@1" in text
+    metrics = json.loads(out.read_text())
+    assert set(metrics) >= {"zero_shot/top1", "zero_shot/top5", "retrieval/text_to_image/R@1"}
+
+
+def test_eval_on_folders_with_a_linear_probe(run, tmp_path, capsys):
+    zs = dataset_dir(builtin_config(run[1])) / "zeroshot"
+    folder = tmp_path / "zs"
+    shutil.copytree(zs, folder)
+    assert main(["eval", str(run[0]), "--zero-shot", str(folder), "--probe-train", str(folder),
+                 "--probe-test", str(folder), "--shots", "1"]) == 0
+    assert "linear_probe/1shot_accuracy" in capsys.readouterr().out
+    assert main(["eval", str(run[0]), "--zero-shot", str(tmp_path / "none")]) == 2
+    _one_error_line(capsys, "zero-shot folder not found")
+    assert main(["eval", str(run[0]), "--probe-train", str(folder)]) == 2
+    _one_error_line(capsys, "needs both")
+
+
+def test_embed_texts_and_images(run, images, tmp_path, capsys):
+    out = tmp_path / "texts.npy"
+    assert main(["embed", str(run[0]), "--text", "thumbs up", "--text", "red heart", "-o", str(out)]) == 0
+    z = np.load(out)
+    assert z.shape == (2, 64) and np.allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
+    out = tmp_path / "images.safetensors"
+    assert main(["embed", str(run[0]), "--images", *images, "-o", str(out)]) == 0
+    from safetensors.numpy import load_file
+
+    assert load_file(str(out))["embeddings"].shape == (2, 64)
+    assert main(["embed", str(run[0]), "--text", "a", "-o", str(tmp_path / "x.pt")]) == 2
+    _one_error_line(capsys, ".npy or .safetensors")
+    assert main(["embed", str(run[0]), "--text", "a", "--images", *images, "-o", str(out)]) == 2
+    _one_error_line(capsys, "either images or texts")
+
+
+def test_train_resume_without_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "empty"), "--resume", "latest"]) == 2
+    _one_error_line(capsys, "no checkpoint to resume from")
+
+
+def test_train_refuses_to_overwrite_and_resumes_with_the_runs_config(run, capsys):
+    run_dir = run[0].parent.parent
+    assert main(["train", "--run-dir", str(run_dir), "--steps", "1"]) == 2
+    _one_error_line(capsys, "already has checkpoints: pass --resume latest")
+    # the run's own config.json (subset data, no eval) is used; only --steps changes
+    assert main(["train", "--run-dir", str(run_dir), "--resume", "latest", "--steps", "4", "--no-progress"]) == 0
+    assert "step_00000004" in capsys.readouterr().out
+
+
+def test_train_with_a_missing_csv_is_one_line(tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--set", "data.source=csv",
+                 "--set", f"data.train={tmp_path / 'none.csv'}"]) == 2
+    _one_error_line(capsys, "CSV file not found")
