@@ -140,9 +140,8 @@ def test_cli_json_for_scripts(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch):
-    monkeypatch.delattr(limoe, "load_checkpoint", raising=False)
-    args = parse(["analyze", str(tmp_path / "missing.pt")])
-    with pytest.raises(SystemExit, match="no limoe.load_checkpoint"):
+    args = parse(["analyze", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="checkpoint not found"):
         args.func(args)
     ckpt, _ = fake_checkpoint(tmp_path, monkeypatch)
     args = parse(["analyze", str(ckpt), "--data", "pairs.parquet"])

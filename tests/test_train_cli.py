@@ -120,3 +120,16 @@ def test_train_with_a_missing_csv_is_one_line(tmp_path, capsys):
     assert main(["train", "--run-dir", str(tmp_path / "r"), "--set", "data.source=csv",
                  "--set", f"data.train={tmp_path / 'none.csv'}"]) == 2
     _one_error_line(capsys, "CSV file not found")
+
+
+def test_analyze_a_real_checkpoint(run, tmp_path, capsys):
+    checkpoint, cfg = run
+    pairs = dataset_dir(builtin_config(cfg)) / "test.csv"
+    out = tmp_path / "report"
+    assert main(["analyze", str(checkpoint), "--data", str(pairs), "--num-pairs", "16", "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["has_moe"] and data["num_pairs"] == 16
+    # The run's metrics.jsonl is found from the checkpoint and drawn.
+    assert data["training_curves"]["steps"] > 0 and (out / "training_curves.png").is_file()
+    for layer in data["layers"]:
+        assert layer["modality"]["image"]["tokens"] > 0 and layer["modality"]["text"]["tokens"] > 0

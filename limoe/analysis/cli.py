@@ -1,7 +1,7 @@
 """`limoe analyze CHECKPOINT`: the routing analysis of a trained model as an HTML report (or JSON for scripts).
 
-Wire it into the main parser with `add_analyze_parser(subparsers)`; the handler loads the checkpoint through
-`limoe.load_checkpoint` only when it runs, so this module imports without the training code.
+`add_analyze_parser(subparsers)` adds it to the main parser; the handler imports torch, the checkpoint loader and
+matplotlib only when it runs, so `limoe --help` stays fast.
 """
 
 from __future__ import annotations
@@ -58,14 +58,15 @@ def load_pairs(spec: str, image_size: int, seed: int = 0):
 
 
 def _load_checkpoint(path: str):
-    try:
-        from limoe import load_checkpoint
-    except ImportError:
-        raise SystemExit("limoe analyze: this install has no limoe.load_checkpoint (checkpoints come with "
-                         "`limoe train`); use limoe.analysis.analyze_routing on a model from Python instead") from None
+    import limoe
+    from limoe.checkpoint import CheckpointError
+
     if not Path(path).exists():
         raise SystemExit(f"limoe analyze: checkpoint not found: {path}")
-    return load_checkpoint(path)
+    try:
+        return limoe.load_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"limoe analyze: {e}") from None
 
 
 def run_analyze(args: argparse.Namespace) -> int:
