@@ -102,6 +102,31 @@ def all_to_all(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch
     return _AllToAllEqual.apply(x, group)
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the gradient over ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # all_reduce + slice rather than reduce_scatter: gloo implements the former everywhere.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Differentiable all_gather: [B, ...] per rank -> [world * B, ...], rank-major. Equal B on every rank."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _AllGather.apply(x, group)
+
+
 def is_expert_parameter(param: torch.Tensor) -> bool:
     return bool(getattr(param, EXPERT_PARALLEL_ATTR, False))
 

@@ -31,9 +31,9 @@ def gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return x_BD
-    from torch.distributed.nn.functional import all_gather
+    from limoe.distributed import all_gather
 
-    return torch.cat(all_gather(x_BD), dim=0)
+    return all_gather(x_BD)
 
 
 def _pair_logits(image_BD, text_BD, logit_scale, local_loss):
