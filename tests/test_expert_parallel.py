@@ -49,6 +49,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, names: list[str
         except Exception:  # noqa: BLE001 - reported by the test that owns the scenario
             results[name] = [traceback.format_exc()]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # leave together: tearing gloo down under a busy peer can abort it
     dist.destroy_process_group()
 
 

@@ -133,6 +133,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             loss.backward()
             results[name] = (loss.detach(), x.grad, y.grad)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: tearing gloo down under a busy peer can abort it
     finally:
         dist.destroy_process_group()
 
