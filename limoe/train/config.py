@@ -72,6 +72,13 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    # Expert-parallel size P under torchrun: each MoE layer's experts are split over groups of P ranks (the
+    # world size must be a multiple of P, num_experts divisible by P); the rest of the model is data-parallel.
+    expert_parallel: int = 1
+
+
+@dataclass
 class TrainConfig:
     model: str = "limoe-tiny"
     model_args: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides: --set model.width=96
@@ -80,6 +87,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     steps: int = 600  # the default run: ~3 minutes on 2 CPU cores; longer overfits the 3,278 built-in pairs
     seed: int = 0
     run_dir: str = ""  # "": runs/<model>-<date>-<time>, a new folder per run
@@ -113,6 +121,7 @@ class TrainConfig:
              f"{self.optim.accumulation}"),
             (self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}"),
             (self.checkpoint_interval >= 0, f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}"),
+            (self.dist.expert_parallel >= 1, f"dist.expert_parallel must be >= 1, got {self.dist.expert_parallel}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -130,7 +139,21 @@ class TrainConfig:
                 model.moe_config()  # MoeConfig checks its values only when built
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"invalid model config: {e}") from None
+        ep = self.dist.expert_parallel
+        if ep > 1:
+            if not model.moe_layer_ids:
+                raise ConfigError(f"dist.expert_parallel={ep} needs a model with MoE layers ({self.model} has none)")
+            experts = model.moe_config().num_experts
+            if experts % ep:
+                raise ConfigError(f"dist.expert_parallel={ep} must divide the number of experts ({experts})")
         return self
+
+    def check_world(self, world_size: int) -> None:
+        """The checks that need the world size (known once the process group exists)."""
+        ep = self.dist.expert_parallel
+        if world_size % ep:
+            raise ConfigError(f"dist.expert_parallel={ep} needs a world size that is a multiple of it (torchrun "
+                              f"--nproc_per_node); the world size is {world_size}")
 
     def model_config(self):
         """The ModelConfig this run trains; vocabulary and context length come from the tokenizer settings."""
