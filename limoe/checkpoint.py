@@ -148,8 +148,13 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None, state: dict[str, Any], config_json: str,
-                    tokenizer, keep_last: int | None = None) -> Path:
-    """Write `step_<step>` atomically and delete all but the newest `keep_last` checkpoints."""
+                    tokenizer, keep_last: int | None = None, weights: dict[str, torch.Tensor] | None = None,
+                    optimizer_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `step_<step>` atomically and delete all but the newest `keep_last` checkpoints.
+
+    `weights` / `optimizer_tensors`: written instead of `model.state_dict()` / the optimizer's own tensors (an
+    expert-parallel run passes the gathered single-process ones, so checkpoints do not depend on the EP size).
+    """
     from safetensors.torch import save as st_save
 
     root = checkpoints_dir(run_dir)
@@ -159,13 +164,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()}
         _fsync_write(tmp / "model.safetensors", st_save(weights))
         tensors, meta = rng_state()
         state = dict(state, rng=meta)
         if optimizer is not None:
             opt_tensors, state["optimizer"] = optimizer_state(optimizer)
-            tensors.update(opt_tensors)
+            tensors.update(opt_tensors if optimizer_tensors is None else optimizer_tensors)
         _fsync_write(tmp / "optimizer.safetensors", st_save(tensors))
         _fsync_write(tmp / "config.json", config_json.encode())
         model_json = json.dumps(dataclasses.asdict(model.config), indent=2, sort_keys=True) + "\n"
@@ -199,15 +204,22 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch
     return state, load_file(path / "optimizer.safetensors")
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = Path(path) / "model.safetensors"
     try:
-        weights = load_file(file)
+        return load_file(file)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read weights ({e})") from None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a checkpoint's weights (or `weights`, e.g. already sliced for an expert-parallel rank)."""
+    file = Path(path) / "model.safetensors"
+    weights = read_weights(path) if weights is None else weights
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
