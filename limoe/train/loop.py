@@ -149,6 +149,7 @@ def _run_dir(cfg: TrainConfig, resume: str | None, world) -> Path:
 
 
 def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
+    cfg.check_world(world.size)  # before anything is written
     run_dir = _run_dir(cfg, resume, world)
     start_path = ckpt.resolve(resume, run_dir) if resume else None
     torch.manual_seed(cfg.seed)
@@ -174,11 +175,26 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
         raise TrainingError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{model_cfg.vocab_size} (data.vocab_size)")
     model = build_model(model_cfg).to(device)
+    ep_groups = None
+    if cfg.dist.expert_parallel > 1:
+        # Expert parallelism replaces DDP: MoE layers are swapped for EP shards and gradients are reduced by
+        # allreduce_gradients (expert ones only over the ranks holding the same experts).
+        from limoe.train import expert_parallel as ep
+
+        ep_groups = ep.shard_model(model, cfg.dist.expert_parallel, model_cfg.moe_config().num_experts)
     optimizer = make_optimizer(model, cfg.optim)
     step, position, rng = 0, DataPosition(), None
     if start_path is not None:
-        ckpt.load_weights(model, start_path)
         state, tensors = ckpt.read_state(start_path)
+        if ep_groups is not None:  # checkpoints hold the single-process layout: take this rank's expert slice
+            from limoe.moe.parallel import expert_state_keys, shard_state_dict
+
+            weights = shard_state_dict(ckpt.read_weights(start_path), expert_state_keys(model),
+                                       ep_groups.ep_rank, ep_groups.ep_size)
+            ckpt.load_weights(model, start_path, weights)
+            tensors = ep.shard_optimizer_tensors(optimizer, tensors, ep_groups)
+        else:
+            ckpt.load_weights(model, start_path)
         ckpt.load_optimizer_state(optimizer, tensors, state["optimizer"])
         step, position = state["step"], DataPosition(**state["data"]["0"])
         # Rank 0's generators are restored on every rank: all ranks start from the same seed and draw the
@@ -186,7 +202,8 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
         rng = (tensors, state["rng"])
     model.train()
     runner: nn.Module = torch.compile(model) if cfg.compile else model
-    if world.size > 1:
+    ddp = world.size > 1 and ep_groups is None
+    if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
@@ -202,19 +219,40 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
 
     def save(metrics: dict[str, float] | None = None) -> Path | None:
         nonlocal last_saved
+        weights = opt_tensors = None
+        if ep_groups is not None:  # collective: every rank gathers, rank 0 writes the single-process layout
+            from limoe.moe.parallel import gather_full_state_dict
+
+            weights = gather_full_state_dict(model, ep_groups)
+            opt_tensors = ep.gather_optimizer_tensors(optimizer, ckpt.optimizer_state(optimizer)[0], ep_groups)
         # Ranks consume batches in lockstep (equal batches per rank), so rank 0's position is every rank's.
         if world.main:
             state = {"step": step, "data": {"0": asdict(batches.position)}, "metrics": metrics or {},
-                     "world_size": world.size}
+                     "world_size": world.size, "expert_parallel": cfg.dist.expert_parallel}
             last_saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, cfg.to_json(), tokenizer,
-                                              cfg.keep_last)
+                                              cfg.keep_last, weights=weights, optimizer_tensors=opt_tensors)
         distributed.barrier(world)
         return last_saved
 
+    eval_copy: list[nn.Module] = []
+
     def evaluate_now() -> dict[str, float]:
+        evaluated = model
+        if ep_groups is not None:
+            # An EP layer needs its whole EP group, but only rank 0 evaluates: it evaluates a single-process
+            # copy of the model holding the gathered weights (collective, so every rank takes part).
+            from limoe.moe.parallel import gather_full_state_dict
+
+            full = gather_full_state_dict(model, ep_groups)
+            if world.main:
+                if not eval_copy:
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        eval_copy.append(build_model(model_cfg).to(device))
+                evaluated = eval_copy[0]
+                evaluated.load_state_dict(full)
         if not world.main:
             return {}
-        metrics, chance = held_out(model, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
+        metrics, chance = held_out(evaluated, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
         result.chance.update(chance)
         logger.log("eval", step, metrics)
         return metrics
@@ -243,7 +281,7 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                 optimizer.zero_grad(set_to_none=True)
                 sums: dict[str, float] = {}
                 for i, micro in enumerate(_split(batch, accumulation)):
-                    sync = i == accumulation - 1 or world.size == 1
+                    sync = i == accumulation - 1 or not ddp
                     with contextlib.nullcontext() if sync else runner.no_sync():
                         terms, stats = step_losses(runner, micro, cfg, device)
                         loss = terms["total_loss"]
@@ -259,8 +297,14 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                         where = (f"; the last good checkpoint is {last_saved}" if last_saved
                                  else "; no checkpoint was written yet")
                         raise TrainingError(f"non-finite loss ({value}) at step {step + 1}, stopping{where}")
+                if ep_groups is not None:
+                    from limoe.distributed import allreduce_gradients
+
+                    allreduce_gradients(model, ep_groups)
                 grad_norm = None
-                if cfg.optim.grad_clip:
+                if cfg.optim.grad_clip and ep_groups is not None:  # expert gradients are sharded
+                    grad_norm = ep.clip_grad_norm(model, cfg.optim.grad_clip, ep_groups)
+                elif cfg.optim.grad_clip:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
                 optimizer.step()
                 step += 1
