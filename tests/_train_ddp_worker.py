@@ -50,3 +50,56 @@ def train_loop(rank: int, world: int, port: int, config_json: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def train_loop_ep(rank: int, world: int, port: int, config_json: str, resume=None, stop_after=None) -> None:
+    """`train_loop`, and (expert-parallel runs) rank 0 also saves the gathered model's embeddings of a fixed
+    batch, computed by the EP model itself (all ranks run it, as EP layers need their whole group)."""
+    _init(rank, world, port)
+    from limoe.train import TrainConfig, train
+
+    cfg = TrainConfig.from_dict(json.loads(config_json))
+    try:
+        result = train(cfg, resume=resume, stop_after=stop_after, progress=False)
+        with open(os.path.join(cfg.run_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"losses": result.losses, "step": result.step, "metrics": result.metrics}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def fixed_inputs(cfg):
+    """A fixed batch of 4 random images and token sequences for the model of `cfg` (a TrainConfig)."""
+    g = torch.Generator().manual_seed(0)
+    size, length = cfg.data.image_size, cfg.data.context_length
+    images = torch.randn(4, 3, size, size, generator=g)
+    ids = torch.randint(1, 200, (4, length), generator=g)
+    return images, ids
+
+
+def ep_embeddings(rank: int, world: int, port: int, checkpoint: str, ep_size: int, out: str) -> None:
+    """Load a checkpoint the way an EP run resumes (this rank's expert slice) and embed `fixed_inputs` with the
+    expert-parallel model; rank 0 saves the embeddings."""
+    _init(rank, world, port)
+    try:
+        from limoe import checkpoint as ckpt
+        from limoe.model.registry import build_model
+        from limoe.moe.parallel import expert_state_keys, shard_state_dict
+        from limoe.train.config import load_config
+        from limoe.train.expert_parallel import shard_model
+
+        cfg = load_config(os.path.join(checkpoint, "config.json"))
+        model_cfg = cfg.model_config()
+        model = build_model(model_cfg)
+        groups = shard_model(model, ep_size, model_cfg.moe_config().num_experts)
+        ckpt.load_weights(model, checkpoint, shard_state_dict(ckpt.read_weights(checkpoint),
+                                                              expert_state_keys(model), groups.ep_rank, ep_size))
+        model.eval()
+        images, ids = fixed_inputs(cfg)
+        with torch.no_grad():
+            embeds = {"image": model.encode_image(images), "text": model.encode_text(ids)}
+        if rank == 0:
+            torch.save(embeds, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
