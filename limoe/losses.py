@@ -103,22 +103,15 @@ class LossConfig:
         return float(getattr(self, kind, 0.0)) if kind in ("importance", "load", "z") else 0.0
 
 
-def sum_aux_losses(aux: list[MoeAux], modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
+def sum_aux_losses(aux: list[MoeAux]) -> dict[str, torch.Tensor]:
     """Unweighted aux losses summed over every MoE record (layers x passes), by name.
 
-    With `modalities` (the modality of each record's pass) a per-modality loss such as "global_entropy/text"
-    is taken only from passes of that modality. Besides being the meaningful sum, this keeps NaN out of the
-    gradients: the MoE layer's global-entropy loss of a modality absent from a pass is 0 but its backward is
-    0 * log(0) = NaN.
+    A per-modality loss such as "global_entropy/text" is exactly 0 (with a zero gradient) in a pass without
+    that modality, so summing over all passes gives each modality's terms from its own passes.
     """
-    if modalities is not None and len(modalities) != len(aux):
-        raise ValueError(f"got {len(modalities)} modalities for {len(aux)} aux records")
     totals: dict[str, torch.Tensor] = {}
-    for i, record in enumerate(aux):
+    for record in aux:
         for name, value in record.losses.items():
-            _, _, modality = name.partition("/")
-            if modality and modalities is not None and modality != modalities[i]:
-                continue
             totals[name] = totals[name] + value if name in totals else value
     return totals
 
@@ -133,7 +126,7 @@ def compute_losses(output: ModelOutput, config: LossConfig | None = None) -> dic
         contrastive = siglip_loss(output.image_embeds, output.text_embeds, output.logit_scale, output.logit_bias,
                                   config.local_loss)
     terms = {"contrastive_loss": contrastive}
-    raw = sum_aux_losses(output.aux, output.aux_modalities if output.aux_modalities else None)
+    raw = sum_aux_losses(output.aux)
     for name, value in raw.items():
         weight = config.weight(name)
         if weight:

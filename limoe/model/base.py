@@ -28,7 +28,6 @@ class ModelOutput:
     logit_scale: torch.Tensor  # scalar, exp of the learned log temperature
     logit_bias: torch.Tensor | None = None  # scalar, only for models built with logit_bias_init
     aux: list[MoeAux] = field(default_factory=list)  # every MoE layer of the image pass, then of the text pass
-    aux_modalities: list[str] = field(default_factory=list)  # the modality of the pass each aux record is from
 
 
 class ContrastiveModel(nn.Module):
@@ -95,8 +94,7 @@ class ContrastiveModel(nn.Module):
                 valid_BT: torch.Tensor | None = None) -> ModelOutput:
         image_BD, image_aux = self.encode_image(images_BCHW, return_aux=True)
         text_BD, text_aux = self.encode_text(tokens_BT, valid_BT, return_aux=True)
-        modalities = ["image"] * len(image_aux) + ["text"] * len(text_aux)
-        return ModelOutput(image_BD, text_BD, self.logit_scale, self.logit_bias, image_aux + text_aux, modalities)
+        return ModelOutput(image_BD, text_BD, self.logit_scale, self.logit_bias, image_aux + text_aux)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
