@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from limoe import checkpoint as ckpt
+from limoe.distributed import allreduce_gradients
 from limoe.losses import compute_losses
 from limoe.moe.stats import MoeStats
 from limoe.train import distributed
@@ -279,27 +280,27 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                 set_lr(optimizer, lr)
                 batch = next(data_iter)
                 optimizer.zero_grad(set_to_none=True)
-                sums: dict[str, float] = {}
+                sums_T: dict[str, torch.Tensor] = {}  # detached, on the device: no host sync per term
                 for i, micro in enumerate(_split(batch, accumulation)):
                     sync = i == accumulation - 1 or not ddp
                     with contextlib.nullcontext() if sync else runner.no_sync():
                         terms, stats = step_losses(runner, micro, cfg, device)
-                        loss = terms["total_loss"]
                         if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
-                            loss = loss * float("nan")
-                        (loss / accumulation).backward()
+                            terms["total_loss"] = terms["total_loss"] * float("nan")
+                        (terms["total_loss"] / accumulation).backward()
                     for name, value in terms.items():
-                        sums[name] = sums.get(name, 0.0) + float(value.detach()) / accumulation
+                        part = value.detach().float() / accumulation
+                        sums_T[name] = sums_T[name] + part if name in sums_T else part
                     if stats is not None:
                         window_stats = stats if window_stats is None else window_stats + stats
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        where = (f"; the last good checkpoint is {last_saved}" if last_saved
-                                 else "; no checkpoint was written yet")
-                        raise TrainingError(f"non-finite loss ({value}) at step {step + 1}, stopping{where}")
+                # One host transfer per step for every logged term.
+                sums = dict(zip(sums_T, torch.stack(list(sums_T.values())).tolist()))
+                if not math.isfinite(sums["total_loss"]):
+                    where = (f"; the last good checkpoint is {last_saved}" if last_saved
+                             else "; no checkpoint was written yet")
+                    raise TrainingError(f"non-finite loss ({sums['total_loss']}) at step {step + 1}, "
+                                        f"stopping{where}")
                 if ep_groups is not None:
-                    from limoe.distributed import allreduce_gradients
-
                     allreduce_gradients(model, ep_groups)
                 grad_norm = None
                 if cfg.optim.grad_clip and ep_groups is not None:  # expert gradients are sharded
