@@ -65,13 +65,26 @@ def test_metrics_file_logs_every_loss_term_and_routing(tmp_path, cache):
     assert len(ckpt.list_checkpoints(tmp_path / "run")) == 2  # keep_last=2 of steps 3 and 4
 
 
-def test_accumulation_matches_the_whole_batch_for_a_dense_model(tmp_path, cache):
-    # Without MoE (routing groups would change with the micro-batch) and with a per-pair loss, accumulation
-    # only reorders sums; with the contrastive loss the negatives differ, so compare against itself.
-    cfg = tiny_config(tmp_path, cache, steps=2, model="dense-tiny")
+def test_accumulation_splits_the_batch_and_averages_the_micro_batch_losses(tmp_path, cache):
+    # The contrastive loss of a half batch has other negatives than the whole batch, so accumulation cannot equal
+    # the whole-batch loss; what it must equal is the mean of the two half-batch losses of the first step.
+    from limoe.losses import compute_losses
+    from limoe.model.registry import build_model
+    from limoe.train.data import DataPosition, make_batches, make_tokenizer
+
+    cfg = tiny_config(tmp_path, cache, steps=1, model="dense-tiny")
     cfg.optim.accumulation = 2
     result = train(cfg, progress=False)
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+    torch.manual_seed(cfg.seed)  # the loop seeds, then builds the model: same initial weights
+    tokenizer = make_tokenizer(cfg)
+    model = build_model(cfg.model_config()).train()
+    batch = next(iter(make_batches(cfg, tokenizer, 0, 1, DataPosition())))
+    half = len(batch) // 2
+    losses = [compute_losses(model(batch.images_B3HW[sl], batch.ids_BL[sl], valid_BT=~batch.padding_mask_BL[sl]),
+                             cfg.loss)["total_loss"].item() for sl in (slice(0, half), slice(half, 2 * half))]
+    assert result.losses[0] == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert abs(losses[0] - losses[1]) > 1e-3  # two different halves: averaging is really being checked
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache):
