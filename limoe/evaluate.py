@@ -166,13 +166,19 @@ def fit_ridge(x_ND: torch.Tensor, labels_N: torch.Tensor, num_classes: int, l2: 
 def linear_probe_from_embeddings(train_ND: torch.Tensor, train_labels_N: torch.Tensor,
                                  test_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                                  l2: float = 1e-2) -> dict[str, float]:
+    """{"accuracy", "balanced_accuracy" (mean recall over the classes present in the test set)}."""
     w_DC, b_C = fit_ridge(train_ND, train_labels_N, num_classes, l2)
-    correct = count = 0
+    correct_C = torch.zeros(num_classes, dtype=torch.long)
+    count_C = torch.zeros(num_classes, dtype=torch.long)
     for x_BD, labels_B in test_batches:
-        pred_B = (x_BD.to(w_DC) @ w_DC + b_C).argmax(1)
-        correct += int((pred_B.cpu() == torch.as_tensor(labels_B).cpu()).sum())
-        count += len(labels_B)
-    return {"accuracy": correct / max(count, 1)}
+        labels_B = torch.as_tensor(labels_B).cpu().long()
+        hit_B = (x_BD.to(w_DC) @ w_DC + b_C).argmax(1).cpu() == labels_B
+        correct_C += torch.bincount(labels_B[hit_B], minlength=num_classes)
+        count_C += torch.bincount(labels_B, minlength=num_classes)
+    present = count_C > 0
+    recall_C = correct_C[present].double() / count_C[present]
+    return {"accuracy": int(correct_C.sum()) / max(int(count_C.sum()), 1),
+            "balanced_accuracy": float(recall_C.mean()) if present.any() else 0.0}
 
 
 def select_shots(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], shots: int, num_classes: int
@@ -205,3 +211,30 @@ def few_shot_linear_probe(model: nn.Module, train_loader: Iterable, test_loader:
         train_ND, train_N = select_shots(train, shots, num_classes)
     test = ((z.cpu(), y) for z, y in image_embeddings(model, test_loader))
     return linear_probe_from_embeddings(train_ND, train_N, test, num_classes, l2)
+
+
+def k_shot_split(labels_N: torch.Tensor, shots: int, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices (train [C * shots], test) and new labels [N] for a k-shot probe on one labelled set.
+
+    Only classes with more than `shots` examples take part (each needs at least one test example); they are
+    renumbered 0..C-1 in label order and the others get -1. Which examples are the shots is a seeded draw.
+    """
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    labels_N = torch.as_tensor(labels_N).long().cpu()
+    gen = torch.Generator().manual_seed(seed)
+    new_N = torch.full_like(labels_N, -1)
+    train, test = [], []
+    for label in labels_N.unique().tolist():
+        members = (labels_N == label).nonzero().flatten()
+        if len(members) <= shots:
+            continue
+        new_N[members] = int(new_N.max()) + 1
+        members = members[torch.randperm(len(members), generator=gen)]
+        train.append(members[:shots])
+        test.append(members[shots:])
+    if not train:
+        raise ValueError(f"no class has more than {shots} examples: a {shots}-shot probe needs at least one test "
+                         f"example per class")
+    return torch.cat(train), torch.cat(test), new_N

@@ -76,6 +76,16 @@ def test_ridge_probe_separates_clusters_and_select_shots_takes_first_k():
     assert ev.linear_probe_from_embeddings(x[:4], shuffled[:4], noisy, 4)["accuracy"] < 0.6
 
 
+def test_probe_balanced_accuracy_weighs_every_class_equally():
+    train_x = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    train_y = torch.tensor([0, 0, 1, 1])
+    # Three class-0 points are classified right; the one class-1 point sits among class 0 and is missed.
+    test = [(torch.tensor([[1.0, 0.0], [0.9, 0.0], [1.0, 0.05], [1.0, 0.0]]), torch.tensor([0, 0, 0, 1]))]
+    got = ev.linear_probe_from_embeddings(train_x, train_y, test, 3)  # class 2 is absent from the test set
+    assert got["accuracy"] == 0.75
+    assert got["balanced_accuracy"] == 0.5
+
+
 class ColourModel(nn.Module):
     """A stand-in with a known answer: image embedding = its colour, text embedding = the colour word."""
 
