@@ -16,7 +16,7 @@ import torch
 import limoe
 from limoe.analysis import AnalysisConfig, analyze_routing
 from limoe.analysis.report import write_report
-from tests._analysis_forced import WordTokenizer, images
+from _analysis_forced import WordTokenizer, images
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 WORDS = ["red", "blue", "circle", "square"]

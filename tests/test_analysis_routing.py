@@ -13,7 +13,7 @@ import torch
 
 import limoe
 from limoe.analysis import AnalysisConfig, analyze_routing
-from tests._analysis_forced import WordTokenizer, force_routing, images
+from _analysis_forced import WordTokenizer, force_routing, images
 
 WORDS = ["red", "blue", "circle", "square", "big", "small", "a", "photo", "of"]
 
