@@ -2,7 +2,8 @@
 
 Conventions: FLOPs are forward matmul/conv FLOPs (2 per multiply-add), including attention scores; norms,
 softmax, GELU and routing bookkeeping are left out. "Active parameters per token" follows the paper's
-"parameters per token": the whole model except the E - K experts a token does not visit in each MoE layer.
+"parameters per token": the whole model except the E - K experts a token does not visit in each MoE layer (and,
+in a two-tower model, except the other modality's tower).
 Sparse layers are counted at K experts per token, i.e. ignoring empty capacity slots.
 """
 
@@ -63,7 +64,8 @@ def model_info(c: ModelConfig) -> ModelInfo:
     text = c.vocab_size * d + c.context_length * d
     pools = sum(_map_head(d, h) for kind in (c.image_pool, c.text_pool) if kind == "map")
     total = towers * encoder + patch + text + pools + 2 * d * c.output_dim + 1 + (c.logit_bias_init is not None)
-    active = total - towers * num_moe * (num_experts - k) * _mlp(d, h)
+    # A token visits one tower, and K of the E experts of each of its tower's MoE layers.
+    active = total - (towers - 1) * encoder - num_moe * (num_experts - k) * _mlp(d, h)
 
     n, t = c.num_patches, c.context_length
     image_flops = (2 * n * c.in_channels * c.patch_size ** 2 * d + _encoder_flops(c, n, k, num_experts, num_moe)
