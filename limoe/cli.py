@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze_parser(sub)
 
+    from limoe.reproduce.cli import add_reproduce_parser
+
+    add_reproduce_parser(sub)
+
     data = sub.add_parser("data", help="build or inspect the built-in OpenMoji image-text dataset")
     data.add_argument("action", choices=["build", "info", "style"],
                       help="build: build now (else built on first use); info: print its manifest; "

@@ -1,0 +1,121 @@
+"""`limoe reproduce`: the paper's comparison at small scale on the built-in data, from one command.
+
+    from limoe.reproduce import reproduce
+    summary = reproduce("cpu", out_dir="runs/reproduce")   # trains, evaluates, writes results.md and plots
+
+See plan.py for what is trained, runner.py for how, report.py for what is written.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from limoe.reproduce.plan import SCALES, VARIANT_NAMES, VARIANTS, Job, Scale, plan_jobs
+from limoe.reproduce.report import (markdown_table, plot_accuracy_vs_compute, plot_routing_success, routing_table,
+                                    summary_rows, sweep_table)
+from limoe.reproduce.report import SPECIALIST_SHARE
+from limoe.reproduce.runner import held_out_routing, run_jobs, write_json
+
+__all__ = ["SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
+
+
+def _best_limoe(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first-seed run of the LIMoE variant with the best mean zero-shot top-1 at the base size."""
+    rows = [r for r in summary_rows(results) if r["variant"].startswith("limoe")]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["zero-shot top-1 %"][0])
+    runs = [r for r in results if r.get("variant") == best["variant"] and r.get("size") == "base"]
+    return min(runs, key=lambda r: r["seed"])
+
+
+def _specialisation(best: dict[str, Any], out_dir: Path) -> Path:
+    """The routing report (HTML + PNGs) of the best LIMoE run on the held-out pairs."""
+    import limoe
+    from limoe.analysis.report import write_report
+
+    run_dir = out_dir / "runs" / best["job"]
+    model, tokenizer, cfg = limoe.load_checkpoint(run_dir)
+    analysis = held_out_routing(model, tokenizer, cfg)
+    write_report(analysis, out_dir / "analysis", metrics_path=run_dir / "metrics.jsonl")
+    return out_dir / "analysis"
+
+
+def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce", seeds: tuple[int, ...] | None = None,
+              variants: tuple[str, ...] | None = None, parallel: int | None = None, device: str = "auto",
+              report: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train every job of `scale` (skipping finished ones), then write results.md, results.json and plots."""
+    if isinstance(scale, str):
+        if scale not in SCALES:
+            raise ValueError(f"unknown scale {scale!r}; known: {list(SCALES)}")
+        scale = SCALES[scale]
+    out_dir = Path(out_dir)
+    jobs = plan_jobs(scale, variants, seeds)
+    for job in jobs:  # every config is checked before anything trains
+        job.config(str(out_dir / "runs" / job.name))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from limoe.data import build_builtin_dataset
+
+    build_builtin_dataset(_builtin(jobs[0]))  # once, before parallel workers would race to build it
+    parallel = parallel or scale.parallel
+    report(f"limoe reproduce: {scale.name} scale ({scale.description}): {len(jobs)} runs, {parallel} at a time "
+           f"-> {out_dir}")
+    start = time.perf_counter()
+    results = run_jobs(jobs, out_dir, parallel, device, report)
+    minutes = (time.perf_counter() - start) / 60
+    failed = [r for r in results if "error" in r]
+    done = [r for r in results if "error" not in r]
+
+    paths = {"accuracy_vs_compute": plot_accuracy_vs_compute(done, out_dir / "accuracy_vs_compute.png"),
+             "routing_success": plot_routing_success(done, out_dir / "routing_success.png")}
+    best = _best_limoe(done)
+    if best is not None:
+        paths["analysis"] = _specialisation(best, out_dir)
+    summary = {"scale": scale.name, "minutes": minutes, "machine": platform.platform(), "runs": results,
+               "summary": summary_rows(done), "failed": [r["job"] for r in failed],
+               "best_limoe": best["job"] if best else None}
+    write_json(out_dir / "results.json", summary)
+    (out_dir / "results.md").write_text(_markdown(scale, done, paths, best, minutes, jobs), encoding="utf-8")
+    report("\n" + markdown_table(done))
+    report(f"\nlimoe reproduce: {len(done)} runs done, {len(failed)} failed, {minutes:.1f} min; "
+           f"{out_dir / 'results.md'}")
+    return summary
+
+
+def _builtin(job: Job):
+    from limoe.train.data import builtin_config
+
+    return builtin_config(job.config(""))
+
+
+def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job]) -> str:
+    parts = [f"# limoe reproduce: {scale.name} scale", "",
+             f"{scale.description}. {len(results)} runs in {minutes:.1f} min. Held-out concepts: zero-shot over "
+             f"their names; retrieval over their image-caption pairs; the probe uses the held-out concepts with "
+             f"more than 10 images. Routing success: training steps of the second half. Mean ± std over seeds.",
+             "", markdown_table(results), "", "## Routing of the LIMoE variants", "",
+             "Routing success: share of a modality's tokens whose top-1 expert had room (training steps of the "
+             "second half; held-out pairs in groups of one training batch). Effective experts: exp(entropy) of "
+             f"where a modality's tokens go, from 1 (all to one expert) to the number of experts. An image (text) "
+             f"expert processes >= {SPECIALIST_SHARE:.0%} image (text) tokens.", "", routing_table(results), ""]
+    if any(r["size"] != "base" for r in results):
+        parts += ["## Accuracy vs compute", "", sweep_table(results), ""]
+    for name, title in (("accuracy_vs_compute", "accuracy vs compute"), ("routing_success", "routing success")):
+        if paths.get(name):
+            parts.append(f"![{title}]({Path(paths[name]).name})")
+    if best is not None:
+        parts += ["", f"Routing report of the best LIMoE ({best['label']}, seed {best['seed']}): "
+                      f"[analysis/index.html](analysis/index.html); expert specialisation: "
+                      f"![expert modality shares](analysis/modality_share.png)"]
+    parts += ["", "## Commands", "", "Each run is one `limoe train`:", "", "```"]
+    parts += [f"{job.command()} --run-dir runs/{job.name}" for job in jobs]
+    parts += ["```", ""]
+    return "\n".join(parts)
+
+
+def load_summary(out_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / "results.json").read_text(encoding="utf-8"))

@@ -1,0 +1,51 @@
+"""`limoe reproduce`: argument parsing for the reproduction (see limoe.reproduce)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
+    from limoe.reproduce.plan import SCALES, VARIANT_NAMES
+
+    scales = "; ".join(f"{name}: {scale.description}" for name, scale in SCALES.items())
+    p = subparsers.add_parser(
+        "reproduce", help="LIMoE vs dense vs two-tower and the aux-loss / BPR ablation on the built-in data",
+        description="Train the paper's comparison on the built-in data at matched compute and write results.md, "
+                    f"results.json and plots. Finished runs are kept and skipped when rerun. Scales: {scales}.")
+    p.add_argument("--scale", default="cpu", choices=list(SCALES))
+    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce-<scale>)")
+    p.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: the scale's)")
+    p.add_argument("--variants", type=_names, help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}")
+    p.add_argument("--parallel", type=int, help="runs at once, one CPU thread each (default: the scale's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
+    p.set_defaults(func=run_reproduce)
+    return p
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    from limoe.reproduce import reproduce
+    from limoe.train import ConfigError
+
+    if args.parallel is not None and args.parallel < 1:
+        print(f"limoe: error: --parallel must be >= 1, got {args.parallel}", file=sys.stderr)
+        return 2
+    try:
+        summary = reproduce(args.scale, args.out or f"runs/reproduce-{args.scale}", seeds=args.seeds,
+                            variants=args.variants, parallel=args.parallel, device=args.device)
+    except (ConfigError, ValueError) as e:
+        print(f"limoe: error: {e}", file=sys.stderr)
+        return 2
+    return 1 if summary["failed"] else 0

@@ -1,0 +1,135 @@
+"""What `limoe reproduce` trains: the variants of the paper's comparison, the model sizes of the compute sweep and
+the scales (smoke / cpu / gpu), expanded into a list of jobs that each is one `limoe train` run.
+
+Every variant is the same base run (same data, steps, batch, optimiser, seed) with a few `--set` overrides, so
+a job is exactly reproducible by hand with the command `Job.command()` prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from limoe.train.config import TrainConfig, apply_overrides, get_preset
+
+_NO_ENTROPY = ('loss.local_entropy={"image":0,"text":0}', 'loss.global_entropy={"image":0,"text":0}')
+_NO_VMOE = ("loss.importance=0", "loss.load=0")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str  # what the table and the plots call it
+    model: str  # registry prefix: the size is the scale's ("limoe" + "-tiny" -> limoe-tiny)
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def is_limoe(self) -> bool:
+        return self.model == "limoe"
+
+
+# The paper's comparison (a, b) and its ablation of the stabilisers (c-f). Dense and two-tower have no router,
+# so their aux-loss settings do not matter. All LIMoE variants share the model; only losses and BPR differ.
+VARIANTS = (
+    Variant("dense", "(a) dense one-tower", "dense"),
+    Variant("two-tower", "(b) two-tower (CLIP)", "two-tower"),
+    Variant("limoe-plain", "(c) LIMoE, no aux losses, no BPR", "limoe",
+            (*_NO_VMOE, *_NO_ENTROPY, "moe.batch_priority=false")),
+    Variant("limoe-vmoe", "(d) LIMoE + importance/load (V-MoE)", "limoe", (*_NO_ENTROPY, "moe.batch_priority=false")),
+    Variant("limoe-entropy", "(e) LIMoE + entropy losses", "limoe", (*_NO_VMOE, "moe.batch_priority=false")),
+    Variant("limoe-entropy-bpr", "(f) LIMoE + entropy losses + BPR", "limoe", _NO_VMOE),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    overrides: tuple[str, ...] = ()  # model.* overrides on top of the scale's base preset
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    description: str
+    preset: str  # the TrainConfig preset every job starts from
+    model_size: str  # registry suffix: "tiny" -> dense-tiny, limoe-tiny, two-tower-tiny
+    base: tuple[str, ...]  # overrides applied to every job
+    seeds: tuple[int, ...]
+    # The accuracy-vs-compute sweep: dense and the best-recipe LIMoE at more sizes (seed `seeds[0]` only).
+    sweep: tuple[Size, ...] = ()
+    sweep_variants: tuple[str, ...] = ("dense", "limoe-entropy-bpr")
+    parallel: int = 1  # jobs run at once (CPU: one thread each)
+
+
+SCALES = {
+    "smoke": Scale(
+        "smoke", "seconds: every code path on 64 concepts (the CI test)", "quick", "tiny",
+        ("steps=4", "data.batch_size=16", "optim.warmup_steps=1", "eval.interval=0", "threads=1"),
+        seeds=(0,), sweep=(Size("w48", ("model.width=48", "model.mlp_dim=192")),), parallel=1),
+    "cpu": Scale(
+        "cpu", "about 40 minutes on 2 CPU cores: tiny models (width 64, 4 blocks) on the whole built-in data",
+        "default", "tiny", ("eval.interval=0", "threads=1"),
+        seeds=(0, 1, 2),
+        sweep=(Size("w32", ("model.width=32", "model.heads=2", "model.mlp_dim=128")),
+               Size("w128", ("model.width=128", "model.mlp_dim=512"))),
+        parallel=2),
+    "gpu": Scale(
+        "gpu", "sized for about 8 minutes on one H200 (estimated, not yet run): 64 px images, width 256, 6 blocks, "
+        "8 experts", "default", "tiny",
+        # About 20 epochs, like the CPU scale: the built-in data is small, and more epochs only overfit.
+        ("data.image_size=64", "model.width=256", "model.depth=6", "model.heads=8", "model.mlp_dim=1024",
+         "moe.num_experts=8", "data.batch_size=256", "optim.lr=5e-4", "steps=300", "eval.interval=0"),
+        seeds=(0, 1),
+        sweep=(Size("w128", ("model.width=128", "model.heads=4", "model.mlp_dim=512")),
+               Size("w384", ("model.width=384", "model.heads=8", "model.mlp_dim=1536"))),
+        parallel=1),
+}
+
+
+@dataclass
+class Job:
+    variant: Variant
+    size: str  # "base" or a sweep size name
+    seed: int
+    overrides: tuple[str, ...]  # every --set, in order
+    model: str
+    preset: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name}-{self.size}-s{self.seed}"
+
+    def config(self, run_dir: str) -> TrainConfig:
+        cfg = get_preset(self.preset)
+        cfg.model = self.model
+        apply_overrides(cfg, list(self.overrides))
+        cfg.run_dir = run_dir
+        return cfg.validate()
+
+    def command(self) -> str:
+        sets = " ".join(f"--set '{o}'" if any(c in o for c in '{}" ') else f"--set {o}" for o in self.overrides)
+        return f"limoe train --preset {self.preset} --model {self.model} {sets}"
+
+
+def plan_jobs(scale: Scale, variants: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None
+              ) -> list[Job]:
+    """The jobs of a scale: every chosen variant x seed at the base size, then the compute sweep."""
+    chosen = variants or VARIANT_NAMES
+    unknown = [v for v in chosen if v not in VARIANT_NAMES]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; known: {list(VARIANT_NAMES)}")
+    seeds = seeds or scale.seeds
+    jobs = []
+    for variant in VARIANTS:
+        if variant.name not in chosen:
+            continue
+        for seed in seeds:
+            jobs.append(Job(variant, "base", seed, (*scale.base, *variant.overrides, f"seed={seed}"),
+                            f"{variant.model}-{scale.model_size}", scale.preset))
+    for size in scale.sweep:
+        for variant in VARIANTS:
+            if variant.name in scale.sweep_variants and variant.name in chosen:
+                jobs.append(Job(variant, size.name, seeds[0],
+                                (*scale.base, *size.overrides, *variant.overrides, f"seed={seeds[0]}"),
+                                f"{variant.model}-{scale.model_size}", scale.preset))
+    return jobs

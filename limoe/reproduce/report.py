@@ -1,0 +1,205 @@
+"""The reproduction's outputs: a markdown table (mean +- std over seeds), results.json and the blog-style plots."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from limoe.analysis.plots import IMAGE_COLOUR, TEXT_COLOUR  # noqa: E402
+from limoe.reproduce.plan import VARIANTS  # noqa: E402
+from limoe.reproduce.runner import PROBE_SHOTS  # noqa: E402
+
+PROBE = f"linear_probe/{PROBE_SHOTS}shot_balanced"  # see runner.probe_metrics
+# (column title, where the number lives in a result, scale, decimals)
+COLUMNS = (
+    ("zero-shot top-1 %", ("metrics", "zero_shot/top1"), 100, 2),
+    ("zero-shot top-5 %", ("metrics", "zero_shot/top5"), 100, 2),
+    ("R@1 img->txt %", ("metrics", "retrieval/image_to_text/R@1"), 100, 2),
+    ("R@1 txt->img %", ("metrics", "retrieval/text_to_image/R@1"), 100, 2),
+    (f"{PROBE_SHOTS}-shot probe %", ("metrics", PROBE), 100, 1),
+)
+# The routing table of the LIMoE variants; "effective experts" = exp(entropy of a modality's top-1 choices).
+ROUTING_COLUMNS = (
+    ("routing ok image % (train)", ("train_routing_success", "image"), 100, 1),
+    ("routing ok text % (train)", ("train_routing_success", "text"), 100, 1),
+    ("routing ok image % (held out)", ("eval_routing_success", "image"), 100, 1),
+    ("routing ok text % (held out)", ("eval_routing_success", "text"), 100, 1),
+    ("effective experts image", ("effective_experts", "image"), 1, 2),
+    ("effective experts text", ("effective_experts", "text"), 1, 2),
+    ("image experts / layer", ("specialists", "image"), 1, 1),
+    ("text experts / layer", ("specialists", "text"), 1, 1),
+)
+SPECIALIST_SHARE = 0.9  # an expert whose processed tokens are >= 90% one modality is that modality's expert
+
+
+def routing_view(result: dict[str, Any]) -> dict[str, Any]:
+    """The routing numbers of one LIMoE result, flattened for ROUTING_COLUMNS."""
+    ev = result.get("eval_routing") or {}
+    layers = ev.get("layers", [])
+    specialists = {"image": 0.0, "text": 0.0}
+    for layer in layers:
+        for share, tokens in zip(layer["image_share"], layer["tokens"]):
+            if tokens and share is not None:
+                specialists["image"] += (share >= SPECIALIST_SHARE) / len(layers)
+                specialists["text"] += (1 - share >= SPECIALIST_SHARE) / len(layers)
+    return {"train_routing_success": result.get("train_routing_success", {}),
+            "eval_routing_success": ev.get("routing_success", {}),
+            "effective_experts": ev.get("effective_experts", {}), "specialists": specialists if layers else {}}
+
+
+def _get(result: dict[str, Any], where: tuple[str, str]) -> float:
+    value = result.get(where[0], {}).get(where[1])
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def group(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Finished results by (variant, size), in the plan's variant order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    order = {v.name: i for i, v in enumerate(VARIANTS)}
+    for r in sorted((r for r in results if "error" not in r), key=lambda r: (order[r["variant"]], r["size"])):
+        groups[(r["variant"], r["size"])].append(r)
+    return dict(groups)
+
+
+def _cell(values: list[float], scale: float, decimals: int) -> str:
+    mean, std = mean_std([v * scale for v in values])
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if len(values) > 1 else "")
+
+
+def summary_rows(results: list[dict[str, Any]], size: str = "base") -> list[dict[str, Any]]:
+    """One row per variant at `size`: means and stds of every column, cost, and the seeds used."""
+    rows = []
+    for (variant, sz), runs in group(results).items():
+        if sz != size:
+            continue
+        row = {"variant": variant, "label": runs[0]["label"], "seeds": [r["seed"] for r in runs],
+               "total_params": runs[0]["total_params"], "active_params": runs[0]["active_params"],
+               "train_flops": runs[0]["train_flops"],
+               "train_seconds": statistics.fmean(r["train_seconds"] for r in runs)}
+        for title, where, _, _ in COLUMNS:
+            row[title] = mean_std([_get(r, where) for r in runs])
+        for title, where, _, _ in ROUTING_COLUMNS:
+            row[title] = mean_std([_get(routing_view(r), where) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def routing_table(results: list[dict[str, Any]]) -> str:
+    header = ["variant", *(c[0] for c in ROUTING_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (variant, size), runs in group(results).items():
+        if size == "base" and runs[0].get("eval_routing"):
+            views = [routing_view(r) for r in runs]
+            cells = [_cell([_get(v, where) for v in views], scale, dec) for _, where, scale, dec in ROUTING_COLUMNS]
+            lines.append(f"| {runs[0]['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_table(results: list[dict[str, Any]], size: str = "base") -> str:
+    header = ["variant", *(c[0] for c in COLUMNS), "params total / active", "train GFLOPs", "min / run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (variant, sz), runs in group(results).items():
+        if sz != size:
+            continue
+        cells = [_cell([_get(r, where) for r in runs], scale, dec) for _, where, scale, dec in COLUMNS]
+        r0 = runs[0]
+        minutes = statistics.fmean(r["train_seconds"] for r in runs) / 60
+        lines.append(f"| {r0['label']} | " + " | ".join(cells) +
+                     f" | {r0['total_params'] / 1e6:.2f}M / {r0['active_params'] / 1e6:.2f}M"
+                     f" | {r0['train_flops'] / 1e9:,.0f} | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| model | size | params total / active | train GFLOPs | zero-shot top-1 % | "
+             f"{PROBE_SHOTS}-shot probe % | seeds |", "|---|---|---|---|---|---|---|"]
+    for (variant, size), runs in sorted(group(results).items(), key=lambda kv: (kv[0][0], kv[1][0]["train_flops"])):
+        if variant not in _sweep_variants(results):
+            continue
+        r0 = runs[0]
+        lines.append(f"| {r0['label']} | {size} | {r0['total_params'] / 1e6:.2f}M / {r0['active_params'] / 1e6:.2f}M"
+                     f" | {r0['train_flops'] / 1e9:,.0f} | {_cell([_get(r, ('metrics', 'zero_shot/top1')) for r in runs], 100, 2)}"
+                     f" | {_cell([_get(r, ('metrics', PROBE)) for r in runs], 100, 1)} | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def _sweep_variants(results: list[dict[str, Any]]) -> set[str]:
+    return {r["variant"] for r in results if "error" not in r and r["size"] != "base"}
+
+
+# -- plots ----------------------------------------------------------------------------------------------------
+def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path | None:
+    """The blog's headline picture: accuracy against training compute, LIMoE vs dense, one point per size."""
+    sweep = _sweep_variants(results)
+    if not sweep:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (key, title) in zip(axes, (("zero_shot/top1", "zero-shot top-1 (held-out concepts)"),
+                                       (PROBE, f"{PROBE_SHOTS}-shot linear probe"))):
+        for variant in sorted(sweep):
+            points = sorted(((runs[0]["train_flops"], [_get(r, ("metrics", key)) for r in runs], runs[0]["label"])
+                             for (v, _), runs in group(results).items() if v == variant), key=lambda p: p[0])
+            x = [p[0] for p in points]
+            stats = [mean_std([100 * v for v in p[1]]) for p in points]
+            colour = "#2ca02c" if variant.startswith("limoe") else "#7f7f7f"
+            ax.errorbar(x, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
+                        color=colour, label=points[0][2])
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (active, forward + backward)")
+        ax.set_ylabel("%")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | None:
+    """Routing success of image and text tokens during training, per LIMoE variant (mean +- std over seeds)."""
+    rows = [(runs[0]["label"], runs) for (variant, size), runs in group(results).items()
+            if size == "base" and runs[0].get("train_routing_success")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(rows) + 1), 3.4))
+    x = np.arange(len(rows))
+    width = 0.38
+    for j, (modality, colour) in enumerate((("image", IMAGE_COLOUR), ("text", TEXT_COLOUR))):
+        stats = [mean_std([r["train_routing_success"].get(modality, math.nan) for r in runs]) for _, runs in rows]
+        bars = ax.bar(x + (j - 0.5) * width, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3,
+                      color=colour, label=modality)
+        for bar, (mean, _) in zip(bars, stats):
+            ax.text(bar.get_x() + bar.get_width() / 2, 0.02, f"{mean:.2f}", ha="center", va="bottom", fontsize=7,
+                    color="white", rotation=90)
+    ax.set_xticks(x, [label.replace("LIMoE", "LIMoE\n", 1) for label, _ in rows], fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("routing success (top-1 kept)")
+    ax.set_title("Routing success per modality during training", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

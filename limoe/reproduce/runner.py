@@ -1,0 +1,229 @@
+"""Run the jobs of a reproduction: train, evaluate beyond training's own metrics, and keep one result.json each.
+
+A job whose result.json exists is not run again, and one that was interrupted resumes from its last checkpoint,
+so `limoe reproduce` can be stopped and restarted without losing finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from limoe.reproduce.plan import Job
+
+PROBE_SHOTS = 10
+PROBE_DRAWS = 5  # shot draws averaged per probe
+RESULT_FILE = "result.json"  # the evaluated result of a job
+TRAIN_FILE = "train.json"  # what training alone produced (time, routing during training)
+EVAL_VERSION = 2  # bump when the evaluation changes: finished runs are then re-evaluated, not retrained
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically: a reader never sees half a file, and a crash leaves the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finite(x: Any) -> Any:
+    """NaN (a metric over nothing) as null: results.json stays strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def probe_metrics(model, cfg, shots: int = PROBE_SHOTS, seed: int = 0) -> dict[str, float]:
+    """A `shots`-shot ridge probe on frozen image embeddings: classify built-in emoji into Unicode
+    subcategories (animal-mammal, food-fruit, ...), one image per concept. Accuracy over all test images and
+    balanced (mean per-class recall: country flags are a quarter of the images). NaN when no class is big enough."""
+    from limoe import evaluate
+    from limoe.data.categories import builtin_category_probe
+    from limoe.jobs import load_images
+    from limoe.train.data import builtin_config
+
+    paths, labels, names = builtin_category_probe(builtin_config(cfg), min_concepts=shots + 1)
+    keys = (f"linear_probe/{shots}shot", f"linear_probe/{shots}shot_balanced")
+    if len(names) < 2:  # one class: every guess is right, which measures nothing
+        return dict.fromkeys(keys, math.nan)
+    model_device = next(model.parameters()).device
+    embeds = []
+    with torch.no_grad():
+        for i in range(0, len(paths), cfg.eval.batch_size):
+            images = load_images([str(p) for p in paths[i:i + cfg.eval.batch_size]], cfg.data.image_size)
+            embeds.append(model.encode_image(images.to(model_device)).float().cpu())
+    embeds_ND, labels_N = torch.cat(embeds), torch.tensor(labels)
+    totals = dict.fromkeys(keys, 0.0)
+    for draw in range(PROBE_DRAWS):  # which concepts are the shots moves the score by a few points: average
+        train_idx, test_idx, new_N = evaluate.k_shot_split(labels_N, shots, seed + draw)
+        result = evaluate.linear_probe_from_embeddings(embeds_ND[train_idx], new_N[train_idx],
+                                                       [(embeds_ND[test_idx], new_N[test_idx])], len(names))
+        totals[keys[0]] += result["accuracy"] / PROBE_DRAWS
+        totals[keys[1]] += result["balanced_accuracy"] / PROBE_DRAWS
+    return totals
+
+
+def held_out_routing(model, tokenizer, cfg):
+    """Routing analysis of the held-out pairs with evaluation routing, in training-sized groups."""
+    from limoe.analysis.routing_stats import AnalysisConfig, analyze_routing
+    from limoe.data import ImageConfig, load_builtin
+    from limoe.train.data import builtin_config
+
+    pairs = load_builtin("test", cfg=builtin_config(cfg), image=ImageConfig(image_size=cfg.data.image_size),
+                         train=False, shuffle=True, seed=0, rank=0, world_size=1)
+    return analyze_routing(model, tokenizer, pairs, AnalysisConfig(num_pairs=None, batch_size=cfg.data.batch_size))
+
+
+def routing_summary(analysis) -> dict[str, Any]:
+    """Per modality routing success over all MoE layers, and per layer each expert's image share."""
+    totals = None
+    for layer in analysis.layers:
+        totals = layer.stats if totals is None else totals + layer.stats
+    mods = list(totals.modalities)
+    layers = []
+    for layer in analysis.layers:
+        processed_ME = layer.stats.processed_ME.double()
+        total_E = processed_ME.sum(0)
+        share_E = processed_ME[mods.index("image")] / total_E.clamp(min=1)
+        layers.append({"name": layer.ref.name, "image_share": share_E.tolist(), "tokens": total_E.tolist()})
+    return {"routing_success": {m: totals.routing_success_M[i].item() for i, m in enumerate(mods)},
+            "effective_experts": {m: statistics.fmean(effective_experts(layer.stats.routed_ME[i])
+                                                      for layer in analysis.layers) for i, m in enumerate(mods)},
+            "layers": layers}
+
+
+def effective_experts(routed_E: torch.Tensor) -> float:
+    """exp(entropy) of how a modality's top-1 choices spread over experts: E if even, 1 if all pick one expert
+    (a collapse that capacity slack can hide from routing success)."""
+    p_E = routed_E.double() / routed_E.sum().clamp(min=1)
+    return math.exp(-float(torch.special.xlogy(p_E, p_E).sum()))
+
+
+def train_routing_success(run_dir: Path, steps: int) -> dict[str, float]:
+    """Mean routing success per modality over the logged training steps of the second half of the run."""
+    from limoe.analysis.metrics_log import read_metrics
+
+    rows, _ = read_metrics(run_dir / "metrics.jsonl")
+    out = {}
+    for modality in ("image", "text"):
+        key = f"routing/routing_success/{modality}"
+        values = [r[key] for r in rows if r.get("kind") == "train" and r.get("step", 0) > steps / 2
+                  and isinstance(r.get(key), (int, float))]
+        if values:
+            out[modality] = sum(values) / len(values)
+    return out
+
+
+def _train_once(job: Job, cfg, run_dir: Path) -> tuple[Path, dict[str, float], dict[str, Any]]:
+    """(final checkpoint, its held-out metrics, training record): trains, resumes, or finds the run finished."""
+    from limoe import checkpoint as ckpt
+    from limoe.train import train
+
+    record_path = run_dir / TRAIN_FILE
+    checkpoints = ckpt.list_checkpoints(run_dir)
+    if record_path.is_file() and checkpoints:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        state, _ = ckpt.read_state(checkpoints[-1])
+        if record.get("command") == job.command() and state["step"] == cfg.steps and state.get("metrics"):
+            return checkpoints[-1], state["metrics"], record
+    start = time.perf_counter()
+    run = train(cfg, resume="latest" if checkpoints else None, progress=False)
+    if run.interrupted:
+        raise KeyboardInterrupt(f"{job.name} stopped by {run.interrupted}; its checkpoint resumes it")
+    record = {"command": job.command(), "seconds": time.perf_counter() - start, "resumed": bool(checkpoints),
+              "chance": run.chance, "train_routing_success": train_routing_success(run_dir, cfg.steps)}
+    write_json(record_path, record)
+    return run.checkpoint, {k: v for k, v in run.metrics.items() if not k.startswith("train/")}, record
+
+
+def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]:
+    """Train one job (or resume it), evaluate it, and return its result, also written to <run dir>/result.json.
+
+    Training happens once; the evaluation is redone when EVAL_VERSION changes, from the final checkpoint."""
+    import limoe
+    from limoe.model.registry import get_model_info
+    from limoe.train.loop import pick_device
+
+    run_dir = Path(out_dir) / "runs" / job.name
+    result_path = run_dir / RESULT_FILE
+    command = job.command()
+    if result_path.is_file():
+        done = json.loads(result_path.read_text(encoding="utf-8"))
+        if done.get("command") == command and done.get("eval_version") == EVAL_VERSION:
+            return done
+    cfg = job.config(str(run_dir))
+    cfg.device = device
+    checkpoint, metrics, record = _train_once(job, cfg, run_dir)
+
+    model, tokenizer, _ = limoe.load_checkpoint(checkpoint, device=pick_device(cfg.device))
+    info = get_model_info(cfg.model_config())
+    steps = cfg.steps
+    result = {
+        "job": job.name, "variant": job.variant.name, "label": job.variant.label, "size": job.size,
+        "seed": job.seed, "model": cfg.model, "command": command, "eval_version": EVAL_VERSION, "steps": steps,
+        "batch_size": cfg.data.batch_size, "total_params": info.total_params, "active_params": info.active_params,
+        # Forward + backward ~ 3x the forward's FLOPs, per pair: the compute the run spent, MoE counted at K = 1.
+        "train_flops": 3 * info.flops_per_pair * cfg.data.batch_size * steps,
+        "train_seconds": record["seconds"], "resumed": record["resumed"], "chance": record["chance"],
+        "metrics": {**metrics, **probe_metrics(model, cfg)},
+    }
+    if job.variant.is_limoe:
+        result["train_routing_success"] = record["train_routing_success"]
+        result["eval_routing"] = routing_summary(held_out_routing(model, tokenizer, cfg))
+    write_json(result_path, result)
+    return result
+
+
+def _run_logged(job: Job, out_dir: str, device: str) -> dict[str, Any]:
+    """run_job in a worker process: a failure comes back as a record instead of killing the pool."""
+    try:
+        return run_job(job, out_dir, device)
+    except Exception as e:  # noqa: BLE001 - one bad job must not stop the others; the error is reported
+        log = Path(out_dir) / "runs" / job.name / "error.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc(), encoding="utf-8")
+        return {"job": job.name, "error": f"{type(e).__name__}: {e}", "error_log": str(log)}
+
+
+def run_jobs(jobs: list[Job], out_dir: str | os.PathLike, parallel: int = 1, device: str = "auto",
+             report: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every job (`parallel` at once in spawned processes); results in job order, failures as records."""
+    out_dir = str(out_dir)
+    results: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+
+    def done(result: dict[str, Any]) -> None:
+        results[result["job"]] = result
+        elapsed = time.perf_counter() - start
+        if "error" in result:
+            report(f"[{len(results)}/{len(jobs)}] {result['job']}: FAILED {result['error']} ({result['error_log']})")
+            return
+        m = {k: math.nan if v is None else v for k, v in result["metrics"].items()}
+        report(f"[{len(results)}/{len(jobs)}] {result['job']}: zero-shot top-1 {100 * m['zero_shot/top1']:.2f}%, "
+               f"{PROBE_SHOTS}-shot probe {100 * m.get(f'linear_probe/{PROBE_SHOTS}shot_balanced', math.nan):.1f}%, "
+               f"{result['train_seconds']:.0f} s (elapsed {elapsed / 60:.1f} min)")
+
+    if parallel <= 1:
+        for job in jobs:
+            done(_run_logged(job, out_dir, device))
+    else:
+        with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_run_logged, job, out_dir, device) for job in jobs]
+            for future in as_completed(futures):
+                done(future.result())
+    sys.stdout.flush()
+    return [results[job.name] for job in jobs]

@@ -1,0 +1,176 @@
+"""`limoe reproduce`: the plan trains what the issue asks (matched compute, the right aux-loss / BPR switches),
+the helpers compute what they claim (hand cases), and the smoke scale runs end to end, writes its outputs and
+skips finished work when rerun."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from limoe.cli import main
+from limoe.evaluate import k_shot_split
+from limoe.model.registry import get_model_info
+from limoe.reproduce import SCALES, VARIANT_NAMES, plan_jobs, reproduce
+from limoe.reproduce import runner
+from limoe.reproduce.runner import effective_experts
+from limoe.train import apply_overrides, get_preset
+
+
+# -- helpers, by hand ------------------------------------------------------------------------------------------
+def test_k_shot_split_keeps_classes_with_a_test_example():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    train, test, new = k_shot_split(labels, shots=2, seed=3)
+    assert new.tolist() == [0, 0, 0, -1, -1, 1, 1, 1, 1]  # class 1 has no example left to test on
+    assert sorted(labels[train].tolist()) == [0, 0, 2, 2]
+    assert sorted(labels[test].tolist()) == [0, 2, 2]
+    assert set(train.tolist()).isdisjoint(test.tolist())
+    other = k_shot_split(labels, shots=2, seed=4)[0]
+    assert torch.equal(k_shot_split(labels, shots=2, seed=3)[0], train)  # seeded: the same draw again
+    assert sorted(labels[other].tolist()) == [0, 0, 2, 2]
+    with pytest.raises(ValueError, match="no class has more than 5"):
+        k_shot_split(labels, shots=5)
+    with pytest.raises(ValueError, match="shots must be >= 1"):
+        k_shot_split(labels, shots=0)
+
+
+@pytest.mark.parametrize("routed, expected", [([5, 5, 5, 5], 4.0), ([0, 9, 0, 0], 1.0), ([3, 3, 0, 0], 2.0),
+                                              ([0, 0, 0, 0], 1.0)])
+def test_effective_experts(routed, expected):
+    assert effective_experts(torch.tensor(routed)) == pytest.approx(expected)
+
+
+# -- the plan ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_every_job_of_every_scale_is_a_valid_config(scale):
+    jobs = plan_jobs(SCALES[scale])
+    assert {j.variant.name for j in jobs} == set(VARIANT_NAMES)
+    assert len({j.name for j in jobs}) == len(jobs)
+    for job in jobs:
+        job.config("")
+
+
+def test_variants_switch_exactly_the_aux_losses_and_bpr():
+    configs = {j.variant.name: j.config("") for j in plan_jobs(SCALES["cpu"], seeds=(0,)) if j.size == "base"}
+
+    def switches(cfg):
+        loss = cfg.loss
+        return (loss.importance > 0, loss.load > 0, any(loss.local_entropy.values()),
+                any(loss.global_entropy.values()), cfg.model_config().moe_config().batch_priority)
+
+    assert switches(configs["limoe-plain"]) == (False, False, False, False, False)
+    assert switches(configs["limoe-vmoe"]) == (True, True, False, False, False)
+    assert switches(configs["limoe-entropy"]) == (False, False, True, True, False)
+    assert switches(configs["limoe-entropy-bpr"]) == (False, False, True, True, True)
+    # Everything else, training budget included, is the same for all six.
+    base = {k: v for k, v in configs["dense"].to_dict().items() if k not in ("model", "loss", "moe")}
+    for cfg in configs.values():
+        assert {k: v for k, v in cfg.to_dict().items() if k not in ("model", "loss", "moe")} == base
+
+
+def test_compared_models_have_matched_active_compute():
+    flops = {j.variant.name: get_model_info(j.config("").model_config()).flops_per_pair
+             for j in plan_jobs(SCALES["cpu"], seeds=(0,)) if j.size == "base"}
+    dense = flops["dense"]
+    assert flops["two-tower"] == dense  # each token goes through one tower of the same size
+    for name in ("limoe-plain", "limoe-vmoe", "limoe-entropy", "limoe-entropy-bpr"):
+        assert dense < flops[name] < 1.02 * dense  # K = 1 expert per token plus the router's matmul
+
+
+def test_job_command_rebuilds_the_job_config():
+    job = next(j for j in plan_jobs(SCALES["cpu"]) if j.variant.name == "limoe-vmoe")
+    import shlex
+
+    args = shlex.split(job.command())
+    assert args[:4] == ["limoe", "train", "--preset", job.preset]
+    cfg = get_preset(args[3])
+    cfg.model = args[5]
+    apply_overrides(cfg, [args[i + 1] for i, a in enumerate(args) if a == "--set"])
+    assert cfg.to_dict() == job.config("").to_dict()
+
+
+def test_unknown_variant_and_bad_parallel_are_one_line_errors(capsys, tmp_path):
+    assert main(["reproduce", "--scale", "smoke", "--variants", "dense,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown variants ['nope']" in capsys.readouterr().err
+    assert main(["reproduce", "--scale", "smoke", "--parallel", "0", "--out", str(tmp_path)]) == 2
+    assert "--parallel must be >= 1" in capsys.readouterr().err
+
+
+def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    jobs = plan_jobs(SCALES["smoke"], variants=("dense", "two-tower"))[:2]
+    def flaky(job, out_dir, device="auto"):
+        if job.variant.name == "dense":
+            raise RuntimeError("disk full")
+        return {"job": job.name, "metrics": {"zero_shot/top1": 0.5, "linear_probe/10shot_balanced": None},
+                "train_seconds": 1.0}
+
+    monkeypatch.setattr(runner, "run_job", flaky)
+    lines = []
+    results = runner.run_jobs(jobs, tmp_path, parallel=1, report=lines.append)
+    assert results[0]["error"] == "RuntimeError: disk full"
+    assert "disk full" in (tmp_path / "runs" / jobs[0].name / "error.log").read_text()
+    assert results[1]["job"] == jobs[1].name and "error" not in results[1]
+    assert "FAILED RuntimeError: disk full" in lines[0]
+    assert "zero-shot top-1 50.00%, 10-shot probe nan%" in lines[1]
+
+
+# -- the smoke scale, end to end (the CI version of the CPU reproduction) -------------------------------------
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    lines = []
+    summary = reproduce("smoke", out, report=lines.append)
+    return out, summary, lines
+
+
+@pytest.mark.slow
+def test_smoke_reproduction_writes_table_plots_and_report(smoke):
+    out, summary, _ = smoke
+    assert summary["failed"] == []
+    results = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert len(results["runs"]) == len(plan_jobs(SCALES["smoke"]))
+    md = (out / "results.md").read_text()
+    for variant in plan_jobs(SCALES["smoke"]):
+        assert variant.variant.label in md
+        assert variant.command() in md
+    for png in ("accuracy_vs_compute.png", "routing_success.png", "analysis/modality_share.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert (out / "analysis" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_smoke_results_are_consistent(smoke):
+    _, summary, _ = smoke
+    for r in summary["runs"]:
+        assert r["train_flops"] == 3 * get_model_info(_config_of(r).model_config()).flops_per_pair * r["batch_size"] \
+            * r["steps"]
+        m = r["metrics"]
+        assert 0 <= m["zero_shot/top1"] <= m["zero_shot/top5"] <= 1
+        if r["variant"].startswith("limoe"):
+            for modality in ("image", "text"):
+                assert 0 <= r["train_routing_success"][modality] <= 1
+                assert 0 <= r["eval_routing"]["routing_success"][modality] <= 1
+                assert 1 <= r["eval_routing"]["effective_experts"][modality] <= 4 + 1e-9
+            for layer in r["eval_routing"]["layers"]:
+                assert all(0 <= s <= 1 for s in layer["image_share"])
+        else:
+            assert "train_routing_success" not in r
+
+
+@pytest.mark.slow
+def test_smoke_rerun_skips_finished_runs(smoke, monkeypatch):
+    out, summary, _ = smoke
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("limoe.train.train", no_training)
+    again = reproduce("smoke", out, report=lambda line: None)
+    assert [r["job"] for r in again["runs"]] == [r["job"] for r in summary["runs"]]
+    assert again["runs"][0]["metrics"]["zero_shot/top1"] == summary["runs"][0]["metrics"]["zero_shot/top1"]
+    assert not math.isnan(again["minutes"])
+
+
+def _config_of(result):
+    job = next(j for j in plan_jobs(SCALES["smoke"]) if j.name == result["job"])
+    return job.config("")
