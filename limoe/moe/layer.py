@@ -187,7 +187,8 @@ class MoeMlp(nn.Module):
             out["load"] = logits_SE.new_zeros(())
         out["z"] = losses.z_loss(logits_SE, valid_S)
         local_M = losses.local_entropy_loss(entropy_S, onehot_SM)
-        min_experts_M = torch.tensor(cfg.min_experts_per_modality, device=p_SE.device)
+        # Built on the device, not copied from a host list: a blocking copy would sync the host every call.
+        min_experts_M = torch.stack([p_SE.new_full((), float(v)) for v in cfg.min_experts_per_modality])
         global_M = losses.global_entropy_loss(p_SE, onehot_SM, min_experts_M)
         for m, name in enumerate(cfg.modalities):
             out[f"local_entropy/{name}"] = local_M[m]
