@@ -112,11 +112,12 @@ class ExpertMlps(nn.Module):
         row_R = torch.arange(x_Rd.shape[0], device=x_Rd.device, dtype=group_end_E.dtype)
         expert_R = torch.searchsorted(group_end_E, row_R, right=True)  # E for rows past the last group
         in_group_R1 = (expert_R < num_experts)[:, None]
-        # Biases by a one-hot matmul: its backward is a GEMM over rows. Indexing the bias by expert_R would
-        # backpropagate with atomic adds of R rows into E rows, heavily contended.
+        # Biases by a one-hot matmul, added in place (addmm_: no extra pass over the [R, h] activations). Its
+        # backward is a GEMM over rows; indexing the bias by expert_R would backpropagate with atomic adds of R
+        # rows into E rows, heavily contended.
         onehot_RE = (expert_R[:, None] == torch.arange(num_experts, device=x_Rd.device)).to(dtype)
         x_Rd = torch.where(in_group_R1, x_Rd.to(dtype), 0)
-        h_Rh = torch._grouped_mm(x_Rd, self.w_in_Edh.to(dtype), offs=group_end_E) + onehot_RE @ self.b_in_Eh.to(dtype)
-        h_Rh = F.gelu(torch.where(in_group_R1, h_Rh, 0))
-        y_Rd = torch._grouped_mm(h_Rh, self.w_out_Ehd.to(dtype), offs=group_end_E) + onehot_RE @ self.b_out_Ed.to(dtype)
-        return torch.where(in_group_R1, y_Rd, 0)
+        h_Rh = torch._grouped_mm(x_Rd, self.w_in_Edh.to(dtype), offs=group_end_E)
+        h_Rh = F.gelu(torch.where(in_group_R1, h_Rh.addmm_(onehot_RE, self.b_in_Eh.to(dtype)), 0))
+        y_Rd = torch._grouped_mm(h_Rh, self.w_out_Ehd.to(dtype), offs=group_end_E)
+        return torch.where(in_group_R1, y_Rd.addmm_(onehot_RE, self.b_out_Ed.to(dtype)), 0)
