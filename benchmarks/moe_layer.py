@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import time_interleaved  # noqa: E402
+from _timing import profile_top, time_interleaved  # noqa: E402
 
 from limoe.model import Mlp  # noqa: E402
 from limoe.moe import MoeConfig, MoeMlp, route  # noqa: E402
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-onehot", action="store_true", help="skip the one-hot einsum baseline")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing each configuration, profile N more steps per variant (top kernels)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -120,8 +122,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for flag in ("tokens", "dim", "hidden", "reps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    for flag in ("warmup", "profile"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     backends = args.backends or default_backends(device, dtype, args.dim, args.hidden)
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(row)
                 print(f"{variant:<34}{ms:>9.2f}{row['tokens_per_s']:>12.0f}{row['tflops']:>9.2f}{peak:>10.0f}"
                       f"{row['ratio_to_dense']:>9.2f}", flush=True)
+            if args.profile:
+                profile_top(steps, device, args.profile)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows
