@@ -184,6 +184,7 @@ def test_forward_rejects_bad_inputs(call, name):
     (dict(modalities=("image", "image")), "modalities"),
     (dict(global_entropy_min_experts=(2.0,)), "global_entropy_min_experts"),
     (dict(global_entropy_min_experts=(2.0, 9.0)), "global_entropy_min_experts"),
+    (dict(expert_backend="triton"), "expert_backend"),
 ])
 def test_config_rejects_bad_values(overrides, name):
     with pytest.raises(ValueError, match=name):
@@ -208,6 +209,7 @@ def test_compiles_as_one_graph_and_matches_eager():
         torch.testing.assert_close(losses_c[name], losses_e[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     layer = make_layer(k=2, capacity_factor=0.75).eval()

@@ -44,6 +44,7 @@ def test_bad_overrides_name_the_key(item, message):
     ("steps=0", "steps must be >= 1"),
     ("data.source=csv", "needs data.train"),
     ("moe.capacity_factor=-1", "invalid model config: capacity_factor must be > 0"),
+    ("moe.expert_backend=triton", "invalid model config: expert_backend must be one of"),
     ("optim.accumulation=3", "divisible by optim.accumulation"),
 ])
 def test_invalid_values_are_caught_by_validate(item, message):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from limoe.moe import losses
-from limoe.moe.experts import ExpertMlps
+from limoe.moe.experts import GROUP_ROW_ALIGN, ExpertMlps, check_expert_backend, compute_dtype, resolve_expert_backend
 from limoe.moe.routing import Routing, capacity, route
 from limoe.moe.stats import MoeStats
 
@@ -30,6 +30,9 @@ class MoeConfig:
     # Global-entropy threshold per modality: the loss asks each modality to use at least this many experts
     # (tau = log of it). None: all num_experts for every modality.
     global_entropy_min_experts: tuple[float, ...] | None = None
+    # How the experts run (see limoe.moe.experts): "auto" = grouped GEMM on packed rows where torch has a fused
+    # kernel for it (CUDA sm90/sm100, bf16), else batched matmuls on capacity-padded buffers ("bmm").
+    expert_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "num_experts", "capacity_multiple_of"):
@@ -43,6 +46,7 @@ class MoeConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        check_expert_backend(self.expert_backend)
         self.modalities = tuple(self.modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be distinct names, got {self.modalities}")
@@ -144,25 +148,31 @@ class MoeMlp(nn.Module):
         return logits_SE, logits_SE
 
     def _dispatch_combine(self, x_Sd: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Gather kept tokens into [E, C, d] buffers, run the experts, gather back and weight by gate.
+        """Gather kept tokens into expert buffers, run the experts, gather back and weight by gate.
 
-        Empty buffer rows and dropped assignments point at row 0 instead of a zero row: nothing reads an empty
-        row's output (so its gradient is exactly 0) and a dropped choice has weight 0. This saves padding copies
-        of the activations in both directions.
+        Buffers are capacity-padded [E, C, d] (bmm backend) or packed [R, d] groups (grouped_mm backend, see
+        `_packed_rows`). Empty buffer rows and dropped assignments point at row 0 instead of a zero row: nothing
+        reads an empty row's output (so its gradient is exactly 0) and a dropped choice has weight 0. This saves
+        padding copies of the activations in both directions.
         """
         num_tokens, dim = x_Sd.shape
         num_experts, cap = routing.num_experts, routing.capacity
-        num_slots = num_experts * cap
-        kept_row_SK = routing.expert_SK * cap + routing.slot_SK
-        # Source token of every buffer row. Dropped assignments write a spare row (num_slots) that is cut off.
+        if self._uses_grouped_mm(x_Sd):
+            kept_row_SK, group_end_E, num_rows = self._packed_rows(routing)
+        else:
+            kept_row_SK, group_end_E, num_rows = routing.expert_SK * cap + routing.slot_SK, None, num_experts * cap
+        # Source token of every buffer row. Dropped assignments write a spare row (num_rows) that is cut off.
         token_SK = torch.arange(num_tokens, device=x_Sd.device)[:, None].expand_as(kept_row_SK)
-        source_row = torch.zeros(num_slots + 1, dtype=torch.long, device=x_Sd.device)
-        source_row.scatter_(0, torch.where(routing.kept_SK, kept_row_SK, num_slots).reshape(-1),
+        source_row = torch.zeros(num_rows + 1, dtype=torch.long, device=x_Sd.device)
+        source_row.scatter_(0, torch.where(routing.kept_SK, kept_row_SK, num_rows).reshape(-1),
                             token_SK.reshape(-1))
         # index_select, not x[idx]: its backward is index_add, much faster on CPU than an accumulating index_put.
-        x_ECd = x_Sd.index_select(0, source_row[:num_slots]).view(num_experts, cap, dim)
+        x_Rd = x_Sd.index_select(0, source_row[:num_rows])
 
-        y_Rd = self.run_experts(x_ECd).view(num_slots, dim)
+        if group_end_E is not None:
+            y_Rd = self.experts.forward_grouped(x_Rd, group_end_E)
+        else:
+            y_Rd = self.run_experts(x_Rd.view(num_experts, cap, dim)).view(num_rows, dim)
 
         row_SK = torch.where(routing.kept_SK, kept_row_SK, 0)
         weight_SK = (routing.gate_SK * routing.kept_SK).to(y_Rd.dtype)
@@ -170,6 +180,28 @@ class MoeMlp(nn.Module):
             return y_Rd.index_select(0, row_SK[:, 0]) * weight_SK
         y_SKd = y_Rd.index_select(0, row_SK.reshape(-1)).view(num_tokens, routing.k, dim)
         return torch.einsum("skd,sk->sd", y_SKd, weight_SK)
+
+    def _uses_grouped_mm(self, x_Sd: torch.Tensor) -> bool:
+        cfg = self.config
+        return resolve_expert_backend(cfg.expert_backend, x_Sd.device, compute_dtype(x_Sd), cfg.dim,
+                                      cfg.hidden_dim) == "grouped_mm"
+
+    @staticmethod
+    def _packed_rows(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Packed layout: expert e's kept assignments fill rows start_e + slot, groups back to back.
+
+        Kept slots of an expert are exactly 0 .. count_e - 1, so its group needs count_e rows, rounded up to
+        GROUP_ROW_ALIGN. Returns each assignment's row, the int32 cumulative group ends (grouped_mm's offsets)
+        and the buffer's row count, a static bound (E * C rounded up), so shapes never depend on data.
+        """
+        num_experts, align = routing.num_experts, GROUP_ROW_ALIGN
+        count_E = torch.zeros(num_experts, dtype=torch.long, device=routing.expert_SK.device)
+        count_E.scatter_add_(0, routing.expert_SK.reshape(-1), routing.kept_SK.reshape(-1).long())
+        rows_E = (count_E + align - 1) // align * align
+        group_end_E = torch.cumsum(rows_E, 0)
+        kept_row_SK = (group_end_E - rows_E)[routing.expert_SK] + routing.slot_SK
+        num_rows = num_experts * (-(-routing.capacity // align) * align)
+        return kept_row_SK, group_end_E.int(), num_rows
 
     def run_experts(self, x_ECd: torch.Tensor) -> torch.Tensor:
         """All E experts on their capacity buffers. The hook an expert-parallel layer overrides."""
@@ -187,7 +219,8 @@ class MoeMlp(nn.Module):
             out["load"] = logits_SE.new_zeros(())
         out["z"] = losses.z_loss(logits_SE, valid_S)
         local_M = losses.local_entropy_loss(entropy_S, onehot_SM)
-        min_experts_M = torch.tensor(cfg.min_experts_per_modality, device=p_SE.device)
+        # Built on the device, not copied from a host list: a blocking copy would sync the host every call.
+        min_experts_M = torch.stack([p_SE.new_full((), float(v)) for v in cfg.min_experts_per_modality])
         global_M = losses.global_entropy_loss(p_SE, onehot_SM, min_experts_M)
         for m, name in enumerate(cfg.modalities):
             out[f"local_entropy/{name}"] = local_M[m]

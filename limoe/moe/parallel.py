@@ -29,6 +29,9 @@ class ExpertParallelMoeMlp(MoeMlp):
 
     def __init__(self, config: MoeConfig, groups: ExpertParallelGroups):
         check_expert_parallel(groups.ep_size, groups.world_size, config.num_experts)
+        if config.expert_backend == "grouped_mm":
+            raise ValueError("expert_backend='grouped_mm' does not combine with expert parallelism (its all_to_all "
+                             "exchanges capacity-padded [E, C, d] buffers); use 'auto' or 'bmm'")
         if groups.ep_group is not None and dist.get_world_size(groups.ep_group) != groups.ep_size:
             raise ValueError(f"ep_group has {dist.get_world_size(groups.ep_group)} ranks, expected {groups.ep_size}")
         # Fork (and restore) every RNG manual_seed touches: the global streams stay as they were for the router.
@@ -40,6 +43,9 @@ class ExpertParallelMoeMlp(MoeMlp):
         self.groups = groups
         for param in self.experts.parameters():
             setattr(param, EXPERT_PARALLEL_ATTR, True)
+
+    def _uses_grouped_mm(self, x_Sd: torch.Tensor) -> bool:
+        return False  # the exchange needs the padded [E, C, d] layout: equal splits, no sizes to send
 
     def run_experts(self, x_ECd: torch.Tensor) -> torch.Tensor:
         num_experts, cap, dim = x_ECd.shape

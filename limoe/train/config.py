@@ -146,6 +146,9 @@ class TrainConfig:
             experts = model.moe_config().num_experts
             if experts % ep:
                 raise ConfigError(f"dist.expert_parallel={ep} must divide the number of experts ({experts})")
+            if model.moe_config().expert_backend == "grouped_mm":
+                raise ConfigError(f"dist.expert_parallel={ep} needs moe.expert_backend 'auto' or 'bmm' (the "
+                                  f"exchange uses capacity-padded buffers), got 'grouped_mm'")
         return self
 
     def check_world(self, world_size: int) -> None:
