@@ -66,6 +66,23 @@ def test_dropped_and_padding_tokens_output_exactly_zero():
     assert bool((y_BTd.reshape(-1, 12)[~no_kept_S] != 0).any(1).all())
 
 
+def test_capacity_from_valid_tokens_counts_only_real_tokens():
+    x_Sd = torch.randn(64, 12)
+    valid_S = torch.arange(64) < 20  # 20 real tokens, 44 padding (a text pass of short captions)
+    all_tokens = make_layer().eval()
+    valid_only = make_layer(capacity_tokens="valid").eval()
+    assert all_tokens(x_Sd, valid=valid_S)[1].routing.capacity == 16  # ceil(64 / 4) = 16
+    y, aux = valid_only(x_Sd, valid=valid_S)
+    assert aux.routing.capacity == 8  # ceil(20 / 4) = 5, rounded up to a multiple of 4
+    # Same routing semantics otherwise: the loop reference with that capacity gives the same output.
+    gates_SE = torch.softmax(x_Sd[valid_S] @ valid_only.router_dE, dim=-1)
+    expected = moe_loop(valid_only.experts, x_Sd[valid_S], route_loop(gates_SE, 1, 8, True))
+    torch.testing.assert_close(y[valid_S], expected, rtol=1e-5, atol=1e-6)
+    assert valid_only(x_Sd)[1].routing.capacity == 16  # no mask: every token is real
+    with pytest.raises(ValueError, match="capacity_tokens must be 'all' or 'valid'"):
+        MoeConfig(dim=4, hidden_dim=8, capacity_tokens="some")
+
+
 def test_padding_does_not_change_routing_of_real_tokens():
     layer = make_layer(capacity_factor=0.5).eval()
     x_Sd = torch.randn(32, 12)

@@ -88,6 +88,8 @@ def test_expert_parallel_config_errors(tmp_path):
         apply_overrides(cfg, ["dist.expert_parallel=0"]).validate()
     with pytest.raises(ConfigError, match=r"needs moe.expert_backend 'auto' or 'bmm'"):
         apply_overrides(tiny_config(tmp_path), ["dist.expert_parallel=2", "moe.expert_backend=grouped_mm"]).validate()
+    with pytest.raises(ConfigError, match=r"needs moe.capacity_tokens='all'"):
+        apply_overrides(tiny_config(tmp_path), ["dist.expert_parallel=2", "moe.capacity_tokens=valid"]).validate()
     dense = tiny_config(tmp_path, model="dense-tiny")
     with pytest.raises(ConfigError, match=r"needs a model with MoE layers"):
         apply_overrides(dense, ["dist.expert_parallel=2"]).validate()

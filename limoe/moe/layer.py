@@ -26,6 +26,12 @@ class MoeConfig:
     batch_priority: bool = True  # LIMoE trains with BPR
     noise_std: float = 1.0  # router noise std is noise_std / num_experts (V-MoE), training only
     capacity_multiple_of: int = 4
+    # Which tokens set the capacity C = ceil(n * k * cf / E): "all" S tokens of the group, padding included
+    # (static shapes, no host sync), or only the "valid" ones. Padding never takes a slot either way, but with
+    # "all" a text pass of short captions in 16 positions gets about twice the slots its real tokens need, so
+    # text tokens can hardly be dropped. "valid" reads the count on the host (a sync on accelerators, shapes
+    # that change with the data under torch.compile) and is refused with expert parallelism.
+    capacity_tokens: str = "all"
     modalities: tuple[str, ...] = ("image", "text")
     # Global-entropy threshold per modality: the loss asks each modality to use at least this many experts
     # (tau = log of it). None: all num_experts for every modality.
@@ -47,6 +53,8 @@ class MoeConfig:
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
         check_expert_backend(self.expert_backend)
+        if self.capacity_tokens not in ("all", "valid"):
+            raise ValueError(f"capacity_tokens must be 'all' or 'valid', got {self.capacity_tokens!r}")
         self.modalities = tuple(self.modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be distinct names, got {self.modalities}")
@@ -118,7 +126,10 @@ class MoeMlp(nn.Module):
         valid_S = self._valid_mask(valid, lead_shape).reshape(-1) if valid is not None else None
 
         logits_SE, noisy_logits_SE = self._router_logits(x_Sd)
-        routing = route(torch.softmax(noisy_logits_SE, dim=-1), cfg.k, self.capacity_for(num_tokens),
+        capacity_from = num_tokens
+        if cfg.capacity_tokens == "valid" and valid_S is not None:
+            capacity_from = max(1, int(valid_S.sum()))  # host sync: the buffers' shape follows the data
+        routing = route(torch.softmax(noisy_logits_SE, dim=-1), cfg.k, self.capacity_for(capacity_from),
                         cfg.batch_priority, valid_S)
         y_Sd = self._dispatch_combine(x_Sd, routing)
 

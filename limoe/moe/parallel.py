@@ -32,6 +32,9 @@ class ExpertParallelMoeMlp(MoeMlp):
         if config.expert_backend == "grouped_mm":
             raise ValueError("expert_backend='grouped_mm' does not combine with expert parallelism (its all_to_all "
                              "exchanges capacity-padded [E, C, d] buffers); use 'auto' or 'bmm'")
+        if config.capacity_tokens != "all":
+            raise ValueError("capacity_tokens='valid' does not combine with expert parallelism (every rank of an "
+                             "expert group must use the same capacity); use 'all'")
         if groups.ep_group is not None and dist.get_world_size(groups.ep_group) != groups.ep_size:
             raise ValueError(f"ep_group has {dist.get_world_size(groups.ep_group)} ranks, expected {groups.ep_size}")
         # Fork (and restore) every RNG manual_seed touches: the global streams stay as they were for the router.

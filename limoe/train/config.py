@@ -149,6 +149,9 @@ class TrainConfig:
             if model.moe_config().expert_backend == "grouped_mm":
                 raise ConfigError(f"dist.expert_parallel={ep} needs moe.expert_backend 'auto' or 'bmm' (the "
                                   f"exchange uses capacity-padded buffers), got 'grouped_mm'")
+            if model.moe_config().capacity_tokens != "all":
+                raise ConfigError(f"dist.expert_parallel={ep} needs moe.capacity_tokens='all' (every rank of an "
+                                  f"expert group must use the same capacity)")
         return self
 
     def check_world(self, world_size: int) -> None:
