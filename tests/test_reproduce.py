@@ -60,8 +60,11 @@ def test_variants_switch_exactly_the_aux_losses_and_bpr():
 
     assert switches(configs["limoe-plain"]) == (False, False, False, False, False)
     assert switches(configs["limoe-vmoe"]) == (True, True, False, False, False)
-    assert switches(configs["limoe-entropy"]) == (False, False, True, True, False)
-    assert switches(configs["limoe-entropy-bpr"]) == (False, False, True, True, True)
+    assert switches(configs["limoe-entropy"]) == (True, True, True, True, False)
+    assert switches(configs["limoe-entropy-bpr"]) == (True, True, True, True, True)
+    # (f) is exactly the default `limoe train` recipe (evaluated once at the end).
+    default = get_preset("default")
+    assert (configs["limoe-entropy-bpr"].loss, configs["limoe-entropy-bpr"].moe) == (default.loss, default.moe)
     # Everything else, training budget included, is the same for all six.
     base = {k: v for k, v in configs["dense"].to_dict().items() if k not in ("model", "loss", "moe")}
     for cfg in configs.values():
@@ -114,6 +117,24 @@ def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path, monkeypatc
     assert "zero-shot top-1 50.00%, 10-shot probe nan%" in lines[1]
 
 
+def test_a_run_folder_of_another_configuration_is_refused(tmp_path):
+    job, other = plan_jobs(SCALES["smoke"], variants=("limoe-plain", "limoe-vmoe"), seeds=(0,), sweep=False)
+    run_dir = tmp_path / "runs" / job.name
+    (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run_dir / "config.json").write_text(other.config(str(run_dir)).to_json())
+    with pytest.raises(ValueError, match="holds a run of another configuration"):
+        runner.run_job(job, tmp_path)
+
+
+def test_study_overrides_reach_every_run_but_not_the_variant_switches():
+    jobs = plan_jobs(SCALES["cpu"], overrides=("moe.num_experts=16", "loss.importance=0.5"), sweep=False)
+    assert len(jobs) == len(VARIANT_NAMES) * len(SCALES["cpu"].seeds)
+    for job in jobs:
+        cfg = job.config("")
+        assert cfg.moe["num_experts"] == 16
+        assert cfg.loss.importance == (0 if job.variant.name == "limoe-plain" else 0.5)
+
+
 # -- the smoke scale, end to end (the CI version of the CPU reproduction) -------------------------------------
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
@@ -146,6 +167,7 @@ def test_smoke_results_are_consistent(smoke):
             * r["steps"]
         m = r["metrics"]
         assert 0 <= m["zero_shot/top1"] <= m["zero_shot/top5"] <= 1
+        assert 0 < m["linear_probe/10shot_balanced"] < 1 and 0 < m["linear_probe/10shot"] < 1
         if r["variant"].startswith("limoe"):
             for modality in ("image", "text"):
                 assert 0 <= r["train_routing_success"][modality] <= 1

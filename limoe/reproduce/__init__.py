@@ -18,7 +18,7 @@ from limoe.reproduce.plan import SCALES, VARIANT_NAMES, VARIANTS, Job, Scale, pl
 from limoe.reproduce.report import (markdown_table, plot_accuracy_vs_compute, plot_routing_success, routing_table,
                                     summary_rows, sweep_table)
 from limoe.reproduce.report import SPECIALIST_SHARE
-from limoe.reproduce.runner import held_out_routing, run_jobs, write_json
+from limoe.reproduce.runner import PROBE_DRAWS, PROBE_SHOTS, held_out_routing, run_jobs, write_json
 
 __all__ = ["SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
 
@@ -47,14 +47,18 @@ def _specialisation(best: dict[str, Any], out_dir: Path) -> Path:
 
 def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce", seeds: tuple[int, ...] | None = None,
               variants: tuple[str, ...] | None = None, parallel: int | None = None, device: str = "auto",
-              report: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train every job of `scale` (skipping finished ones), then write results.md, results.json and plots."""
+              overrides: tuple[str, ...] = (), sweep: bool = True, report: Callable[[str], None] = print
+              ) -> dict[str, Any]:
+    """Train every job of `scale` (skipping finished ones), then write results.md, results.json and plots.
+
+    `overrides`: `--set` strings applied to every run (a study, e.g. "moe.num_experts=16"); `sweep=False` skips
+    the accuracy-vs-compute sizes."""
     if isinstance(scale, str):
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; known: {list(SCALES)}")
         scale = SCALES[scale]
     out_dir = Path(out_dir)
-    jobs = plan_jobs(scale, variants, seeds)
+    jobs = plan_jobs(scale, variants, seeds, tuple(overrides), sweep)
     for job in jobs:  # every config is checked before anything trains
         job.config(str(out_dir / "runs" / job.name))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +90,10 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
     return summary
 
 
+def _train_minutes(results) -> float:
+    return sum(r["train_seconds"] for r in results) / 60
+
+
 def _builtin(job: Job):
     from limoe.train.data import builtin_config
 
@@ -94,9 +102,12 @@ def _builtin(job: Job):
 
 def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job]) -> str:
     parts = [f"# limoe reproduce: {scale.name} scale", "",
-             f"{scale.description}. {len(results)} runs in {minutes:.1f} min. Held-out concepts: zero-shot over "
-             f"their names; retrieval over their image-caption pairs; the probe uses the held-out concepts with "
-             f"more than 10 images. Routing success: training steps of the second half. Mean ± std over seeds.",
+             f"{scale.description}. {len(results)} runs; their training took {_train_minutes(results):.0f} min in "
+             f"all, and this invocation {minutes:.1f} min (finished runs are not trained again). Zero-shot: "
+             f"classify images of the held-out concepts by their names; retrieval: their image-caption pairs; "
+             f"{PROBE_SHOTS}-shot probe: ridge regression on frozen image embeddings into Unicode subcategories "
+             f"(animal-mammal, food-fruit, ...; one image per concept, balanced accuracy, mean of "
+             f"{PROBE_DRAWS} draws of the shots). Mean ± std over seeds.",
              "", markdown_table(results), "", "## Routing of the LIMoE variants", "",
              "Routing success: share of a modality's tokens whose top-1 expert had room (training steps of the "
              "second half; held-out pairs in groups of one training batch). Effective experts: exp(entropy) of "

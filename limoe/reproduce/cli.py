@@ -30,6 +30,9 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: the scale's)")
     p.add_argument("--variants", type=_names, help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}")
     p.add_argument("--parallel", type=int, help="runs at once, one CPU thread each (default: the scale's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every run, e.g. moe.num_experts=16 (repeatable; as in train)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the accuracy-vs-compute model sizes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     p.set_defaults(func=run_reproduce)
     return p
@@ -44,7 +47,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = reproduce(args.scale, args.out or f"runs/reproduce-{args.scale}", seeds=args.seeds,
-                            variants=args.variants, parallel=args.parallel, device=args.device)
+                            variants=args.variants, parallel=args.parallel, device=args.device,
+                            overrides=tuple(args.set), sweep=not args.no_sweep)
     except (ConfigError, ValueError) as e:
         print(f"limoe: error: {e}", file=sys.stderr)
         return 2

@@ -27,16 +27,17 @@ class Variant:
         return self.model == "limoe"
 
 
-# The paper's comparison (a, b) and its ablation of the stabilisers (c-f). Dense and two-tower have no router,
-# so their aux-loss settings do not matter. All LIMoE variants share the model; only losses and BPR differ.
+# The paper's comparison (a, b) and its ablation of the stabilisers (c-f), each LIMoE step adding one to the
+# previous: (f) is the full recipe, `limoe train`'s default. Dense and two-tower have no router, so aux-loss
+# settings do not matter for them. All LIMoE variants share the model; only losses and BPR differ.
 VARIANTS = (
     Variant("dense", "(a) dense one-tower", "dense"),
     Variant("two-tower", "(b) two-tower (CLIP)", "two-tower"),
     Variant("limoe-plain", "(c) LIMoE, no aux losses, no BPR", "limoe",
             (*_NO_VMOE, *_NO_ENTROPY, "moe.batch_priority=false")),
     Variant("limoe-vmoe", "(d) LIMoE + importance/load (V-MoE)", "limoe", (*_NO_ENTROPY, "moe.batch_priority=false")),
-    Variant("limoe-entropy", "(e) LIMoE + entropy losses", "limoe", (*_NO_VMOE, "moe.batch_priority=false")),
-    Variant("limoe-entropy-bpr", "(f) LIMoE + entropy losses + BPR", "limoe", _NO_VMOE),
+    Variant("limoe-entropy", "(e) (d) + per-modality entropy losses", "limoe", ("moe.batch_priority=false",)),
+    Variant("limoe-entropy-bpr", "(f) (e) + BPR: full LIMoE", "limoe"),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
@@ -111,25 +112,30 @@ class Job:
         return f"limoe train --preset {self.preset} --model {self.model} {sets}"
 
 
-def plan_jobs(scale: Scale, variants: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None
-              ) -> list[Job]:
-    """The jobs of a scale: every chosen variant x seed at the base size, then the compute sweep."""
+def plan_jobs(scale: Scale, variants: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None,
+              overrides: tuple[str, ...] = (), sweep: bool = True) -> list[Job]:
+    """The jobs of a scale: every chosen variant x seed at the base size, then the compute sweep.
+
+    `overrides` (`--set` strings) go into every job after the scale's own and before the variant's, so a study
+    such as `moe.num_experts=16` changes every LIMoE variant while each keeps its aux-loss / BPR switches.
+    """
     chosen = variants or VARIANT_NAMES
     unknown = [v for v in chosen if v not in VARIANT_NAMES]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {list(VARIANT_NAMES)}")
     seeds = seeds or scale.seeds
+    base = (*scale.base, *overrides)
     jobs = []
     for variant in VARIANTS:
         if variant.name not in chosen:
             continue
         for seed in seeds:
-            jobs.append(Job(variant, "base", seed, (*scale.base, *variant.overrides, f"seed={seed}"),
+            jobs.append(Job(variant, "base", seed, (*base, *variant.overrides, f"seed={seed}"),
                             f"{variant.model}-{scale.model_size}", scale.preset))
-    for size in scale.sweep:
+    for size in scale.sweep if sweep else ():
         for variant in VARIANTS:
             if variant.name in scale.sweep_variants and variant.name in chosen:
                 jobs.append(Job(variant, size.name, seeds[0],
-                                (*scale.base, *size.overrides, *variant.overrides, f"seed={seeds[0]}"),
+                                (*base, *size.overrides, *variant.overrides, f"seed={seeds[0]}"),
                                 f"{variant.model}-{scale.model_size}", scale.preset))
     return jobs

@@ -6,6 +6,7 @@ so `limoe reproduce` can be stopped and restarted without losing finished work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -56,7 +57,9 @@ def probe_metrics(model, cfg, shots: int = PROBE_SHOTS, seed: int = 0) -> dict[s
     from limoe.jobs import load_images
     from limoe.train.data import builtin_config
 
-    paths, labels, names = builtin_category_probe(builtin_config(cfg), min_concepts=shots + 1)
+    # The whole built-in set even when training used a subset (data.max_concepts): the probe is its own task.
+    whole = dataclasses.replace(builtin_config(cfg), max_concepts=None)
+    paths, labels, names = builtin_category_probe(whole, min_concepts=shots + 1)
     keys = (f"linear_probe/{shots}shot", f"linear_probe/{shots}shot_balanced")
     if len(names) < 2:  # one class: every guess is right, which measures nothing
         return dict.fromkeys(keys, math.nan)
@@ -135,6 +138,9 @@ def _train_once(job: Job, cfg, run_dir: Path) -> tuple[Path, dict[str, float], d
 
     record_path = run_dir / TRAIN_FILE
     checkpoints = ckpt.list_checkpoints(run_dir)
+    if (run_dir / "config.json").is_file() and not _same_config(run_dir, cfg):
+        raise ValueError(f"{run_dir} holds a run of another configuration (an older plan?); move it away or "
+                         f"use another --out")
     if record_path.is_file() and checkpoints:
         record = json.loads(record_path.read_text(encoding="utf-8"))
         state, _ = ckpt.read_state(checkpoints[-1])
@@ -148,6 +154,13 @@ def _train_once(job: Job, cfg, run_dir: Path) -> tuple[Path, dict[str, float], d
               "chance": run.chance, "train_routing_success": train_routing_success(run_dir, cfg.steps)}
     write_json(record_path, record)
     return run.checkpoint, {k: v for k, v in run.metrics.items() if not k.startswith("train/")}, record
+
+
+def _same_config(run_dir: Path, cfg) -> bool:
+    from limoe.train.config import load_config
+
+    stored = load_config(str(run_dir / "config.json")).to_dict()
+    return {**stored, "device": None} == {**cfg.to_dict(), "device": None}
 
 
 def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]:
