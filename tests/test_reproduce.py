@@ -40,6 +40,18 @@ def test_effective_experts(routed, expected):
     assert effective_experts(torch.tensor(routed)) == pytest.approx(expected)
 
 
+def test_routing_view_counts_specialised_experts_per_layer():
+    from limoe.reproduce.report import routing_view
+
+    layer_a = {"image_share": [0.95, 0.05, 0.5, 1.0], "tokens": [10, 10, 10, 0]}  # the idle expert counts for none
+    layer_b = {"image_share": [0.9, 0.9, 0.89, 0.2], "tokens": [5, 5, 5, 5]}
+    view = routing_view({"eval_routing": {"layers": [layer_a, layer_b], "routing_success": {"image": 0.8}},
+                         "train_routing_success": {"text": 1.0}})
+    assert view["specialists"] == {"image": pytest.approx((1 + 2) / 2), "text": pytest.approx((1 + 0) / 2)}
+    assert view["eval_routing_success"] == {"image": 0.8} and view["train_routing_success"] == {"text": 1.0}
+    assert routing_view({"variant": "dense"})["specialists"] == {}
+
+
 # -- the plan ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", list(SCALES))
 def test_every_job_of_every_scale_is_a_valid_config(scale):
@@ -97,6 +109,9 @@ def test_unknown_variant_and_bad_parallel_are_one_line_errors(capsys, tmp_path):
     assert "unknown variants ['nope']" in capsys.readouterr().err
     assert main(["reproduce", "--scale", "smoke", "--parallel", "0", "--out", str(tmp_path)]) == 2
     assert "--parallel must be >= 1" in capsys.readouterr().err
+    assert main(["reproduce", "--scale", "smoke", "--set", "moe.bogus=1", "--out", str(tmp_path)]) == 2
+    assert "unknown option 'moe.bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # every config is checked before anything runs
 
 
 def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
@@ -154,7 +169,7 @@ def test_smoke_reproduction_writes_table_plots_and_report(smoke):
     for variant in plan_jobs(SCALES["smoke"]):
         assert variant.variant.label in md
         assert variant.command() in md
-    for png in ("accuracy_vs_compute.png", "routing_success.png", "analysis/modality_share.png"):
+    for png in ("accuracy_vs_compute.png", "routing_success.png", "expert_specialisation.png"):
         assert (out / png).stat().st_size > 1000, png
     assert (out / "analysis" / "index.html").is_file()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +43,8 @@ def _specialisation(best: dict[str, Any], out_dir: Path) -> Path:
     model, tokenizer, cfg = limoe.load_checkpoint(run_dir)
     analysis = held_out_routing(model, tokenizer, cfg)
     write_report(analysis, out_dir / "analysis", metrics_path=run_dir / "metrics.jsonl")
+    # The blog's specialisation bars, also beside results.md so the table and its pictures travel together.
+    shutil.copyfile(out_dir / "analysis" / "modality_share.png", out_dir / "expert_specialisation.png")
     return out_dir / "analysis"
 
 
@@ -119,9 +122,9 @@ def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job
         if paths.get(name):
             parts.append(f"![{title}]({Path(paths[name]).name})")
     if best is not None:
-        parts += ["", f"Routing report of the best LIMoE ({best['label']}, seed {best['seed']}): "
-                      f"[analysis/index.html](analysis/index.html); expert specialisation: "
-                      f"![expert modality shares](analysis/modality_share.png)"]
+        parts += ["", f"Expert specialisation of the best LIMoE ({best['label']}, seed {best['seed']}) on the held-out "
+                      f"pairs; its whole routing report is `analysis/index.html` in the output folder:", "",
+                  "![expert modality shares](expert_specialisation.png)"]
     parts += ["", "## Commands", "", "Each run is one `limoe train`:", "", "```"]
     parts += [f"{job.command()} --run-dir runs/{job.name}" for job in jobs]
     parts += ["```", ""]

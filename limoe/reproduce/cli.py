@@ -52,4 +52,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"limoe: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"limoe: interrupted{f' ({e})' if str(e) else ''}; the same command continues where this stopped",
+              file=sys.stderr)
+        return 130
     return 1 if summary["failed"] else 0

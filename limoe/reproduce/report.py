@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,7 @@ def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | No
         for bar, (mean, _) in zip(bars, stats):
             ax.text(bar.get_x() + bar.get_width() / 2, 0.02, f"{mean:.2f}", ha="center", va="bottom", fontsize=7,
                     color="white", rotation=90)
-    ax.set_xticks(x, [label.replace("LIMoE", "LIMoE\n", 1) for label, _ in rows], fontsize=7)
+    ax.set_xticks(x, [textwrap.fill(label, 22) for label, _ in rows], fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("routing success (top-1 kept)")
     ax.set_title("Routing success per modality during training", fontsize=10)
