@@ -12,7 +12,7 @@ from limoe.analysis import AnalysisConfig, analyze_routing
 from limoe.analysis.cli import add_analyze_parser
 from limoe.analysis.metrics_log import find_metrics, read_metrics
 from limoe.analysis.report import write_report
-from _analysis_forced import WordTokenizer, force_routing, images
+from _analysis_forced import WordTokenizer, images
 
 WORDS = ["red", "blue", "circle", "square"]
 MOE_PLOTS = ["modality_share.png", "routing_success.png", "expert_usage.png", "token_maps.png",

@@ -39,7 +39,7 @@ def test_probe_set_has_one_plain_image_per_concept_and_big_enough_classes():
 def test_probe_metrics_of_an_untrained_model_are_finite_rates():
     from limoe.reproduce import SCALES, plan_jobs
     from limoe.model.registry import build_model
-    from limoe.reproduce.runner import probe_metrics
+    from limoe.reproduce.metrics import probe_metrics
 
     cfg = next(j for j in plan_jobs(SCALES["cpu"], seeds=(0,)) if j.variant.name == "dense").config("")
     torch.manual_seed(0)

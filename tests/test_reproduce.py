@@ -13,7 +13,7 @@ from limoe.evaluate import k_shot_split
 from limoe.model.registry import get_model_info
 from limoe.reproduce import SCALES, VARIANT_NAMES, plan_jobs, reproduce
 from limoe.reproduce import runner
-from limoe.reproduce.runner import effective_experts
+from limoe.reproduce.metrics import effective_experts
 from limoe.train import apply_overrides, get_preset
 
 

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from limoe.reproduce.metrics import PROBE_DRAWS, PROBE_SHOTS, held_out_routing
 from limoe.reproduce.plan import SCALES, VARIANT_NAMES, VARIANTS, Job, Scale, plan_jobs
-from limoe.reproduce.report import (markdown_table, plot_accuracy_vs_compute, plot_routing_success, routing_table,
-                                    summary_rows, sweep_table)
-from limoe.reproduce.report import SPECIALIST_SHARE
-from limoe.reproduce.runner import PROBE_DRAWS, PROBE_SHOTS, held_out_routing, run_jobs, write_json
+from limoe.reproduce.report import (SPECIALIST_SHARE, markdown_table, plot_accuracy_vs_compute, plot_routing_success,
+                                    routing_table, summary_rows, sweep_table)
+from limoe.reproduce.runner import run_jobs, write_json
 
 __all__ = ["SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
 

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from limoe.analysis.plots import IMAGE_COLOUR, TEXT_COLOUR  # noqa: E402
+from limoe.reproduce.metrics import PROBE_SHOTS  # noqa: E402
 from limoe.reproduce.plan import VARIANTS  # noqa: E402
-from limoe.reproduce.runner import PROBE_SHOTS  # noqa: E402
 
 PROBE = f"linear_probe/{PROBE_SHOTS}shot_balanced"  # see runner.probe_metrics
 # (column title, where the number lives in a result, scale, decimals)

@@ -6,11 +6,9 @@ so `limoe reproduce` can be stopped and restarted without losing finished work.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -19,12 +17,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
+from limoe.reproduce.metrics import (PROBE_SHOTS, held_out_routing, probe_metrics, routing_summary,
+                                    train_routing_success)
 from limoe.reproduce.plan import Job
 
-PROBE_SHOTS = 10
-PROBE_DRAWS = 5  # shot draws averaged per probe
 RESULT_FILE = "result.json"  # the evaluated result of a job
 TRAIN_FILE = "train.json"  # what training alone produced (time, routing during training)
 EVAL_VERSION = 2  # bump when the evaluation changes: finished runs are then re-evaluated, not retrained
@@ -46,89 +42,6 @@ def _finite(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return x
-
-
-def probe_metrics(model, cfg, shots: int = PROBE_SHOTS, seed: int = 0) -> dict[str, float]:
-    """A `shots`-shot ridge probe on frozen image embeddings: classify built-in emoji into Unicode
-    subcategories (animal-mammal, food-fruit, ...), one image per concept. Accuracy over all test images and
-    balanced (mean per-class recall: country flags are a quarter of the images). NaN when no class is big enough."""
-    from limoe import evaluate
-    from limoe.data.categories import builtin_category_probe
-    from limoe.jobs import load_images
-    from limoe.train.data import builtin_config
-
-    # The whole built-in set even when training used a subset (data.max_concepts): the probe is its own task.
-    whole = dataclasses.replace(builtin_config(cfg), max_concepts=None)
-    paths, labels, names = builtin_category_probe(whole, min_concepts=shots + 1)
-    keys = (f"linear_probe/{shots}shot", f"linear_probe/{shots}shot_balanced")
-    if len(names) < 2:  # one class: every guess is right, which measures nothing
-        return dict.fromkeys(keys, math.nan)
-    model_device = next(model.parameters()).device
-    embeds = []
-    with torch.no_grad():
-        for i in range(0, len(paths), cfg.eval.batch_size):
-            images = load_images([str(p) for p in paths[i:i + cfg.eval.batch_size]], cfg.data.image_size)
-            embeds.append(model.encode_image(images.to(model_device)).float().cpu())
-    embeds_ND, labels_N = torch.cat(embeds), torch.tensor(labels)
-    totals = dict.fromkeys(keys, 0.0)
-    for draw in range(PROBE_DRAWS):  # which concepts are the shots moves the score by a few points: average
-        train_idx, test_idx, new_N = evaluate.k_shot_split(labels_N, shots, seed + draw)
-        result = evaluate.linear_probe_from_embeddings(embeds_ND[train_idx], new_N[train_idx],
-                                                       [(embeds_ND[test_idx], new_N[test_idx])], len(names))
-        totals[keys[0]] += result["accuracy"] / PROBE_DRAWS
-        totals[keys[1]] += result["balanced_accuracy"] / PROBE_DRAWS
-    return totals
-
-
-def held_out_routing(model, tokenizer, cfg):
-    """Routing analysis of the held-out pairs with evaluation routing, in training-sized groups."""
-    from limoe.analysis.routing_stats import AnalysisConfig, analyze_routing
-    from limoe.data import ImageConfig, load_builtin
-    from limoe.train.data import builtin_config
-
-    pairs = load_builtin("test", cfg=builtin_config(cfg), image=ImageConfig(image_size=cfg.data.image_size),
-                         train=False, shuffle=True, seed=0, rank=0, world_size=1)
-    return analyze_routing(model, tokenizer, pairs, AnalysisConfig(num_pairs=None, batch_size=cfg.data.batch_size))
-
-
-def routing_summary(analysis) -> dict[str, Any]:
-    """Per modality routing success over all MoE layers, and per layer each expert's image share."""
-    totals = None
-    for layer in analysis.layers:
-        totals = layer.stats if totals is None else totals + layer.stats
-    mods = list(totals.modalities)
-    layers = []
-    for layer in analysis.layers:
-        processed_ME = layer.stats.processed_ME.double()
-        total_E = processed_ME.sum(0)
-        share_E = processed_ME[mods.index("image")] / total_E.clamp(min=1)
-        layers.append({"name": layer.ref.name, "image_share": share_E.tolist(), "tokens": total_E.tolist()})
-    return {"routing_success": {m: totals.routing_success_M[i].item() for i, m in enumerate(mods)},
-            "effective_experts": {m: statistics.fmean(effective_experts(layer.stats.routed_ME[i])
-                                                      for layer in analysis.layers) for i, m in enumerate(mods)},
-            "layers": layers}
-
-
-def effective_experts(routed_E: torch.Tensor) -> float:
-    """exp(entropy) of how a modality's top-1 choices spread over experts: E if even, 1 if all pick one expert
-    (a collapse that capacity slack can hide from routing success)."""
-    p_E = routed_E.double() / routed_E.sum().clamp(min=1)
-    return math.exp(-float(torch.special.xlogy(p_E, p_E).sum()))
-
-
-def train_routing_success(run_dir: Path, steps: int) -> dict[str, float]:
-    """Mean routing success per modality over the logged training steps of the second half of the run."""
-    from limoe.analysis.metrics_log import read_metrics
-
-    rows, _ = read_metrics(run_dir / "metrics.jsonl")
-    out = {}
-    for modality in ("image", "text"):
-        key = f"routing/routing_success/{modality}"
-        values = [r[key] for r in rows if r.get("kind") == "train" and r.get("step", 0) > steps / 2
-                  and isinstance(r.get(key), (int, float))]
-        if values:
-            out[modality] = sum(values) / len(values)
-    return out
 
 
 def _train_once(job: Job, cfg, run_dir: Path) -> tuple[Path, dict[str, float], dict[str, Any]]:
