@@ -86,7 +86,12 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
                "summary": summary_rows(done), "failed": [r["job"] for r in failed],
                "best_limoe": best["job"] if best else None}
     write_json(out_dir / "results.json", summary)
-    (out_dir / "results.md").write_text(_markdown(scale, done, paths, best, minutes, jobs), encoding="utf-8")
+    command = " ".join(["limoe reproduce --scale", scale.name,
+                        *([f"--seeds {','.join(map(str, seeds))}"] if seeds else []),
+                        *([f"--variants {','.join(variants)}"] if variants else []),
+                        *(f"--set {o}" for o in overrides), *([] if sweep else ["--no-sweep"])])
+    (out_dir / "results.md").write_text(_markdown(scale, done, paths, best, minutes, jobs, command),
+                                        encoding="utf-8")
     report("\n" + markdown_table(done))
     report(f"\nlimoe reproduce: {len(done)} runs done, {len(failed)} failed, {minutes:.1f} min; "
            f"{out_dir / 'results.md'}")
@@ -103,9 +108,9 @@ def _builtin(job: Job):
     return builtin_config(job.config(""))
 
 
-def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job]) -> str:
-    parts = [f"# limoe reproduce: {scale.name} scale", "",
-             f"{scale.description}. {len(results)} runs; their training took {_train_minutes(results):.0f} min in "
+def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job], command: str) -> str:
+    parts = [f"# limoe reproduce: {scale.name} scale", "", f"`{command}`: {scale.description}.", "",
+             f"{len(results)} runs; their training took {_train_minutes(results):.0f} min in "
              f"all, and this invocation {minutes:.1f} min (finished runs are not trained again). Zero-shot: "
              f"classify images of the held-out concepts by their names; retrieval: their image-caption pairs; "
              f"{PROBE_SHOTS}-shot probe: ridge regression on frozen image embeddings into Unicode subcategories "

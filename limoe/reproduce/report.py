@@ -194,7 +194,7 @@ def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | No
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("routing success (top-1 kept)")
     ax.set_title("Routing success per modality during training", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return _save(fig, path)
 
