@@ -35,8 +35,8 @@ class MoeConfig:
     # Global-entropy threshold per modality: the loss asks each modality to use at least this many experts
     # (tau = log of it). None: all num_experts for every modality.
     global_entropy_min_experts: tuple[float, ...] | None = None
-    # How the experts run (see limoe.moe.experts): "auto" = grouped GEMM on packed rows where torch has a fused
-    # kernel for it (CUDA sm90/sm100, bf16), else batched matmuls on capacity-padded buffers ("bmm").
+    # How the experts run (see limoe.moe.experts): "bmm" = batched matmuls on capacity-padded buffers,
+    # "grouped_mm" = grouped GEMM on packed rows (CUDA sm90/sm100 in bf16, or CPU); "auto" = "bmm" for now.
     expert_backend: str = "auto"
 
     def __post_init__(self) -> None:
