@@ -68,7 +68,7 @@ SCALES = {
         ("steps=4", "data.batch_size=16", "optim.warmup_steps=1", "eval.interval=0", "threads=1"),
         seeds=(0,), sweep=(Size("w48", ("model.width=48", "model.mlp_dim=192")),), parallel=1),
     "cpu": Scale(
-        "cpu", "under 45 minutes on 2 CPU cores: tiny models (width 64, 4 blocks) on the whole built-in data",
+        "cpu", "about 25 minutes on 2 CPU cores: tiny models (width 64, 4 blocks) on the whole built-in data",
         "default", "tiny", ("eval.interval=0", "threads=1"),
         seeds=(0, 1, 2),
         sweep=(Size("w32", ("model.width=32", "model.heads=2", "model.mlp_dim=128")),
