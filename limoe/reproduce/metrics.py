@@ -29,13 +29,11 @@ def probe_metrics(model, cfg, shots: int = PROBE_SHOTS, seed: int = 0) -> dict[s
     keys = (f"linear_probe/{shots}shot", f"linear_probe/{shots}shot_balanced")
     if len(names) < 2:  # one class: every guess is right, which measures nothing
         return dict.fromkeys(keys, math.nan)
-    model_device = next(model.parameters()).device
-    embeds = []
-    with torch.no_grad():
-        for i in range(0, len(paths), cfg.eval.batch_size):
-            images = load_images([str(p) for p in paths[i:i + cfg.eval.batch_size]], cfg.data.image_size)
-            embeds.append(model.encode_image(images.to(model_device)).float().cpu())
-    embeds_ND, labels_N = torch.cat(embeds), torch.tensor(labels)
+    size = cfg.eval.batch_size
+    batches = ((load_images([str(p) for p in paths[i:i + size]], cfg.data.image_size), labels[i:i + size])
+               for i in range(0, len(paths), size))
+    embeds_ND = torch.cat([z.float().cpu() for z, _ in evaluate.image_embeddings(model, batches)])
+    labels_N = torch.tensor(labels)
     totals = dict.fromkeys(keys, 0.0)
     for draw in range(PROBE_DRAWS):  # which concepts are the shots moves the score by a few points: average
         train_idx, test_idx, new_N = evaluate.k_shot_split(labels_N, shots, seed + draw)
@@ -64,11 +62,9 @@ def routing_summary(analysis) -> dict[str, Any]:
         totals = layer.stats if totals is None else totals + layer.stats
     mods = list(totals.modalities)
     layers = []
-    for layer in analysis.layers:
-        processed_ME = layer.stats.processed_ME.double()
-        total_E = processed_ME.sum(0)
-        share_E = processed_ME[mods.index("image")] / total_E.clamp(min=1)
-        layers.append({"name": layer.ref.name, "image_share": share_E.tolist(), "tokens": total_E.tolist()})
+    for layer in analysis.layers:  # an idle expert's share is NaN (null in JSON)
+        layers.append({"name": layer.ref.name, "image_share": layer.stats.share_of("image").tolist(),
+                       "tokens": layer.stats.processed_ME.sum(0).tolist()})
     return {"routing_success": {m: totals.routing_success_M[i].item() for i, m in enumerate(mods)},
             "effective_experts": {m: statistics.fmean(effective_experts(layer.stats.routed_ME[i])
                                                       for layer in analysis.layers) for i, m in enumerate(mods)},
@@ -76,8 +72,8 @@ def routing_summary(analysis) -> dict[str, Any]:
 
 
 def effective_experts(routed_E: torch.Tensor) -> float:
-    """exp(entropy) of how a modality's top-1 choices spread over experts: E if even, 1 if all pick one expert
-    (a collapse that capacity slack can hide from routing success)."""
+    """exp(entropy) of how a modality's routing choices spread over experts: E if even, 1 if all pick one
+    expert (a collapse that capacity slack can hide from routing success)."""
     p_E = routed_E.double() / routed_E.sum().clamp(min=1)
     return math.exp(-float(torch.special.xlogy(p_E, p_E).sum()))
 
