@@ -179,19 +179,27 @@ def test_grouped_mm_compiles_as_one_graph_under_bf16_autocast():
 
 # -- CUDA: run where a GPU is present -----------------------------------------------------------------------------
 def _fast_grouped_mm() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10) and hasattr(torch, "_grouped_mm")
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)
+            and hasattr(torch, "_grouped_mm"))
+
+
+needs_fused_grouped_mm = pytest.mark.skipif(not _fast_grouped_mm(),
+                                            reason="needs the fused grouped_mm kernel (sm90/sm100)")
+BOTH_BACKENDS_ON_CUDA = ["bmm", pytest.param("grouped_mm", marks=needs_fused_grouped_mm)]
+
+
+def cuda_test(test):
+    """Marked `cuda` (selected by `pytest -m cuda`) and skipped where no GPU is present."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
 def _rel_err(got, want):
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["bmm", "grouped_mm"])
+@cuda_test
+@pytest.mark.parametrize("backend", BOTH_BACKENDS_ON_CUDA)
 def test_cuda_bf16_matches_cpu_reference(backend):
-    if backend == "grouped_mm" and not _fast_grouped_mm():
-        pytest.skip("needs the fused grouped_mm kernel (sm90/sm100)")
     layer = make_pair(dim=64, hidden_dim=128, num_experts=8, k=1, capacity_factor=1.0)[backend == "grouped_mm"].eval()
     x_Sd = torch.randn(2048, 64)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -206,11 +214,9 @@ def test_cuda_bf16_matches_cpu_reference(backend):
     assert (aux_cpu.routing.kept_SK == routing.kept_SK).float().mean() > 0.99
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda_test
+@needs_fused_grouped_mm
 def test_cuda_backends_agree_in_bf16_forward_and_backward():
-    if not _fast_grouped_mm():
-        pytest.skip("needs the fused grouped_mm kernel (sm90/sm100)")
     bmm, grouped = make_pair("cuda", dim=64, hidden_dim=128, num_experts=8, k=2, capacity_factor=1.25)
     args = inputs("cuda", batch=8, tokens=256, dim=64)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -222,13 +228,10 @@ def test_cuda_backends_agree_in_bf16_forward_and_backward():
         assert _rel_err(grads_g[name], g) < 2e-2, name
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["bmm", "grouped_mm"])
+@cuda_test
+@pytest.mark.parametrize("backend", BOTH_BACKENDS_ON_CUDA)
 @pytest.mark.parametrize("phase", ["forward", "backward"])
 def test_cuda_layer_never_syncs_with_the_host(backend, phase):
-    if backend == "grouped_mm" and not _fast_grouped_mm():
-        pytest.skip("needs the fused grouped_mm kernel (sm90/sm100)")
     layer = make_pair("cuda", dim=64, hidden_dim=128, num_experts=8, k=2, batch_priority=True)[
         backend == "grouped_mm"].train()
     x_BTd, modality_BT, valid_BT = inputs("cuda", batch=8, tokens=64, dim=64)
@@ -254,11 +257,9 @@ def test_cuda_layer_never_syncs_with_the_host(backend, phase):
     torch.cuda.synchronize()
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda_test
+@needs_fused_grouped_mm
 def test_cuda_grouped_mm_compiles_as_one_graph():
-    if not _fast_grouped_mm():
-        pytest.skip("needs the fused grouped_mm kernel (sm90/sm100)")
     bmm, grouped = make_pair("cuda", dim=64, hidden_dim=128, num_experts=8, k=1, capacity_factor=1.0)
     x_Sd = torch.randn(4096, 64, device="cuda")
 
