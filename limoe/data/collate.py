@@ -31,6 +31,11 @@ class PairBatch:
     def __len__(self) -> int:
         return self.images_B3HW.shape[0]
 
+    def rows(self, start: int, stop: int) -> "PairBatch":
+        """Pairs start..stop-1 of this batch (views, no copies): a micro-batch of gradient accumulation."""
+        return PairBatch(self.images_B3HW[start:stop], self.ids_BL[start:stop], self.padding_mask_BL[start:stop],
+                         self.eos_index_B[start:stop], self.captions[start:stop])
+
 
 class PairCollate:
     """collate_fn for (image, caption) samples; a class (not a closure) so worker processes can pickle it."""

@@ -68,14 +68,8 @@ def step_losses(model: nn.Module, batch, cfg: TrainConfig, device: torch.device
 
 
 def _split(batch, parts: int) -> list:
-    if parts == 1:
-        return [batch]
-    from limoe.data import PairBatch
-
     n = len(batch) // parts
-    return [PairBatch(batch.images_B3HW[i * n:(i + 1) * n], batch.ids_BL[i * n:(i + 1) * n],
-                      batch.padding_mask_BL[i * n:(i + 1) * n], batch.eos_index_B[i * n:(i + 1) * n],
-                      batch.captions[i * n:(i + 1) * n]) for i in range(parts)]
+    return [batch.rows(i * n, (i + 1) * n) for i in range(parts)] if parts > 1 else [batch]
 
 
 class _Signals:
@@ -293,20 +287,20 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                         sums_T[name] = sums_T[name] + part if name in sums_T else part
                     if stats is not None:
                         window_stats = stats if window_stats is None else window_stats + stats
-                # One host transfer per step for every logged term.
-                sums = dict(zip(sums_T, torch.stack(list(sums_T.values())).tolist()))
+                if ep_groups is not None:
+                    allreduce_gradients(model, ep_groups)
+                if cfg.optim.grad_clip and ep_groups is not None:  # expert gradients are sharded
+                    sums_T["grad_norm"] = torch.tensor(ep.clip_grad_norm(model, cfg.optim.grad_clip, ep_groups),
+                                                       device=device)
+                elif cfg.optim.grad_clip:
+                    sums_T["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                # One host transfer per step for every logged term and the grad norm; nothing steps before it.
+                sums = dict(zip(sums_T, torch.stack([v.float() for v in sums_T.values()]).tolist()))
                 if not math.isfinite(sums["total_loss"]):
                     where = (f"; the last good checkpoint is {last_saved}" if last_saved
                              else "; no checkpoint was written yet")
                     raise TrainingError(f"non-finite loss ({sums['total_loss']}) at step {step + 1}, "
                                         f"stopping{where}")
-                if ep_groups is not None:
-                    allreduce_gradients(model, ep_groups)
-                grad_norm = None
-                if cfg.optim.grad_clip and ep_groups is not None:  # expert gradients are sharded
-                    grad_norm = ep.clip_grad_norm(model, cfg.optim.grad_clip, ep_groups)
-                elif cfg.optim.grad_clip:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
                 optimizer.step()
                 step += 1
                 ran += 1
@@ -318,8 +312,6 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                     last_routing = routing
                     values = {**sums, "lr": lr, "pairs_per_s": window_steps * cfg.data.batch_size / seconds,
                               **{f"routing/{k}": v for k, v in routing.items()}}
-                    if grad_norm is not None:
-                        values["grad_norm"] = grad_norm
                     logger.log("train", step, values)
                     post = {"loss": f"{sums['total_loss']:.3f}", "pairs/s": f"{values['pairs_per_s']:.0f}"}
                     for modality in ("image", "text"):
