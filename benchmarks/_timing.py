@@ -11,6 +11,13 @@ from typing import Callable
 import torch
 
 
+def autocast_dtype(name: str, device: torch.device) -> tuple[str, torch.dtype]:
+    """(name, dtype) of a --dtype choice; "auto" is bf16 autocast on CUDA and fp32 (no autocast) elsewhere."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return name, {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

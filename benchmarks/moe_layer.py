@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import profile_top, time_interleaved  # noqa: E402
+from _timing import autocast_dtype, profile_top, time_interleaved  # noqa: E402
 
 from limoe.model import Mlp  # noqa: E402
 from limoe.moe import MoeConfig, MoeMlp, route  # noqa: E402
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for flag in ("warmup", "profile"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype_name, dtype = autocast_dtype(args.dtype, device)
     backends = args.backends or default_backends(device, dtype, args.dim, args.hidden)
     # Forward+backward of a d->h->d MLP: 2 matmuls x 2 flops x 3 (forward, grad input, grad weight).
     flops = 12 * args.tokens * args.dim * args.hidden * args.k

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import profile_top, time_interleaved  # noqa: E402
+from _timing import autocast_dtype, profile_top, time_interleaved  # noqa: E402
 
 from limoe.losses import LossConfig, compute_losses  # noqa: E402
 from limoe.model import create_model, get_config, get_model_info  # noqa: E402
@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype_name, dtype = autocast_dtype(args.dtype, device)
     batch_size = args.batch or (256 if device.type == "cuda" else 8)
     variant = "tiny" if args.tiny else args.preset
     names = {"dense": f"dense-{variant}", "limoe": f"limoe-{variant}"}

@@ -27,12 +27,6 @@ def _load(checkpoint: str, device: str):
         raise JobError(str(e)) from None
 
 
-def _image_config(config, model):
-    from limoe.data import ImageConfig
-
-    return ImageConfig(image_size=model.config.image_size)
-
-
 # -- classify -------------------------------------------------------------------------------------------------
 def load_images(paths: Sequence[str], image_size: int) -> torch.Tensor:
     """[N, 3, S, S] evaluation-transformed images; a missing or unreadable file is a one-line JobError."""
@@ -102,12 +96,13 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
     """Zero-shot on an image folder (default: the built-in held-out concepts), retrieval on a CSV of pairs
     (default: the built-in test split), and a k-shot linear probe when two image folders are given."""
     from limoe import evaluate
-    from limoe.data import CsvPairs, ImageFolder, LoaderConfig, builtin_zero_shot, load_builtin, make_loader
+    from limoe.data import (CsvPairs, ImageConfig, ImageFolder, LoaderConfig, builtin_zero_shot, load_builtin,
+                            make_loader)
     from limoe.train import evaluation
     from limoe.train.data import builtin_config
 
     model, tokenizer, config = _load(checkpoint, device)
-    image = _image_config(config, model)
+    image = ImageConfig(image_size=model.config.image_size)
     one = dict(rank=0, world_size=1)
     metrics: dict[str, float] = {}
     try:
@@ -164,7 +159,8 @@ def embed(checkpoint: str, output: str, images: Sequence[str] = (), texts: Seque
                 pixels = load_images(images[start:start + batch_size], model.config.image_size).to(device)
                 chunks.append(model.encode_image(pixels).cpu())
             else:
-                chunks.append(model.encode_text(tokenizer(list(texts[start:start + batch_size])).ids_BL.to(device)).cpu())
+                ids_BL = tokenizer(list(texts[start:start + batch_size])).ids_BL
+                chunks.append(model.encode_text(ids_BL.to(device)).cpu())
     z_ND = torch.cat(chunks).float().contiguous()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":

@@ -55,11 +55,10 @@ def resolve_expert_backend(backend: str, device: torch.device, dtype: torch.dtyp
     if backend == "auto":
         return "bmm"  # until the grouped path has been checked and timed on a GPU (see the module docstring)
     if backend == "grouped_mm":
-        fast = grouped_mm_is_fast(device, dtype, dim, hidden_dim)
         if not hasattr(torch, "_grouped_mm"):
             raise ValueError(f"expert_backend='grouped_mm' needs torch._grouped_mm (torch >= 2.8), "
                              f"this is torch {torch.__version__}")
-        if device.type == "cuda" and not fast:
+        if device.type == "cuda" and not grouped_mm_is_fast(device, dtype, dim, hidden_dim):
             # torch would fall back to a loop that syncs with the host on every call: refuse instead.
             raise ValueError(f"expert_backend='grouped_mm' on CUDA needs bf16 (autocast), an sm90/sm100 GPU and "
                              f"dim, hidden_dim multiples of 8; got {dtype}, dim={dim}, hidden_dim={hidden_dim}; "

@@ -20,14 +20,15 @@ from limoe.analysis.plots import IMAGE_COLOUR, TEXT_COLOUR  # noqa: E402
 from limoe.reproduce.metrics import PROBE_SHOTS  # noqa: E402
 from limoe.reproduce.plan import VARIANTS  # noqa: E402
 
-PROBE = f"linear_probe/{PROBE_SHOTS}shot_balanced"  # see runner.probe_metrics
+PROBE = f"linear_probe/{PROBE_SHOTS}shot_balanced"  # see metrics.probe_metrics
+ZERO_SHOT, PROBE_TITLE = "zero-shot top-1 %", f"{PROBE_SHOTS}-shot probe %"
 # (column title, where the number lives in a result, scale, decimals)
 COLUMNS = (
-    ("zero-shot top-1 %", ("metrics", "zero_shot/top1"), 100, 2),
+    (ZERO_SHOT, ("metrics", "zero_shot/top1"), 100, 2),
     ("zero-shot top-5 %", ("metrics", "zero_shot/top5"), 100, 2),
     ("R@1 img->txt %", ("metrics", "retrieval/image_to_text/R@1"), 100, 2),
     ("R@1 txt->img %", ("metrics", "retrieval/text_to_image/R@1"), 100, 2),
-    (f"{PROBE_SHOTS}-shot probe %", ("metrics", PROBE), 100, 1),
+    (PROBE_TITLE, ("metrics", PROBE), 100, 1),
 )
 # The routing table of the LIMoE variants; "effective experts" = exp(entropy of a modality's top-1 choices).
 ROUTING_COLUMNS = (
@@ -79,11 +80,16 @@ def group(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str,
     return dict(groups)
 
 
-def _cell(values: list[float], scale: float, decimals: int) -> str:
-    mean, std = mean_std([v * scale for v in values])
+def _format(stat: tuple[float, float], scale: float, decimals: int, runs: int) -> str:
+    """A summary cell: mean (± std when there is more than one run), or "-" when nothing was measured."""
+    mean, std = stat
     if math.isnan(mean):
         return "-"
-    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if len(values) > 1 else "")
+    return f"{scale * mean:.{decimals}f}" + (f" ± {scale * std:.{decimals}f}" if runs > 1 else "")
+
+
+def _params(row: dict[str, Any]) -> str:
+    return f"{row['total_params'] / 1e6:.2f}M / {row['active_params'] / 1e6:.2f}M"
 
 
 def summary_rows(results: list[dict[str, Any]], size: str = "base") -> list[dict[str, Any]]:
@@ -92,9 +98,9 @@ def summary_rows(results: list[dict[str, Any]], size: str = "base") -> list[dict
     for (variant, sz), runs in group(results).items():
         if sz != size:
             continue
-        row = {"variant": variant, "label": runs[0]["label"], "seeds": [r["seed"] for r in runs],
-               "total_params": runs[0]["total_params"], "active_params": runs[0]["active_params"],
-               "train_flops": runs[0]["train_flops"],
+        row = {"variant": variant, "label": runs[0]["label"], "size": size, "seeds": [r["seed"] for r in runs],
+               "routed": bool(runs[0].get("eval_routing")), "total_params": runs[0]["total_params"],
+               "active_params": runs[0]["active_params"], "train_flops": runs[0]["train_flops"],
                "train_seconds": statistics.fmean(r["train_seconds"] for r in runs)}
         for title, where, _, _ in COLUMNS:
             row[title] = mean_std([_get(r, where) for r in runs])
@@ -107,39 +113,38 @@ def summary_rows(results: list[dict[str, Any]], size: str = "base") -> list[dict
 def routing_table(results: list[dict[str, Any]]) -> str:
     header = ["variant", *(c[0] for c in ROUTING_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (variant, size), runs in group(results).items():
-        if size == "base" and runs[0].get("eval_routing"):
-            views = [routing_view(r) for r in runs]
-            cells = [_cell([_get(v, where) for v in views], scale, dec) for _, where, scale, dec in ROUTING_COLUMNS]
-            lines.append(f"| {runs[0]['label']} | " + " | ".join(cells) + " |")
+    for row in summary_rows(results):
+        if row["routed"]:
+            cells = [_format(row[title], scale, dec, len(row["seeds"])) for title, _, scale, dec in ROUTING_COLUMNS]
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def markdown_table(results: list[dict[str, Any]], size: str = "base") -> str:
     header = ["variant", *(c[0] for c in COLUMNS), "params total / active", "train GFLOPs", "min / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (variant, sz), runs in group(results).items():
-        if sz != size:
-            continue
-        cells = [_cell([_get(r, where) for r in runs], scale, dec) for _, where, scale, dec in COLUMNS]
-        r0 = runs[0]
-        minutes = statistics.fmean(r["train_seconds"] for r in runs) / 60
-        lines.append(f"| {r0['label']} | " + " | ".join(cells) +
-                     f" | {r0['total_params'] / 1e6:.2f}M / {r0['active_params'] / 1e6:.2f}M"
-                     f" | {r0['train_flops'] / 1e9:,.0f} | {minutes:.1f} |")
+    for row in summary_rows(results, size):
+        cells = [_format(row[title], scale, dec, len(row["seeds"])) for title, _, scale, dec in COLUMNS]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {_params(row)}"
+                     f" | {row['train_flops'] / 1e9:,.0f} | {row['train_seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 
+def _sweep_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows of the sweep's variants at every size, by variant, then by training compute."""
+    variants, sizes = _sweep_variants(results), {r["size"] for r in results if "error" not in r}
+    rows = [row for size in sizes for row in summary_rows(results, size) if row["variant"] in variants]
+    return sorted(rows, key=lambda row: (row["variant"], row["train_flops"]))
+
+
 def sweep_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | size | params total / active | train GFLOPs | zero-shot top-1 % | "
-             f"{PROBE_SHOTS}-shot probe % | seeds |", "|---|---|---|---|---|---|---|"]
-    for (variant, size), runs in sorted(group(results).items(), key=lambda kv: (kv[0][0], kv[1][0]["train_flops"])):
-        if variant not in _sweep_variants(results):
-            continue
-        r0 = runs[0]
-        lines.append(f"| {r0['label']} | {size} | {r0['total_params'] / 1e6:.2f}M / {r0['active_params'] / 1e6:.2f}M"
-                     f" | {r0['train_flops'] / 1e9:,.0f} | {_cell([_get(r, ('metrics', 'zero_shot/top1')) for r in runs], 100, 2)}"
-                     f" | {_cell([_get(r, ('metrics', PROBE)) for r in runs], 100, 1)} | {len(runs)} |")
+    lines = [f"| model | size | params total / active | train GFLOPs | {ZERO_SHOT} | {PROBE_TITLE} | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for row in _sweep_rows(results):
+        runs = len(row["seeds"])
+        lines.append(f"| {row['label']} | {row['size']} | {_params(row)} | {row['train_flops'] / 1e9:,.0f}"
+                     f" | {_format(row[ZERO_SHOT], 100, 2, runs)} | {_format(row[PROBE_TITLE], 100, 1, runs)}"
+                     f" | {runs} |")
     return "\n".join(lines)
 
 
@@ -150,20 +155,18 @@ def _sweep_variants(results: list[dict[str, Any]]) -> set[str]:
 # -- plots ----------------------------------------------------------------------------------------------------
 def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path | None:
     """The blog's headline picture: accuracy against training compute, LIMoE vs dense, one point per size."""
-    sweep = _sweep_variants(results)
-    if not sweep:
+    rows = _sweep_rows(results)
+    if not rows:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, (key, title) in zip(axes, (("zero_shot/top1", "zero-shot top-1 (held-out concepts)"),
-                                       (PROBE, f"{PROBE_SHOTS}-shot linear probe"))):
-        for variant in sorted(sweep):
-            points = sorted(((runs[0]["train_flops"], [_get(r, ("metrics", key)) for r in runs], runs[0]["label"])
-                             for (v, _), runs in group(results).items() if v == variant), key=lambda p: p[0])
-            x = [p[0] for p in points]
-            stats = [mean_std([100 * v for v in p[1]]) for p in points]
+    for ax, (column, title) in zip(axes, ((ZERO_SHOT, "zero-shot top-1 (held-out concepts)"),
+                                          (PROBE_TITLE, f"{PROBE_SHOTS}-shot linear probe"))):
+        for variant in sorted({row["variant"] for row in rows}):
+            points = [row for row in rows if row["variant"] == variant]  # by training FLOPs
             colour = "#2ca02c" if variant.startswith("limoe") else "#7f7f7f"
-            ax.errorbar(x, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
-                        color=colour, label=points[0][2])
+            ax.errorbar([row["train_flops"] for row in points], [100 * row[column][0] for row in points],
+                        yerr=[100 * row[column][1] for row in points], marker="o", capsize=3, color=colour,
+                        label=points[0]["label"])
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs (active, forward + backward)")
         ax.set_ylabel("%")
@@ -176,21 +179,20 @@ def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path 
 
 def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | None:
     """Routing success of image and text tokens during training, per LIMoE variant (mean +- std over seeds)."""
-    rows = [(runs[0]["label"], runs) for (variant, size), runs in group(results).items()
-            if size == "base" and runs[0].get("train_routing_success")]
+    rows = [row for row in summary_rows(results) if row["routed"]]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(rows) + 1), 3.4))
     x = np.arange(len(rows))
     width = 0.38
     for j, (modality, colour) in enumerate((("image", IMAGE_COLOUR), ("text", TEXT_COLOUR))):
-        stats = [mean_std([r["train_routing_success"].get(modality, math.nan) for r in runs]) for _, runs in rows]
+        stats = [row[f"routing ok {modality} % (train)"] for row in rows]
         bars = ax.bar(x + (j - 0.5) * width, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3,
                       color=colour, label=modality)
         for bar, (mean, _) in zip(bars, stats):
             ax.text(bar.get_x() + bar.get_width() / 2, 0.02, f"{mean:.2f}", ha="center", va="bottom", fontsize=7,
                     color="white", rotation=90)
-    ax.set_xticks(x, [textwrap.fill(label, 22) for label, _ in rows], fontsize=7)
+    ax.set_xticks(x, [textwrap.fill(row["label"], 22) for row in rows], fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("routing success (top-1 kept)")
     ax.set_title("Routing success per modality during training", fontsize=10)
