@@ -3,11 +3,14 @@
     python benchmarks/train_step.py --tiny                                   # CPU smoke size (limoe-tiny)
     python benchmarks/train_step.py --preset b16 --batch 256 --json b16.json # CUDA: bf16 autocast, eager
     python benchmarks/train_step.py --preset b16 --batch 256 --compile --profile 3
+    python benchmarks/train_step.py --tiny --routing-groups joint per_modality  # both groupings side by side
 
 One step = forward of images and texts under autocast (bf16 on CUDA, none on CPU) -> contrastive + weighted aux
 losses (`compute_losses`, default LossConfig) -> backward -> AdamW step. Both models (`limoe-<preset>` and
 `dense-<preset>` from the registry) get the same random batch: images, and token ids with random lengths so
-that texts carry padding as real captions do. Steps alternate between the models (round-robin), so background
+that texts carry padding as real captions do. LIMoE routes as it trains: with joint routing groups (the preset
+default) one MoE call per MoE block takes a pair's patches and text tokens together; `--routing-groups` times
+other groupings too (per_modality: an image call and a text call per MoE block). Steps alternate between the models (round-robin), so background
 load slows both alike; `x dense` is dense time / LIMoE time (1.0 = dense speed).
 
 MFU counts dense-equivalent FLOPs for both models: 3 x the dense model's forward FLOPs per pair
@@ -32,6 +35,7 @@ from _timing import autocast_dtype, profile_top, time_interleaved  # noqa: E402
 
 from limoe.losses import LossConfig, compute_losses  # noqa: E402
 from limoe.model import create_model, get_config, get_model_info  # noqa: E402
+from limoe.moe.layer import ROUTING_GROUPS  # noqa: E402
 
 PRESETS = ("s32", "b32", "b16", "l16")
 
@@ -79,6 +83,8 @@ def parse_args(argv):
     parser.add_argument("--moe-layers", help="override the LIMoE preset's MoE placement, e.g. every:2")
     parser.add_argument("--experts", type=int, help="override the LIMoE preset's number of experts")
     parser.add_argument("--expert-backend", choices=["auto", "bmm", "grouped_mm"], default="auto")
+    parser.add_argument("--routing-groups", nargs="+", choices=ROUTING_GROUPS, default=["joint"],
+                        help="LIMoE groupings to time, each against the same dense steps (default: joint)")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (compilation)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense rate for MFU (bf16 H200: 989)")
@@ -106,23 +112,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype_name, dtype = autocast_dtype(args.dtype, device)
     batch_size = args.batch or (256 if device.type == "cuda" else 8)
     variant = "tiny" if args.tiny else args.preset
-    names = {"dense": f"dense-{variant}", "limoe": f"limoe-{variant}"}
-    moe_overrides = {"expert_backend": args.expert_backend}
-    if args.experts:
-        moe_overrides["num_experts"] = args.experts
-    limoe_overrides = dict(moe_layers=args.moe_layers) if args.moe_layers else {}
-    limoe_overrides["moe"] = moe_overrides
-    overrides = {names["dense"]: {}, names["limoe"]: limoe_overrides}
-    infos = {name: get_model_info(name, **overrides[name]) for name in names.values()}
-    train_flops_per_pair = 3 * infos[names["dense"]].flops_per_pair  # forward + backward (2x forward)
+    dense = f"dense-{variant}"
+    presets, overrides = {dense: dense}, {dense: {}}
+    for grouping in args.routing_groups:  # one LIMoE model per grouping, named by it when there are several
+        name = f"limoe-{variant}" + (f"/{grouping}" if len(args.routing_groups) > 1 else "")
+        moe_overrides = {"expert_backend": args.expert_backend, "routing_groups": grouping}
+        if args.experts:
+            moe_overrides["num_experts"] = args.experts
+        presets[name] = f"limoe-{variant}"
+        overrides[name] = {"moe": moe_overrides, **({"moe_layers": args.moe_layers} if args.moe_layers else {})}
+    infos = {name: get_model_info(presets[name], **overrides[name]) for name in presets}
+    train_flops_per_pair = 3 * infos[dense].flops_per_pair  # forward + backward (2x forward)
 
     torch.manual_seed(0)
-    config = get_config(names["dense"])
+    config = get_config(dense)
     batch = make_batch(config, batch_size, device)
     steps = {}
-    for name in (names["dense"], names["limoe"]):
+    for name in presets:
         torch.manual_seed(0)
-        model = create_model(name, **overrides[name]).to(device).train()
+        model = create_model(presets[name], **overrides[name]).to(device).train()
         steps[name] = make_step(model, batch, device, dtype, args.compile)
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -131,8 +139,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{train_flops_per_pair / 1e9:.2f} peak={args.peak_tflops} TFLOP/s")
     measured = time_interleaved(steps, device, args.reps, args.warmup)
     losses = {name: float(step().detach()) for name, step in steps.items()}  # one more step each: finite?
-    dense_ms = measured[names["dense"]][0]
-    print(f"{'model':<14}{'ms/step':>10}{'pairs/s':>10}{'x dense':>9}{'MFU':>8}{'peak MiB':>10}{'params':>10}")
+    dense_ms = measured[dense][0]
+    print(f"{'model':<24}{'ms/step':>10}{'pairs/s':>10}{'x dense':>9}{'MFU':>8}{'peak MiB':>10}{'params':>10}")
     rows = []
     for name, (ms, peak) in measured.items():
         pairs_per_s = batch_size / ms * 1e3
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    total_params=infos[name].total_params, active_params=infos[name].active_params,
                    train_flops_per_pair=train_flops_per_pair, loss=losses[name], device=gpu, torch=torch.__version__)
         rows.append(row)
-        print(f"{name:<14}{ms:>10.1f}{pairs_per_s:>10.1f}{row['ratio_to_dense']:>9.2f}{100 * row['mfu']:>7.2f}%"
+        print(f"{name:<24}{ms:>10.1f}{pairs_per_s:>10.1f}{row['ratio_to_dense']:>9.2f}{100 * row['mfu']:>7.2f}%"
               f"{peak:>10.0f}{infos[name].total_params / 1e6:>9.1f}M", flush=True)
     bad = [name for name, loss in losses.items() if not torch.isfinite(torch.tensor(loss))]
     if bad:

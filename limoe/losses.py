@@ -79,8 +79,8 @@ def siglip_loss(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torc
 
 @dataclass
 class LossConfig:
-    """Which contrastive loss and how much each MoE aux loss weighs (aux losses are summed over MoE layers and
-    over the image and text passes). Entropy weights are per modality; their defaults are a starting point,
+    """Which contrastive loss and how much each MoE aux loss weighs (aux losses are summed over MoE layers).
+    Entropy weights are per modality; their defaults are a starting point,
     not values from the paper, which does not state them."""
 
     contrastive: str = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP; give the model a logit_bias_init)
@@ -104,10 +104,11 @@ class LossConfig:
 
 
 def sum_aux_losses(aux: list[MoeAux]) -> dict[str, torch.Tensor]:
-    """Unweighted aux losses summed over every MoE record (layers x passes), by name.
+    """Unweighted aux losses summed over every MoE record (layers, and passes where modalities route apart), by
+    name.
 
-    A per-modality loss such as "global_entropy/text" is exactly 0 (with a zero gradient) in a pass without
-    that modality, so summing over all passes gives each modality's terms from its own passes.
+    A per-modality loss such as "global_entropy/text" is exactly 0 (with a zero gradient) in a call without
+    that modality, so summing over all calls gives each modality's terms from the calls that route it.
     """
     totals: dict[str, torch.Tensor] = {}
     for record in aux:

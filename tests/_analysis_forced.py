@@ -1,7 +1,7 @@
 """Helpers for the analysis tests: a word tokenizer with exactly known token counts, and forced routing.
 
 With `force_routing`, every image token of every MoE layer picks `image_expert` and every text token
-`text_expert`, all with the same gate, so which tokens fit into capacity can be counted by hand.
+`text_expert`, with one gate per modality, so which tokens fit into capacity can be counted by hand.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ class WordTokenizer:
         return " ".join(self.vocab[i] for i in ids if i > 0)
 
 
-def force_routing(model, monkeypatch, image_expert: int = 0, text_expert: int = 1) -> None:
-    """Replace every MoE layer's router by one that sends each pass's tokens to one expert (equal gates)."""
+def force_routing(model, monkeypatch, image_expert: int = 0, text_expert: int = 1, image_logit: float = 10.0,
+                  text_logit: float = 10.0) -> None:
+    """Replace every MoE layer's router by one that sends all image tokens to `image_expert` and all text tokens
+    to `text_expert`, each modality with one gate for all its tokens (softmax of its logit against zeros)."""
     for module in model.modules():
         if type(module).__name__ != "MoeMlp":
             continue
@@ -43,13 +45,19 @@ def force_routing(model, monkeypatch, image_expert: int = 0, text_expert: int = 
         original = module.forward
 
         def forward(x, modality=None, valid=None, _orig=original, _state=state):
-            _state["modality"] = modality  # an int per pass in these models: 0 image, 1 text
+            _state["modality"] = modality  # an int for a one-modality pass, a [B, L] tensor for joint pairs
             return _orig(x, modality, valid)
 
         def router_logits(x_Sd, _state=state, num_experts=module.config.num_experts):
-            expert = image_expert if _state["modality"] == 0 else text_expert
+            modality = _state["modality"]
+            modality_S = (modality.reshape(-1) if isinstance(modality, torch.Tensor)
+                          else torch.full((x_Sd.shape[0],), modality))
+            # Padding examples that fill the last routing group come after the real tokens: route them as images.
+            modality_S = torch.cat([modality_S, modality_S.new_zeros(x_Sd.shape[0] - len(modality_S))])
+            is_text_S = modality_S == 1
             logits_SE = torch.zeros(x_Sd.shape[0], num_experts)
-            logits_SE[:, expert] = 10.0
+            logits_SE[~is_text_S, image_expert] = image_logit
+            logits_SE[is_text_S, text_expert] = text_logit
             return logits_SE, logits_SE
 
         monkeypatch.setattr(module, "forward", forward)

@@ -14,8 +14,8 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def same_global_batch(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One step of dense-tiny on this rank's half of a fixed global batch: loss and (DDP-averaged) gradients."""
+def same_global_batch(rank: int, world: int, port: int, out_dir: str, config_json: str) -> None:
+    """One step on this rank's half of a fixed global batch: loss and (DDP-averaged) gradients."""
     _init(rank, world, port)
     try:
         from torch.nn.parallel import DistributedDataParallel
@@ -23,7 +23,7 @@ def same_global_batch(rank: int, world: int, port: int, out_dir: str) -> None:
         from limoe.train.config import TrainConfig
         from _train_global_batch import global_batch, one_step
 
-        cfg = TrainConfig(model="dense-tiny")
+        cfg = TrainConfig.from_dict(json.loads(config_json))
         batch = global_batch()
         n = len(batch) // world
         local = batch.slice(rank * n, (rank + 1) * n)

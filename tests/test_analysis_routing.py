@@ -1,8 +1,10 @@
 """Routing statistics under forced routing: every number is counted by hand.
 
-limoe-tiny: 32 px images in 8 px patches (16 tokens per image), MoE in blocks 1 and 3, 4 experts, k = 1.
-Forced routing sends all image tokens to expert 0 and all text tokens to expert 1 with equal gates, so slots
-go in token order (BPR keeps token order on ties) and the first C valid tokens of each pass are kept.
+limoe-tiny: 32 px images in 8 px patches (16 tokens per image), 16 text positions, MoE in blocks 1 and 3,
+4 experts, k = 1, routing groups of 4 pairs here. Forced routing sends all image tokens to one expert and all
+text tokens to one expert with one gate per modality, so slots go in token order within a modality (BPR keeps
+token order on ties) and which tokens fit into capacity can be counted. By default the analysis encodes pairs as
+training does: a pair is 16 patches then 16 text positions of one joint routing group.
 """
 
 import json
@@ -18,15 +20,15 @@ from _analysis_forced import WordTokenizer, force_routing, images
 WORDS = ["red", "blue", "circle", "square", "big", "small", "a", "photo", "of"]
 
 
-def tiny(monkeypatch, **moe):
+def tiny(monkeypatch, routing=None, **moe):
     torch.manual_seed(0)
-    model = limoe.create_model("limoe-tiny", num_experts=4, **moe)
-    force_routing(model, monkeypatch)
+    model = limoe.create_model("limoe-tiny", num_experts=4, **{"group_size": 4, **moe})
+    force_routing(model, monkeypatch, **(routing or {}))
     return model
 
 
 def test_ample_capacity_shares_and_success(monkeypatch):
-    # eval capacity factor 4: C = ceil(64 * 4 / 4) = 64 slots >= every token of a 4-pair pass; nothing is dropped.
+    # eval capacity factor 4: C = ceil(128 * 4 / 4) = 128 slots >= every token of a group of 4 pairs: no drops.
     model = tiny(monkeypatch, eval_capacity_factor=4.0)
     captions = ["red circle", "blue square", "a big red circle", "small blue square",
                 "red", "blue", "a photo of red", "circle"]
@@ -58,13 +60,16 @@ def test_ample_capacity_shares_and_success(monkeypatch):
     assert len(data["maps"]["expert"][0]) == 8
 
 
-def test_capacity_drops_counted_by_hand(monkeypatch):
-    # eval capacity factor 1: C = ceil(64 / 4) = 16 slots per expert and pass of 4 pairs (64 tokens incl. padding).
+def test_capacity_drops_counted_by_hand_in_separate_passes(monkeypatch):
+    # Each modality in its own pass (as inference routes), eval capacity factor 1: C = ceil(64 / 4) = 16 slots per
+    # expert and group of 4 images (64 patches) or 4 texts (64 positions, padding included).
     model = tiny(monkeypatch, eval_capacity_factor=1.0)
     long_caption = "a photo of a big red"  # 6 words + <eos> = 7 tokens
     captions = [long_caption] * 4 + ["red circle"] * 4  # batch 1: 28 text tokens; batch 2: 12
     tok = WordTokenizer(WORDS)
-    result = analyze_routing(model, tok, zip(images(8), captions), AnalysisConfig(batch_size=4, num_maps=8))
+    result = analyze_routing(model, tok, zip(images(8), captions),
+                             AnalysisConfig(batch_size=4, num_maps=8, pairs=False))
+    assert result.to_json()["passes"] == "separate"
     for lr in result.layers:
         s = lr.stats
         # Images: 2 batches x 64 patches, 16 kept per batch -> success 32 / 128.
@@ -83,6 +88,32 @@ def test_capacity_drops_counted_by_hand(monkeypatch):
     # batch 2 keeps all 12. So expert 1 saw "a": 2 per caption x 2 + 1 = 5, "photo": 3, "big": 2, "red": 2 + 4.
     top = dict((t, c) for t, c, _ in result.top_tokens_of(1, 1))
     assert top == {"a": 5, "photo": 3, "of": 2, "big": 2, "red": 6, "<eos>": 6, "circle": 4}
+    assert [lr.ref.passes for lr in result.layers] == [("image", "text")] * 2
+
+
+@pytest.mark.parametrize("bpr", [False, True])
+def test_joint_groups_make_text_compete_with_images_counted_by_hand(monkeypatch, bpr):
+    # Pairs as in training, every token of both modalities sent to expert 0; groups of 2 pairs hold
+    # 2 x (16 + 16) = 64 tokens, so C = 16 at eval capacity factor 1. Token order is pair 0's 16 patches, its
+    # text, pair 1's patches, its text. Text gates (logit 10) beat image gates (logit 5).
+    model = tiny(monkeypatch, dict(image_expert=0, text_expert=0, image_logit=5.0, text_logit=10.0), group_size=2,
+                 eval_capacity_factor=1.0, batch_priority=bpr)
+    captions = ["red circle", "blue square", "a big red circle", "small"]  # 3 + 3 | 5 + 2 text tokens
+    result = analyze_routing(model, WordTokenizer(WORDS), zip(images(4), captions), AnalysisConfig(batch_size=4))
+    assert result.to_json()["passes"] == "pairs"
+    for lr in result.layers:
+        s = lr.stats
+        assert lr.ref.passes == ("pairs",)
+        assert s.tokens_M.tolist() == [64, 13]
+        if bpr:
+            # Text claims its slots first (6 and 7 tokens), images fill the rest in order: 10 and 9 patches.
+            assert s.top1_kept_M.tolist() == [10 + 9, 13]
+            assert lr.map_kept_IP.sum(1).tolist() == [10, 0, 9, 0]
+        else:
+            # Token order: pair 0's patches take all 16 slots; its text and everything after drops.
+            assert s.top1_kept_M.tolist() == [16 + 16, 0]
+            assert lr.map_kept_IP.sum(1).tolist() == [16, 0, 16, 0]
+        assert s.processed_ME[:, 1:].sum() == 0
 
 
 def test_train_routing_uses_train_capacity_and_restores_mode(monkeypatch):
@@ -93,7 +124,8 @@ def test_train_routing_uses_train_capacity_and_restores_mode(monkeypatch):
     evaluated = analyze_routing(model, tok, pairs, AnalysisConfig(batch_size=4))
     trained = analyze_routing(model, tok, pairs, AnalysisConfig(batch_size=4, train_routing=True))
     assert evaluated.layers[0].stats.routing_success_M[0] == 1.0
-    assert trained.layers[0].stats.routing_success_M[0] == 0.25  # 16 of 64 patches
+    # One group of 4 pairs, 128 tokens: C = 32 at the train factor 1, so 32 of the 64 patches fit.
+    assert trained.layers[0].stats.routing_success_M[0] == 0.5
     assert not model.training
     assert trained.to_json()["routing"] == "train"
 

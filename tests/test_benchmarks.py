@@ -72,6 +72,14 @@ def test_train_step_benchmark_tiny(tmp_path, capsys, restore_threads):
     assert "x dense" in out and "limoe-tiny: operator time" in out
 
 
+def test_train_step_benchmark_times_each_routing_grouping(restore_threads):
+    rows = _load("train_step").main(["--tiny", "--device", "cpu", "--batch", "8", "--reps", "1", "--warmup", "0",
+                                     "--threads", "1", "--routing-groups", "joint", "per_modality"])
+    assert [r["model"] for r in rows] == ["dense-tiny", "limoe-tiny/joint", "limoe-tiny/per_modality"]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[1]["loss"] != rows[2]["loss"]  # really two groupings: they route, and so train, differently
+
+
 def test_expert_parallel_benchmark_smoke(tmp_path, capsys, monkeypatch):
     # Imported by name, not from a file spec: the spawned ranks must be able to import the module themselves.
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))

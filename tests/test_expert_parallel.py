@@ -155,6 +155,10 @@ def scenario_outputs_and_grads(rank, world_size, out_dir):
                      f"ep={ep_size} k=1 bpr train")
         _check_layer(rank, groups, MoeConfig(DIM, HIDDEN, num_experts=8, k=2, capacity_factor=0.75,
                                              batch_priority=False), False, {}, fails, f"ep={ep_size} k=2 eval")
+        # Routing groups: each rank's 24 tokens (one token per example) are 4 groups of 6 with their own slots;
+        # the exchange carries every group's slots of an expert.
+        _check_layer(rank, groups, MoeConfig(DIM, HIDDEN, num_experts=4, k=2, capacity_multiple_of=1,
+                                             group_size=6), True, {}, fails, f"ep={ep_size} k=2 groups of 6")
     return fails
 
 

@@ -67,7 +67,8 @@ def test_compute_losses_weights_and_sums_the_terms():
     raw = sum_aux_losses(out.aux)
     assert set(raw) == {"importance", "load", "z", "local_entropy/image", "local_entropy/text",
                         "global_entropy/image", "global_entropy/text"}
-    # Summed over the 2 MoE layers x 2 passes.
+    # Summed over the MoE calls: 2 layers, each routing images and texts in joint groups.
+    assert len(out.aux) == 2
     torch.testing.assert_close(raw["z"], sum(a.losses["z"] for a in out.aux))
     assert set(k for k in terms if k.endswith("_loss")) == {
         "contrastive_loss", "importance_loss", "z_loss", "local_entropy_text_loss", "global_entropy_image_loss",
@@ -84,9 +85,9 @@ def test_compute_losses_weights_and_sums_the_terms():
 
 def test_per_modality_aux_terms_come_only_from_their_own_pass():
     torch.manual_seed(0)
-    model = limoe.create_model("limoe-tiny")
+    model = limoe.create_model("limoe-tiny", routing_groups="per_modality")
     out = model(torch.randn(4, 3, 32, 32), torch.randint(1, 1000, (4, 16)))
-    image_aux, text_aux = out.aux[:2], out.aux[2:]  # 2 MoE layers, image pass first
+    image_aux, text_aux = out.aux[0::2], out.aux[1::2]  # 2 MoE layers, each routing images, then texts
     # A pass contributes exactly 0 to the other modality's terms, so the sum over all passes is the own-pass sum.
     for a in text_aux:
         assert a.losses["global_entropy/image"].item() == 0.0 and a.losses["local_entropy/image"].item() == 0.0

@@ -99,14 +99,19 @@ def test_image_and_text_passes_reach_the_same_experts():
             for layer in moe_layers]
     for image_experts, text_experts in zip(experts_by_modality[IMAGE], experts_by_modality[TEXT]):
         assert image_experts & text_experts, "no expert is shared between image and text tokens"
-    # The same MoeMlp objects serve both passes: the model's forward reports both passes for each layer.
+    # Training's forward encodes pairs: one joint MoE call per layer, in which both modalities reach the experts.
     out = model(images, tokens)
+    assert len(out.aux) == len(moe_layers)
+    for aux in out.aux:
+        assert aux.stats.processed_ME[IMAGE].sum() > 0 and aux.stats.processed_ME[TEXT].sum() > 0
+    # Routed per modality, each layer reports an image call, then a text call.
+    torch.manual_seed(0)
+    apart = limoe.create_model("limoe-tiny", capacity_factor=4.0, routing_groups="per_modality")
+    out = apart(images, tokens)
     assert len(out.aux) == 2 * len(moe_layers)
-    processed = [a.stats.processed_ME for a in out.aux]
-    n = len(moe_layers)
-    for image_ME, text_ME in zip(processed[:n], processed[n:]):
-        assert image_ME[IMAGE].sum() > 0 and image_ME[TEXT].sum() == 0
-        assert text_ME[TEXT].sum() > 0 and text_ME[IMAGE].sum() == 0
+    for image_aux, text_aux in zip(out.aux[0::2], out.aux[1::2]):
+        assert image_aux.stats.processed_ME[IMAGE].sum() > 0 and image_aux.stats.processed_ME[TEXT].sum() == 0
+        assert text_aux.stats.processed_ME[TEXT].sum() > 0 and text_aux.stats.processed_ME[IMAGE].sum() == 0
 
 
 def test_two_tower_keeps_modalities_apart():

@@ -47,9 +47,11 @@ def inputs(device="cpu", batch=4, tokens=24, dim=16):
 
 
 @needs_grouped_mm
-@pytest.mark.parametrize("k, bpr, cf", [(1, False, 1.0), (1, True, 0.5), (2, True, 0.5), (2, False, 2.0)])
-def test_backends_agree_forward_and_every_gradient(k, bpr, cf):
-    bmm, grouped = make_pair(k=k, batch_priority=bpr, capacity_factor=cf)
+@pytest.mark.parametrize("k, bpr, cf, group_size", [(1, False, 1.0, None), (1, True, 0.5, None), (2, True, 0.5, None),
+                                                    (2, False, 2.0, None), (1, True, 0.5, 1), (2, True, 0.75, 3)])
+def test_backends_agree_forward_and_every_gradient(k, bpr, cf, group_size):
+    # group_size 3 of 4 examples: two routing groups, the second filled up with padding examples.
+    bmm, grouped = make_pair(k=k, batch_priority=bpr, capacity_factor=cf, group_size=group_size)
     args = inputs()
     y_b, aux_b, grads_b = run(bmm, *args)
     y_g, aux_g, grads_g = run(grouped, *args)
@@ -122,8 +124,9 @@ def test_rows_outside_groups_never_leak(monkeypatch, all_padding):
         torch.testing.assert_close(grads_g[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_packed_rows_are_aligned_disjoint_groups():
-    _, grouped = make_pair(num_experts=4, k=2, capacity_factor=0.75)
+@pytest.mark.parametrize("group_size", [None, 1])
+def test_packed_rows_are_aligned_disjoint_groups(group_size):
+    _, grouped = make_pair(num_experts=4, k=2, capacity_factor=0.75, group_size=group_size)
     x_BTd, modality_BT, valid_BT = inputs()
     _, aux = grouped(x_BTd, modality=modality_BT, valid=valid_BT)
     routing = aux.routing

@@ -235,3 +235,92 @@ def test_cuda_matches_cpu():
     y_gpu, aux_gpu = layer.cuda()(x_Sd.cuda(), modality=(torch.arange(256) % 2).cuda())
     assert torch.equal(aux_cpu.routing.kept_SK, aux_gpu.routing.kept_SK.cpu())
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-5)
+
+
+# -- routing groups ---------------------------------------------------------------------------------------------
+def _examples(batch=4, tokens=6, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    x_BTd = torch.randn(batch, tokens, 12, generator=gen)
+    modality_BT = torch.randint(0, 2, (batch, tokens), generator=gen)
+    valid_BT = torch.rand(batch, tokens, generator=gen) > 0.2
+    return x_BTd, modality_BT, valid_BT
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_groups_route_alone_split_batch_equals_halves(train):
+    # Router noise off: with group_size G, a batch of 2G examples is exactly its two halves routed apart.
+    layer = make_layer(capacity_factor=0.5, capacity_multiple_of=1, group_size=2, noise_std=0.0).train(train)
+    x_BTd, modality_BT, valid_BT = _examples()
+    y, aux = layer(x_BTd, modality=modality_BT, valid=valid_BT)
+    halves = [layer(x_BTd[i:i + 2], modality=modality_BT[i:i + 2], valid=valid_BT[i:i + 2]) for i in (0, 2)]
+    assert aux.routing.num_groups == 2 and aux.routing.capacity == layer.capacity_for(2 * 6)
+    assert not bool(aux.routing.kept_SK[valid_BT.reshape(-1)].all())  # capacity binds
+    torch.testing.assert_close(y, torch.cat([h[0] for h in halves]), rtol=1e-5, atol=1e-6)
+    assert torch.equal(aux.routing.kept_SK, torch.cat([h[1].routing.kept_SK for h in halves]))
+    assert torch.equal(aux.routing.slot_SK, torch.cat([h[1].routing.slot_SK for h in halves]))
+    for name, value in aux.losses.items():  # each loss is the mean over groups
+        torch.testing.assert_close(value, (halves[0][1].losses[name] + halves[1][1].losses[name]) / 2, msg=name)
+    summed = halves[0][1].stats + halves[1][1].stats
+    assert torch.equal(aux.stats.processed_ME, summed.processed_ME)
+    # One group for the whole batch routes differently: groups are not a no-op.
+    y_one, _ = make_layer(capacity_factor=0.5, capacity_multiple_of=1, noise_std=0.0).train(train)(
+        x_BTd, modality=modality_BT, valid=valid_BT)
+    assert not torch.allclose(y, y_one)
+
+
+def test_last_group_is_filled_with_padding_examples():
+    layer = make_layer(capacity_factor=0.5, group_size=4).eval()
+    x_BTd, modality_BT, valid_BT = _examples(batch=6)
+    y, aux = layer(x_BTd, modality=modality_BT, valid=valid_BT)
+    assert y.shape == x_BTd.shape and aux.routing.kept_SK.shape[0] == 6 * 6 and aux.routing.num_groups == 2
+    # Examples 4 and 5 form a group of their own, with the capacity of a full group of 4 examples.
+    y_tail, aux_tail = layer(x_BTd[4:], modality=modality_BT[4:], valid=valid_BT[4:])
+    assert aux_tail.routing.capacity == layer.capacity_for(4 * 6)
+    torch.testing.assert_close(y[4:], y_tail, rtol=1e-5, atol=1e-6)
+    y_head, _ = layer(x_BTd[:4], modality=modality_BT[:4], valid=valid_BT[:4])
+    torch.testing.assert_close(y[:4], y_head, rtol=1e-5, atol=1e-6)
+    # Padding examples are neither counted nor given slots.
+    assert aux.stats.tokens_M.sum().item() == valid_BT.sum().item()
+    assert aux.stats.processed_ME.sum().item() <= valid_BT.sum().item()
+
+
+def test_batch_priority_orders_a_joint_group_across_modalities():
+    # One group of 8 image tokens then 4 text tokens, all preferring expert 0; text tokens are more confident.
+    # Capacity 6 per expert: in token order the images fill expert 0 and every text token drops; with BPR the
+    # four text tokens claim their slots first.
+    torch.manual_seed(0)
+    layer = MoeMlp(MoeConfig(dim=4, hidden_dim=8, num_experts=2, capacity_multiple_of=1, group_size=1)).eval()
+    with torch.no_grad():
+        layer.router_dE.copy_(torch.tensor([[1.0, -1.0], [0, 0], [0, 0], [0, 0]]))
+    x_1Sd = torch.zeros(1, 12, 4)
+    x_1Sd[0, :8, 0] = torch.linspace(0.5, 1.0, 8)
+    x_1Sd[0, 8:, 0] = 3.0
+    modality_1S = torch.tensor([[0] * 8 + [1] * 4])
+    for bpr, image_kept, text_kept in [(False, 6, 0), (True, 2, 4)]:
+        layer.config.batch_priority = bpr
+        _, aux = layer(x_1Sd, modality=modality_1S)
+        assert aux.routing.capacity == 6
+        assert aux.stats.top1_kept_M.tolist() == [image_kept, text_kept], bpr
+    # With BPR the image tokens kept are the two most confident ones (the last two).
+    assert aux.routing.kept_SK[:8, 0].tolist() == [False] * 6 + [True] * 2
+
+
+def test_valid_capacity_is_per_group():
+    layer = make_layer(capacity_factor=0.5, capacity_tokens="valid", capacity_multiple_of=1, group_size=1).eval()
+    x_BTd, modality_BT, _ = _examples(batch=2, tokens=16)
+    valid_BT = torch.zeros(2, 16, dtype=torch.bool)
+    valid_BT[0, :], valid_BT[1, :3] = True, True  # capacities ceil(16 * 0.5 / 4) = 2 and ceil(3 * 0.5 / 4) = 1
+    y, aux = layer(x_BTd, modality=modality_BT, valid=valid_BT)
+    assert aux.routing.capacity == 2  # the larger of the two groups' capacities (2 and 1)
+    for b in range(2):
+        y_b, aux_b = layer(x_BTd[b:b + 1], modality=modality_BT[b:b + 1], valid=valid_BT[b:b + 1])
+        assert aux_b.routing.capacity == (2, 1)[b]
+        torch.testing.assert_close(y[b], y_b[0], rtol=1e-5, atol=1e-6)
+        assert torch.equal(aux.routing.kept_SK[b * 16:(b + 1) * 16], aux_b.routing.kept_SK)
+
+
+def test_group_size_and_routing_groups_are_checked():
+    with pytest.raises(ValueError, match="group_size"):
+        MoeConfig(dim=4, hidden_dim=8, group_size=0)
+    with pytest.raises(ValueError, match="routing_groups"):
+        MoeConfig(dim=4, hidden_dim=8, routing_groups="mixed")

@@ -132,3 +132,71 @@ def test_single_modality_pass_has_finite_gradients():
     for name, p in [("x", x_Sd), *layer.named_parameters()]:
         assert p.grad is None or bool(torch.isfinite(p.grad).all()), name
     assert bool(torch.isfinite(layer.router_dE.grad).all())
+
+
+def _entropy_scalar(p):
+    return -sum(v * math.log(v) for v in p if v > 0)
+
+
+def _cv2_scalar(values):
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / len(values) / mean**2
+
+
+def _grouped_losses_scalar(logits, noisy, modality, valid, num_groups, min_experts, sigma, k):
+    """Every aux loss written with Python floats: each on each group alone, then the mean over the groups that
+    have tokens (of that modality)."""
+    per_group, num_experts = len(logits) // num_groups, len(logits[0])
+    p = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits]
+    per_loss = {"importance": [], "load": [], "z": []}
+    for m, name in enumerate(("image", "text")):
+        per_loss[f"local_entropy/{name}"], per_loss[f"global_entropy/{name}"] = [], []
+    for g in range(num_groups):
+        tokens = [s for s in range(g * per_group, (g + 1) * per_group) if valid[s]]
+        if not tokens:
+            continue
+        per_loss["importance"].append(_cv2_scalar([sum(p[s][e] for s in tokens) for e in range(num_experts)]))
+        load = [0.0] * num_experts
+        for s in tokens:
+            threshold = sorted(noisy[s], reverse=True)[k - 1]
+            for e in range(num_experts):
+                z = (threshold - logits[s][e]) / sigma
+                load[e] += (1.0 - 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))) / len(tokens)
+        per_loss["load"].append(_cv2_scalar(load))
+        per_loss["z"].append(sum(math.log(sum(math.exp(v) for v in logits[s])) ** 2 for s in tokens) / len(tokens))
+        for m, name in enumerate(("image", "text")):
+            mine = [s for s in tokens if modality[s] == m]
+            if mine:
+                per_loss[f"local_entropy/{name}"].append(sum(_entropy_scalar(p[s]) for s in mine) / len(mine))
+                marginal = [sum(p[s][e] for s in mine) / len(mine) for e in range(num_experts)]
+                per_loss[f"global_entropy/{name}"].append(max(0.0, math.log(min_experts[m])
+                                                              - _entropy_scalar(marginal)))
+    return {name: sum(values) / len(values) if values else 0.0 for name, values in per_loss.items()}
+
+
+def test_losses_in_mixed_groups_match_a_scalar_implementation():
+    # Three joint groups of two examples (8 image tokens + 4 text positions each, some text padding); the last
+    # example's text is all padding and group 2 holds no text token at all.
+    torch.manual_seed(0)
+    cfg = MoeConfig(dim=6, hidden_dim=8, num_experts=4, k=2, group_size=2, global_entropy_min_experts=(3, 2))
+    layer = MoeMlp(cfg).train()
+    with torch.no_grad():
+        layer.router_dE.normal_(0, 2.0)
+    x_BSd = torch.randn(6, 12, 6)
+    x_BSd[:, 8:] = x_BSd[0, 8] + 0.2 * torch.randn(6, 4, 6)  # similar text tokens crowd onto few experts
+    modality_BS = torch.tensor([0] * 8 + [1] * 4).repeat(6, 1)
+    valid_BS = torch.ones(6, 12, dtype=torch.bool)
+    valid_BS[:, 10:] = False
+    valid_BS[4:, 8:] = False
+    torch.manual_seed(5)
+    _, aux = layer(x_BSd, modality=modality_BS, valid=valid_BS)
+    torch.manual_seed(5)
+    sigma = cfg.noise_std / cfg.num_experts
+    logits_SE = (x_BSd.reshape(-1, 6) @ layer.router_dE).detach()  # float32, as the layer computes them
+    noisy_SE = logits_SE + sigma * torch.randn_like(logits_SE)  # the layer's own noise draw
+    want = _grouped_losses_scalar(logits_SE.tolist(), noisy_SE.tolist(), modality_BS.reshape(-1).tolist(),
+                                  valid_BS.reshape(-1).tolist(), 3, (3, 2), sigma, 2)
+    assert set(want) == set(aux.losses)
+    for name, value in want.items():
+        assert aux.losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert want["global_entropy/text"] > 0  # the threshold binds somewhere, so the check means something

@@ -84,6 +84,24 @@ def test_route_padding_takes_no_slot():
     assert r.kept_SK[:, 0].tolist() == [True, False, True, True, True, False]
 
 
+def test_route_groups_golden():
+    # GATES as two groups of three tokens. Group 0 (t0-t2) asks e0 twice and e1 once; group 1 (t3-t5) asks e0
+    # twice and e2 once. With capacity 1 per group, the second e0 claim of each group drops; slots restart at 0
+    # in group 1 (as one group, t3 and t5 would be e0's slots 2 and 3).
+    r = route(GATES, k=1, capacity=1, num_groups=2)
+    assert r.slot_SK[:, 0].tolist() == [0, 1, 0, 0, 0, 1]
+    assert r.kept_SK[:, 0].tolist() == [True, False, True, True, True, False]
+    assert r.group_S.tolist() == [0, 0, 0, 1, 1, 1]
+    # BPR orders inside each group: t1 (.6) beats t0 (.5), t3 (.9) beats t5 (.4).
+    r = route(GATES, k=1, capacity=1, batch_priority=True, num_groups=2)
+    assert r.kept_SK[:, 0].tolist() == [False, True, True, True, True, False]
+    # Rows of the expert-major [E, G*C] buffer: expert e's slots of group 0, then of group 1.
+    assert r.buffer_row_SK()[:, 0].tolist() == [1, 0, 2 + 0, 0 + 1, 4 + 1, 1 + 1]
+    # A capacity per group: group 1 may keep both of its e0 claims.
+    r = route(GATES, k=1, capacity=2, num_groups=2, capacity_G=torch.tensor([1, 2]))
+    assert r.kept_SK[:, 0].tolist() == [True, False, True, True, True, True]
+
+
 def _random_gates(gen, num_tokens, num_experts, quantise):
     gates = torch.rand(num_tokens, num_experts, generator=gen).softmax(-1)
     if quantise:  # coarse values make many ties, the case where order rules matter most
@@ -105,6 +123,29 @@ def test_route_equals_slow_loop_on_random_inputs():
         assert torch.equal(fast.expert_SK, slow.expert_SK)
         assert torch.equal(fast.slot_SK, slow.slot_SK), (trial, gates, fast.slot_SK, slow.slot_SK)
         assert torch.equal(fast.kept_SK, slow.kept_SK)
+
+
+def test_grouped_route_equals_slow_loop_and_routing_each_group_alone():
+    gen = torch.Generator().manual_seed(4)
+    for trial in range(200):
+        num_experts, num_groups = int(torch.randint(1, 7, (), generator=gen)), int(torch.randint(1, 5, (), generator=gen))
+        per_group = int(torch.randint(1, 20, (), generator=gen))
+        num_tokens = num_groups * per_group
+        k = int(torch.randint(1, num_experts + 1, (), generator=gen))
+        cap = int(torch.randint(1, 8, (), generator=gen))
+        bpr = bool(trial % 2)
+        gates = _random_gates(gen, num_tokens, num_experts, quantise=trial % 3 == 0)
+        valid = torch.rand(num_tokens, generator=gen) > 0.3 if trial % 4 < 2 else None
+        caps = torch.randint(1, cap + 1, (num_groups,), generator=gen) if trial % 5 == 0 else None
+        fast = route(gates, k, cap, bpr, valid, num_groups, caps)
+        slow = route_loop(gates, k, cap, bpr, valid, num_groups, None if caps is None else caps.tolist())
+        assert torch.equal(fast.slot_SK, slow.slot_SK), trial
+        assert torch.equal(fast.kept_SK, slow.kept_SK), trial
+        for g in range(num_groups):  # a group routed with the others = the group routed alone
+            rows = slice(g * per_group, (g + 1) * per_group)
+            alone = route(gates[rows], k, cap if caps is None else int(caps[g]), bpr,
+                          None if valid is None else valid[rows])
+            assert torch.equal(fast.slot_SK[rows], alone.slot_SK) and torch.equal(fast.kept_SK[rows], alone.kept_SK)
 
 
 def test_route_invariants_on_random_inputs():
@@ -159,6 +200,9 @@ def test_batch_priority_changes_only_which_tokens_drop():
     (dict(gates_SE=GATES[0], k=1, capacity=2), "gates_SE"),
     (dict(gates_SE=GATES, k=1, capacity=2, valid_S=torch.ones(5, dtype=torch.bool)), "valid_S"),
     (dict(gates_SE=GATES, k=1, capacity=2, valid_S=torch.ones(6)), "valid_S"),
+    (dict(gates_SE=GATES, k=1, capacity=2, num_groups=4), "num_groups"),
+    (dict(gates_SE=GATES, k=1, capacity=2, num_groups=0), "num_groups"),
+    (dict(gates_SE=GATES, k=1, capacity=2, num_groups=2, capacity_G=torch.ones(3, dtype=torch.long)), "capacity_G"),
 ])
 def test_route_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):

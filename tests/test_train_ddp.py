@@ -20,9 +20,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
-    mp.spawn(same_global_batch, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    single_loss, single_grads = one_step(TrainConfig(model="dense-tiny"), global_batch())
+# LIMoE without router noise (each rank draws its own noise): routing groups of 4 pairs never span ranks, so the
+# two ranks route exactly the groups one process routes, and aux losses average over the same groups.
+MODELS = [("dense-tiny", {}), ("limoe-tiny", {"group_size": 4, "noise_std": 0.0})]
+
+
+@pytest.mark.parametrize("model, moe", MODELS)
+def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, model, moe):
+    cfg = TrainConfig(model=model, moe=moe)
+    mp.spawn(same_global_batch, args=(2, _free_port(), str(tmp_path), cfg.to_json()), nprocs=2, join=True)
+    single_loss, single_grads = one_step(cfg, global_batch())
     rank_losses = json.loads((tmp_path / "ddp.json").read_text())
     # each rank scores its own rows against the global batch; their mean is the global-batch loss
     assert sum(rank_losses) / 2 == pytest.approx(single_loss, abs=1e-5)
@@ -44,17 +51,18 @@ def test_training_loop_under_two_gloo_ranks(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000002", "step_00000003"]
 
 
-def test_two_rank_loop_trains_on_the_same_global_batches_as_one_process(tmp_path):
-    # dense-tiny (no routing groups that depend on the local batch), in-memory data with augmentation:
-    # per step, the mean of the two ranks' losses equals the one-process loss.
+@pytest.mark.parametrize("model, moe", MODELS)
+def test_two_rank_loop_trains_on_the_same_global_batches_as_one_process(tmp_path, model, moe):
+    # In-memory data with augmentation: per step, the mean of the two ranks' losses (contrastive and aux) equals
+    # the one-process loss.
     from limoe.train import train
 
-    cfg = tiny_config(tmp_path / "two", steps=3, checkpoint_interval=0, model="dense-tiny")
+    cfg = tiny_config(tmp_path / "two", steps=3, checkpoint_interval=0, model=model, moe=dict(moe))
     cfg.eval.zero_shot = cfg.eval.retrieval = False
     mp.spawn(train_loop, args=(2, _free_port(), cfg.to_json()), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / "two" / "run" / f"rank{r}.json").read_text())["losses"] for r in range(2)]
     single_cfg = tiny_config(tmp_path / "one", tmp_path / "two" / "cache", steps=3, checkpoint_interval=0,
-                             model="dense-tiny")
+                             model=model, moe=dict(moe))
     single_cfg.eval.zero_shot = single_cfg.eval.retrieval = False
     single = train(single_cfg, progress=False).losses
     assert [(a + b) / 2 for a, b in zip(*ranks)] == pytest.approx(single, abs=1e-5)

@@ -51,6 +51,21 @@ def test_expert_parallel_losses_equal_data_parallel(ep_run):
         assert ep == pytest.approx(dp, abs=1e-5)
 
 
+def test_expert_parallel_limoe_equals_one_process(ep_run, tmp_path):
+    # Without router noise (which each rank draws for its own tokens), 2 expert-parallel ranks route exactly the
+    # routing groups one process routes: per step, the mean of their losses is the one-process loss.
+    from limoe.train import train
+
+    root = ep_run[0]
+    cfg = _config(tmp_path / "ep", root / "cache", 2)
+    cfg.moe["noise_std"] = 0.0
+    ranks = _run(cfg)
+    single = _config(tmp_path / "one", root / "cache", 1)
+    single.moe["noise_std"] = 0.0
+    losses = train(single, progress=False).losses
+    assert [(a + b) / 2 for a, b in zip(*ranks)] == pytest.approx(losses, abs=1e-5)
+
+
 def test_expert_parallel_checkpoint_loads_in_one_process(ep_run, tmp_path):
     from limoe import checkpoint as ckpt
     from limoe import load_checkpoint

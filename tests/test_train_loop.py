@@ -87,6 +87,42 @@ def test_accumulation_splits_the_batch_and_averages_the_micro_batch_losses(tmp_p
     assert abs(losses[0] - losses[1]) > 1e-3  # two different halves: averaging is really being checked
 
 
+def _first_routing(run_dir):
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        first = next(row for row in map(json.loads, f) if row["kind"] == "train")
+    return {k: v for k, v in first.items() if k.startswith("routing/")}
+
+
+def test_accumulation_does_not_change_routing(tmp_path, cache):
+    # Routing groups of 8 pairs never span micro-batches: the first step's routing (same weights, no router noise)
+    # is the same whether its 16 pairs run as one batch or as two micro-batches of 8.
+    runs = {}
+    for parts in (1, 2):
+        cfg = tiny_config(tmp_path / str(parts), cache, steps=1, log_interval=1)
+        cfg.moe["noise_std"] = 0.0
+        cfg.optim.accumulation = parts
+        cfg.eval.zero_shot = cfg.eval.retrieval = False
+        train(cfg, progress=False)
+        runs[parts] = _first_routing(tmp_path / str(parts) / "run")
+    assert runs[1]["routing/routing_success/text"] < 1.0  # some tokens drop, so the grouping is really tested
+    assert runs[1] == pytest.approx(runs[2], rel=1e-6)  # counts equal; entropies up to summation order
+
+
+def test_routing_group_must_divide_the_micro_batch(tmp_path):
+    from limoe.train.config import ConfigError
+
+    cfg = tiny_config(tmp_path)
+    cfg.optim.accumulation = 4  # 16 pairs in micro-batches of 4: not whole groups of 8
+    with pytest.raises(ConfigError, match=r"micro-batches of 4 pairs, not a multiple of moe.group_size=8"):
+        cfg.validate()
+    cfg.optim.accumulation = 2
+    cfg.validate().check_world(1)
+    with pytest.raises(ConfigError, match=r"2 ranks x optim.accumulation=2 gives micro-batches of 4 pairs"):
+        cfg.check_world(2)
+    cfg.moe["group_size"] = 4
+    cfg.validate().check_world(2)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache):
     cfg = tiny_config(tmp_path, cache, steps=8, checkpoint_interval=3, debug_nan_at_step=4)
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5.*last good checkpoint is .*"

@@ -29,9 +29,12 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: the last one images pass through)")
     p.add_argument("--num-pairs", type=int, default=256, help="pairs to read (default: 256)")
     p.add_argument("--batch-size", type=int, default=32,
-                   help="pairs per routing group; capacity depends on it (default: 32)")
+                   help="pairs per forward pass; the model's routing groups (moe.group_size) split it (default: 32)")
     p.add_argument("--train-routing", action="store_true",
                    help="route as in training (train capacity factor, router noise) instead of eval")
+    p.add_argument("--separate-passes", action="store_true",
+                   help="encode images and texts in passes of their own, as inference does, instead of pairs as "
+                        "training does (where a joint-routing model groups a pair's patches and text tokens)")
     p.add_argument("--metrics", help="metrics.jsonl of the run (default: the one next to the checkpoint)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair sample's shuffle (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
@@ -80,7 +83,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     pairs = load_pairs(args.data, model.config.image_size, args.seed)
-    cfg = AnalysisConfig(num_pairs=args.num_pairs, batch_size=args.batch_size, train_routing=args.train_routing)
+    cfg = AnalysisConfig(num_pairs=args.num_pairs, batch_size=args.batch_size, train_routing=args.train_routing,
+                         pairs=not args.separate_passes)
     analysis = analyze_routing(model, tokenizer, pairs, cfg)
     if args.layer is not None and analysis.layers and not -len(analysis.layers) <= args.layer < len(analysis.layers):
         raise SystemExit(f"limoe analyze: --layer must be in [-{len(analysis.layers)}, {len(analysis.layers)}), "

@@ -101,7 +101,7 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
     if analysis.has_moe:
         n = len(analysis.layers)
         if layer is None:  # the last layer images pass through (in a two-tower model the text tower's are last)
-            layer = max(i for i, lr in enumerate(analysis.layers) if "image" in lr.ref.passes or i == 0)
+            layer = max(i for i, lr in enumerate(analysis.layers) if len(lr.map_expert_IP) or i == 0)
         if not -n <= layer < n:
             raise ValueError(f"layer must index one of the {n} MoE layers, got {layer}")
         layer %= n
@@ -152,7 +152,8 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
         notes.append("No metrics log (metrics.jsonl) was given or found: no curves over training steps.")
 
     (out / "report.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
-    meta = (f"{analysis.num_pairs} image-text pairs, batches of {analysis.batch_size}, "
+    passes = "as pairs (as in training)" if analysis.pairs else "in separate image and text passes"
+    meta = (f"{analysis.num_pairs} image-text pairs encoded {passes}, batches of {analysis.batch_size}, "
             f"{'train' if analysis.train_routing else 'eval'}-mode routing, model kind {analysis.model_kind}, "
             f"{len(analysis.layers)} MoE layers, {analysis.image_size} px images in {analysis.patch_size} px patches")
     page = "\n".join([
@@ -163,6 +164,7 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
         *(f'<p class="note">{n}</p>' for n in notes),
         _table(["setting", "value"], [["model kind", analysis.model_kind], ["pairs", analysis.num_pairs],
                                       ["batch size", analysis.batch_size],
+                                      ["encoded", "pairs" if analysis.pairs else "separate passes"],
                                       ["routing", "train" if analysis.train_routing else "eval"],
                                       ["MoE layers", len(analysis.layers)], ["image size", analysis.image_size],
                                       ["patch size", analysis.patch_size]]),

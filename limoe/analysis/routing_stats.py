@@ -1,30 +1,33 @@
 """Routing statistics of a contrastive model over a sample of image-text pairs: what the blog's pictures show.
 
-`analyze_routing(model, tokenizer, pairs)` encodes the pairs in batches (images and texts in their own passes,
-exactly as in training) and keeps, per MoE layer:
+`analyze_routing(model, tokenizer, pairs)` encodes the pairs in batches, by default exactly as training does
+(`model(images, texts)`: a one-tower model with joint routing groups routes each pair's patches and text tokens
+together; `pairs=False` encodes each modality in its own pass, as inference does), records every call of every
+MoE layer, and keeps, per layer:
 
-- the layer's `MoeStats` summed over every batch and both passes (counts, so rates weight every token equally);
-- the mean of each aux loss per pass (unweighted, as the layer reports them);
+- the layer's `MoeStats` summed over every batch and call (counts, so rates weight every token equally);
+- the mean of each aux loss per kind of call ("pairs", "image" or "text"; unweighted, as the layer reports them);
 - per expert, how often each text token id was processed by it (-> its most typical text tokens);
 - per expert, the N image patches it processed with the highest gate, with their pixels (-> typical patches);
 - for the first few images, the top-1 expert of every patch and whether it was kept (-> token-to-expert maps).
 
-Layers are found by module identity, so one-tower models (one layer sees both modalities) and two-tower models
-(each encoder has its own layers) are both handled; a model without MoE layers gives an analysis with no layers.
+Calls are recorded by forward hooks and layers told apart by module identity, so one-tower models (one layer
+sees both modalities) and two-tower models (each encoder has its own layers) are both handled; a model without
+MoE layers gives an analysis with no layers.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
 
+from limoe.model.block import IMAGE, TEXT
 from limoe.moe.stats import MoeStats
-
-IMAGE, TEXT = 0, 1  # modality ids of the model's passes (limoe.model.base)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the data layer's default normalisation, undone for pictures
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -32,8 +35,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class AnalysisConfig:
     num_pairs: int | None = 256  # pairs to read from the iterable (None: all)
-    batch_size: int = 32  # one routing group per pass, as in evaluation; capacity depends on it
+    batch_size: int = 32  # pairs per forward; the model's routing groups (moe.group_size) split each batch
     train_routing: bool = False  # route as in training (train capacity factor, router noise) instead of eval
+    pairs: bool = True  # encode pairs as training does (joint groups); False: each modality alone (inference)
     top_tokens: int = 10  # most typical text tokens kept per expert
     top_patches: int = 8  # highest-gate image patches kept per expert
     num_maps: int = 16  # images whose per-patch expert maps (and pixels) are kept
@@ -43,14 +47,14 @@ class AnalysisConfig:
 
 @dataclass(eq=False)  # identity: the same layer object is shared by every pass through it
 class LayerRef:
-    """One MoE layer: which encoder (one-tower: 'shared'), which block, which passes route through it."""
+    """One MoE layer: which encoder (one-tower: 'shared'), which block, which kinds of calls routed through it."""
 
     name: str  # e.g. "block 1" or "image block 1"
     encoder: str
     block: int
     num_experts: int
     k: int
-    passes: tuple[str, ...]
+    passes: tuple[str, ...] = ()  # "pairs" (both modalities in joint groups), "image", "text"; in call order
 
 
 @dataclass
@@ -72,6 +76,7 @@ class RoutingAnalysis:
     num_pairs: int
     batch_size: int
     train_routing: bool
+    pairs: bool
     image_size: int
     patch_size: int
     modalities: tuple[str, ...]
@@ -117,6 +122,7 @@ class RoutingAnalysis:
             "num_pairs": self.num_pairs,
             "batch_size": self.batch_size,
             "routing": "train" if self.train_routing else "eval",
+            "passes": "pairs" if self.pairs else "separate",
             "image_size": self.image_size,
             "patch_size": self.patch_size,
             "grid": self.grid,
@@ -168,27 +174,34 @@ def _clean(x: Any) -> Any:
 
 # -- discovering the layers -----------------------------------------------------------------------------------
 
-def moe_layers_of(model) -> dict[str, list[LayerRef]]:
-    """Per pass ("image", "text"), the MoE layers it goes through in order, as shared LayerRef objects."""
+def moe_layers_of(model) -> list[tuple[torch.nn.Module, LayerRef]]:
+    """Every MoE layer of the model (the image encoder's, then the text encoder's unless it is the same one)."""
     image_enc, text_enc = model.encoder_for(IMAGE), model.encoder_for(TEXT)
     shared = image_enc is text_enc
-    out: dict[str, list[LayerRef]] = {}
-    refs: dict[tuple[int, int], LayerRef] = {}
-    for pass_name, enc in (("image", image_enc), ("text", text_enc)):
-        encoder = "shared" if shared else pass_name
-        layers = []
+    out = []
+    for tower, enc in (("image", image_enc),) if shared else (("image", image_enc), ("text", text_enc)):
         for b, block in enumerate(enc.blocks):
-            if not block.is_moe:
-                continue
-            key = (id(enc), b)
-            if key not in refs:
+            if block.is_moe:
                 cfg = block.mlp.config
-                name = f"block {b}" if shared else f"{pass_name} block {b}"
-                refs[key] = LayerRef(name, encoder, b, cfg.num_experts, cfg.k, ())
-            refs[key].passes += (pass_name,)
-            layers.append(refs[key])
-        out[pass_name] = layers
+                name = f"block {b}" if shared else f"{tower} block {b}"
+                out.append((block.mlp, LayerRef(name, "shared" if shared else tower, b, cfg.num_experts, cfg.k)))
     return out
+
+
+@contextmanager
+def recorded_moe_calls(layers: list[torch.nn.Module]):
+    """Collects (layer, modality argument, MoeAux) of every call of `layers` while the context is open."""
+    calls: list[tuple[torch.nn.Module, Any, Any]] = []
+
+    def hook(module, args, kwargs, output):
+        calls.append((module, kwargs.get("modality", args[1] if len(args) > 1 else None), output[1]))
+
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # -- the pass over the data -----------------------------------------------------------------------------------
@@ -232,19 +245,17 @@ class _LayerAccumulator:
             self.loss_sum[f"{pass_name}/{name}"] += float(value)
             self.loss_n[f"{pass_name}/{name}"] += 1
 
-    def add_text(self, aux, ids_S: torch.Tensor) -> None:
-        r = aux.routing
-        kept_SK = r.kept_SK.cpu()
-        expert_A = r.expert_SK.cpu()[kept_SK]
-        token_A = ids_S[:, None].expand_as(kept_SK)[kept_SK]
+    def add_text(self, expert_BTK: torch.Tensor, kept_BTK: torch.Tensor, ids_BT: torch.Tensor) -> None:
+        expert_A = expert_BTK[kept_BTK]
+        token_A = ids_BT[..., None].expand_as(kept_BTK)[kept_BTK]
         vocab_size = self.token_counts_EV.shape[1]
         ones_A = torch.ones(len(expert_A), dtype=torch.float64)
         self.token_counts_EV.view(-1).index_add_(0, expert_A * vocab_size + token_A, ones_A)
 
-    def add_image(self, aux, first_image: int, patches_BP3hw: torch.Tensor, maps_left: int) -> None:
-        r = aux.routing
+    def add_image(self, expert_BPK: torch.Tensor, kept_BPK: torch.Tensor, gate_BPK: torch.Tensor, first_image: int,
+                  patches_BP3hw: torch.Tensor, maps_left: int) -> None:
         B, P = patches_BP3hw.shape[:2]
-        expert_SK, kept_SK, gate_SK = r.expert_SK.cpu(), r.kept_SK.cpu(), r.gate_SK.float().cpu()
+        expert_SK, kept_SK, gate_SK = (t.reshape(B * P, -1) for t in (expert_BPK, kept_BPK, gate_BPK))
         if maps_left > 0:
             n = min(maps_left, B)
             self.map_expert.append(expert_SK[:, 0].view(B, P)[:n])
@@ -296,6 +307,29 @@ def _to_patches(images_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // patch) * (W // patch), C, patch, patch)
 
 
+def _add_call(acc: _LayerAccumulator, modality, aux, ids_BT: torch.Tensor, first_image: int,
+              patches_BP3hw: torch.Tensor, maps_left: int) -> None:
+    """One MoE call over B examples of L tokens: an image or text pass (int modality) or joint pairs (a [B, L]
+    modality id per token, the same for every example). Its image and text columns go to their accumulators."""
+    r = aux.routing
+    B = ids_BT.shape[0]
+    expert_BLK, kept_BLK, gate_BLK = (t.cpu().view(B, -1, r.k) for t in (r.expert_SK, r.kept_SK, r.gate_SK.float()))
+    if isinstance(modality, torch.Tensor):
+        modality_L, kind = modality[0].cpu(), "pairs"
+    else:
+        modality = IMAGE if modality is None else modality
+        modality_L, kind = torch.full((expert_BLK.shape[1],), modality), aux.stats.modalities[modality]
+    if kind not in acc.ref.passes:
+        acc.ref.passes += (kind,)
+    acc.add_common(kind, aux)
+    image_L, text_L = modality_L == IMAGE, modality_L == TEXT
+    if image_L.any():
+        acc.add_image(expert_BLK[:, image_L], kept_BLK[:, image_L], gate_BLK[:, image_L], first_image,
+                      patches_BP3hw, maps_left)
+    if text_L.any():
+        acc.add_text(expert_BLK[:, text_L], kept_BLK[:, text_L], ids_BT[:, :int(text_L.sum())])
+
+
 @torch.no_grad()
 def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
                     cfg: AnalysisConfig | None = None) -> RoutingAnalysis:
@@ -309,37 +343,38 @@ def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
     device = next(model.parameters()).device
     was_training = model.training
     model.train(cfg.train_routing)
-    passes = moe_layers_of(model)
-    refs = list(dict.fromkeys(passes["image"] + passes["text"]))  # unique, image-pass order first
+    layers = moe_layers_of(model)
     mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
-    acc = {id(ref): _LayerAccumulator(ref, mc.vocab_size, cfg, mc.num_patches, mc.patch_size) for ref in refs}
+    acc = {id(layer): _LayerAccumulator(ref, mc.vocab_size, cfg, mc.num_patches, mc.patch_size)
+           for layer, ref in layers}
     map_images, map_captions = [], []
     seen = 0
     try:
-        for images_BCHW, captions in _batches(pairs, cfg.batch_size, cfg.num_pairs):
-            tokens = tokenizer(captions)
-            ids_BL, valid_BL = tokens.ids_BL, ~tokens.padding_mask_BL
-            _, image_aux = model.encode_image(images_BCHW.to(device), return_aux=True)
-            _, text_aux = model.encode_text(ids_BL.to(device), valid_BL.to(device), return_aux=True)
-            pixels_BCHW = (images_BCHW.float().cpu() * std + mean).clamp(0, 1)
-            patches = _to_patches(pixels_BCHW, mc.patch_size)
-            maps_left = cfg.num_maps - len(map_captions)
-            for ref, aux in zip(passes["image"], image_aux):
-                acc[id(ref)].add_common("image", aux)
-                acc[id(ref)].add_image(aux, seen, patches, maps_left)
-            for ref, aux in zip(passes["text"], text_aux):
-                acc[id(ref)].add_common("text", aux)
-                acc[id(ref)].add_text(aux, ids_BL.reshape(-1))
-            if maps_left > 0:
-                map_images.append(pixels_BCHW[:maps_left])
-                map_captions += captions[:maps_left]
-            seen += len(captions)
+        with recorded_moe_calls([layer for layer, _ in layers]) as calls:
+            for images_BCHW, captions in _batches(pairs, cfg.batch_size, cfg.num_pairs):
+                tokens = tokenizer(captions)
+                ids_BL, valid_BL = tokens.ids_BL, ~tokens.padding_mask_BL
+                calls.clear()
+                if cfg.pairs:
+                    model(images_BCHW.to(device), ids_BL.to(device), valid_BL.to(device))
+                else:
+                    model.encode_image(images_BCHW.to(device))
+                    model.encode_text(ids_BL.to(device), valid_BL.to(device))
+                pixels_BCHW = (images_BCHW.float().cpu() * std + mean).clamp(0, 1)
+                patches = _to_patches(pixels_BCHW, mc.patch_size)
+                maps_left = cfg.num_maps - len(map_captions)
+                for layer, modality, aux in calls:
+                    _add_call(acc[id(layer)], modality, aux, ids_BL, seen, patches, maps_left)
+                if maps_left > 0:
+                    map_images.append(pixels_BCHW[:maps_left])
+                    map_captions += captions[:maps_left]
+                seen += len(captions)
     finally:
         model.train(was_training)
     if seen == 0:
         raise ValueError("no pairs to analyse: the data gave nothing")
-    layers = [acc[id(ref)].result() for ref in refs]
+    layers = [acc[id(layer)].result() for layer, _ in layers]
     counted = set()
     for lr in layers:
         counted.update(lr.token_counts_EV.sum(0).nonzero().flatten().tolist())
@@ -347,6 +382,7 @@ def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
     modalities = tuple(layers[0].stats.modalities) if layers else ("image", "text")
     return RoutingAnalysis(
         model_kind=mc.kind, num_pairs=seen, batch_size=cfg.batch_size, train_routing=cfg.train_routing,
+        pairs=cfg.pairs,
         image_size=mc.image_size, patch_size=mc.patch_size, modalities=modalities, layers=layers,
         map_images_I3HW=torch.cat(map_images) if map_images else torch.zeros(0, 3, mc.image_size, mc.image_size),
         map_captions=map_captions, vocab=vocab, top_tokens=cfg.top_tokens)

@@ -1,7 +1,8 @@
 """What every contrastive model shares: modality embeddings, pooling, projections, temperature, the interface.
 
 Subclasses only say which encoder processes which modality (`encoder_for`); one-tower models return the same
-encoder for both, two-tower models a separate one each.
+encoder for both, two-tower models a separate one each. A model whose encoders are one (one tower) encodes a
+batch of pairs in lockstep in `forward`, so its MoE layers can route a pair's image and text tokens together.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from limoe.model.block import Encoder
+from limoe.model.block import IMAGE, TEXT, Encoder
 from limoe.model.config import ModelConfig
 from limoe.model.embed import PatchEmbed, TokenEmbed
 from limoe.model.pool import make_pool
 from limoe.moe.layer import MoeAux
 
-IMAGE, TEXT = 0, 1  # modality ids, indexing MoeConfig.modalities = ("image", "text")
+__all__ = ["IMAGE", "TEXT", "ContrastiveModel", "ModelOutput"]
 
 
 @dataclass
@@ -27,7 +28,9 @@ class ModelOutput:
     text_embeds: torch.Tensor  # [B', D], L2-normalised
     logit_scale: torch.Tensor  # scalar, exp of the learned log temperature
     logit_bias: torch.Tensor | None = None  # scalar, only for models built with logit_bias_init
-    aux: list[MoeAux] = field(default_factory=list)  # every MoE layer of the image pass, then of the text pass
+    # Every MoE call: one tower, in block order (one call per block with joint routing groups, else image then
+    # text); two towers, the image tower's layers, then the text tower's.
+    aux: list[MoeAux] = field(default_factory=list)
 
 
 class ContrastiveModel(nn.Module):
@@ -65,10 +68,12 @@ class ContrastiveModel(nn.Module):
         return tokens_BT != self.config.pad_id
 
     def encode_image(self, images_BCHW: torch.Tensor, return_aux: bool = False):
-        """Images [B, C, H, W] -> normalised embeddings [B, D] (and the MoE records if `return_aux`)."""
-        x_BNd = self.image_embed(images_BCHW)
-        x_BNd, aux = self.encoder_for(IMAGE)(x_BNd, IMAGE)
-        z_BD = F.normalize(self.image_proj(self.image_pool(x_BNd)), dim=-1)
+        """Images [B, C, H, W] -> normalised embeddings [B, D] (and the MoE records if `return_aux`).
+
+        Alone, images route in image-only groups (inference, zero-shot); training encodes pairs (`forward`).
+        """
+        x_BNd, aux = self.encoder_for(IMAGE)(self.image_embed(images_BCHW), IMAGE)
+        z_BD = self._image_head(x_BNd)
         return (z_BD, aux) if return_aux else z_BD
 
     def encode_text(self, tokens_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, return_aux: bool = False):
@@ -76,6 +81,29 @@ class ContrastiveModel(nn.Module):
 
         Padding is masked out of attention keys, MoE routing and pooling, so its content never matters.
         """
+        valid_BT = self._text_valid(tokens_BT, valid_BT)
+        x_BTd, aux = self.encoder_for(TEXT)(self.text_embed(tokens_BT), TEXT, valid_BT)
+        z_BD = self._text_head(x_BTd, valid_BT)
+        return (z_BD, aux) if return_aux else z_BD
+
+    def forward(self, images_BCHW: torch.Tensor, tokens_BT: torch.Tensor,
+                valid_BT: torch.Tensor | None = None) -> ModelOutput:
+        """Training's view: a batch of image-text pairs. One tower encodes both in lockstep, block by block,
+        so that (with `routing_groups="joint"`) its MoE layers route each pair's patches and text tokens in
+        shared groups; two towers encode each modality in its own pass."""
+        encoder = self.encoder_for(IMAGE)
+        if encoder is not self.encoder_for(TEXT):
+            image_BD, image_aux = self.encode_image(images_BCHW, return_aux=True)
+            text_BD, text_aux = self.encode_text(tokens_BT, valid_BT, return_aux=True)
+            return ModelOutput(image_BD, text_BD, self.logit_scale, self.logit_bias, image_aux + text_aux)
+        valid_BT = self._text_valid(tokens_BT, valid_BT)
+        image_BNd, text_BTd, aux = encoder.forward_pair(self.image_embed(images_BCHW), self.text_embed(tokens_BT),
+                                                        valid_BT)
+        return ModelOutput(self._image_head(image_BNd), self._text_head(text_BTd, valid_BT), self.logit_scale,
+                           self.logit_bias, aux)
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    def _text_valid(self, tokens_BT: torch.Tensor, valid_BT: torch.Tensor | None) -> torch.Tensor:
         if valid_BT is None:
             valid_BT = self.text_valid_mask(tokens_BT)
         elif valid_BT.shape != tokens_BT.shape or valid_BT.dtype != torch.bool:
@@ -85,16 +113,13 @@ class ContrastiveModel(nn.Module):
         # first position instead.
         valid_BT = valid_BT.clone()
         valid_BT[:, 0] |= ~valid_BT.any(1)
-        x_BTd = self.text_embed(tokens_BT)
-        x_BTd, aux = self.encoder_for(TEXT)(x_BTd, TEXT, valid_BT)
-        z_BD = F.normalize(self.text_proj(self.text_pool(x_BTd, valid_BT)), dim=-1)
-        return (z_BD, aux) if return_aux else z_BD
+        return valid_BT
 
-    def forward(self, images_BCHW: torch.Tensor, tokens_BT: torch.Tensor,
-                valid_BT: torch.Tensor | None = None) -> ModelOutput:
-        image_BD, image_aux = self.encode_image(images_BCHW, return_aux=True)
-        text_BD, text_aux = self.encode_text(tokens_BT, valid_BT, return_aux=True)
-        return ModelOutput(image_BD, text_BD, self.logit_scale, self.logit_bias, image_aux + text_aux)
+    def _image_head(self, x_BNd: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image_pool(x_BNd)), dim=-1)
+
+    def _text_head(self, x_BTd: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_pool(x_BTd, valid_BT)), dim=-1)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

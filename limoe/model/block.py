@@ -9,6 +9,8 @@ from torch import nn
 from limoe.model.mlp import Mlp
 from limoe.moe.layer import MoeAux, MoeConfig, MoeMlp
 
+IMAGE, TEXT = 0, 1  # modality ids, indexing MoeConfig.modalities = ("image", "text")
+
 
 class Attention(nn.Module):
     """Bidirectional multi-head self-attention; `valid_BN` False marks keys (padding) nobody may attend to."""
@@ -44,19 +46,46 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoeMlp)
 
+    @property
+    def routes_jointly(self) -> bool:
+        """Whether a pair's image and text tokens share this block's routing groups."""
+        return self.is_moe and self.mlp.config.routing_groups == "joint"
+
     def forward(self, x_BNd: torch.Tensor, modality: int, valid_BN: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, MoeAux | None]:
+        """One modality: a batch of images or of texts."""
         x_BNd = x_BNd + self.attn(self.norm1(x_BNd), valid_BN)
-        h_BNd = self.norm2(x_BNd)
+        y_BNd, aux = self._mlp(self.norm2(x_BNd), modality, valid_BN)
+        return x_BNd + y_BNd, aux
+
+    def forward_pair(self, image_BNd: torch.Tensor, text_BTd: torch.Tensor, text_valid_BT: torch.Tensor,
+                     modality_BL: torch.Tensor, valid_BL: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[MoeAux]]:
+        """Both modalities of a batch of pairs in lockstep: attention within each image and each text (no
+        cross-attention), then the MLP. A joint MoE sees every pair's N patches and T text positions as one
+        example of L = N + T tokens (`modality_BL`, `valid_BL` describe them), so pairs share routing groups."""
+        image_BNd = image_BNd + self.attn(self.norm1(image_BNd))
+        text_BTd = text_BTd + self.attn(self.norm1(text_BTd), text_valid_BT)
+        h_image_BNd, h_text_BTd = self.norm2(image_BNd), self.norm2(text_BTd)
+        if self.routes_jointly:
+            num_patches = image_BNd.shape[1]
+            y_BLd, aux = self.mlp(torch.cat([h_image_BNd, h_text_BTd], 1), modality=modality_BL, valid=valid_BL)
+            return image_BNd + y_BLd[:, :num_patches], text_BTd + y_BLd[:, num_patches:], [aux]
+        y_image_BNd, image_aux = self._mlp(h_image_BNd, IMAGE, None)
+        y_text_BTd, text_aux = self._mlp(h_text_BTd, TEXT, text_valid_BT)
+        aux = [a for a in (image_aux, text_aux) if a is not None]
+        return image_BNd + y_image_BNd, text_BTd + y_text_BTd, aux
+
+    def _mlp(self, h_BNd: torch.Tensor, modality: int, valid_BN: torch.Tensor | None
+             ) -> tuple[torch.Tensor, MoeAux | None]:
         if self.is_moe:
             # The router sees the modality of every token (per-modality aux losses) and skips padding.
-            y_BNd, aux = self.mlp(h_BNd, modality=modality, valid=valid_BN)
-            return x_BNd + y_BNd, aux
-        return x_BNd + self.mlp(h_BNd), None
+            return self.mlp(h_BNd, modality=modality, valid=valid_BN)
+        return self.mlp(h_BNd), None
 
 
 class Encoder(nn.Module):
-    """`depth` blocks (MoE at `moe_layer_ids`) and a final LayerNorm; one call encodes one modality."""
+    """`depth` blocks (MoE at `moe_layer_ids`) and a final LayerNorm; encodes one modality or pairs in lockstep."""
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_dim: int, moe_layer_ids: tuple[int, ...] = (),
                  moe: MoeConfig | None = None, eps: float = 1e-6):
@@ -75,3 +104,21 @@ class Encoder(nn.Module):
             if block_aux is not None:
                 aux.append(block_aux)
         return self.norm(x_BNd), aux
+
+    def forward_pair(self, image_BNd: torch.Tensor, text_BTd: torch.Tensor, text_valid_BT: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[MoeAux]]:
+        """Images [B, N, d] and their texts [B, T, d] through every block together (see Block.forward_pair)."""
+        if image_BNd.shape[0] != text_BTd.shape[0]:
+            raise ValueError(f"pairs need as many texts as images, got {image_BNd.shape[0]} images and "
+                             f"{text_BTd.shape[0]} texts")
+        B, N = image_BNd.shape[:2]
+        device = image_BNd.device
+        modality_BL = torch.cat([torch.full((B, N), IMAGE, device=device),
+                                 torch.full(text_valid_BT.shape, TEXT, device=device)], 1)
+        valid_BL = torch.cat([torch.ones(B, N, dtype=torch.bool, device=device), text_valid_BT], 1)
+        aux: list[MoeAux] = []
+        for block in self.blocks:
+            image_BNd, text_BTd, block_aux = block.forward_pair(image_BNd, text_BTd, text_valid_BT, modality_BL,
+                                                                valid_BL)
+            aux += block_aux
+        return self.norm(image_BNd), self.norm(text_BTd), aux

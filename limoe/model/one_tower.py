@@ -8,7 +8,8 @@ from limoe.model.config import ModelConfig
 
 
 class OneTower(ContrastiveModel):
-    """Images and texts go through the same encoder in separate passes; the MoE router sees both modalities.
+    """Images and texts share one encoder: pairs go through it in lockstep (`forward`, training), a modality
+    alone in its own pass (`encode_image`, `encode_text`).
 
     `config.kind == "limoe"` puts `MoeMlp` at `config.moe_layer_ids`; `"dense"` uses a plain MLP everywhere.
     """

@@ -6,6 +6,10 @@ Sizes are the ViT ones (DESIGN §1). MoE settings of the LIMoE presets (K = 1 th
   1.7B / 0.3B; every-other-block with E = 8 would give only 0.31B / 1.0B, while E = 8 everywhere gives 0.52B and
   1.77B (exact numbers: `get_model_info`). The paper's own layout is not known to us; override if needed.
 - H/14: E = 32 in the last 12 odd blocks ("fits 32 experts in 12 MoE layers"): 5.6B total / 0.71B per token.
+- Routing groups: 8 examples per group (`group_size`), joint in training (a pair's patches and text tokens share
+  a group and its capacity). V-MoE's paper configs route groups of 8 images (the smallest batch per device);
+  LIMoE's example is a pair, so a B/16 group holds 8 x (196 + 16) = 1,696 tokens. 8 is also the smallest group
+  in which every expert of E = 8 can get a capacity that is not mostly rounding.
 Dense and two-tower presets share the sizes; two-tower towers are both full-size (same FLOPs per token).
 The tiny presets train in minutes on 2 CPU cores (32 px images, 16 patches, 4 blocks of width 64).
 """
@@ -28,9 +32,10 @@ _SIZES = {"s": (512, 8, 2048, 8), "b": (768, 12, 3072, 12), "l": (1024, 24, 4096
 _VARIANTS = {"s32": ("s", 32), "b32": ("b", 32), "b16": ("b", 16), "l16": ("l", 16), "h14": ("h", 14)}
 _LIMOE_MOE = {"s": ("every:2", 8), "b": ("every:1", 8), "l": ("every:1", 8), "h": ("last:12", 32)}
 _KINDS = {"limoe": "limoe", "dense": "dense", "two-tower": "two_tower"}
+GROUP_SIZE = 8  # examples (pairs in training) per routing group
 
 _TINY = dict(width=64, depth=4, heads=4, mlp_dim=256, patch_size=8, image_size=32, vocab_size=1024,
-             context_length=16, moe_layers="every:2", moe={"num_experts": 4})
+             context_length=16, moe_layers="every:2", moe={"num_experts": 4, "group_size": GROUP_SIZE})
 
 
 def _preset(prefix: str, variant: str) -> ModelConfig:
@@ -41,7 +46,7 @@ def _preset(prefix: str, variant: str) -> ModelConfig:
     width, depth, mlp_dim, heads = _SIZES[size]
     layers, experts = _LIMOE_MOE[size] if kind == "limoe" else ("none", 8)
     return ModelConfig(kind=kind, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, patch_size=patch,
-                       image_size=224, moe_layers=layers, moe={"num_experts": experts})
+                       image_size=224, moe_layers=layers, moe={"num_experts": experts, "group_size": GROUP_SIZE})
 
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {

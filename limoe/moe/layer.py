@@ -1,4 +1,4 @@
-"""The sparse MoE MLP: router -> top-k routing with capacity (and BPR) -> dispatch -> experts -> combine."""
+"""The sparse MoE MLP: router -> top-k routing with capacity (and BPR) per group -> dispatch -> experts -> combine."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from limoe.moe import losses
 from limoe.moe.experts import GROUP_ROW_ALIGN, ExpertMlps, check_expert_backend, compute_dtype, resolve_expert_backend
 from limoe.moe.routing import Routing, capacity, route
 from limoe.moe.stats import MoeStats
+
+
+ROUTING_GROUPS = ("joint", "per_modality")
 
 
 @dataclass
@@ -31,6 +34,13 @@ class MoeConfig:
     # text tokens can hardly be dropped. "valid" reads the count on the host (a sync on accelerators, shapes
     # that change with the data under torch.compile) and is refused with expert parallelism.
     capacity_tokens: str = "all"
+    # Routing groups, as in V-MoE: the tokens of `group_size` consecutive examples (dim 0 of the input: images,
+    # texts or, in joint training, image-text pairs) are routed together with their own capacity, BPR order and
+    # aux losses (averaged over groups). None: everything one call holds is one group.
+    group_size: int | None = None
+    # How a one-tower model groups a batch of pairs in training: "joint" = a pair's patches and text tokens share
+    # one group and one capacity (LIMoE), "per_modality" = images and texts are grouped and routed apart.
+    routing_groups: str = "joint"
     modalities: tuple[str, ...] = ("image", "text")
     # Global-entropy threshold per modality: the loss asks each modality to use at least this many experts
     # (tau = log of it). None: all num_experts for every modality.
@@ -54,6 +64,10 @@ class MoeConfig:
         check_expert_backend(self.expert_backend)
         if self.capacity_tokens not in ("all", "valid"):
             raise ValueError(f"capacity_tokens must be 'all' or 'valid', got {self.capacity_tokens!r}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1 or None, got {self.group_size}")
+        if self.routing_groups not in ROUTING_GROUPS:
+            raise ValueError(f"routing_groups must be one of {ROUTING_GROUPS}, got {self.routing_groups!r}")
         self.modalities = tuple(self.modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be distinct names, got {self.modalities}")
@@ -81,12 +95,15 @@ class MoeAux:
 
 
 class MoeMlp(nn.Module):
-    """Sparse Mixture-of-Experts MLP; one call routes its whole input as one group of S tokens.
+    """Sparse Mixture-of-Experts MLP; each routing group of its input is routed on its own.
 
-    forward(x [..., d], modality=None | int | long [...], valid=None | bool [...]) -> (y [..., d], MoeAux).
-    `modality` indexes `config.modalities` (None: every token is modalities[0]); `valid` False marks padding,
-    which is neither routed nor counted and gets 0 from this layer. Capacity is computed from all S tokens of the
-    group, padding included, so it never depends on data (no host synchronisation).
+    forward(x [B, ..., d], modality=None | int | long [B, ...], valid=None | bool [B, ...]) -> (y, MoeAux).
+    Dim 0 counts examples: `config.group_size` consecutive examples form one group (None: the whole input is
+    one group). If B is not a multiple of the group size, the last group is filled up with padding examples, so
+    every group has the same capacity. `modality` indexes `config.modalities` (None: every token is
+    modalities[0]); `valid` False marks padding, which is neither routed nor counted and gets 0 from this layer.
+    Capacity is computed from all tokens of a group, padding included, so it never depends on data (no host
+    synchronisation), unless `capacity_tokens="valid"`.
     """
 
     def __init__(self, config: MoeConfig, experts: ExpertMlps | None = None):
@@ -106,7 +123,7 @@ class MoeMlp(nn.Module):
         c = self.config
         return (f"dim={c.dim}, hidden_dim={c.hidden_dim}, num_experts={c.num_experts}, k={c.k}, "
                 f"capacity_factor={c.capacity_factor}/{c.eval_capacity_factor or c.capacity_factor} (train/eval), "
-                f"batch_priority={c.batch_priority}, noise_std={c.noise_std}")
+                f"batch_priority={c.batch_priority}, noise_std={c.noise_std}, group_size={c.group_size}")
 
     def capacity_for(self, num_tokens: int) -> int:
         cfg = self.config
@@ -123,13 +140,14 @@ class MoeMlp(nn.Module):
         num_tokens = x_Sd.shape[0]
         modality_S = self._modality_ids(modality, lead_shape, x.device).reshape(-1)
         valid_S = self._valid_mask(valid, lead_shape).reshape(-1) if valid is not None else None
+        num_groups = 1
+        if cfg.group_size is not None:
+            x_Sd, modality_S, valid_S, num_groups = self._fill_groups(x_Sd, modality_S, valid_S, lead_shape)
 
         logits_SE, noisy_logits_SE = self._router_logits(x_Sd)
-        capacity_from = num_tokens
-        if cfg.capacity_tokens == "valid" and valid_S is not None:
-            capacity_from = max(1, int(valid_S.sum()))  # host sync: the buffers' shape follows the data
-        routing = route(torch.softmax(noisy_logits_SE, dim=-1), cfg.k, self.capacity_for(capacity_from),
-                        cfg.batch_priority, valid_S)
+        cap, capacity_G = self._group_capacity(x_Sd.shape[0] // num_groups, valid_S, num_groups)
+        routing = route(torch.softmax(noisy_logits_SE, dim=-1), cfg.k, cap, cfg.batch_priority, valid_S,
+                        num_groups, capacity_G)
         y_Sd = self._dispatch_combine(x_Sd, routing)
 
         # A comparison, not F.one_hot: one_hot validates its input with a host sync on accelerators.
@@ -139,12 +157,41 @@ class MoeMlp(nn.Module):
         logp_SE = torch.log_softmax(logits_SE, dim=-1)
         p_SE = logp_SE.exp()
         entropy_S = -(p_SE * logp_SE).sum(-1)
-        aux_losses = self._aux_losses(logits_SE, noisy_logits_SE, p_SE, entropy_S, onehot_SM)
+        aux_losses = self._aux_losses(logits_SE, noisy_logits_SE, p_SE, entropy_S, onehot_SM, num_groups)
         stats = MoeStats.compute(cfg.modalities, onehot_SM, routing.expert_SK, routing.kept_SK, entropy_S,
                                  cfg.num_experts)
+        if x_Sd.shape[0] != num_tokens:  # drop the padding examples that filled the last group
+            y_Sd, routing = y_Sd[:num_tokens], routing.token_slice(num_tokens)
         return y_Sd.reshape(x.shape), MoeAux(aux_losses, stats, routing)
 
     # -- pieces -------------------------------------------------------------------------------------------------
+    def _fill_groups(self, x_Sd: torch.Tensor, modality_S: torch.Tensor, valid_S: torch.Tensor | None,
+                     lead_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """Append padding examples until dim 0 is a multiple of the group size; returns the number of groups."""
+        group = self.config.group_size
+        examples = lead_shape[0] if lead_shape else 1
+        missing = -examples % group
+        if missing == 0:
+            return x_Sd, modality_S, valid_S, examples // group
+        num_tokens = x_Sd.shape[0]
+        pad = missing * (num_tokens // examples if examples else 1)
+        x_Sd = torch.cat([x_Sd, x_Sd.new_zeros(pad, x_Sd.shape[1])])
+        modality_S = torch.cat([modality_S, modality_S.new_zeros(pad)])
+        real_S = valid_S if valid_S is not None else torch.ones(num_tokens, dtype=torch.bool, device=x_Sd.device)
+        valid_S = torch.cat([real_S, real_S.new_zeros(pad)])
+        return x_Sd, modality_S, valid_S, (examples + missing) // group
+
+    def _group_capacity(self, group_tokens: int, valid_S: torch.Tensor | None, num_groups: int
+                        ) -> tuple[int, torch.Tensor | None]:
+        """Slots per expert and group (buffer size), and per-group limits when they differ by group."""
+        if self.config.capacity_tokens == "valid" and valid_S is not None:
+            # Host sync: the buffers' shape follows the data.
+            caps = [self.capacity_for(max(1, n)) for n in valid_S.view(num_groups, -1).sum(1).tolist()]
+            if len(set(caps)) > 1:
+                return max(caps), torch.tensor(caps, device=valid_S.device)
+            return caps[0], None
+        return self.capacity_for(group_tokens), None
+
     def _router_logits(self, x_Sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits even under autocast: routing decisions are sensitive to rounding."""
         device_type = x_Sd.device.type
@@ -160,17 +207,17 @@ class MoeMlp(nn.Module):
     def _dispatch_combine(self, x_Sd: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Gather kept tokens into expert buffers, run the experts, gather back and weight by gate.
 
-        Buffers are capacity-padded [E, C, d] (bmm backend) or packed [R, d] groups (grouped_mm backend, see
-        `_packed_rows`). Empty buffer rows and dropped assignments point at row 0 instead of a zero row: nothing
+        Buffers are capacity-padded [E, G*C, d] (bmm backend: each expert's C slots of every group) or packed
+        [R, d] groups (grouped_mm backend, see `_packed_rows`). Empty buffer rows and dropped assignments point at row 0 instead of a zero row: nothing
         reads an empty row's output (so its gradient is exactly 0) and a dropped choice has weight 0. This saves
         padding copies of the activations in both directions.
         """
         num_tokens, dim = x_Sd.shape
-        num_experts, cap = routing.num_experts, routing.capacity
+        num_experts, slots = routing.num_experts, routing.num_groups * routing.capacity
         if self._uses_grouped_mm(x_Sd):
             kept_row_SK, group_end_E, num_rows = self._packed_rows(routing)
         else:
-            kept_row_SK, group_end_E, num_rows = routing.expert_SK * cap + routing.slot_SK, None, num_experts * cap
+            kept_row_SK, group_end_E, num_rows = routing.buffer_row_SK(), None, num_experts * slots
         # Source token of every buffer row. Dropped assignments write a spare row (num_rows) that is cut off.
         token_SK = torch.arange(num_tokens, device=x_Sd.device)[:, None].expand_as(kept_row_SK)
         source_row = torch.zeros(num_rows + 1, dtype=torch.long, device=x_Sd.device)
@@ -182,7 +229,7 @@ class MoeMlp(nn.Module):
         if group_end_E is not None:
             y_Rd = self.experts.forward_grouped(x_Rd, group_end_E)
         else:
-            y_Rd = self.run_experts(x_Rd.view(num_experts, cap, dim)).view(num_rows, dim)
+            y_Rd = self.run_experts(x_Rd.view(num_experts, slots, dim)).view(num_rows, dim)
 
         row_SK = torch.where(routing.kept_SK, kept_row_SK, 0)
         weight_SK = (routing.gate_SK * routing.kept_SK).to(y_Rd.dtype)
@@ -198,40 +245,51 @@ class MoeMlp(nn.Module):
 
     @staticmethod
     def _packed_rows(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Packed layout: expert e's kept assignments fill rows start_e + slot, groups back to back.
+        """Packed layout: expert e's kept assignments fill one block of rows, its routing groups back to back.
 
-        Kept slots of an expert are exactly 0 .. count_e - 1, so its group needs count_e rows, rounded up to
-        GROUP_ROW_ALIGN. Returns each assignment's row, the int32 cumulative group ends (grouped_mm's offsets)
-        and the buffer's row count, a static bound (E * C rounded up), so shapes never depend on data.
+        Within a routing group g, kept slots of expert e are exactly 0 .. count_ge - 1, so an assignment's row is
+        start_e + (kept assignments of e in groups before g) + slot, and e's block needs count_e rows, rounded up
+        to GROUP_ROW_ALIGN. Returns each assignment's row, the int32 cumulative block ends (grouped_mm's
+        offsets) and the buffer's row count, a static bound (E * G*C rounded up), so shapes never depend on data.
         """
-        num_experts, align = routing.num_experts, GROUP_ROW_ALIGN
-        count_E = torch.zeros(num_experts, dtype=torch.long, device=routing.expert_SK.device)
-        count_E.scatter_add_(0, routing.expert_SK.reshape(-1), routing.kept_SK.reshape(-1).long())
-        rows_E = (count_E + align - 1) // align * align
+        num_experts, num_groups, align = routing.num_experts, routing.num_groups, GROUP_ROW_ALIGN
+        group_S = routing.group_S
+        count_GE = torch.zeros(num_groups * num_experts, dtype=torch.long, device=routing.expert_SK.device)
+        count_GE.scatter_add_(0, (group_S[:, None] * num_experts + routing.expert_SK).reshape(-1),
+                              routing.kept_SK.reshape(-1).long())
+        count_GE = count_GE.view(num_groups, num_experts)
+        rows_E = (count_GE.sum(0) + align - 1) // align * align
         group_end_E = torch.cumsum(rows_E, 0)
-        kept_row_SK = (group_end_E - rows_E)[routing.expert_SK] + routing.slot_SK
-        num_rows = num_experts * (-(-routing.capacity // align) * align)
+        before_GE = torch.cumsum(count_GE, 0) - count_GE
+        kept_row_SK = ((group_end_E - rows_E)[routing.expert_SK] + before_GE[group_S[:, None], routing.expert_SK]
+                       + routing.slot_SK)
+        num_rows = num_experts * (-(-num_groups * routing.capacity // align) * align)
         return kept_row_SK, group_end_E.int(), num_rows
 
     def run_experts(self, x_ECd: torch.Tensor) -> torch.Tensor:
-        """All E experts on their capacity buffers. The hook an expert-parallel layer overrides."""
+        """All E experts on their capacity buffers (C = every group's slots). The hook expert parallelism
+        overrides."""
         return self.experts(x_ECd)
 
     def _aux_losses(self, logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, p_SE: torch.Tensor,
-                    entropy_S: torch.Tensor, onehot_SM: torch.Tensor) -> dict[str, torch.Tensor]:
+                    entropy_S: torch.Tensor, onehot_SM: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
+        """Each loss on each routing group, averaged over the groups that have tokens (of that modality)."""
         cfg = self.config
-        valid_S = onehot_SM.sum(1)
-        out = {"importance": losses.importance_loss(p_SE, valid_S)}
+        logits_GSE, noisy_GSE, p_GSE, entropy_GS, w_GSM = (
+            t.view(num_groups, -1, *t.shape[1:]) for t in (logits_SE, noisy_logits_SE, p_SE, entropy_S, onehot_SM))
+        w_GS = w_GSM.sum(-1)
+        count_G, count_GM = w_GS.sum(-1), w_GSM.sum(-2)
+        out = {"importance": losses.mean_over_groups(losses.importance_loss(p_GSE, w_GS), count_G)}
         if self.training and cfg.noise_std > 0:
-            out["load"] = losses.load_loss(logits_SE, noisy_logits_SE, cfg.noise_std / cfg.num_experts, cfg.k,
-                                           valid_S)
+            load_G = losses.load_loss(logits_GSE, noisy_GSE, cfg.noise_std / cfg.num_experts, cfg.k, w_GS)
+            out["load"] = losses.mean_over_groups(load_G, count_G)
         else:
             out["load"] = logits_SE.new_zeros(())
-        out["z"] = losses.z_loss(logits_SE, valid_S)
-        local_M = losses.local_entropy_loss(entropy_S, onehot_SM)
+        out["z"] = losses.mean_over_groups(losses.z_loss(logits_GSE, w_GS), count_G)
+        local_M = losses.mean_over_groups(losses.local_entropy_loss(entropy_GS, w_GSM), count_GM)
         # Built on the device, not copied from a host list: a blocking copy would sync the host every call.
         min_experts_M = torch.stack([p_SE.new_full((), float(v)) for v in cfg.min_experts_per_modality])
-        global_M = losses.global_entropy_loss(p_SE, onehot_SM, min_experts_M)
+        global_M = losses.mean_over_groups(losses.global_entropy_loss(p_GSE, w_GSM, min_experts_M), count_GM)
         for m, name in enumerate(cfg.modalities):
             out[f"local_entropy/{name}"] = local_M[m]
             out[f"global_entropy/{name}"] = global_M[m]

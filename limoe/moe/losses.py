@@ -3,6 +3,9 @@
 Tokens are weighted instead of selected (w = 1 counts, 0 for padding or another modality), so one masked formula
 serves every subset without data-dependent shapes. Per-modality losses take a weight matrix w_SM (one column per
 modality) and return one value per modality. p_SE is the clean router softmax, entropy_S its row entropies.
+
+Every function also takes a leading routing-group dimension ([G, S, E], [G, S], ...) and then returns one value
+per group: as in V-MoE, each loss is computed on each group alone, and `mean_over_groups` averages the groups.
 """
 
 from __future__ import annotations
@@ -11,8 +14,13 @@ import torch
 
 
 def _cv_squared(values_E: torch.Tensor) -> torch.Tensor:
-    """(std / mean)^2 with the population std; 0 when all values are 0."""
-    return values_E.var(correction=0) / values_E.mean().square().clamp_min(1e-20)
+    """(std / mean)^2 over the last dimension, with the population std; 0 when all values are 0."""
+    return values_E.var(dim=-1, correction=0) / values_E.mean(-1).square().clamp_min(1e-20)
+
+
+def _token_sum(w_S: torch.Tensor, x_SE: torch.Tensor) -> torch.Tensor:
+    """sum_s w_s x_s: [..., S] x [..., S, E] -> [..., E]."""
+    return (w_S[..., None] * x_SE).sum(-2)
 
 
 def entropy(logits_SE: torch.Tensor) -> torch.Tensor:
@@ -23,7 +31,7 @@ def entropy(logits_SE: torch.Tensor) -> torch.Tensor:
 
 def importance_loss(p_SE: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
     """Imp_e = sum_x p(e|x); loss = (std_e Imp / mean_e Imp)^2."""
-    return _cv_squared(w_S @ p_SE)
+    return _cv_squared(_token_sum(w_S, p_SE))
 
 
 def load_loss(logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, noise_std: float, k: int,
@@ -32,14 +40,14 @@ def load_loss(logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, noise_std:
 
     `noise_std` is the std of the noise actually added (V-MoE: noise_std / E).
     """
-    threshold_S = noisy_logits_SE.topk(k, dim=-1).values[:, -1]
-    prob_SE = 1.0 - torch.special.ndtr((threshold_S[:, None] - logits_SE) / noise_std)
-    return _cv_squared(w_S @ prob_SE / w_S.sum().clamp_min(1.0))
+    threshold_S = noisy_logits_SE.topk(k, dim=-1).values[..., -1]
+    prob_SE = 1.0 - torch.special.ndtr((threshold_S[..., None] - logits_SE) / noise_std)
+    return _cv_squared(_token_sum(w_S, prob_SE) / w_S.sum(-1, keepdim=True).clamp_min(1.0))
 
 
 def local_entropy_loss(entropy_S: torch.Tensor, w_SM: torch.Tensor) -> torch.Tensor:
     """LIMoE Omega_local per modality: mean entropy of its tokens' routing distributions. -> [M]"""
-    return (entropy_S @ w_SM) / w_SM.sum(0).clamp_min(1.0)
+    return _token_sum(entropy_S, w_SM) / w_SM.sum(-2).clamp_min(1.0)
 
 
 def global_entropy_loss(p_SE: torch.Tensor, w_SM: torch.Tensor, min_experts_M: torch.Tensor) -> torch.Tensor:
@@ -48,8 +56,8 @@ def global_entropy_loss(p_SE: torch.Tensor, w_SM: torch.Tensor, min_experts_M: t
     H(p~) <= log(S_m) is penalised, so modality m must spread over at least S_m experts on average but is free
     to use fewer than all E.
     """
-    count_M = w_SM.sum(0)
-    mean_p_ME = (w_SM.T @ p_SE) / count_M.clamp_min(1.0)[:, None]
+    count_M = w_SM.sum(-2)
+    mean_p_ME = (w_SM.transpose(-1, -2) @ p_SE) / count_M.clamp_min(1.0)[..., None]
     # Clamp inside the log, not xlogy: an absent modality has p~ = 0, where xlogy's gradient is 0 * inf = NaN.
     marginal_entropy_M = -(mean_p_ME * mean_p_ME.clamp_min(1e-20).log()).sum(-1)
     return torch.clamp(min_experts_M.log() - marginal_entropy_M, min=0.0) * (count_M > 0)
@@ -57,4 +65,10 @@ def global_entropy_loss(p_SE: torch.Tensor, w_SM: torch.Tensor, min_experts_M: t
 
 def z_loss(logits_SE: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean_x logsumexp(logits(x))^2."""
-    return (w_S @ torch.logsumexp(logits_SE, dim=-1).square()) / w_S.sum().clamp_min(1.0)
+    return (w_S * torch.logsumexp(logits_SE, dim=-1).square()).sum(-1) / w_S.sum(-1).clamp_min(1.0)
+
+
+def mean_over_groups(loss_G: torch.Tensor, count_G: torch.Tensor) -> torch.Tensor:
+    """Mean over the groups that have tokens to count ([G] or [G, M] -> [] or [M]); 0 if none has."""
+    present_G = (count_G > 0).to(loss_G.dtype)
+    return (loss_G * present_G).sum(0) / present_G.sum(0).clamp_min(1.0)

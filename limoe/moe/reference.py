@@ -15,24 +15,29 @@ from limoe.moe.routing import Routing
 
 
 def route_loop(gates_SE: torch.Tensor, k: int, capacity: int, batch_priority: bool = False,
-               valid_S: torch.Tensor | None = None) -> Routing:
-    """`route` written as the V-MoE description reads: a Python loop over choice ranks and tokens."""
+               valid_S: torch.Tensor | None = None, num_groups: int = 1,
+               capacity_G: list[int] | None = None) -> Routing:
+    """`route` written as the V-MoE description reads: Python loops over groups, choice ranks and tokens."""
     num_tokens, num_experts = gates_SE.shape
     gate_SK, expert_SK = gates_SE.topk(k, dim=1)
-    tokens = list(range(num_tokens))
-    if batch_priority:
-        tokens.sort(key=lambda s: -float(gate_SK[s, 0].detach()))  # Python's sort is stable: ties keep token order
     valid = [True] * num_tokens if valid_S is None else [bool(v) for v in valid_S]
-    used = [0] * num_experts
     slot_SK = torch.full((num_tokens, k), -1, dtype=torch.long)
-    for choice in range(k):
-        for s in tokens:
-            if valid[s]:
-                e = int(expert_SK[s, choice])
-                slot_SK[s, choice] = used[e]
-                used[e] += 1
-    kept_SK = (slot_SK >= 0) & (slot_SK < capacity)
-    return Routing(expert_SK, slot_SK, gate_SK, kept_SK, capacity, num_experts)
+    kept_SK = torch.zeros(num_tokens, k, dtype=torch.bool)
+    per_group = num_tokens // num_groups
+    for g in range(num_groups):
+        tokens = list(range(g * per_group, (g + 1) * per_group))
+        if batch_priority:
+            tokens.sort(key=lambda s: -float(gate_SK[s, 0].detach()))  # stable: ties keep token order
+        limit = capacity if capacity_G is None else capacity_G[g]
+        used = [0] * num_experts
+        for choice in range(k):
+            for s in tokens:
+                if valid[s]:
+                    e = int(expert_SK[s, choice])
+                    slot_SK[s, choice] = used[e]
+                    kept_SK[s, choice] = used[e] < limit
+                    used[e] += 1
+    return Routing(expert_SK, slot_SK, gate_SK, kept_SK, capacity, num_experts, num_groups)
 
 
 def _expert_mlp(experts: ExpertMlps, e: int, x_Nd: torch.Tensor) -> torch.Tensor:

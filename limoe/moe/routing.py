@@ -1,9 +1,11 @@
-"""Top-k routing with expert capacity and Batch Priority Routing, as index tensors.
+"""Top-k routing with expert capacity and Batch Priority Routing, as index tensors, per routing group.
 
-Semantics follow V-MoE's "top experts per item" dispatcher: every token's k-th choice claims a slot only after
-all tokens' (k-1)-th choices; within one choice rank tokens go in their order, or by descending top-1 gate with
-Batch Priority Routing (BPR). An assignment is kept iff its slot (the running count of earlier assignments to
-the same expert) is below the capacity. Everything is O(S*K) indices plus one stable sort; no [S, E, C] tensor.
+Semantics follow V-MoE's "top experts per item" dispatcher, applied to each routing group on its own: every
+token's k-th choice claims a slot only after all tokens' (k-1)-th choices of its group; within one choice rank
+tokens go in their order, or by descending top-1 gate with Batch Priority Routing (BPR). An assignment is kept
+iff its slot (the running count of earlier assignments of the same group to the same expert) is below the
+capacity. All groups are routed at once: a (group, expert) pair is one bucket, so the slot of an assignment is
+its rank in its bucket. Everything is O(S*K) indices plus one stable sort; no [S, E, C] tensor.
 """
 
 from __future__ import annotations
@@ -33,18 +35,38 @@ def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, 
 
 @dataclass
 class Routing:
-    """Where each token's k choices go. All tensors are [S, K]; slot is -1 for invalid (padding) tokens."""
+    """Where each token's k choices go. All tensors are [S, K]; slot is -1 for invalid (padding) tokens.
+
+    The S tokens form `num_groups` routing groups of S / num_groups consecutive tokens each.
+    """
 
     expert_SK: torch.Tensor  # long: chosen expert, k-th best in column k
-    slot_SK: torch.Tensor  # long: position in that expert's buffer (>= capacity means dropped)
+    slot_SK: torch.Tensor  # long: position in that expert's buffer of the token's group (>= capacity: dropped)
     gate_SK: torch.Tensor  # float: gate of that choice, not renormalised over the k choices
-    kept_SK: torch.Tensor  # bool: slot < capacity and the token is valid
-    capacity: int
+    kept_SK: torch.Tensor  # bool: slot < its group's capacity and the token is valid
+    capacity: int  # slots per expert and group (the largest, if groups differ: see `route`)
     num_experts: int
+    num_groups: int = 1
 
     @property
     def k(self) -> int:
         return self.expert_SK.shape[1]
+
+    @property
+    def group_S(self) -> torch.Tensor:
+        """The routing group of every token: [S] long."""
+        num_tokens = self.expert_SK.shape[0]
+        return torch.arange(num_tokens, device=self.expert_SK.device) // (num_tokens // self.num_groups)
+
+    def buffer_row_SK(self) -> torch.Tensor:
+        """Row of each assignment in expert-major [E, G * C] buffers: expert e holds its C slots of every group."""
+        cap = self.capacity
+        return self.expert_SK * (self.num_groups * cap) + self.group_S[:, None] * cap + self.slot_SK
+
+    def token_slice(self, num_tokens: int) -> "Routing":
+        """The first `num_tokens` tokens (e.g. without the padding examples that filled the last group)."""
+        return Routing(self.expert_SK[:num_tokens], self.slot_SK[:num_tokens], self.gate_SK[:num_tokens],
+                       self.kept_SK[:num_tokens], self.capacity, self.num_experts, self.num_groups)
 
 
 def route(
@@ -53,8 +75,14 @@ def route(
     capacity: int,
     batch_priority: bool = False,
     valid_S: torch.Tensor | None = None,
+    num_groups: int = 1,
+    capacity_G: torch.Tensor | None = None,
 ) -> Routing:
-    """Assign each token's top-k experts to capacity slots (see module docstring for the order)."""
+    """Assign each token's top-k experts to capacity slots of its group (see module docstring for the order).
+
+    The S tokens are `num_groups` groups of consecutive tokens. `capacity` is the slots per expert of every
+    group, or, with `capacity_G` (long [G], each <= capacity), of group g.
+    """
     if gates_SE.dim() != 2:
         raise ValueError(f"gates_SE must be 2-D [tokens, experts], got shape {tuple(gates_SE.shape)}")
     num_tokens, num_experts = gates_SE.shape
@@ -65,24 +93,31 @@ def route(
     if valid_S is not None and (valid_S.shape != (num_tokens,) or valid_S.dtype != torch.bool):
         raise ValueError(f"valid_S must be a bool tensor of shape ({num_tokens},), got "
                          f"{valid_S.dtype} {tuple(valid_S.shape)}")
+    if num_groups < 1 or num_tokens % num_groups:
+        raise ValueError(f"num_groups must be >= 1 and divide the {num_tokens} tokens, got {num_groups}")
+    if capacity_G is not None and capacity_G.shape != (num_groups,):
+        raise ValueError(f"capacity_G must have shape ({num_groups},), got {tuple(capacity_G.shape)}")
 
     gate_SK, expert_SK = gates_SE.topk(k, dim=1)  # sorted: column 0 is the top-1 choice
     device = gates_SE.device
     if batch_priority:
-        # Stable sort: equal top-1 gates keep token order.
+        # One stable sort of all tokens: restricted to one group it is that group's own priority order (equal
+        # top-1 gates keep token order), so groups need no sort of their own.
         order_S = torch.sort(gate_SK[:, 0].detach(), descending=True, stable=True).indices
     else:
         order_S = torch.arange(num_tokens, device=device)
 
-    # Assignments in the order they claim slots: choice-major, then token priority. Invalid tokens go to a
-    # sentinel bucket E so that they take no slot.
-    bucket_KS = expert_SK[order_S].T
+    # Assignments in the order they claim slots: choice-major, then token priority. Bucket = (group, expert);
+    # invalid tokens go to a sentinel bucket G*E so that they take no slot.
+    num_buckets = num_groups * num_experts
+    group_S = torch.arange(num_tokens, device=device) // (num_tokens // num_groups)
+    bucket_KS = (group_S[:, None] * num_experts + expert_SK)[order_S].T
     if valid_S is not None:
-        bucket_KS = torch.where(valid_S[order_S], bucket_KS, num_experts)
+        bucket_KS = torch.where(valid_S[order_S], bucket_KS, num_buckets)
     bucket_A = bucket_KS.reshape(-1)  # A = K*S assignments
     sorted_bucket_A, perm_A = torch.sort(bucket_A, stable=True)
     # Bucket sizes by scatter-add (bincount would need a host sync for its output size on accelerators).
-    count_B = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    count_B = torch.zeros(num_buckets + 1, dtype=torch.long, device=device)
     count_B.scatter_add_(0, bucket_A, torch.ones_like(bucket_A))
     start_B = torch.cumsum(count_B, 0) - count_B
     rank_sorted_A = torch.arange(bucket_A.numel(), device=device) - start_B[sorted_bucket_A]
@@ -90,8 +125,8 @@ def route(
 
     slot_SK = torch.empty_like(expert_SK)
     slot_SK[order_S] = slot_A.view(k, num_tokens).T
-    kept_SK = slot_SK < capacity
+    kept_SK = slot_SK < (capacity if capacity_G is None else capacity_G[group_S][:, None])
     if valid_S is not None:
         kept_SK &= valid_S[:, None]
         slot_SK = torch.where(valid_S[:, None], slot_SK, -1)
-    return Routing(expert_SK, slot_SK, gate_SK, kept_SK, capacity, num_experts)
+    return Routing(expert_SK, slot_SK, gate_SK, kept_SK, capacity, num_experts, num_groups)

@@ -116,9 +116,6 @@ class TrainConfig:
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}"),
             (self.optim.accumulation >= 1, f"optim.accumulation must be >= 1, got {self.optim.accumulation}"),
-            (self.data.batch_size % self.optim.accumulation == 0,
-             f"data.batch_size={self.data.batch_size} must be divisible by optim.accumulation="
-             f"{self.optim.accumulation}"),
             (self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}"),
             (self.checkpoint_interval >= 0, f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}"),
             (self.dist.expert_parallel >= 1, f"dist.expert_parallel must be >= 1, got {self.dist.expert_parallel}"),
@@ -139,6 +136,7 @@ class TrainConfig:
                 model.moe_config()  # MoeConfig checks its values only when built
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"invalid model config: {e}") from None
+        self._check_routing_groups(model, world_size=1)
         ep = self.dist.expert_parallel
         if ep > 1:
             if not model.moe_layer_ids:
@@ -160,6 +158,21 @@ class TrainConfig:
         if world_size % ep:
             raise ConfigError(f"dist.expert_parallel={ep} needs a world size that is a multiple of it (torchrun "
                               f"--nproc_per_node); the world size is {world_size}")
+        self._check_routing_groups(self.model_config(), world_size)
+
+    def _check_routing_groups(self, model, world_size: int) -> None:
+        """Each rank's micro-batch must be whole routing groups: groups never span ranks or micro-batches, so
+        routing does not change with the number of ranks or with gradient accumulation."""
+        parts = world_size * self.optim.accumulation
+        where = (f"{world_size} ranks x " if world_size > 1 else "") + f"optim.accumulation={self.optim.accumulation}"
+        if self.data.batch_size % parts:
+            raise ConfigError(f"data.batch_size={self.data.batch_size} must be divisible by {where}")
+        group = model.moe_config().group_size if model.moe_layer_ids else None
+        micro = self.data.batch_size // parts
+        if group and micro % group:
+            raise ConfigError(f"data.batch_size={self.data.batch_size} over {where} gives micro-batches of {micro} "
+                              f"pairs, not a multiple of moe.group_size={group} (routing groups never span "
+                              f"micro-batches or ranks)")
 
     def model_config(self):
         """The ModelConfig this run trains; vocabulary and context length come from the tokenizer settings."""
