@@ -25,8 +25,8 @@ part env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
   torch.cuda.get_device_capability(), hasattr(torch, \"_grouped_mm\"))'"
 part cuda-tests 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_moe_backends.py tests/test_moe_layer.py
 part moe-layer-eager 75 "$PY" benchmarks/moe_layer.py "${B16[@]}" --json "$OUT/moe_layer_eager.json"
-part train-b16-eager 60 "$PY" benchmarks/train_step.py --preset b16 --batch 256 --profile 2 \
-  --json "$OUT/train_b16_eager.json"
+part train-b16-eager 80 "$PY" benchmarks/train_step.py --preset b16 --batch 256 --profile 2 \
+  --routing-groups joint per_modality --json "$OUT/train_b16_eager.json"
 part train-b16-grouped 60 "$PY" benchmarks/train_step.py --preset b16 --batch 256 --expert-backend grouped_mm \
   --json "$OUT/train_b16_grouped.json"
 part train-b16-compiled 240 "$PY" benchmarks/train_step.py --preset b16 --batch 256 --compile --profile 2 \

@@ -10,8 +10,9 @@ losses (`compute_losses`, default LossConfig) -> backward -> AdamW step. Both mo
 `dense-<preset>` from the registry) get the same random batch: images, and token ids with random lengths so
 that texts carry padding as real captions do. LIMoE routes as it trains: with joint routing groups (the preset
 default) one MoE call per MoE block takes a pair's patches and text tokens together; `--routing-groups` times
-other groupings too (per_modality: an image call and a text call per MoE block). Steps alternate between the models (round-robin), so background
-load slows both alike; `x dense` is dense time / LIMoE time (1.0 = dense speed).
+other groupings too (per_modality: an image call and a text call per MoE block). Steps alternate between the
+models (round-robin), so background load slows all alike; `x dense` is dense time / LIMoE time (1.0 = dense
+speed).
 
 MFU counts dense-equivalent FLOPs for both models: 3 x the dense model's forward FLOPs per pair
 (`get_model_info`, which counts matmul FLOPs at 2 per multiply-add, attention included), divided by time and

@@ -1,9 +1,10 @@
 """`limoe demo`: train one MoE layer on two synthetic token modalities and report routing health.
 
 Image-like tokens are many and come from 6 clusters; text-like tokens are 4x fewer, padded, and come from 3 other
-clusters; every cluster has its own target map, so experts that specialise win. Each modality is routed in its
-own pass with its own capacity, as the LIMoE model does. Two variants train side by side: plain top-1 routing
-and LIMoE's recipe (per-modality entropy losses + Batch Priority Routing).
+clusters; every cluster has its own target map, so experts that specialise win. Both modalities share one routing
+group and one capacity per expert, in shuffled order, as the LIMoE model routes a batch of pairs. Two variants
+train side by side: plain top-1 routing and LIMoE's recipe (per-modality entropy losses + Batch Priority
+Routing).
 """
 
 from __future__ import annotations
@@ -47,22 +48,33 @@ class TwoModalityTask:
         x_SD = self.centers_CD[c_S] + torch.randn(num_tokens, DIM, generator=self.gen)
         return x_SD, torch.tanh(torch.einsum("sd,sde->se", x_SD, self.maps_CDD[c_S]))
 
+    def group(self, tokens: int) -> tuple[torch.Tensor, ...]:
+        """One routing group: x, target, modality id and validity of every token, modalities shuffled together."""
+        text_tokens = tokens // 5
+        x_img, y_img = self.sample(tokens - text_tokens, range(0, 6))
+        x_txt, y_txt = self.sample(text_tokens, range(6, 9))
+        modality_S = torch.cat([torch.zeros(tokens - text_tokens, dtype=torch.long),
+                                torch.ones(text_tokens, dtype=torch.long)])
+        # A quarter of the text positions are padding.
+        valid_S = torch.cat([torch.ones(tokens - text_tokens, dtype=torch.bool),
+                             torch.rand(text_tokens, generator=self.gen) > 0.25])
+        order_S = torch.randperm(tokens, generator=self.gen)
+        return tuple(t[order_S] for t in (torch.cat([x_img, x_txt]), torch.cat([y_img, y_txt]), modality_S, valid_S))
+
 
 def train_variant(variant: Variant, task_seed: int, tokens: int, steps: int, seed: int) -> dict:
     torch.manual_seed(seed)
     task = TwoModalityTask(task_seed)
     layer = MoeMlp(MoeConfig(DIM, HIDDEN, num_experts=EXPERTS, batch_priority=variant.batch_priority))
     opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
-    text_tokens = tokens // 5
     start = time.perf_counter()
     for step in range(steps):
-        x_img, y_img = task.sample(tokens - text_tokens, range(0, 6))
-        x_txt, y_txt = task.sample(text_tokens, range(6, 9))
-        valid_txt = torch.rand(text_tokens, generator=task.gen) > 0.25  # a quarter of text positions are padding
-        out_img, aux_img = layer(x_img, modality=0)
-        out_txt, aux_txt = layer(x_txt, modality=1, valid=valid_txt)
-        mse = ((out_img - y_img).square().mean() + (out_txt - y_txt)[valid_txt].square().mean()) / 2
-        aux = sum(w * (aux_img.losses[name] + aux_txt.losses[name]) for name, w in variant.loss_weights.items())
+        x_SD, y_SD, modality_S, valid_S = task.group(tokens)
+        out_SD, aux = layer(x_SD, modality=modality_S, valid=valid_S)
+        per_token_S = (out_SD - y_SD).square().mean(-1)
+        # Each modality's mean error counts equally, however few its tokens.
+        mse = sum(per_token_S[valid_S & (modality_S == m)].mean() for m in (0, 1)) / 2
+        aux = sum(w * aux.losses[name] for name, w in variant.loss_weights.items())
         opt.zero_grad(set_to_none=True)
         (mse + aux).backward()
         opt.step()
@@ -72,9 +84,8 @@ def train_variant(variant: Variant, task_seed: int, tokens: int, steps: int, see
     stats: MoeStats | None = None
     with torch.no_grad():
         for _ in range(10):
-            x_img, _ = task.sample(tokens - text_tokens, range(0, 6))
-            x_txt, _ = task.sample(text_tokens, range(6, 9))
-            step_stats = layer(x_img, modality=0)[1].stats + layer(x_txt, modality=1)[1].stats
+            x_SD, _, modality_S, valid_S = task.group(tokens)
+            step_stats = layer(x_SD, modality=modality_S, valid=valid_S)[1].stats
             stats = step_stats if stats is None else stats + step_stats
     return {"mse": mse.item(), "stats": stats, "seconds": seconds}
 

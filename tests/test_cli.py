@@ -27,12 +27,14 @@ def test_demo_rejects_bad_sizes():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_limoe_recipe_routes_better_than_plain_top1(seed):
-    # The layer-level version of the paper's claim: entropy losses + BPR raise routing success for both
-    # modalities (plain top-1 drops 30-45% of tokens on this task) and fit better.
+    # The layer-level version of the paper's claim: in one routing group shared by both modalities, entropy
+    # losses + BPR raise routing success for both (plain top-1 drops 18-47% of the image and about 27% of the
+    # text tokens on this task), the minority text most of all, and fit better.
     from limoe.demo import VARIANTS, train_variant
 
     plain, limoe = (train_variant(v, task_seed=seed, tokens=1024, steps=40, seed=seed) for v in VARIANTS)
     for m in range(2):
-        assert limoe["stats"].routing_success_M[m] >= 0.8
-        assert limoe["stats"].routing_success_M[m] >= plain["stats"].routing_success_M[m] + 0.1
+        assert limoe["stats"].routing_success_M[m] >= 0.85
+        assert limoe["stats"].routing_success_M[m] >= plain["stats"].routing_success_M[m] + 0.05
+    assert limoe["stats"].routing_success_M[1] >= plain["stats"].routing_success_M[1] + 0.2
     assert limoe["mse"] < plain["mse"]

@@ -89,7 +89,8 @@ def test_layer_losses_match_formulas_on_its_own_logits():
 
 def test_per_modality_losses_only_see_their_own_tokens():
     torch.manual_seed(0)
-    layer = MoeMlp(MoeConfig(dim=6, hidden_dim=8, num_experts=4)).eval()
+    # Thresholds of all 4 experts: the global losses are then never clipped to 0, so their gradients show.
+    layer = MoeMlp(MoeConfig(dim=6, hidden_dim=8, num_experts=4, global_entropy_min_experts=(4, 4))).eval()
     x_Sd = torch.randn(12, 6, requires_grad=True)
     modality_S = torch.tensor([0] * 8 + [1] * 4)
     _, aux = layer(x_Sd, modality=modality_S)
@@ -200,3 +201,20 @@ def test_losses_in_mixed_groups_match_a_scalar_implementation():
     for name, value in want.items():
         assert aux.losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
     assert want["global_entropy/text"] > 0  # the threshold binds somewhere, so the check means something
+
+
+def test_default_threshold_is_half_the_experts_and_binds_only_below_it():
+    assert MoeConfig(dim=6, hidden_dim=8, num_experts=8).min_experts_per_modality == (4.0, 4.0)
+    assert MoeConfig(dim=6, hidden_dim=8, num_experts=1).min_experts_per_modality == (1.0, 1.0)
+    layer = MoeMlp(MoeConfig(dim=6, hidden_dim=8, num_experts=8)).eval()
+    with torch.no_grad():
+        layer.router_dE.zero_()
+        layer.router_dE[0, :2] = 8.0  # tokens with x[0] = 1 split between experts 0 and 1 only
+    x_Sd = torch.zeros(16, 6)
+    x_Sd[8:, 0] = 1.0
+    modality_S = torch.tensor([0] * 8 + [1] * 8)
+    _, aux = layer(x_Sd, modality=modality_S)
+    # Images route uniformly over 8 experts (entropy log 8 >= log 4): no loss. Text uses about 2 experts:
+    # max(0, log 4 - H) with H about log 2.
+    assert aux.losses["global_entropy/image"].item() == 0.0
+    assert aux.losses["global_entropy/text"].item() == pytest.approx(math.log(2), abs=0.01)

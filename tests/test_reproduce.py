@@ -74,9 +74,10 @@ def test_variants_switch_exactly_the_aux_losses_and_bpr():
     assert switches(configs["limoe-vmoe"]) == (True, True, False, False, False)
     assert switches(configs["limoe-entropy"]) == (True, True, True, True, False)
     assert switches(configs["limoe-entropy-bpr"]) == (True, True, True, True, True)
-    # (f) is exactly the default `limoe train` recipe (evaluated once at the end).
+    # (f) is exactly the default `limoe train` recipe (evaluated once at the end), at the scale's model size.
     default = get_preset("default")
-    assert (configs["limoe-entropy-bpr"].loss, configs["limoe-entropy-bpr"].moe) == (default.loss, default.moe)
+    full = configs["limoe-entropy-bpr"]
+    assert full.loss == default.loss and full.moe == {**default.moe, "num_experts": 8}
     # Everything else, training budget included, is the same for all six.
     base = {k: v for k, v in configs["dense"].to_dict().items() if k not in ("model", "loss", "moe")}
     for cfg in configs.values():

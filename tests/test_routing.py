@@ -128,7 +128,8 @@ def test_route_equals_slow_loop_on_random_inputs():
 def test_grouped_route_equals_slow_loop_and_routing_each_group_alone():
     gen = torch.Generator().manual_seed(4)
     for trial in range(200):
-        num_experts, num_groups = int(torch.randint(1, 7, (), generator=gen)), int(torch.randint(1, 5, (), generator=gen))
+        num_experts = int(torch.randint(1, 7, (), generator=gen))
+        num_groups = int(torch.randint(1, 5, (), generator=gen))
         per_group = int(torch.randint(1, 20, (), generator=gen))
         num_tokens = num_groups * per_group
         k = int(torch.randint(1, num_experts + 1, (), generator=gen))

@@ -43,7 +43,8 @@ class MoeConfig:
     routing_groups: str = "joint"
     modalities: tuple[str, ...] = ("image", "text")
     # Global-entropy threshold per modality: the loss asks each modality to use at least this many experts
-    # (tau = log of it). None: all num_experts for every modality.
+    # (tau = log of it), a soft minimum that leaves a modality free to use fewer than all. None: half the experts
+    # for every modality (chosen by experiment: docs/routing.md). num_experts makes the loss a plain -H.
     global_entropy_min_experts: tuple[float, ...] | None = None
     # How the experts run (see limoe.moe.experts): "bmm" = batched matmuls on capacity-padded buffers,
     # "grouped_mm" = grouped GEMM on packed rows (CUDA sm90/sm100 in bf16, or CPU); "auto" = "bmm" for now.
@@ -82,7 +83,7 @@ class MoeConfig:
 
     @property
     def min_experts_per_modality(self) -> tuple[float, ...]:
-        return self.global_entropy_min_experts or (float(self.num_experts),) * len(self.modalities)
+        return self.global_entropy_min_experts or (max(1.0, self.num_experts / 2),) * len(self.modalities)
 
 
 @dataclass
@@ -208,9 +209,9 @@ class MoeMlp(nn.Module):
         """Gather kept tokens into expert buffers, run the experts, gather back and weight by gate.
 
         Buffers are capacity-padded [E, G*C, d] (bmm backend: each expert's C slots of every group) or packed
-        [R, d] groups (grouped_mm backend, see `_packed_rows`). Empty buffer rows and dropped assignments point at row 0 instead of a zero row: nothing
-        reads an empty row's output (so its gradient is exactly 0) and a dropped choice has weight 0. This saves
-        padding copies of the activations in both directions.
+        [R, d] groups (grouped_mm backend, see `_packed_rows`). Empty buffer rows and dropped assignments point at
+        row 0 instead of a zero row: nothing reads an empty row's output (so its gradient is exactly 0) and a
+        dropped choice has weight 0. This saves padding copies of the activations in both directions.
         """
         num_tokens, dim = x_Sd.shape
         num_experts, slots = routing.num_experts, routing.num_groups * routing.capacity

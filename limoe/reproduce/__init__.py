@@ -118,7 +118,8 @@ def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job
              f"{PROBE_DRAWS} draws of the shots). Mean ± std over seeds.",
              "", markdown_table(results), "", "## Routing of the LIMoE variants", "",
              "Routing success: share of a modality's tokens whose top-1 expert had room (training steps of the "
-             "second half; held-out pairs in groups of one training batch). Effective experts: exp(entropy) of "
+             "second half; held-out pairs encoded as in training, in the model's routing groups, with eval "
+             "capacity). Effective experts: exp(entropy) of "
              f"where a modality's tokens go, from 1 (all to one expert) to the number of experts. An image (text) "
              f"expert processes >= {SPECIALIST_SHARE:.0%} image (text) tokens.", "", routing_table(results), ""]
     if any(r["size"] != "base" for r in results):

@@ -45,7 +45,8 @@ def probe_metrics(model, cfg, shots: int = PROBE_SHOTS, seed: int = 0) -> dict[s
 
 
 def held_out_routing(model, tokenizer, cfg):
-    """Routing analysis of the held-out pairs with evaluation routing, in training-sized groups."""
+    """Routing analysis of the held-out pairs, encoded as in training (in the model's routing groups) with eval
+    routing."""
     from limoe.analysis.routing_stats import AnalysisConfig, analyze_routing
     from limoe.data import ImageConfig, load_builtin
     from limoe.train.data import builtin_config
