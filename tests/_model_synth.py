@@ -50,3 +50,14 @@ def pairs(n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, list[str],
     images = torch.stack([draw(c, s, rng=rng) for c, s in chosen])
     labels = torch.tensor([i % len(combos) for i in range(n)])
     return images, [f"{c} {s}" for c, s in chosen], labels
+
+
+def random_batch(config, batch: int, seed: int = 0, min_length: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images [B, 3, H, W] and token ids [B, T] of a model config, each text min_length..T tokens long and
+    padded with config.pad_id after them."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, config.image_size, config.image_size, generator=g)
+    tokens = torch.randint(2, config.vocab_size, (batch, config.context_length), generator=g)
+    lengths = torch.randint(min_length, config.context_length + 1, (batch,), generator=g)
+    tokens[torch.arange(config.context_length) >= lengths[:, None]] = config.pad_id
+    return images, tokens

@@ -8,16 +8,13 @@ from limoe.losses import compute_losses
 from limoe.model.base import IMAGE, TEXT
 from limoe.moe.layer import MoeMlp
 
+from _model_synth import random_batch
+
 TINY = [n for n in limoe.list_models() if n.endswith("-tiny")]
 
 
 def _batch(config, batch=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, config.image_size, config.image_size, generator=g)
-    tokens = torch.randint(2, config.vocab_size, (batch, config.context_length), generator=g)
-    lengths = torch.randint(3, config.context_length + 1, (batch,), generator=g)
-    tokens[torch.arange(config.context_length) >= lengths[:, None]] = config.pad_id
-    return images, tokens
+    return random_batch(config, batch, seed)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -6,14 +6,11 @@ import torch
 import limoe
 from limoe.moe import MoeMlp
 
+from _model_synth import random_batch
+
 
 def _pairs(config, batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, config.image_size, config.image_size, generator=g)
-    tokens = torch.randint(2, config.vocab_size, (batch, config.context_length), generator=g)
-    lengths = torch.randint(2, config.context_length + 1, (batch,), generator=g)
-    tokens[torch.arange(config.context_length) >= lengths[:, None]] = config.pad_id
-    return images, tokens
+    return random_batch(config, batch, seed, min_length=2)
 
 
 def _model(name, seed=0, **overrides):

@@ -71,6 +71,27 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path, tokenizer):
     assert torch.allclose(model.encode_image(images), loaded.encode_image(images))
 
 
+def test_checkpoint_from_before_routing_groups_loads_and_routes_as_it_did(tmp_path, tokenizer):
+    # A model.json written before routing groups existed has no group_size / routing_groups: it loads, and a
+    # modality alone routes as one group per call, as that model was evaluated then.
+    import json
+
+    model, opt = _model_and_optimizer()
+    path = _save(tmp_path, 1, model, opt, tokenizer)
+    model_json = json.loads((path / "model.json").read_text())
+    assert model_json["moe"]["group_size"] == 8
+    del model_json["moe"]["group_size"]
+    (path / "model.json").write_text(json.dumps(model_json))
+    loaded, _, _ = limoe.load_checkpoint(str(path))
+    assert loaded.config.moe_config().group_size is None
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        _, aux = loaded.encode_image(images, return_aux=True)
+    assert aux[0].routing.num_groups == 1 and aux[0].routing.capacity == loaded.encoder.blocks[1].mlp.capacity_for(80)
+    for p_a, p_b in zip(model.parameters(), loaded.parameters()):
+        assert torch.equal(p_a, p_b)
+
+
 def test_keep_last_and_latest(tmp_path, tokenizer):
     model, opt = _model_and_optimizer()
     for step in (10, 20, 30, 40):

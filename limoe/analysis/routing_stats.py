@@ -239,6 +239,29 @@ class _LayerAccumulator:
         self.map_kept: list[torch.Tensor] = []
         self.num_patches = num_patches
 
+    def add_call(self, modality, aux, ids_BT: torch.Tensor, first_image: int, patches_BP3hw: torch.Tensor,
+                 maps_left: int) -> None:
+        """One MoE call over B examples of L tokens: an image or text pass (int modality) or joint pairs (a [B, L]
+        modality id per token, the same for every example). Its image and text columns are counted apart."""
+        r = aux.routing
+        B = ids_BT.shape[0]
+        expert_BLK, kept_BLK, gate_BLK = (t.cpu().view(B, -1, r.k)
+                                          for t in (r.expert_SK, r.kept_SK, r.gate_SK.float()))
+        if isinstance(modality, torch.Tensor):
+            modality_L, kind = modality[0].cpu(), "pairs"
+        else:
+            modality = IMAGE if modality is None else modality
+            modality_L, kind = torch.full((expert_BLK.shape[1],), modality), aux.stats.modalities[modality]
+        if kind not in self.ref.passes:
+            self.ref.passes += (kind,)
+        self.add_common(kind, aux)
+        image_L, text_L = modality_L == IMAGE, modality_L == TEXT
+        if image_L.any():
+            self.add_image(expert_BLK[:, image_L], kept_BLK[:, image_L], gate_BLK[:, image_L], first_image,
+                           patches_BP3hw, maps_left)
+        if text_L.any():
+            self.add_text(expert_BLK[:, text_L], kept_BLK[:, text_L], ids_BT[:, :int(text_L.sum())])
+
     def add_common(self, pass_name: str, aux) -> None:
         self.stats = aux.stats if self.stats is None else self.stats + aux.stats
         for name, value in aux.losses.items():
@@ -307,29 +330,6 @@ def _to_patches(images_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // patch) * (W // patch), C, patch, patch)
 
 
-def _add_call(acc: _LayerAccumulator, modality, aux, ids_BT: torch.Tensor, first_image: int,
-              patches_BP3hw: torch.Tensor, maps_left: int) -> None:
-    """One MoE call over B examples of L tokens: an image or text pass (int modality) or joint pairs (a [B, L]
-    modality id per token, the same for every example). Its image and text columns go to their accumulators."""
-    r = aux.routing
-    B = ids_BT.shape[0]
-    expert_BLK, kept_BLK, gate_BLK = (t.cpu().view(B, -1, r.k) for t in (r.expert_SK, r.kept_SK, r.gate_SK.float()))
-    if isinstance(modality, torch.Tensor):
-        modality_L, kind = modality[0].cpu(), "pairs"
-    else:
-        modality = IMAGE if modality is None else modality
-        modality_L, kind = torch.full((expert_BLK.shape[1],), modality), aux.stats.modalities[modality]
-    if kind not in acc.ref.passes:
-        acc.ref.passes += (kind,)
-    acc.add_common(kind, aux)
-    image_L, text_L = modality_L == IMAGE, modality_L == TEXT
-    if image_L.any():
-        acc.add_image(expert_BLK[:, image_L], kept_BLK[:, image_L], gate_BLK[:, image_L], first_image,
-                      patches_BP3hw, maps_left)
-    if text_L.any():
-        acc.add_text(expert_BLK[:, text_L], kept_BLK[:, text_L], ids_BT[:, :int(text_L.sum())])
-
-
 @torch.no_grad()
 def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
                     cfg: AnalysisConfig | None = None) -> RoutingAnalysis:
@@ -365,7 +365,7 @@ def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
                 patches = _to_patches(pixels_BCHW, mc.patch_size)
                 maps_left = cfg.num_maps - len(map_captions)
                 for layer, modality, aux in calls:
-                    _add_call(acc[id(layer)], modality, aux, ids_BL, seen, patches, maps_left)
+                    acc[id(layer)].add_call(modality, aux, ids_BL, seen, patches, maps_left)
                 if maps_left > 0:
                     map_images.append(pixels_BCHW[:maps_left])
                     map_captions += captions[:maps_left]

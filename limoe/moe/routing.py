@@ -33,6 +33,11 @@ def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, 
     return slots
 
 
+def group_ids(num_tokens: int, num_groups: int, device: torch.device | None = None) -> torch.Tensor:
+    """The routing group of each of `num_tokens` tokens forming `num_groups` groups of consecutive tokens: [S]."""
+    return torch.arange(num_tokens, device=device) // (num_tokens // num_groups)
+
+
 @dataclass
 class Routing:
     """Where each token's k choices go. All tensors are [S, K]; slot is -1 for invalid (padding) tokens.
@@ -55,8 +60,7 @@ class Routing:
     @property
     def group_S(self) -> torch.Tensor:
         """The routing group of every token: [S] long."""
-        num_tokens = self.expert_SK.shape[0]
-        return torch.arange(num_tokens, device=self.expert_SK.device) // (num_tokens // self.num_groups)
+        return group_ids(self.expert_SK.shape[0], self.num_groups, self.expert_SK.device)
 
     def buffer_row_SK(self) -> torch.Tensor:
         """Row of each assignment in expert-major [E, G * C] buffers: expert e holds its C slots of every group."""
@@ -110,7 +114,7 @@ def route(
     # Assignments in the order they claim slots: choice-major, then token priority. Bucket = (group, expert);
     # invalid tokens go to a sentinel bucket G*E so that they take no slot.
     num_buckets = num_groups * num_experts
-    group_S = torch.arange(num_tokens, device=device) // (num_tokens // num_groups)
+    group_S = group_ids(num_tokens, num_groups, device)
     bucket_KS = (group_S[:, None] * num_experts + expert_SK)[order_S].T
     if valid_S is not None:
         bucket_KS = torch.where(valid_S[order_S], bucket_KS, num_buckets)

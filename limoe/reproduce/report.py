@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # before pyplot: no display needed
 
@@ -168,6 +169,7 @@ def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path 
                         yerr=[100 * row[column][1] for row in points], marker="o", capsize=3, color=colour,
                         label=points[0]["label"])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # a decade or two: labels would collide
         ax.set_xlabel("training FLOPs (active, forward + backward)")
         ax.set_ylabel("%")
         ax.set_title(title, fontsize=10)
