@@ -56,4 +56,4 @@ def test_dense_report_renders(tmp_path):
     result = analyze_routing(limoe.create_model("dense-tiny", vocab_size=8), WordTokenizer(WORDS),
                              zip(images(2), ["red", "blue"]))
     check = rendered(write_report(result, tmp_path / "dense"), tmp_path)
-    assert check == {"images": 0, "loaded": 0, "tables": 1, "rows": 8}
+    assert check == {"images": 0, "loaded": 0, "tables": 1, "rows": 9}  # the settings table: header + 8 settings
