@@ -80,8 +80,8 @@ def siglip_loss(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torc
 @dataclass
 class LossConfig:
     """Which contrastive loss and how much each MoE aux loss weighs (aux losses are summed over MoE layers).
-    Entropy weights are per modality; their defaults are a starting point,
-    not values from the paper, which does not state them."""
+    Entropy weights are per modality; their defaults are a starting point, not values from the paper, which does
+    not state them."""
 
     contrastive: str = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP; give the model a logit_bias_init)
     local_loss: bool = True
