@@ -11,7 +11,12 @@ Layout of one checkpoint (a folder `<run_dir>/checkpoints/step_<N>/`):
 
 Nothing is pickled: loading a checkpoint never executes code from it. A checkpoint is written into a
 `.tmp-*` folder beside the others and renamed into place only when complete, so a crash (even SIGKILL)
-during a write leaves the previous checkpoints intact and `latest` never resolves to a partial one.
+during a write leaves the previous checkpoints intact and `latest` never resolves to a partial one. Saving a
+step that already exists moves the old copy to `.old-step_<N>` first; until the new one is in place that
+backup counts as the checkpoint, so there is never a moment without a complete copy.
+
+Reading is as careful: a damaged file (bad JSON, truncated safetensors, a corrupt tokenizer, non-finite
+weights) and a damaged newest checkpoint are one-line CheckpointErrors, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+BACKUP_PREFIX = ".old-"  # a checkpoint being replaced by a new save of the same step
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.json", "model.json",
          "tokenizer.json")
 
@@ -43,17 +49,41 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first; temporary and partial folders are ignored."""
+def _missing(folder: Path) -> list[str]:
+    return [f for f in FILES if not (folder / f).is_file()]
+
+
+def _step_folders(root: Path) -> dict[int, Path]:
+    """step -> folder: `step_<N>` when complete, else a complete `.old-step_<N>` backup, else the damaged one."""
+    found: dict[int, Path] = {}
+    for child in sorted(root.iterdir(), key=lambda c: c.name.startswith(BACKUP_PREFIX)):
+        m = STEP_RE.match(child.name.removeprefix(BACKUP_PREFIX))
+        if not (m and child.is_dir()):
+            continue
+        step = int(m.group(1))
+        if step not in found or (_missing(found[step]) and not _missing(child)):
+            found[step] = child
+    return found
+
+
+def list_checkpoints(run_dir: str | os.PathLike, damaged: bool = False) -> list[Path]:
+    """Complete checkpoints of a run, oldest first; temporary folders are ignored, and incomplete step folders
+    too unless `damaged` (then only they are listed)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        m = STEP_RE.match(child.name)
-        if m and child.is_dir() and all((child / f).is_file() for f in FILES):
-            found.append((int(m.group(1)), child))
-    return [path for _, path in sorted(found)]
+    return [path for _, path in sorted(_step_folders(root).items()) if bool(_missing(path)) == damaged]
+
+
+def _latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint; a newer damaged one is an error, not something to skip silently."""
+    found = list_checkpoints(run_dir)
+    broken = list_checkpoints(run_dir, damaged=True)
+    if broken and (not found or broken[-1].name > found[-1].name):
+        older = f"; the newest complete one is {found[-1]} (pass it explicitly)" if found else ""
+        raise CheckpointError(f"{broken[-1]}: damaged checkpoint (missing {', '.join(_missing(broken[-1]))})"
+                              f"{older}")
+    return found[-1] if found else None
 
 
 def resolve(path_or_latest: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
@@ -61,23 +91,28 @@ def resolve(path_or_latest: str | os.PathLike, run_dir: str | os.PathLike | None
     if str(path_or_latest) == "latest":
         if run_dir is None:
             raise CheckpointError("--resume latest needs a run directory")
-        found = list_checkpoints(run_dir)
-        if not found:
+        latest = _latest(Path(run_dir))
+        if latest is None:
             raise CheckpointError(f"no checkpoint to resume from in {checkpoints_dir(run_dir)}")
-        return found[-1]
+        return latest
     path = Path(path_or_latest)
     if path.is_dir() and (path / "model.safetensors").is_file():
-        missing = [f for f in FILES if not (path / f).is_file()]
+        missing = _missing(path)
         if missing:
             raise CheckpointError(f"{path}: incomplete checkpoint (missing {', '.join(missing)})")
         return path
-    if path.is_dir() and (found := list_checkpoints(path)):
-        return found[-1]
+    if path.is_dir() and (latest := _latest(path)):
+        return latest
     if path.is_dir() and (path / "checkpoints").is_dir():
         raise CheckpointError(f"{path}: run directory without a complete checkpoint")
     if path.exists():
         raise CheckpointError(f"{path}: not a checkpoint (expected a folder with model.safetensors)")
     raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint folder belongs to (`<run>/checkpoints/step_<N>`)."""
+    return checkpoint.resolve().parent.parent
 
 
 # -- state that is not the model ------------------------------------------------------------------------------
@@ -146,6 +181,23 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write a file atomically: a reader sees the old or the new content, never a mix."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    _fsync_write(tmp, data)
+    os.replace(tmp, path)
+
+
+def _restore_backups(root: Path) -> None:
+    """Put back a `.old-step_<N>` left by a writer killed between its two renames (or drop it if superseded)."""
+    for backup in root.glob(f"{BACKUP_PREFIX}step_*"):
+        final = root / backup.name.removeprefix(BACKUP_PREFIX)
+        if not final.exists() and not _missing(backup):
+            os.replace(backup, final)
+        elif final.exists() and not _missing(final):
+            shutil.rmtree(backup, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None, state: dict[str, Any], config_json: str,
                     tokenizer, keep_last: int | None = None, weights: dict[str, torch.Tensor] | None = None,
@@ -159,6 +211,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
 
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    _restore_backups(root)
     for stale in root.glob(".tmp-*"):  # left by a killed writer; one writer per run, so never in use
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:08d}"
@@ -177,11 +230,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
         _fsync_write(tmp / "model.json", model_json.encode())
         tokenizer.save(tmp / "tokenizer.json")
         _fsync_write(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
-        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-            old = root / f".tmp-old-{final.name}"
-            os.replace(final, old)
+        if final.exists():  # the same step saved again (e.g. resuming a finished run): keep a copy throughout
+            backup = root / f"{BACKUP_PREFIX}{final.name}"
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(final, backup)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, final)
     except BaseException:
@@ -193,26 +247,57 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
     return final
 
 
+def write_metrics(path: str | os.PathLike, metrics: dict[str, float]) -> None:
+    """Record evaluation metrics in a saved checkpoint's state.json (atomically: the checkpoint stays valid)."""
+    file = Path(path) / "state.json"
+    state = json.loads(file.read_text(encoding="utf-8"))
+    state["metrics"] = metrics
+    _replace_file(file, (json.dumps(state, indent=1) + "\n").encode())
+
+
 # -- reading --------------------------------------------------------------------------------------------------
-def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(state.json, optimizer/RNG tensors) of a checkpoint folder."""
-    from safetensors.torch import load_file
+def read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
 
-    path = Path(path)
-    with open(path / "state.json", encoding="utf-8") as f:
-        state = json.load(f)
-    return state, load_file(path / "optimizer.safetensors")
 
-
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = Path(path) / "model.safetensors"
     try:
         return load_file(file)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: cannot read weights ({e})") from None
+        raise CheckpointError(f"{file}: cannot read tensors ({e})") from None
+
+
+def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(state.json, optimizer/RNG tensors) of a checkpoint folder."""
+    path = Path(path)
+    state = read_json(path / "state.json")
+    position = state.get("data", {}).get("0") if isinstance(state.get("data"), dict) else None
+    if not isinstance(state.get("step"), int) or not isinstance(position, dict) or "optimizer" not in state:
+        raise CheckpointError(f"{path / 'state.json'}: not a training state (no step, data position or optimizer)")
+    return state, _read_tensors(path / "optimizer.safetensors")
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return _read_tensors(Path(path) / "model.safetensors")
+
+
+def read_tokenizer(path: str | os.PathLike):
+    from limoe.data.tokenizer import Tokenizer
+
+    file = Path(path) / "tokenizer.json"
+    try:
+        return Tokenizer.load(file)
+    except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
+        raise CheckpointError(f"{file}: unreadable tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from None
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike,
@@ -229,23 +314,36 @@ def load_weights(model: nn.Module, path: str | os.PathLike,
                   else f"shape of {shapes[0]} is {tuple(weights[shapes[0]].shape)}, model has "
                        f"{tuple(own[shapes[0]].shape)}")
         raise CheckpointError(f"{file}: incompatible with this model ({detail})")
+    # NaN/inf weights give a model whose scores are all equal: evaluation would report nonsense, not fail.
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"{file}: non-finite values in {len(broken)} tensors (first: {broken[0]}); "
+                              f"the checkpoint is unusable")
     model.load_state_dict(weights)
+
+
+def read_model_config(path: str | os.PathLike):
+    from limoe.model.config import ModelConfig
+
+    file = Path(path) / "model.json"
+    try:
+        return ModelConfig(**read_json(file))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: unreadable model config ({e})") from None
 
 
 def load_checkpoint(path: str | os.PathLike = "latest", device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer, TrainConfig) from a checkpoint folder or a run directory (its latest)."""
-    from limoe.data.tokenizer import Tokenizer
-    from limoe.model.config import ModelConfig
     from limoe.model.registry import build_model
     from limoe.train.config import TrainConfig
 
     path = resolve(path)
+    model_config = read_model_config(path)
     try:
-        model_config = ModelConfig(**json.loads((path / "model.json").read_text(encoding="utf-8")))
-        config = TrainConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
+        config = TrainConfig.from_dict(read_json(path / "config.json"))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+        raise CheckpointError(f"{path / 'config.json'}: unreadable config ({e})") from None
     model = build_model(model_config)
     load_weights(model, path)
-    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    tokenizer = read_tokenizer(path)
     return model.to(device).eval(), tokenizer, config

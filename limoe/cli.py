@@ -35,18 +35,29 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _read_config(path: str):
+    import json
+
+    from limoe.train import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable config ({e})") from None
+
+
 def _train(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
     from limoe.data import NoValidSamplesError
-    from limoe.train import ConfigError, TrainingError, apply_overrides, get_preset, load_config, train
+    from limoe.train import ConfigError, TrainingError, apply_overrides, get_preset, train
 
     try:
         if args.config:
-            cfg = load_config(args.config)
+            cfg = _read_config(args.config)
         elif args.resume:  # continue with the run's own config; --steps / --set may still change it
             path = ckpt.resolve(args.resume, args.run_dir)
-            cfg = load_config(str(path / "config.json"))
-            cfg.run_dir = args.run_dir or str(path.parent.parent)
+            cfg = _read_config(str(path / "config.json"))
+            cfg.run_dir = args.run_dir or ("" if args.fork else str(ckpt.run_dir_of(path)))
         else:
             cfg = get_preset(args.preset)
         if args.model:
@@ -56,9 +67,12 @@ def _train(args: argparse.Namespace) -> int:
                 setattr(cfg, key, value)
         apply_overrides(cfg, args.set or [])
         cfg.validate()
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, resume=args.resume, progress=not args.no_progress, fork=args.fork)
     except (ConfigError, ckpt.CheckpointError, TrainingError, FileNotFoundError, NoValidSamplesError) as e:
         return _fail(str(e))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("\nlimoe: interrupted: stopped without saving", file=sys.stderr)
+        return 130
     except KeyError as e:  # e.g. a CSV without the configured column
         return _fail(str(e.args[0]) if e.args else repr(e))
     if result.interrupted:
@@ -138,6 +152,9 @@ def _add_job_parsers(sub) -> None:
     train.add_argument("--run-dir", help="run directory (config, metrics.jsonl, checkpoints)")
     train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     train.add_argument("--resume", help="'latest' (of the run directory) or a checkpoint path")
+    train.add_argument("--fork", action="store_true",
+                       help="allow --resume from another run's checkpoint or with a changed model config "
+                            "(continues it in --run-dir, default a new folder)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 

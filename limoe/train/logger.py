@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,11 @@ from typing import Any
 class MetricsLogger:
     """Append one JSON object per log event to <run_dir>/metrics.jsonl; mirror scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False, resumed_at: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None:
+            truncate_after(self.path, resumed_at)
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
@@ -39,6 +42,26 @@ class MetricsLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the records a resumed run replays: everything after `step`, and the final evaluation at `step`
+    (resuming a finished run evaluates again). A line torn by a kill is dropped too."""
+    if not path.exists():
+        return
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            records.append((record, line))
+    finished = any(r.get("kind") == "final" and r["step"] == step for r, _ in records)
+    kept = [line for r, line in records if not (finished and r["step"] == step and r.get("kind") in ("eval", "final"))]
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def results_table(metrics: dict[str, float], chance: dict[str, float] | None = None) -> str:

@@ -8,6 +8,7 @@ modality (from the MoeStats of every MoE layer of the step), the grad norm and p
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -72,12 +73,21 @@ def _split(batch, parts: int) -> list:
     return [batch.rows(i * n, (i + 1) * n) for i in range(parts)] if parts > 1 else [batch]
 
 
+class _Interrupted(Exception):
+    """A signal arrived inside an interruptible phase (an evaluation, whose work needs no saving)."""
+
+
 class _Signals:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and returns."""
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and returns.
+
+    Inside `interruptible()` a signal stops the work at once instead: evaluations can take minutes, and the
+    state they would delay saving is already saved or will be saved next.
+    """
 
     def __init__(self):
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
+        self.stop_at_once = False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -91,18 +101,36 @@ class _Signals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         self.received = signum
+        if self.stop_at_once:
+            self.stop_at_once = False
+            raise _Interrupted
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        if self.received is not None:
+            raise _Interrupted
+        self.stop_at_once = True
+        try:
+            yield
+        finally:
+            self.stop_at_once = False
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.received).name if self.received is not None else None
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None, progress: bool = True
-          ) -> RunResult:
+def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None, progress: bool = True,
+          fork: bool = False) -> RunResult:
     """Train (or resume) the run described by `cfg`; returns the final metrics.
 
-    `resume`: "latest" (of cfg.run_dir) or a checkpoint path. `stop_after`: leave after this many steps of this
-    invocation, with a checkpoint (as if interrupted; used to test exact resume).
+    `resume`: "latest" (of cfg.run_dir) or a checkpoint path. `fork`: allow resuming a checkpoint of another run
+    directory or of a different model config (refused otherwise: almost always a mistake). `stop_after`: leave
+    after this many steps of this invocation, with a checkpoint (as if interrupted; used to test exact resume).
     """
     cfg.validate()
     device = pick_device(cfg.device)
@@ -117,7 +145,9 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     if world.size > 1 and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     try:
-        return _train(cfg, resume, stop_after, progress, device, world)
+        return _train(cfg, resume, stop_after, progress, device, world, fork)
+    except OSError as e:  # a read-only or full disk, a file where a folder should be: one line, not a traceback
+        raise TrainingError(f"{e.filename or cfg.run_dir}: {e.strerror or e}") from None
     finally:
         distributed.shutdown(world)
         torch.set_num_threads(threads)
@@ -143,10 +173,26 @@ def _run_dir(cfg: TrainConfig, resume: str | None, world) -> Path:
     return run_dir
 
 
-def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
+def _check_resumable(start: Path, run_dir: Path, cfg: TrainConfig) -> None:
+    """Resuming continues the same run: another run's checkpoint, or another model, is refused."""
+    owner = ckpt.run_dir_of(start)
+    if owner != run_dir.resolve():
+        raise TrainingError(f"{start} belongs to the run {owner}, not {run_dir}: pass --fork to continue it in "
+                            f"another run directory")
+    as_json = lambda config: json.loads(json.dumps(asdict(config)))  # tuples and lists compare equal
+    saved, wanted = as_json(ckpt.read_model_config(start)), as_json(cfg.model_config())
+    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)} -> {wanted.get(k)}" for k in changed[:3])
+        raise TrainingError(f"{start} was trained as another model ({detail}): pass --fork to start from it anyway")
+
+
+def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunResult:
     cfg.check_world(world.size)  # before anything is written
     run_dir = _run_dir(cfg, resume, world)
     start_path = ckpt.resolve(resume, run_dir) if resume else None
+    if start_path is not None and not fork:
+        _check_resumable(start_path, run_dir, cfg)
     torch.manual_seed(cfg.seed)
 
     # Tokenizer: from the checkpoint when resuming, else trained on the training captions (deterministic,
@@ -154,7 +200,10 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
     from limoe.data import Tokenizer
 
     if start_path is not None:
-        tokenizer = Tokenizer.load(start_path / "tokenizer.json")
+        tokenizer = ckpt.read_tokenizer(start_path)
+        if fork and world.main and not (run_dir / "config.json").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
     else:
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -205,14 +254,15 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
 
     batches = make_batches(cfg, tokenizer, world.rank, world.size, position)
     zero_shot_set, retrieval_set = eval_sets(cfg) if world.main else (None, None)
-    logger = MetricsLogger(run_dir, cfg.tensorboard) if world.main else None
+    # Records after the resumed step are replayed: the file keeps them once.
+    logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at=step if start_path else None) if world.main else None
     if rng is not None:
         ckpt.set_rng_state(*rng)  # last: nothing between here and the first step may draw random numbers
 
     result = RunResult(step=step)
     last_saved = start_path
 
-    def save(metrics: dict[str, float] | None = None) -> Path | None:
+    def save() -> Path | None:
         nonlocal last_saved
         weights = opt_tensors = None
         if ep_groups is not None:  # collective: every rank gathers, rank 0 writes the single-process layout
@@ -222,7 +272,7 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
             opt_tensors = ep.gather_optimizer_tensors(optimizer, ckpt.optimizer_state(optimizer)[0], ep_groups)
         # Ranks consume batches in lockstep (equal batches per rank), so rank 0's position is every rank's.
         if world.main:
-            state = {"step": step, "data": {"0": asdict(batches.position)}, "metrics": metrics or {},
+            state = {"step": step, "data": {"0": asdict(batches.position)}, "metrics": {},
                      "world_size": world.size, "expert_parallel": cfg.dist.expert_parallel}
             last_saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, cfg.to_json(), tokenizer,
                                               cfg.keep_last, weights=weights, optimizer_tensors=opt_tensors)
@@ -231,7 +281,10 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
 
     eval_copy: list[nn.Module] = []
 
-    def evaluate_now() -> dict[str, float]:
+    signals = _Signals()
+
+    def evaluate_now() -> dict[str, float] | None:
+        """Held-out metrics on rank 0 ({} on the others); None when a signal interrupted the evaluation."""
         evaluated = model
         if ep_groups is not None:
             # An EP layer needs its whole EP group, but only rank 0 evaluates: it evaluates a single-process
@@ -247,7 +300,11 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                 evaluated.load_state_dict(full)
         if not world.main:
             return {}
-        metrics, chance = held_out(evaluated, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
+        try:
+            with signals.interruptible():
+                metrics, chance = held_out(evaluated, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
+        except _Interrupted:
+            return None
         result.chance.update(chance)
         logger.log("eval", step, metrics)
         return metrics
@@ -267,12 +324,27 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
     data_iter = iter(batches)
     ran = 0
     accumulation = cfg.optim.accumulation
+    def stop(reason: str = "") -> RunResult:
+        result.interrupted = signals.name
+        result.step, result.checkpoint = step, save()
+        if world.main and result.interrupted:
+            print(f"\nlimoe: {result.interrupted} received{reason}: saved {result.checkpoint}; resume with "
+                  f"--resume latest", flush=True)
+        return result
+
     try:
-        with _Signals() as signals:
+        with signals:
             while step < cfg.steps:
                 lr = lr_at(step, cfg.optim, cfg.steps)
                 set_lr(optimizer, lr)
-                batch = next(data_iter)
+                try:
+                    batch = next(data_iter)
+                except RuntimeError:
+                    # A signal to the whole process group can also reach loader workers that run user code:
+                    # their death is the signal's doing, and the state of the last step is intact.
+                    if signals.received is None or world.size > 1:
+                        raise
+                    return stop(" (it also stopped the data loader)")
                 optimizer.zero_grad(set_to_none=True)
                 sums_T: dict[str, torch.Tensor] = {}  # detached, on the device: no host sync per term
                 for i, micro in enumerate(_split(batch, accumulation)):
@@ -323,22 +395,23 @@ def _train(cfg, resume, stop_after, progress, device, world) -> RunResult:
                 if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.steps:
                     evaluate_now()
                     distributed.barrier(world)
-                stop = distributed.any_flag(signals.received is not None, world, device)
-                if stop or (stop_after is not None and ran >= stop_after):
-                    result.interrupted = (signal.Signals(signals.received).name if signals.received is not None
-                                          else None)
-                    result.step, result.checkpoint = step, save()
-                    if world.main and result.interrupted:
-                        print(f"\nlimoe: {result.interrupted} received: saved {result.checkpoint}; resume with "
-                              f"--resume latest", flush=True)
-                    return result
+                signalled = distributed.any_flag(signals.received is not None, world, device)
+                if signalled or (stop_after is not None and ran >= stop_after):
+                    return stop()
                 if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.steps:
                     save()
-        metrics = evaluate_now()
+            # The final checkpoint comes before the final evaluation, so a signal during it loses nothing.
+            result.step, result.checkpoint = step, save()
+            metrics = evaluate_now()
+            if metrics is None:
+                result.interrupted = signals.name
+                print(f"\nlimoe: {result.interrupted} received during the final evaluation: saved "
+                      f"{result.checkpoint}; evaluate it with limoe eval", flush=True)
+                return result
         metrics.update({f"train/{k}": v for k, v in last_routing.items()})
-        result.metrics, result.step = metrics, step
-        result.checkpoint = save(metrics)
-        if logger is not None:
+        result.metrics = metrics
+        if world.main:
+            ckpt.write_metrics(result.checkpoint, metrics)
             logger.log("final", step, metrics)
         return result
     finally:

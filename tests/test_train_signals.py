@@ -1,0 +1,63 @@
+"""A real signal, to the trainer or to its whole process group (what schedulers send), in every phase of a run:
+the trainer exits with one line and 128 + the signal number, leaves a checkpoint the run resumes from, and no
+data-loader worker outlives it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from limoe import checkpoint as ckpt
+from limoe.train import train
+
+from _train_utils import tiny_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("builtin")
+
+
+def _group_gone(pgid: int, timeout: float = 10.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["step", "data", "eval", "final"])
+@pytest.mark.parametrize("target", ["main", "group"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_matrix(tmp_path, cache, sig, target, phase):
+    cfg = tiny_config(tmp_path, cache, steps=8, checkpoint_interval=0)
+    cfg.data.in_memory, cfg.data.num_workers = False, 2  # streamed by worker processes
+    cfg.eval.interval = 0 if phase == "final" else 2
+    config = tmp_path / "config.json"
+    config.write_text(cfg.to_json())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_signal_driver.py"), sig.name, target,
+                             "eval" if phase == "final" else phase, str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, (out, err)
+    assert "Traceback" not in err and f"{sig.name} received" in out, (out, err)
+    assert _group_gone(proc.pid), "a process of the trainer's group outlived it"
+    saved = ckpt.resolve("latest", cfg.run_dir)
+    state, _ = ckpt.read_state(saved)
+    assert state["step"] == (8 if phase == "final" else 2 if phase == "eval" else state["step"]) >= 1
+    cfg.eval.zero_shot = cfg.eval.retrieval = False
+    assert train(cfg, resume="latest", progress=False).step == 8
