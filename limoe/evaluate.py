@@ -20,6 +20,16 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
 
 
+class NonFiniteEmbeddings(ValueError):
+    """NaN/inf embeddings: every similarity would tie, and ties would score as hits (R@1 100%)."""
+
+
+def check_finite(z: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(z).all()):
+        raise NonFiniteEmbeddings(f"non-finite {what}: the model's weights or inputs are broken")
+    return z
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[torch.device]:
     """Eval mode and no gradients inside; the model's previous mode is restored afterwards."""
@@ -65,7 +75,9 @@ def zero_shot_from_embeddings(batches: Iterable[tuple[torch.Tensor, torch.Tensor
     """Top-k accuracy of nearest-class-embedding prediction over (image_embeds [B, D], labels [B]) batches."""
     hits = dict.fromkeys(topk, 0)
     count = 0
+    check_finite(class_embeds_CD, "class embeddings")
     for image_BD, labels_B in batches:
+        check_finite(image_BD, "image embeddings")
         for k, h in _topk_hits(image_BD @ class_embeds_CD.T.to(image_BD), labels_B.to(image_BD.device),
                                topk).items():
             hits[k] += h
@@ -99,6 +111,7 @@ def retrieval_from_embeddings(image_ND: torch.Tensor, text_MD: torch.Tensor, tex
     image->text: an image counts as found at k if any of its texts is among its k most similar texts;
     text->image: a text counts if its image is among its k most similar images. Ties rank in the query's favour.
     """
+    check_finite(image_ND, "image embeddings"), check_finite(text_MD, "text embeddings")
     text_image_M = text_image_M.to(image_ND.device).long()
     n, m = image_ND.shape[0], text_MD.shape[0]
     i2t = dict.fromkeys(ks, 0)
@@ -167,10 +180,11 @@ def linear_probe_from_embeddings(train_ND: torch.Tensor, train_labels_N: torch.T
                                  test_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                                  l2: float = 1e-2) -> dict[str, float]:
     """{"accuracy", "balanced_accuracy" (mean recall over the classes present in the test set)}."""
-    w_DC, b_C = fit_ridge(train_ND, train_labels_N, num_classes, l2)
+    w_DC, b_C = fit_ridge(check_finite(train_ND, "image embeddings"), train_labels_N, num_classes, l2)
     correct_C = torch.zeros(num_classes, dtype=torch.long)
     count_C = torch.zeros(num_classes, dtype=torch.long)
     for x_BD, labels_B in test_batches:
+        check_finite(x_BD, "image embeddings")
         labels_B = torch.as_tensor(labels_B).cpu().long()
         hit_B = (x_BD.to(w_DC) @ w_DC + b_C).argmax(1).cpu() == labels_B
         correct_C += torch.bincount(labels_B[hit_B], minlength=num_classes)

@@ -6,6 +6,7 @@ User mistakes (missing files, unreadable images, an empty label list) raise JobE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,10 +15,19 @@ from typing import Sequence
 import torch
 
 from limoe.checkpoint import CheckpointError, load_checkpoint
+from limoe.evaluate import NonFiniteEmbeddings, check_finite, class_embeddings
 
 
 class JobError(ValueError):
     """A user-facing error of a job; its message is the one line the command line prints."""
+
+
+@contextlib.contextmanager
+def _finite_or_job_error():
+    try:
+        yield
+    except NonFiniteEmbeddings as e:
+        raise JobError(str(e)) from None
 
 
 def _load(checkpoint: str, device: str):
@@ -67,7 +77,7 @@ def parse_labels(labels: str | Sequence[str]) -> list[str]:
 def classify(checkpoint: str, images: Sequence[str], labels: str | Sequence[str],
              templates: Sequence[str] | None = None, top: int = 3, device: str = "cpu") -> list[dict]:
     """Zero-shot labels for each image: [{"image", "labels": [(label, probability), ...]}] best first."""
-    from limoe.evaluate import class_embeddings
+    from limoe.data.builtin import TEMPLATES
     from limoe.train.evaluation import tokenize_fn
 
     names = parse_labels(labels)
@@ -75,11 +85,9 @@ def classify(checkpoint: str, images: Sequence[str], labels: str | Sequence[str]
         raise JobError("no images given")
     model, tokenizer, _ = _load(checkpoint, device)
     pixels = load_images(images, model.config.image_size).to(device)
-    from limoe.data.builtin import TEMPLATES
-
-    class_CD = class_embeddings(model, names, tokenize_fn(tokenizer), list(templates or TEMPLATES))
-    with torch.no_grad():
-        z_ND = model.encode_image(pixels)
+    with _finite_or_job_error(), torch.no_grad():
+        class_CD = class_embeddings(model, names, tokenize_fn(tokenizer), list(templates or TEMPLATES))
+        z_ND = check_finite(model.encode_image(pixels), "image embeddings")
         probs_NC = (model.logit_scale * z_ND @ class_CD.T).softmax(-1)
     out = []
     for path, p_C in zip(images, probs_NC):
@@ -161,7 +169,8 @@ def embed(checkpoint: str, output: str, images: Sequence[str] = (), texts: Seque
             else:
                 ids_BL = tokenizer(list(texts[start:start + batch_size])).ids_BL
                 chunks.append(model.encode_text(ids_BL.to(device)).cpu())
-    z_ND = torch.cat(chunks).float().contiguous()
+    with _finite_or_job_error():
+        z_ND = check_finite(torch.cat(chunks).float().contiguous(), "embeddings")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
         import numpy as np

@@ -152,3 +152,11 @@ def test_metrics_of_the_final_evaluation_are_written_into_its_checkpoint(tmp_pat
     state = json.loads((result.checkpoint / "state.json").read_text())
     assert state["metrics"] == result.metrics and "zero_shot/top1" in state["metrics"]
     assert not [p for p in result.checkpoint.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_nan_weights_are_refused_by_eval_not_scored(run, capsys):
+    run_dir, _ = run
+    _nan_weights(_latest(run_dir))
+    assert main(["eval", str(run_dir)]) == 2  # it scored R@1 100% before: every similarity tied
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite values" in err[0], err

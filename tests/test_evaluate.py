@@ -139,3 +139,15 @@ def test_every_metric_runs_on_registry_models(name):
     probe = ev.few_shot_linear_probe(model, _image_batches(images, labels % 4), _image_batches(images, labels % 4),
                                      num_classes=4, shots=2)
     assert 0 <= probe["accuracy"] <= 1 and model.training
+
+
+def test_non_finite_embeddings_are_refused_not_scored():
+    from limoe.evaluate import NonFiniteEmbeddings, retrieval_from_embeddings, zero_shot_from_embeddings
+
+    z_ND = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    broken = z_ND.clone()
+    broken[1, 3] = float("nan")
+    with pytest.raises(NonFiniteEmbeddings):
+        retrieval_from_embeddings(broken, z_ND, torch.arange(4))  # NaN ties would count as hits: R@1 100%
+    with pytest.raises(NonFiniteEmbeddings):
+        zero_shot_from_embeddings([(broken, torch.arange(4))], z_ND)

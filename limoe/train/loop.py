@@ -21,6 +21,7 @@ from torch import nn
 
 from limoe import checkpoint as ckpt
 from limoe.distributed import allreduce_gradients
+from limoe.evaluate import NonFiniteEmbeddings
 from limoe.losses import compute_losses
 from limoe.moe.stats import MoeStats
 from limoe.train import distributed
@@ -305,6 +306,8 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
                 metrics, chance = held_out(evaluated, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
         except _Interrupted:
             return None
+        except NonFiniteEmbeddings as e:
+            raise TrainingError(f"evaluation at step {step}: {e}") from None
         result.chance.update(chance)
         logger.log("eval", step, metrics)
         return metrics
