@@ -35,13 +35,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from limoe.errors import UserError
+
 STEP_RE = re.compile(r"^step_(\d+)$")
 BACKUP_PREFIX = ".old-"  # a checkpoint being replaced by a new save of the same step
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.json", "model.json",
          "tokenizer.json")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A missing, partial or incompatible checkpoint; the message is one line for the command line."""
 
 

@@ -1,10 +1,16 @@
-"""The `limoe` command line: one sub-command per job."""
+"""The `limoe` command line: one sub-command per job.
+
+Every user mistake (a UserError from any module, a missing file) is one line `limoe: error: ...` and exit 2;
+an interruption is exit 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from limoe.errors import UserError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -20,19 +26,32 @@ def _data(args: argparse.Namespace) -> int:
     if args.action == "build":
         print(build_builtin_dataset(cfg, force=args.force))
     elif args.action == "info":
-        print((build_builtin_dataset(cfg) / "manifest.json").read_text())
+        folder = build_builtin_dataset(cfg)
+        print(f"built-in dataset: {folder}")
+        print((folder / "manifest.json").read_text())
     else:  # style
         from limoe.data.styles import build_style
 
         if not (args.images and args.name):
-            raise SystemExit("limoe data style: needs --images DIR and --name NAME")
+            raise UserError("limoe data style needs --images DIR and --name NAME")
         print(build_style(args.images, args.name, cfg))
     return 0
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
     print(f"limoe: error: {message}", file=sys.stderr)
     return 2
+
+
+def _print_evaluations(run_dir) -> None:
+    from pathlib import Path
+
+    from limoe.train.logger import evaluations_table
+
+    table = evaluations_table(Path(run_dir) / "metrics.jsonl")
+    if table:
+        print(f"\nHeld-out evaluations during training ({Path(run_dir) / 'metrics.jsonl'}):")
+        print(table)
 
 
 def _read_config(path: str):
@@ -49,9 +68,9 @@ def _read_config(path: str):
 def _train(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
     from limoe.data import NoValidSamplesError
-    from limoe.train import ConfigError, TrainingError, apply_overrides, get_preset, train
+    from limoe.train import ConfigError, apply_overrides, get_preset, train
 
-    try:
+    try:  # exceptions are one line via main(); only those needing a word of their own are caught here
         if args.config:
             cfg = _read_config(args.config)
         elif args.resume:  # continue with the run's own config; --steps / --set may still change it
@@ -68,13 +87,13 @@ def _train(args: argparse.Namespace) -> int:
         apply_overrides(cfg, args.set or [])
         cfg.validate()
         result = train(cfg, resume=args.resume, progress=not args.no_progress, fork=args.fork)
-    except (ConfigError, ckpt.CheckpointError, TrainingError, FileNotFoundError, NoValidSamplesError) as e:
-        return _fail(str(e))
+    except (ConfigError, NoValidSamplesError) as e:
+        return fail(str(e))
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("\nlimoe: interrupted: stopped without saving", file=sys.stderr)
         return 130
     except KeyError as e:  # e.g. a CSV without the configured column
-        return _fail(str(e.args[0]) if e.args else repr(e))
+        return fail(str(e.args[0]) if e.args else repr(e))
     if result.interrupted:
         return 130 if result.interrupted == "SIGINT" else 143
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
@@ -83,23 +102,25 @@ def _train(args: argparse.Namespace) -> int:
         print(f"\nResults after {result.step} steps of {cfg.model} (held-out concepts; routing over the last "
               f"{cfg.log_interval} training steps):")
         print(result.table())
+    _print_evaluations(cfg.run_dir)
     print(f"run directory: {cfg.run_dir}  (metrics.jsonl, config.json, checkpoints/)")
-    print(f"checkpoint: {result.checkpoint}")
+    print(f"checkpoint: {result.checkpoint} (step {result.step})")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from limoe.jobs import JobError, evaluate_checkpoint, metrics_table
+    from limoe import checkpoint as ckpt
+    from limoe.jobs import evaluate_checkpoint, metrics_table
 
-    try:
-        metrics = evaluate_checkpoint(args.checkpoint, args.zero_shot, args.class_names, args.templates,
-                                      args.retrieval, args.probe_train, args.probe_test, args.shots,
-                                      args.batch_size, args.device)
-    except JobError as e:
-        return _fail(str(e))
+    path = ckpt.resolve(args.checkpoint)
+    step = ckpt.read_json(path / "state.json").get("step", "?")
+    metrics = evaluate_checkpoint(str(path), args.zero_shot, args.class_names, args.templates, args.retrieval,
+                                  args.probe_train, args.probe_test, args.shots, args.batch_size, args.device)
+    print(f"checkpoint: {path} (step {step})")
     print(metrics_table(metrics))
+    _print_evaluations(ckpt.run_dir_of(path))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
@@ -108,32 +129,28 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from limoe.jobs import JobError, classify
+    from limoe.jobs import classify
 
-    try:
-        results = classify(args.checkpoint, args.images, args.labels, top=args.top, device=args.device)
-    except JobError as e:
-        return _fail(str(e))
-    for r in results:
-        print(f"{r['image']}: " + ", ".join(f"{label} {100 * p:.1f}%" for label, p in r["labels"]))
-    return 0
+    results = classify(args.checkpoint, args.images, args.labels, top=args.top, device=args.device)
+    for r in results:  # in the order given; an unreadable image is an error line among the predictions
+        if "error" in r:
+            fail(r["error"])
+        else:
+            print(f"{r['image']}: " + ", ".join(f"{label} {100 * p:.1f}%" for label, p in r["labels"]), flush=True)
+    return 2 if any("error" in r for r in results) else 0
 
 
 def _embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from limoe.jobs import JobError, embed
+    from limoe.jobs import embed
 
     texts = list(args.text or [])
     if args.texts_file:
         if not Path(args.texts_file).is_file():
-            return _fail(f"texts file not found: {args.texts_file}")
+            return fail(f"texts file not found: {args.texts_file}")
         texts += [t for t in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if t.strip()]
-    try:
-        path, shape = embed(args.checkpoint, args.output, images=args.images or [], texts=texts,
-                            device=args.device)
-    except JobError as e:
-        return _fail(str(e))
+    path, shape = embed(args.checkpoint, args.output, images=args.images or [], texts=texts, device=args.device)
     print(f"wrote {path}: {shape[0]} embeddings of dimension {shape[1]}")
     return 0
 
@@ -159,7 +176,7 @@ def _add_job_parsers(sub) -> None:
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="zero-shot, retrieval and k-shot linear probe of a checkpoint")
-    ev.add_argument("checkpoint", help="checkpoint folder or run directory (its latest checkpoint)")
+    ev.add_argument("checkpoint", help="checkpoint folder (checkpoints/step_N) or run folder (its latest checkpoint)")
     ev.add_argument("--zero-shot", metavar="DIR", help="image folder, one sub-folder per class "
                                                        "(default: built-in held-out concepts)")
     ev.add_argument("--class-names", help="class-name file (default: DIR/classnames.txt or folder names)")
@@ -173,18 +190,20 @@ def _add_job_parsers(sub) -> None:
     ev.add_argument("--output", "-o", help="write the metrics as JSON here")
     ev.set_defaults(func=_eval)
 
+    checkpoint_help = "checkpoint folder (checkpoints/step_N) or run folder (its latest checkpoint)"
     cl = sub.add_parser("classify", help="zero-shot labels for your own images")
-    cl.add_argument("checkpoint")
+    cl.add_argument("checkpoint", help=checkpoint_help)
     cl.add_argument("images", nargs="+", metavar="IMAGE")
     cl.add_argument("--labels", required=True, help='comma-separated labels ("cat,dog") or @file, one per line')
-    cl.add_argument("--top", type=int, default=3)
+    cl.add_argument("--top", type=int, default=3, help="labels shown per image, most probable first (default: 3)")
     cl.add_argument("--device", default="cpu")
     cl.set_defaults(func=_classify)
 
     em = sub.add_parser("embed", help="image or text embeddings to .npy / .safetensors")
-    em.add_argument("checkpoint")
+    em.add_argument("checkpoint", help=checkpoint_help)
     em.add_argument("--images", nargs="+", metavar="IMAGE")
-    em.add_argument("--text", action="append", help="a text to embed (repeatable)")
+    em.add_argument("--text", nargs="+", action="extend", metavar="TEXT",
+                    help="texts to embed: --text 'a cat' 'a dog' (repeatable)")
     em.add_argument("--texts-file", help="a file with one text per line")
     em.add_argument("--output", "-o", required=True, help="output .npy or .safetensors")
     em.add_argument("--device", default="cpu")
@@ -232,7 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as e:
+        return fail(str(e))
+    except FileNotFoundError as e:
+        return fail(f"not found: {e.filename}" if e.filename else str(e))
+    except KeyboardInterrupt:
+        print("\nlimoe: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from limoe.errors import UserError
 from limoe.moe import MoeConfig, MoeMlp, MoeStats
 
 DIM, HIDDEN, EXPERTS = 32, 64, 8
@@ -92,7 +93,7 @@ def train_variant(variant: Variant, task_seed: int, tokens: int, steps: int, see
 
 def run_demo(tokens: int = 2048, steps: int = 200, seed: int = 0) -> int:
     if tokens < 10 or steps < 1:
-        raise SystemExit(f"limoe demo: --tokens must be >= 10 and --steps >= 1, got {tokens} and {steps}")
+        raise UserError(f"--tokens must be >= 10 and --steps >= 1, got {tokens} and {steps}")
     print(f"Training one MoE layer (d={DIM}, h={HIDDEN}, E={EXPERTS}, top-1, capacity factor 1.0) for {steps} "
           f"steps of {tokens} tokens (4:1 image:text), two variants...")
     results = {v.name: train_variant(v, task_seed=seed, tokens=tokens, steps=steps, seed=seed) for v in VARIANTS}

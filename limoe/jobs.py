@@ -15,10 +15,11 @@ from typing import Sequence
 import torch
 
 from limoe.checkpoint import CheckpointError, load_checkpoint
+from limoe.errors import UserError
 from limoe.evaluate import NonFiniteEmbeddings, check_finite, class_embeddings
 
 
-class JobError(ValueError):
+class JobError(UserError, ValueError):
     """A user-facing error of a job; its message is the one line the command line prints."""
 
 
@@ -76,7 +77,8 @@ def parse_labels(labels: str | Sequence[str]) -> list[str]:
 
 def classify(checkpoint: str, images: Sequence[str], labels: str | Sequence[str],
              templates: Sequence[str] | None = None, top: int = 3, device: str = "cpu") -> list[dict]:
-    """Zero-shot labels for each image: [{"image", "labels": [(label, probability), ...]}] best first."""
+    """Zero-shot labels for each image, in order: {"image", "labels": [(label, probability), ...] best first},
+    or {"image", "error"} for an image that cannot be read (the others are still classified)."""
     from limoe.data.builtin import TEMPLATES
     from limoe.train.evaluation import tokenize_fn
 
@@ -84,15 +86,24 @@ def classify(checkpoint: str, images: Sequence[str], labels: str | Sequence[str]
     if not images:
         raise JobError("no images given")
     model, tokenizer, _ = _load(checkpoint, device)
-    pixels = load_images(images, model.config.image_size).to(device)
+    out, pixels = [], []
+    for path in images:
+        try:
+            pixels.append(load_images([path], model.config.image_size)[0])
+            out.append({"image": path})
+        except JobError as e:
+            out.append({"image": path, "error": str(e)})
+    if not pixels:
+        raise JobError(out[0]["error"] if len(out) == 1 else f"none of the {len(out)} images could be read "
+                                                              f"(first: {out[0]['error']})")
     with _finite_or_job_error(), torch.no_grad():
         class_CD = class_embeddings(model, names, tokenize_fn(tokenizer), list(templates or TEMPLATES))
-        z_ND = check_finite(model.encode_image(pixels), "image embeddings")
+        z_ND = check_finite(model.encode_image(torch.stack(pixels).to(device)), "image embeddings")
         probs_NC = (model.logit_scale * z_ND @ class_CD.T).softmax(-1)
-    out = []
-    for path, p_C in zip(images, probs_NC):
+    readable = [r for r in out if "error" not in r]
+    for r, p_C in zip(readable, probs_NC):
         best = p_C.topk(min(top, len(names)))
-        out.append({"image": path, "labels": [(names[i], float(p)) for p, i in zip(best.values, best.indices)]})
+        r["labels"] = [(names[i], float(p)) for p, i in zip(best.values, best.indices)]
     return out
 
 

@@ -121,7 +121,7 @@ def test_cli_writes_report_next_to_the_run(tmp_path, monkeypatch, capsys):
     args = parse(["analyze", str(ckpt), "--data", str(csv_pairs(tmp_path)), "--num-pairs", "5",
                   "--batch-size", "4", "--layer", "-2"])
     assert args.func(args) == 0
-    assert loaded == [str(ckpt)]
+    assert loaded == [tmp_path / "run"]  # a file inside a checkpoint folder stands for the folder
     out = tmp_path / "run" / "analysis"
     assert str(out / "index.html") in capsys.readouterr().out
     data = json.loads((out / "report.json").read_text())
@@ -139,17 +139,36 @@ def test_cli_json_for_scripts(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run" / "analysis").exists()  # --json without --out writes no report
 
 
-def test_cli_errors_are_one_line(tmp_path, monkeypatch):
-    args = parse(["analyze", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="checkpoint not found"):
-        args.func(args)
+def test_cli_errors_are_one_line_as_in_every_command(tmp_path, monkeypatch, capsys):
+    from limoe.cli import main
+
+    def one_line(argv, contains):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("limoe: error:") and contains in err[0], err
+
+    one_line(["analyze", str(tmp_path / "missing")], "checkpoint not found")
     ckpt, _ = fake_checkpoint(tmp_path, monkeypatch)
-    args = parse(["analyze", str(ckpt), "--data", "pairs.parquet"])
-    with pytest.raises(SystemExit, match="--data must be"):
-        args.func(args)
-    args = parse(["analyze", str(ckpt), "--data", str(csv_pairs(tmp_path)), "--layer", "7"])
-    with pytest.raises(SystemExit, match="--layer must be"):
-        args.func(args)
+    one_line(["analyze", str(ckpt), "--data", "pairs.parquet"], "--data must be")
+    one_line(["analyze", str(ckpt), "--data", str(csv_pairs(tmp_path)), "--layer", "7"], "--layer must be")
+
+
+def test_training_curves_legend_lists_what_is_drawn_in_modality_colours(tmp_path, monkeypatch):
+    from limoe.analysis import plots
+
+    rows = [{"kind": "train", "step": s, "routing/routing_success/image": 0.9, "routing/routing_success/text": 0.8,
+             "routing/routing_success/image/layer1": 0.7} for s in (10, 20, 30)]
+    rows.append({"kind": "final", "step": 30, "train/routing/routing_success/image": 0.9})  # one point: no line
+    figures = []
+    real = plots.plt.subplots
+    monkeypatch.setattr(plots.plt, "subplots", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
+    assert plots.plot_training_curves(rows, tmp_path / "curves.png").is_file()
+    ax = figures[0][1].flat[0]
+    drawn = {line.get_label(): (line.get_color(), line.get_linestyle()) for line in ax.get_lines()}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(drawn)
+    assert drawn == {"routing/routing_success/image": (plots.IMAGE_COLOUR, "-"),
+                     "routing/routing_success/image/layer1": (plots.IMAGE_COLOUR, "--"),
+                     "routing/routing_success/text": (plots.TEXT_COLOUR, "-")}
 
 
 def test_parser_import_is_light():

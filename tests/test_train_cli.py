@@ -1,6 +1,7 @@
 """`limoe eval`, `limoe classify`, `limoe embed` and `limoe train` on a checkpoint from a few-step run."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -133,3 +134,54 @@ def test_analyze_a_real_checkpoint(run, tmp_path, capsys):
     assert data["training_curves"]["steps"] > 0 and (out / "training_curves.png").is_file()
     for layer in data["layers"]:
         assert layer["modality"]["image"]["tokens"] > 0 and layer["modality"]["text"]["tokens"] > 0
+
+
+def test_embed_takes_several_texts_after_one_flag(run, tmp_path, capsys):
+    out = tmp_path / "texts.npy"
+    assert main(["embed", str(run[0]), "--text", "a", "b", "c", "--text", "d", "-o", str(out)]) == 0
+    assert np.load(out).shape == (4, 64)
+
+
+def test_classify_reports_an_unreadable_image_and_classifies_the_rest(run, images, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    assert main(["classify", str(run[0]), images[0], str(corrupt), images[1], "--labels", "cat,dog"]) == 2
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert [line.split(":")[0] for line in out] == [images[0], images[1]]
+    _one_error_line_in(captured.err, f"cannot read image {corrupt}")
+
+
+def _one_error_line_in(err: str, contains: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("limoe: error:") and contains in lines[0], lines
+
+
+def test_eval_says_which_checkpoint_and_step(run, capsys):
+    assert main(["eval", str(run[0].parent.parent)]) == 0  # a run folder: its latest (an earlier test extends it)
+    first = capsys.readouterr().out.splitlines()[0]
+    match = re.fullmatch(rf"checkpoint: {re.escape(str(run[0].parent))}/step_(\d+) \(step (\d+)\)", first)
+    assert match and int(match[1]) == int(match[2]) >= 3, first  # the folder's step is the state's
+
+
+def test_train_says_where_it_goes_first_and_lists_its_evaluations_at_the_end(run, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, run[1].data.cache_dir, steps=4, checkpoint_interval=0)
+    cfg.eval.interval = 2
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    assert main(["train", "--config", str(tmp_path / "config.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.lstrip().startswith("limoe: limoe-tiny") and f"-> {cfg.run_dir}" in out.splitlines()[0]
+    table = out[out.index("Held-out evaluations during training"):].splitlines()
+    steps = [line.split()[0] for line in table[2:4]]
+    assert steps == ["2", "4"] and sum("<- best" in line for line in table) == 1
+    assert "checkpoint: " in out and "(step 4)" in out
+
+
+def test_data_info_says_where_the_data_is(tmp_path, monkeypatch, capsys):
+    import limoe.data
+
+    (tmp_path / "manifest.json").write_text('{"pairs": 3}')
+    monkeypatch.setattr(limoe.data, "build_builtin_dataset", lambda cfg, force=False: tmp_path)
+    assert main(["data", "info"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"built-in dataset: {tmp_path}" and '"pairs": 3' in out

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from limoe.errors import UserError
+
 
 def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -19,7 +21,8 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
                     "plots, report.json) of its routing: image/text share per expert, routing success per "
                     "modality, expert usage, token-to-expert maps, and curves over training from the run's "
                     "metrics.jsonl.")
-    p.add_argument("checkpoint", help="checkpoint file or run folder (what limoe.load_checkpoint accepts)")
+    p.add_argument("checkpoint", help="checkpoint folder (checkpoints/step_N), a file in one, or a run folder (its "
+                                      "latest checkpoint)")
     p.add_argument("--data", default="builtin",
                    help="pairs to analyse: 'builtin' (built-in test split), 'builtin:train', a CSV/TSV file "
                         "(filepath,title columns) or webdataset shards ('data/{000..009}.tar'); default: builtin")
@@ -56,30 +59,24 @@ def load_pairs(spec: str, image_size: int, seed: int = 0):
         return WdsPairs(spec, image=image, train=False, shuffle=True, seed=seed)
     if Path(spec).suffix.lower() in (".csv", ".tsv", ".txt"):
         return CsvPairs(spec, image=image, train=False, shuffle=True, seed=seed)
-    raise SystemExit(f"limoe analyze: --data must be builtin, builtin:train, a .csv/.tsv file or .tar shards, "
-                     f"got {spec!r}")
+    raise UserError(f"--data must be builtin, builtin:train, a .csv/.tsv file or .tar shards, got {spec!r}")
 
 
-def _load_checkpoint(path: str):
-    import limoe
-    from limoe.checkpoint import CheckpointError
-
-    if not Path(path).exists():
-        raise SystemExit(f"limoe analyze: checkpoint not found: {path}")
-    try:
-        return limoe.load_checkpoint(path)
-    except CheckpointError as e:
-        raise SystemExit(f"limoe analyze: {e}") from None
+def _checkpoint_folder(path: str) -> Path:
+    """A file inside a checkpoint folder (e.g. its model.safetensors) stands for the folder."""
+    return Path(path).parent if Path(path).is_file() else Path(path)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
     import torch
 
+    import limoe
     from limoe.analysis.metrics_log import find_metrics
     from limoe.analysis.report import write_report
     from limoe.analysis.routing_stats import AnalysisConfig, analyze_routing
 
-    model, tokenizer, _ = _load_checkpoint(args.checkpoint)
+    checkpoint = _checkpoint_folder(args.checkpoint)
+    model, tokenizer, _ = limoe.load_checkpoint(checkpoint)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     pairs = load_pairs(args.data, model.config.image_size, args.seed)
@@ -87,12 +84,10 @@ def run_analyze(args: argparse.Namespace) -> int:
                          pairs=not args.separate_passes)
     analysis = analyze_routing(model, tokenizer, pairs, cfg)
     if args.layer is not None and analysis.layers and not -len(analysis.layers) <= args.layer < len(analysis.layers):
-        raise SystemExit(f"limoe analyze: --layer must be in [-{len(analysis.layers)}, {len(analysis.layers)}), "
-                         f"got {args.layer}")
+        raise UserError(f"--layer must be in [-{len(analysis.layers)}, {len(analysis.layers)}), got {args.layer}")
 
-    metrics = args.metrics or find_metrics(args.checkpoint)
-    run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-    out = args.out or (None if args.json else run_dir / "analysis")
+    metrics = args.metrics or find_metrics(checkpoint)
+    out = args.out or (None if args.json else checkpoint / "analysis")
     if out is not None:
         index = write_report(analysis, out, metrics_path=metrics, layer=args.layer if analysis.layers else None)
         print(f"limoe analyze: report written to {index}", file=sys.stderr if args.json else sys.stdout)

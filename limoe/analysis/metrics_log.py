@@ -19,9 +19,9 @@ def find_metrics(checkpoint: str | os.PathLike) -> Path | None:
     return None
 
 
-def read_metrics(path: str | os.PathLike) -> tuple[list[dict], int]:
-    """(rows that parse as JSON objects, number of lines skipped). A run killed mid-write leaves a torn last line;
-    skipping it keeps every complete step usable."""
+def read_metrics(path: str | os.PathLike, kind: str | None = None) -> tuple[list[dict], int]:
+    """(rows that parse as JSON objects, number of lines skipped), only rows of `kind` ("train", "eval", "final")
+    when given. A run killed mid-write leaves a torn last line; skipping it keeps every complete step usable."""
     rows, skipped = [], 0
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -33,7 +33,8 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict], int]:
                 skipped += 1
                 continue
             if isinstance(row, dict):
-                rows.append(row)
+                if kind is None or row.get("kind", "train") == kind:  # a row without a kind is a step
+                    rows.append(row)
             else:
                 skipped += 1
     return rows, skipped

@@ -180,20 +180,35 @@ def plot_expert_patches(analysis: RoutingAnalysis, layer: int, path: str | os.Pa
 
 
 def plot_training_curves(rows: list[dict], path: str | os.PathLike) -> Path | None:
-    """Routing success and aux losses over training steps from a metrics log; None if it has neither."""
-    success = sorted({k for r in rows for k in r if "routing_success" in k})
-    losses = sorted({k for r in rows for k in r if k.endswith("_loss")})
+    """Routing success and aux losses over the training steps of a metrics log; None if it has neither.
+
+    Image series are red and text series blue as in every other plot (a second series of the same modality gets
+    another line style); a key needs two logged points to be a line, so the legend lists only what is drawn.
+    """
+    def series(wanted) -> list[str]:
+        counts: dict[str, int] = {}
+        for r in rows:
+            for k, v in r.items():
+                if wanted(k) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    counts[k] = counts.get(k, 0) + 1
+        return sorted(k for k, n in counts.items() if n >= 2)
+
+    success = series(lambda k: "routing_success" in k)
+    losses = series(lambda k: k.endswith("_loss"))
     if not rows or not (success or losses):
         return None
     steps = [r.get("step", i) for i, r in enumerate(rows)]
     panels = [(keys, title) for keys, title in ((success, "routing success"), (losses, "loss terms")) if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 3.6), squeeze=False)
     for ax, (keys, title) in zip(axes.flat, panels):
-        for key in keys[:24]:  # a legend of hundreds of per-layer keys helps nobody
+        drawn: dict[str | None, int] = {}
+        for i, key in enumerate(keys[:24]):  # a legend of hundreds of per-layer keys helps nobody
             xs = [s for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
             ys = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-            colour = IMAGE_COLOUR if "image" in key else TEXT_COLOUR if "text" in key else None
-            ax.plot(xs, ys, label=key, lw=1.2, color=colour if len(keys) <= 2 else None)
+            modality = "image" if "image" in key else "text" if "text" in key else None
+            colour = {"image": IMAGE_COLOUR, "text": TEXT_COLOUR}.get(modality, plt.get_cmap("tab10")(i % 10))
+            drawn[modality] = drawn.get(modality, -1) + 1
+            ax.plot(xs, ys, label=key, lw=1.2, color=colour, linestyle=("-", "--", ":", "-.")[drawn[modality] % 4])
         if title == "loss terms" and all(r.get(k, 1) > 0 for r in rows for k in keys
                                          if isinstance(r.get(k), (int, float))):
             ax.set_yscale("log")

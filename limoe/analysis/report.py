@@ -140,7 +140,7 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
 
     data["training_curves"] = None
     if metrics_path is not None and os.path.isfile(metrics_path):
-        rows, skipped = read_metrics(metrics_path)
+        rows, skipped = read_metrics(metrics_path, kind="train")  # evaluations are not training steps
         if plots.plot_training_curves(rows, out / "training_curves.png") is not None:
             data["training_curves"] = {"file": "training_curves.png", "steps": len(rows), "skipped_lines": skipped}
             parts += ["<h2>Over training</h2>",

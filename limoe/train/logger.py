@@ -80,3 +80,28 @@ def results_table(metrics: dict[str, float], chance: dict[str, float] | None = N
             c = chance.get(key)
             lines.append(f"{label:<28}{100 * metrics[key]:>8.2f}%" + (f"{100 * c:>8.2f}%" if c else f"{'':>9}"))
     return "\n".join(lines)
+
+
+EVAL_COLUMNS = (("zero-shot top-1", "zero_shot/top1"), ("top-5", "zero_shot/top5"),
+                ("image->text R@1", "retrieval/image_to_text/R@1"), ("text->image R@1", "retrieval/text_to_image/R@1"))
+
+
+def evaluations_table(metrics_path: str | Path) -> str | None:
+    """The held-out evaluations of a run, one row per step, the best marked (by zero-shot top-1, else
+    image->text R@1); None when the run logged none. A long run's best is often not its last."""
+    from limoe.analysis.metrics_log import read_metrics
+
+    if not Path(metrics_path).is_file():
+        return None
+    rows, _ = read_metrics(metrics_path, kind="eval")
+    columns = [(label, key) for label, key in EVAL_COLUMNS if any(key in r for r in rows)]
+    if not columns:
+        return None
+    best_key = columns[0][1]
+    best = max(rows, key=lambda r: r.get(best_key) if isinstance(r.get(best_key), (int, float)) else -1.0)
+    lines = [f"{'step':>8}" + "".join(f"{label:>17}" for label, _ in columns)]
+    for r in rows:
+        cells = "".join(f"{100 * r[key]:>16.2f}%" if isinstance(r.get(key), (int, float)) else f"{'-':>17}"
+                        for _, key in columns)
+        lines.append(f"{r['step']:>8}{cells}" + ("   <- best" if r is best else ""))
+    return "\n".join(lines)

@@ -21,6 +21,7 @@ from torch import nn
 
 from limoe import checkpoint as ckpt
 from limoe.distributed import allreduce_gradients
+from limoe.errors import UserError
 from limoe.evaluate import NonFiniteEmbeddings
 from limoe.losses import compute_losses
 from limoe.moe.stats import MoeStats
@@ -32,7 +33,7 @@ from limoe.train.logger import MetricsLogger, results_table
 from limoe.train.optim import lr_at, make_optimizer, set_lr
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message is one line for the command line."""
 
 
@@ -314,7 +315,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
 
     from tqdm import tqdm
 
-    if progress and world.main:
+    if world.main:  # also without a progress bar: where the run goes is worth knowing before it ends
         pairs = f"{len(batches)} training pairs, " if hasattr(batches, "__len__") else ""
         print(f"limoe: {cfg.model} ({model.num_params() / 1e6:.2f}M params), {pairs}batch {cfg.data.batch_size}, "
               f"{cfg.steps} steps on {device}{f' x {world.size} ranks' if world.size > 1 else ''} -> {run_dir}",
