@@ -58,7 +58,8 @@ class DataConfig:
     image_size: int = option(32, integer(ge=1))
     batch_size: int = option(128, integer(ge=1))  # global batch (summed over ranks and accumulation micro-steps)
     num_workers: int = option(1, integer(ge=0))
-    vocab_size: int = option(1024, integer(ge=1))  # BPE tokenizer trained on the training captions
+    # BPE tokenizer trained on the training captions; byte-level, so at least 256 bytes + <pad> + <eos>
+    vocab_size: int = option(1024, integer(ge=258))
     context_length: int = option(16, integer(ge=1))
     max_concepts: int | None = option(None, integer(ge=1, none=True))  # built-in: a small subset (tests, quick runs)
     # built-in: where the rendered dataset lives (default: the limoe cache)
