@@ -85,7 +85,7 @@ class Check:
                 and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
 
     def expected(self) -> str:
-        names = [_NAMES.get(kind, f"a {kind.__name__}") for kind in self.kinds]
+        names = [_NAMES.get(kind, kind.__name__) for kind in self.kinds]
         return " or ".join(names + (["None"] if self.none else []))
 
     def range(self) -> str:
@@ -93,8 +93,8 @@ class Check:
         high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
         if low and high:
             return f"in {low}, {high}"
-        return f">= {self.ge}" if self.ge is not None else f"> {self.gt}" if self.gt is not None else \
-            f"<= {self.le}" if self.le is not None else f"< {self.lt}"
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        return next(f"{op} {bound}" for op, bound in bounds if bound is not None)
 
 
 _NAMES = {int: "an int", float: "a float", bool: "a bool", str: "a str", dict: "a dict", tuple: "a list"}
