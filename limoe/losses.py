@@ -10,12 +10,13 @@ Every rank must contribute the same batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from limoe.checks import check_fields, flag, mapping, one_of, option, real
 from limoe.model.base import ModelOutput
 from limoe.moe.layer import MoeAux
 
@@ -77,23 +78,25 @@ def siglip_loss(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torc
     return -F.logsigmoid(sign * logits_img).sum() / rows
 
 
+CONTRASTIVE = ("softmax", "sigmoid")  # CLIP, SigLIP
+
+
 @dataclass
 class LossConfig:
     """Which contrastive loss and how much each MoE aux loss weighs (aux losses are summed over MoE layers).
     Entropy weights are per modality; their defaults are a starting point, not values from the paper, which does
     not state them."""
 
-    contrastive: str = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP; give the model a logit_bias_init)
-    local_loss: bool = True
-    importance: float = 0.005  # V-MoE
-    load: float = 0.005  # V-MoE
-    z: float = 0.0
-    local_entropy: dict[str, float] = field(default_factory=lambda: {"image": 0.01, "text": 0.01})
-    global_entropy: dict[str, float] = field(default_factory=lambda: {"image": 0.01, "text": 0.01})
+    contrastive: str = option("softmax", one_of(*CONTRASTIVE))  # sigmoid: give the model a logit_bias_init
+    local_loss: bool = option(True, flag())
+    importance: float = option(0.005, real(ge=0))  # V-MoE
+    load: float = option(0.005, real(ge=0))  # V-MoE
+    z: float = option(0.0, real(ge=0))
+    local_entropy: dict[str, float] = option(check=mapping(real(ge=0)), factory=lambda: {"image": 0.01, "text": 0.01})
+    global_entropy: dict[str, float] = option(check=mapping(real(ge=0)), factory=lambda: {"image": 0.01, "text": 0.01})
 
     def __post_init__(self) -> None:
-        if self.contrastive not in ("softmax", "sigmoid"):
-            raise ValueError(f"contrastive must be 'softmax' or 'sigmoid', got {self.contrastive!r}")
+        check_fields(self)  # when built, too: a loss misnamed in a saved config must not train another loss
 
     def weight(self, aux_name: str) -> float:
         """Weight of a MoeAux loss key such as "importance" or "local_entropy/text"; unknown keys weigh 0."""

@@ -79,7 +79,7 @@ def test_capacity_from_valid_tokens_counts_only_real_tokens():
     expected = moe_loop(valid_only.experts, x_Sd[valid_S], route_loop(gates_SE, 1, 8, True))
     torch.testing.assert_close(y[valid_S], expected, rtol=1e-5, atol=1e-6)
     assert valid_only(x_Sd)[1].routing.capacity == 16  # no mask: every token is real
-    with pytest.raises(ValueError, match="capacity_tokens must be 'all' or 'valid'"):
+    with pytest.raises(ValueError, match=r"capacity_tokens must be one of \('all', 'valid'\)"):
         MoeConfig(dim=4, hidden_dim=8, capacity_tokens="some")
 
 

@@ -43,8 +43,9 @@ def test_bad_overrides_name_the_key(item, message):
     ("optim.schedule=linear", "optim.schedule must be one of"),
     ("steps=0", "steps must be >= 1"),
     ("data.source=csv", "needs data.train"),
-    ("moe.capacity_factor=-1", "invalid model config: capacity_factor must be > 0"),
-    ("moe.expert_backend=triton", "invalid model config: expert_backend must be one of"),
+    ("moe.capacity_factor=-1", "moe.capacity_factor must be > 0"),
+    ("moe.expert_backend=triton", "moe.expert_backend must be one of"),
+    ("moe.k=5", "invalid model config: k must be in"),
     ("optim.accumulation=3", "divisible by optim.accumulation"),
 ])
 def test_invalid_values_are_caught_by_validate(item, message):
@@ -57,7 +58,7 @@ def test_unknown_preset_and_model():
         get_preset("nope")
     cfg = get_preset("default")
     cfg.model = "limoe-xxl"
-    with pytest.raises(ConfigError, match="unknown model"):
+    with pytest.raises(ConfigError, match="model must be one of .*got 'limoe-xxl'"):
         cfg.validate()
 
 

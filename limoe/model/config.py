@@ -3,58 +3,50 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
+from limoe.checks import Check, check_fields, field_checks, integer, mapping, one_of, option, real
 from limoe.moe.layer import MoeConfig
 
 KINDS = ("limoe", "dense", "two_tower")
 POOLINGS = ("map", "mean", "last")
-# MoeConfig fields a ModelConfig may set; dim and hidden_dim always come from width and mlp_dim.
-MOE_KEYS = tuple(f.name for f in fields(MoeConfig) if f.name not in ("dim", "hidden_dim"))
+# MoeConfig fields a ModelConfig may set, with their checks; dim and hidden_dim always come from width and mlp_dim.
+MOE_CHECKS = field_checks(MoeConfig, exclude=("dim", "hidden_dim"))
+MOE_KEYS = tuple(MOE_CHECKS)
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "limoe"
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_dim: int = 3072
-    patch_size: int = 16
-    image_size: int = 224
-    in_channels: int = 3
-    vocab_size: int = 32_000
-    context_length: int = 16  # fixed text length of the authors' setups
-    pad_id: int = 0
-    embed_dim: int | None = None  # shared embedding space; None: width
-    image_pool: str = "map"
-    text_pool: str = "map"
+    kind: str = option("limoe", one_of(*KINDS))
+    width: int = option(768, integer(ge=1))
+    depth: int = option(12, integer(ge=1))
+    heads: int = option(12, integer(ge=1))  # must divide width
+    mlp_dim: int = option(3072, integer(ge=1))
+    patch_size: int = option(16, integer(ge=1))  # must divide image_size
+    image_size: int = option(224, integer(ge=1))
+    in_channels: int = option(3, integer(ge=1))
+    vocab_size: int = option(32_000, integer(ge=1))
+    context_length: int = option(16, integer(ge=1))  # fixed text length of the authors' setups
+    pad_id: int = option(0, integer(ge=0))
+    embed_dim: int | None = option(None, integer(ge=1, none=True))  # shared embedding space; None: width
+    image_pool: str = option("map", one_of(*POOLINGS))
+    text_pool: str = option("map", one_of(*POOLINGS))
     # MoE placement: "every:n" (blocks n-1, 2n-1, ...), "last:n" (the last n odd blocks), "none", or block ids.
-    moe_layers: str | tuple[int, ...] = "every:2"
-    moe: dict[str, Any] = field(default_factory=dict)  # MoeConfig keyword arguments (num_experts, k, ...)
-    temperature_init: float = math.log(10.0)  # learned log logit scale
-    max_logit_scale: float = 100.0  # CLIP's clamp: keeps the softmax from becoming a hard argmax
-    logit_bias_init: float | None = None  # SigLIP's learned bias (e.g. -10); None: no bias parameter
-    norm_eps: float = 1e-6
+    moe_layers: str | tuple[int, ...] = option("every:2", Check((str, tuple), item=integer(ge=0)))
+    # MoeConfig keyword arguments (num_experts, k, ...), each checked as MoeConfig declares it
+    moe: dict[str, Any] = option(check=mapping(keys=MOE_CHECKS), factory=dict)
+    temperature_init: float = option(math.log(10.0), real())  # learned log logit scale
+    max_logit_scale: float = option(100.0, real(gt=0))  # CLIP's clamp: keeps the softmax from becoming a hard argmax
+    logit_bias_init: float | None = option(None, real(none=True))  # SigLIP's learned bias (e.g. -10); None: none
+    norm_eps: float = option(1e-6, real(gt=0))
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        for name in ("width", "depth", "heads", "mlp_dim", "patch_size", "image_size", "vocab_size",
-                     "context_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self)  # each field's declared type and range; below, the checks across fields
         if self.width % self.heads:
             raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} must be divisible by patch_size={self.patch_size}")
-        for name in ("image_pool", "text_pool"):
-            if getattr(self, name) not in POOLINGS:
-                raise ValueError(f"{name} must be one of {POOLINGS}, got {getattr(self, name)!r}")
-        unknown = set(self.moe) - set(MOE_KEYS)
-        if unknown:
-            raise ValueError(f"unknown MoE options {sorted(unknown)}; known: {MOE_KEYS}")
         if not isinstance(self.moe_layers, str):
             self.moe_layers = tuple(int(i) for i in self.moe_layers)
         self.moe_layer_ids  # validates the placement rule early

@@ -2,6 +2,9 @@
 
 A run is fully described by its TrainConfig, saved as config.json in the run directory (and in every
 checkpoint), so `limoe train --resume` and `limoe eval` rebuild exactly the same model and data.
+
+Each field declares its check (type, range or allowed names) next to its default; `validate()` runs them all
+before anything is built, so every bad value ends in one ConfigError line naming its dotted key.
 """
 
 from __future__ import annotations
@@ -10,130 +13,141 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from limoe.checks import (ConfigError, check_fields, field_checks, flag, integer, mapping, one_of, option, real,
+                          section, text)
 from limoe.losses import LossConfig
+from limoe.model.config import MOE_CHECKS, ModelConfig
+from limoe.model.registry import list_models
 
 SCHEDULES = ("cosine", "rsqrt", "constant")
 SOURCES = ("builtin", "csv", "wds")
 
 
-class ConfigError(ValueError):
-    """A bad preset, key or value; its message is the one line the command line prints."""
+def _device_problem(name: str) -> str | None:
+    """What is wrong with `name` as a device on this machine (None: nothing); torch's own error comes late and
+    deep (an AssertionError on a CPU-only build)."""
+    import torch
+
+    kind, colon, index = name.partition(":")
+    if name in ("auto", "cpu") or (name == "mps" and torch.backends.mps.is_available()):
+        return None
+    if name == "mps":
+        return "is 'mps' but MPS is not available here"
+    if kind != "cuda" or (colon and not index.isdigit()):
+        return f"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        return f"is {name!r} but torch finds no CUDA device here"
+    if colon and int(index) >= count:
+        return f"is {name!r} but torch finds only {count} CUDA device(s)"
+    return None
 
 
+# Every field declares its check next to its default (limoe.checks): type, range or allowed names. validate()
+# runs them all, then the checks across fields; a field without a check fails every validation.
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # builtin (offline OpenMoji), csv (CsvPairs file) or wds (webdataset shards)
-    train: str | None = None  # csv: path of the CSV/TSV; wds: shard pattern
-    csv_img_key: str = "filepath"
-    csv_caption_key: str = "title"
-    image_size: int = 32
-    batch_size: int = 128  # global batch (summed over ranks and accumulation micro-steps)
-    num_workers: int = 1
-    vocab_size: int = 1024  # BPE tokenizer trained on the training captions
-    context_length: int = 16
-    max_concepts: int | None = None  # built-in: a small subset (tests, quick runs)
-    cache_dir: str | None = None  # built-in: where the rendered dataset lives (default: the limoe cache)
-    augment: bool = True  # random crop + colour jitter on training images
+    # builtin (offline OpenMoji), csv (CsvPairs file) or wds (webdataset shards)
+    source: str = option("builtin", one_of(*SOURCES))
+    train: str | None = option(None, text(none=True))  # csv: path of the CSV/TSV; wds: shard pattern
+    csv_img_key: str = option("filepath", text())
+    csv_caption_key: str = option("title", text())
+    image_size: int = option(32, integer(ge=1))
+    batch_size: int = option(128, integer(ge=1))  # global batch (summed over ranks and accumulation micro-steps)
+    num_workers: int = option(1, integer(ge=0))
+    # BPE tokenizer trained on the training captions; byte-level, so at least 256 bytes + <pad> + <eos>
+    vocab_size: int = option(1024, integer(ge=258))
+    context_length: int = option(16, integer(ge=1))
+    max_concepts: int | None = option(None, integer(ge=1, none=True))  # built-in: a small subset (tests, quick runs)
+    # built-in: where the rendered dataset lives (default: the limoe cache)
+    cache_dir: str | None = option(None, text(none=True))
+    augment: bool = option(True, flag())  # random crop + colour jitter on training images
     # The default run sees each built-in pair ~20 times; augmentation stronger than the data layer's light
     # default delays the overfitting that makes held-out zero-shot accuracy fall after ~600 steps.
-    crop_scale: float = 0.6  # smallest area fraction of the random crop
-    jitter: float = 0.2  # brightness / contrast / saturation factors in [1 - jitter, 1 + jitter]
+    crop_scale: float = option(0.6, real(gt=0, le=1))  # smallest area fraction of the random crop
+    # brightness / contrast / saturation factors in [1 - jitter, 1 + jitter]: below 1 keeps them positive
+    jitter: float = option(0.2, real(ge=0, lt=1))
     # Built-in data: decode the images once and keep them in memory (decoding costs more than a tiny model's
     # step on CPU); csv/wds sources always stream.
-    in_memory: bool = True
+    in_memory: bool = option(True, flag())
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.5  # measured on the default run: 0.5 held out slightly better than 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98  # CLIP's: contrastive training is noisy and 0.999 reacts too slowly
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | rsqrt | constant (after the linear warmup)
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
-    rsqrt_timescale: int | None = None  # rsqrt: lr * sqrt(timescale / step) after warmup; None: warmup_steps
-    grad_clip: float | None = 1.0  # max global grad norm; None: no clipping
-    accumulation: int = 1  # micro-batches per optimizer step (the batch is split, not multiplied)
+    lr: float = option(1e-3, real(gt=0))
+    weight_decay: float = option(0.5, real(ge=0))  # measured on the default run: 0.5 held out slightly better than 0.1
+    beta1: float = option(0.9, real(ge=0, lt=1))
+    beta2: float = option(0.98, real(ge=0, lt=1))  # CLIP's: contrastive training is noisy and 0.999 reacts too slowly
+    eps: float = option(1e-6, real(gt=0))
+    warmup_steps: int = option(100, integer(ge=0))
+    schedule: str = option("cosine", one_of(*SCHEDULES))  # after the linear warmup
+    min_lr_ratio: float = option(0.0, real(ge=0, le=1))  # cosine floor as a fraction of lr
+    # rsqrt: lr * sqrt(timescale / step) after warmup; None: warmup_steps
+    rsqrt_timescale: int | None = option(None, integer(ge=1, none=True))
+    grad_clip: float | None = option(1.0, real(gt=0, none=True))  # max global grad norm; None: no clipping
+    # micro-batches per optimizer step (the batch is split, not multiplied)
+    accumulation: int = option(1, integer(ge=1))
 
 
 @dataclass
 class EvalConfig:
-    interval: int = 200  # steps between evaluations; 0: only at the end
-    zero_shot: bool = True  # built-in held-out concepts (or eval.zero_shot_dir)
-    retrieval: bool = True  # built-in test pairs (or eval.retrieval_csv)
-    zero_shot_dir: str | None = None
-    retrieval_csv: str | None = None
-    batch_size: int = 256
+    interval: int = option(200, integer(ge=0))  # steps between evaluations; 0: only at the end
+    zero_shot: bool = option(True, flag())  # built-in held-out concepts (or eval.zero_shot_dir)
+    retrieval: bool = option(True, flag())  # built-in test pairs (or eval.retrieval_csv)
+    zero_shot_dir: str | None = option(None, text(none=True))
+    retrieval_csv: str | None = option(None, text(none=True))
+    batch_size: int = option(256, integer(ge=1))
 
 
 @dataclass
 class DistConfig:
     # Expert-parallel size P under torchrun: each MoE layer's experts are split over groups of P ranks (the
     # world size must be a multiple of P, num_experts divisible by P); the rest of the model is data-parallel.
-    expert_parallel: int = 1
+    expert_parallel: int = option(1, integer(ge=1))
 
 
 @dataclass
 class TrainConfig:
-    model: str = "limoe-tiny"
-    model_args: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides: --set model.width=96
-    moe: dict[str, Any] = field(default_factory=dict)  # MoeConfig overrides: --set moe.capacity_factor=1.25
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    steps: int = 600  # the default run: ~3 minutes on 2 CPU cores; longer overfits the 3,278 built-in pairs
-    seed: int = 0
-    run_dir: str = ""  # "": runs/<model>-<date>-<time>, a new folder per run
-    device: str = "auto"  # auto: cuda if available, else cpu
+    model: str = option("limoe-tiny", one_of(*list_models()))
+    # ModelConfig overrides (--set model.width=96), each checked as ModelConfig declares it; "model.*" to users
+    model_args: dict[str, Any] = option(check=mapping(keys=field_checks(ModelConfig, exclude=("moe",))),
+                                        factory=dict, key="model")
+    # MoeConfig overrides (--set moe.capacity_factor=1.25), each checked as MoeConfig declares it
+    moe: dict[str, Any] = option(check=mapping(keys=MOE_CHECKS), factory=dict)
+    data: DataConfig = section(DataConfig)
+    optim: OptimConfig = section(OptimConfig)
+    loss: LossConfig = section(LossConfig)
+    eval: EvalConfig = section(EvalConfig)
+    dist: DistConfig = section(DistConfig)
+    # the default run: ~3 minutes on 2 CPU cores; longer overfits the 3,278 built-in pairs
+    steps: int = option(600, integer(ge=1))
+    seed: int = option(0, integer(ge=0, lt=2**63))  # torch.manual_seed takes at most 64 bits
+    run_dir: str = option("", text())  # "": runs/<model>-<date>-<time>, a new folder per run
+    device: str = option("auto", text(rule=_device_problem))  # auto: cuda if available, else cpu
     # CPU intra-op threads. Tiny models gain little from a second thread, and OpenMP threads slow down several
     # times when the cores are shared with other processes; None: torch's default (all cores).
-    threads: int | None = 1
-    log_interval: int = 10  # steps between metrics lines in metrics.jsonl
-    checkpoint_interval: int = 200  # steps between checkpoints (one is always written at the end)
-    keep_last: int = 3  # checkpoints kept; older ones are deleted
-    compile: bool = False  # torch.compile the model
-    tensorboard: bool = False  # also log to TensorBoard (only if it is installed)
-    debug_nan_at_step: int | None = None  # testing aid: make the loss NaN at this step
+    threads: int | None = option(1, integer(ge=1, none=True))
+    log_interval: int = option(10, integer(ge=1))  # steps between metrics lines in metrics.jsonl
+    # steps between checkpoints (one is always written at the end; 0: only that one)
+    checkpoint_interval: int = option(200, integer(ge=0))
+    keep_last: int = option(3, integer(ge=1))  # checkpoints kept; older ones are deleted
+    compile: bool = option(False, flag())  # torch.compile the model
+    tensorboard: bool = option(False, flag())  # also log to TensorBoard (only if it is installed)
+    # testing aid: make the loss NaN at this step
+    debug_nan_at_step: int | None = option(None, integer(ge=0, none=True))
 
     def validate(self) -> "TrainConfig":
-        from limoe.model.config import MOE_KEYS, ModelConfig
-
-        checks = [
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.data.batch_size >= 1, f"data.batch_size must be >= 1, got {self.data.batch_size}"),
-            (self.data.source in SOURCES, f"data.source must be one of {SOURCES}, got {self.data.source!r}"),
-            (self.data.source == "builtin" or self.data.train,
-             f"data.source={self.data.source} needs data.train (a CSV path or a shard pattern)"),
-            (self.optim.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got "
-                                               f"{self.optim.schedule!r}"),
-            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
-            (self.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}"),
-            (self.optim.accumulation >= 1, f"optim.accumulation must be >= 1, got {self.optim.accumulation}"),
-            (self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}"),
-            (self.checkpoint_interval >= 0, f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}"),
-            (self.dist.expert_parallel >= 1, f"dist.expert_parallel must be >= 1, got {self.dist.expert_parallel}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        model_keys = {f.name for f in fields(ModelConfig)}
-        for key in self.model_args:
-            if key not in model_keys or key == "moe":
-                raise ConfigError(f"unknown model option {key!r}; known: {sorted(model_keys - {'moe'})}")
-        for key in self.moe:
-            if key not in MOE_KEYS:
-                raise ConfigError(f"unknown MoE option {key!r}; known: {list(MOE_KEYS)}")
+        """Every field's declared check (one line naming the dotted key), then the checks across fields."""
+        check_fields(self)
+        if self.data.source != "builtin" and not self.data.train:
+            raise ConfigError(f"data.source={self.data.source} needs data.train (a CSV path or a shard pattern)")
         try:
             model = self.model_config()
             if model.moe_layer_ids:
-                model.moe_config()  # MoeConfig checks its values only when built
+                model.moe_config()  # MoeConfig checks k <= num_experts and the like only when built
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"invalid model config: {e}") from None
         self._check_routing_groups(model, world_size=1)
@@ -325,20 +339,31 @@ def parse_value(raw: str, typ: Any, key: str = "value") -> Any:
     raise ConfigError(f"{key}: unsupported option type {typ}")
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    unknown = set(data) - set(hints)
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build `cls` from JSON data, refusing unknown keys and values of the wrong type (one line naming the key).
+    Values are left to validate(): a run's saved config must load for evaluation on another machine (its device),
+    and `limoe train --config` may still change them."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a dict of {cls.__name__} options, got {data!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
     if unknown:
         raise ConfigError(f"unknown config keys {sorted(unknown)} in {where or 'top level'}")
     kwargs = {}
     for name, value in data.items():
-        typ = hints[name]
-        if dataclasses.is_dataclass(typ) and isinstance(value, dict):
-            value = _from_dict(typ, value, f"{where}{name}.")
-        elif typing.get_origin(typ) is tuple and isinstance(value, list):
-            value = tuple(value)
+        check, key = known[name].metadata["check"], where + known[name].metadata.get("key", name)
+        section_cls = check.kinds[0]
+        if dataclasses.is_dataclass(section_cls):
+            value = _from_dict(section_cls, value, f"{key}.")
+        else:
+            check(key, value, values=False)
+            if tuple in check.kinds and isinstance(value, list):
+                value = tuple(value)
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a section that checks itself when built (LossConfig) names its keys without `where`
+        raise ConfigError(f"{where}{e}") from None
 
 
 def load_config(path: str) -> TrainConfig:
