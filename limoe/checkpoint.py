@@ -38,7 +38,8 @@ from torch import nn
 from limoe.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
-BACKUP_PREFIX = ".old-"  # a checkpoint being replaced by a new save of the same step
+BACKUP_PREFIX = ".old-"
+LEGACY_KEYS = {"log_scale": "logit_scale"}  # weights renamed since: old checkpoints still load  # a checkpoint being replaced by a new save of the same step
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.json", "model.json",
          "tokenizer.json")
 
@@ -307,6 +308,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike,
     """Load a checkpoint's weights (or `weights`, e.g. already sliced for an expert-parallel rank)."""
     file = Path(path) / "model.safetensors"
     weights = read_weights(path) if weights is None else weights
+    weights = {LEGACY_KEYS.get(k, k): v for k, v in weights.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))

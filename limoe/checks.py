@@ -18,11 +18,13 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from limoe.errors import UserError
+
 # The largest float32: training runs in float32 (or lower), so a larger number overflows to inf there.
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad preset, key or value; its message is the one line the command line prints."""
 
 

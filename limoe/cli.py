@@ -68,7 +68,7 @@ def _read_config(path: str):
 def _train(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
     from limoe.data import NoValidSamplesError
-    from limoe.train import ConfigError, apply_overrides, get_preset, train
+    from limoe.train import apply_overrides, get_preset, train
 
     try:  # exceptions are one line via main(); only those needing a word of their own are caught here
         if args.config:
@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
         apply_overrides(cfg, args.set or [])
         cfg.validate()
         result = train(cfg, resume=args.resume, progress=not args.no_progress, fork=args.fork)
-    except (ConfigError, NoValidSamplesError) as e:
+    except NoValidSamplesError as e:
         return fail(str(e))
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("\nlimoe: interrupted: stopped without saving", file=sys.stderr)

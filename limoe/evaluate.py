@@ -65,7 +65,7 @@ def class_embeddings(model: nn.Module, classnames: Sequence[str], tokenize: Toke
         for start in range(0, len(classnames), per_chunk):
             names = classnames[start:start + per_chunk]
             prompts = [t.format(name) for name in names for t in templates]
-            z_PD = model.encode_text(tokenize(prompts).to(device))
+            z_PD = F.normalize(model.encode_text(tokenize(prompts).to(device)), dim=-1)
             out.append(F.normalize(z_PD.view(len(names), len(templates), -1).mean(1), dim=-1))
     return torch.cat(out)
 
@@ -91,7 +91,7 @@ def image_embeddings(model: nn.Module, loader: Iterable, second: str = "label"
     with _eval_mode(model) as device:
         for batch in loader:
             images, targets = _pair(batch, second)
-            yield model.encode_image(images.to(device)), targets
+            yield F.normalize(model.encode_image(images.to(device)), dim=-1), targets
 
 
 def zero_shot_classification(model: nn.Module, loader: Iterable, classnames: Sequence[str], tokenize: Tokenize,
@@ -154,8 +154,8 @@ def retrieval(model: nn.Module, loader: Iterable, tokenize: Tokenize | None = No
             pixels, captions = _pair(batch, "text")
             tokens_MT, counts = _caption_tokens(captions, tokenize)
             offset = sum(z.shape[0] for z in images)
-            images.append(model.encode_image(pixels.to(device)))
-            texts.append(model.encode_text(tokens_MT.to(device)))
+            images.append(F.normalize(model.encode_image(pixels.to(device)), dim=-1))
+            texts.append(F.normalize(model.encode_text(tokens_MT.to(device)), dim=-1))
             owners.append(torch.repeat_interleave(torch.arange(len(counts)) + offset, torch.tensor(counts)))
     return retrieval_from_embeddings(torch.cat(images), torch.cat(texts), torch.cat(owners).to(device), ks)
 

@@ -98,8 +98,8 @@ def classify(checkpoint: str, images: Sequence[str], labels: str | Sequence[str]
                                                               f"(first: {out[0]['error']})")
     with _finite_or_job_error(), torch.no_grad():
         class_CD = class_embeddings(model, names, tokenize_fn(tokenizer), list(templates or TEMPLATES))
-        z_ND = check_finite(model.encode_image(torch.stack(pixels).to(device)), "image embeddings")
-        probs_NC = (model.logit_scale * z_ND @ class_CD.T).softmax(-1)
+        z_ND = check_finite(model.encode_image(torch.stack(pixels).to(device), normalize=True), "image embeddings")
+        probs_NC = (model.logit_scale.exp() * z_ND @ class_CD.T).softmax(-1)
     readable = [r for r in out if "error" not in r]
     for r, p_C in zip(readable, probs_NC):
         best = p_C.topk(min(top, len(names)))
@@ -176,10 +176,10 @@ def embed(checkpoint: str, output: str, images: Sequence[str] = (), texts: Seque
         for start in range(0, len(images or texts), batch_size):
             if images:
                 pixels = load_images(images[start:start + batch_size], model.config.image_size).to(device)
-                chunks.append(model.encode_image(pixels).cpu())
+                chunks.append(model.encode_image(pixels, normalize=True).cpu())
             else:
                 ids_BL = tokenizer(list(texts[start:start + batch_size])).ids_BL
-                chunks.append(model.encode_text(ids_BL.to(device)).cpu())
+                chunks.append(model.encode_text(ids_BL.to(device), normalize=True).cpu())
     with _finite_or_job_error():
         z_ND = check_finite(torch.cat(chunks).float().contiguous(), "embeddings")
     Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def test_compute_losses_weights_and_sums_the_terms():
     expected = sum(v for k, v in terms.items() if k.endswith("_loss") and k != "total_loss")
     torch.testing.assert_close(terms["total_loss"], expected)
     terms["total_loss"].backward()
-    assert model.log_scale.grad is not None
+    assert model.logit_scale.grad is not None
 
 
 def test_per_modality_aux_terms_come_only_from_their_own_pass():

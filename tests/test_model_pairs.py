@@ -23,7 +23,7 @@ def _model(name, seed=0, **overrides):
 
 
 def _separate_passes(model, images, tokens):
-    return model.encode_image(images), model.encode_text(tokens)
+    return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
 
 
 @pytest.mark.parametrize("train", [False, True])

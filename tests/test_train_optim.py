@@ -36,9 +36,9 @@ def test_weight_decay_excludes_biases_norms_embeddings_and_temperature(name):
     assert decay.isdisjoint(no_decay)
     assert decay | no_decay == {n for n, _ in model.named_parameters()}
     for n in no_decay:
-        assert any(w in n for w in ("bias", "b_in", "b_out", "norm", "pos", "probe", "tok.weight", "log_scale")), n
+        assert any(w in n for w in ("bias", "b_in", "b_out", "norm", "pos", "probe", "tok.weight", "logit_scale")), n
     for n in decay:
         assert n.endswith(("weight", "_Edh", "_Ehd", "router_dE")) and "norm" not in n, n
-    assert "log_scale" in no_decay and any("experts.w_in" in n for n in decay) == name.startswith("limoe")
+    assert "logit_scale" in no_decay and any("experts.w_in" in n for n in decay) == name.startswith("limoe")
     opt = make_optimizer(model, OptimConfig(weight_decay=0.2))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]

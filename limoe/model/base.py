@@ -7,6 +7,7 @@ batch of pairs in lockstep in `forward`, so its MoE layers can route a pair's im
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ __all__ = ["IMAGE", "TEXT", "ContrastiveModel", "ModelOutput"]
 class ModelOutput:
     image_embeds: torch.Tensor  # [B, D], L2-normalised
     text_embeds: torch.Tensor  # [B', D], L2-normalised
-    logit_scale: torch.Tensor  # scalar, exp of the learned log temperature
+    logit_scale: torch.Tensor  # scalar multiplier of the logits: exp of the model's logit_scale parameter
     logit_bias: torch.Tensor | None = None  # scalar, only for models built with logit_bias_init
     # Every MoE call: one tower, in block order (one call per block with joint routing groups, else image then
     # text); two towers, the image tower's layers, then the text tower's.
@@ -47,7 +48,9 @@ class ContrastiveModel(nn.Module):
         self.text_proj = nn.Linear(c.width, c.output_dim, bias=False)
         for proj in (self.image_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=c.width ** -0.5)
-        self.log_scale = nn.Parameter(torch.tensor(float(c.temperature_init)))
+        # As in open_clip: the parameter is the log of the multiplier (logits = logit_scale.exp() * cos), and
+        # training clamps it after each step (clamp_logit_scale), so the gradient never vanishes at the cap.
+        self.logit_scale = nn.Parameter(torch.tensor(float(c.temperature_init)))
         self.logit_bias = (nn.Parameter(torch.tensor(float(c.logit_bias_init)))
                            if c.logit_bias_init is not None else None)
 
@@ -60,30 +63,36 @@ class ContrastiveModel(nn.Module):
         raise NotImplementedError
 
     # -- interface ----------------------------------------------------------------------------------------------
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.config.max_logit_scale)
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the multiplier at most max_logit_scale (CLIP's 100): call after each optimizer step."""
+        self.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
 
     def text_valid_mask(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         return tokens_BT != self.config.pad_id
 
-    def encode_image(self, images_BCHW: torch.Tensor, return_aux: bool = False):
-        """Images [B, C, H, W] -> normalised embeddings [B, D] (and the MoE records if `return_aux`).
+    def encode_image(self, images_BCHW: torch.Tensor, normalize: bool = False, return_aux: bool = False):
+        """Images [B, C, H, W] -> embeddings [B, D], L2-normalised if `normalize` (open_clip's default: not);
+        with `return_aux`, also the MoE records.
 
         Alone, images route in image-only groups (inference, zero-shot); training encodes pairs (`forward`).
         """
         x_BNd, aux = self.encoder_for(IMAGE)(self.image_embed(images_BCHW), IMAGE)
-        z_BD = self._image_head(x_BNd)
+        z_BD = self._image_head(x_BNd, normalize)
         return (z_BD, aux) if return_aux else z_BD
 
-    def encode_text(self, tokens_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, return_aux: bool = False):
-        """Token ids [B, T] -> normalised embeddings [B, D]; padding is `valid_BT` False, default tokens == pad_id.
+    def encode_text(self, tokens_BT, valid_BT: torch.Tensor | None = None, normalize: bool = False,
+                    return_aux: bool = False):
+        """Token ids [B, T] (or a tokenizer's TokenBatch) -> embeddings [B, D], L2-normalised if `normalize`.
 
-        Padding is masked out of attention keys, MoE routing and pooling, so its content never matters.
+        Padding is `valid_BT` False, by default tokens == pad_id (a TokenBatch brings its own mask); it is masked
+        out of attention keys, MoE routing and pooling, so its content never matters.
         """
+        if hasattr(tokens_BT, "ids_BL"):  # a TokenBatch from limoe's Tokenizer
+            tokens_BT, valid_BT = tokens_BT.ids_BL, ~tokens_BT.padding_mask_BL
         valid_BT = self._text_valid(tokens_BT, valid_BT)
         x_BTd, aux = self.encoder_for(TEXT)(self.text_embed(tokens_BT), TEXT, valid_BT)
-        z_BD = self._text_head(x_BTd, valid_BT)
+        z_BD = self._text_head(x_BTd, valid_BT, normalize)
         return (z_BD, aux) if return_aux else z_BD
 
     def forward(self, images_BCHW: torch.Tensor, tokens_BT: torch.Tensor,
@@ -93,13 +102,13 @@ class ContrastiveModel(nn.Module):
         shared groups; two towers encode each modality in its own pass."""
         encoder = self.encoder_for(IMAGE)
         if encoder is not self.encoder_for(TEXT):
-            image_BD, image_aux = self.encode_image(images_BCHW, return_aux=True)
-            text_BD, text_aux = self.encode_text(tokens_BT, valid_BT, return_aux=True)
-            return ModelOutput(image_BD, text_BD, self.logit_scale, self.logit_bias, image_aux + text_aux)
+            image_BD, image_aux = self.encode_image(images_BCHW, normalize=True, return_aux=True)
+            text_BD, text_aux = self.encode_text(tokens_BT, valid_BT, normalize=True, return_aux=True)
+            return ModelOutput(image_BD, text_BD, self.logit_scale.exp(), self.logit_bias, image_aux + text_aux)
         valid_BT = self._text_valid(tokens_BT, valid_BT)
         image_BNd, text_BTd, aux = encoder.forward_pair(self.image_embed(images_BCHW), self.text_embed(tokens_BT),
                                                         valid_BT)
-        return ModelOutput(self._image_head(image_BNd), self._text_head(text_BTd, valid_BT), self.logit_scale,
+        return ModelOutput(self._image_head(image_BNd), self._text_head(text_BTd, valid_BT), self.logit_scale.exp(),
                            self.logit_bias, aux)
 
     # -- pieces -------------------------------------------------------------------------------------------------
@@ -115,11 +124,13 @@ class ContrastiveModel(nn.Module):
         valid_BT[:, 0] |= ~valid_BT.any(1)
         return valid_BT
 
-    def _image_head(self, x_BNd: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.image_pool(x_BNd)), dim=-1)
+    def _image_head(self, x_BNd: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        z_BD = self.image_proj(self.image_pool(x_BNd))
+        return F.normalize(z_BD, dim=-1) if normalize else z_BD
 
-    def _text_head(self, x_BTd: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_pool(x_BTd, valid_BT)), dim=-1)
+    def _text_head(self, x_BTd: torch.Tensor, valid_BT: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        z_BD = self.text_proj(self.text_pool(x_BTd, valid_BT))
+        return F.normalize(z_BD, dim=-1) if normalize else z_BD
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -378,6 +378,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
                     raise TrainingError(f"non-finite loss ({sums['total_loss']}) at step {step + 1}, "
                                         f"stopping{where}")
                 optimizer.step()
+                model.clamp_logit_scale()  # after the step, as open_clip: a clamp in forward would zero its gradient
                 step += 1
                 ran += 1
                 window_steps += 1
