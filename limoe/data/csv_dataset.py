@@ -83,7 +83,8 @@ class CsvPairs(SampleStream):
         for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
             if key not in columns:
                 other = "," if sep == "\t" else "\t"
-                hint = f" (separated by {other!r}? pass sep={other!r})" if len(columns) == 1 and other in columns[0] else ""
+                one_column = len(columns) == 1 and other in columns[0]
+                hint = f" (separated by {other!r}? pass sep={other!r})" if one_column else ""
                 raise MissingColumnError(f"{path}: no column {key!r} ({flag}); columns are {columns}{hint}")
         i_img, i_cap = columns.index(img_key), columns.index(caption_key)
         # A row with too few or too many fields stays in the index with caption None: every pass then counts

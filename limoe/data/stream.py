@@ -148,8 +148,7 @@ class SampleStream(IterableDataset):
         skips = self.skips.totals()
         if self.skips.yielded == 0:
             detail = f" ({', '.join(f'{n} {r}' for r, n in skips.items())})" if skips else " (it is empty)"
-            raise NoValidSamplesError(f"{self.name}: no valid samples{detail}; check the path, the image paths "
-                                      f"inside it and the caption column")
+            raise NoValidSamplesError(f"{self.name}: no valid samples{detail}; check it and the files it lists")
         warn_skips(self.name, skips, kept=self.skips.yielded)
         return skips
 
