@@ -240,9 +240,10 @@ def test_generated_csv_files_count_every_bad_row_by_reason(tmp_path, seed):
     ds = CsvPairs(path, image=ImageConfig(image_size=4))
     items = ds.collect()
     assert ds.skips.totals() == expected
-    kept = [k for k in kinds if CSV_ROWS[k][1] is None]
-    assert len(items) == len(kept)
-    assert all("\n" not in c and "\t" not in c for _, c in items)  # newlines and tabs folded
+    # The good rows all come out, with their captions as written (newlines and tabs folded to spaces).
+    kept = [" ".join(CSV_ROWS[k][0].format(img="", sep=sep, i=i).split(sep, 1)[1].strip('"').split())
+            for i, k in enumerate(kinds) if CSV_ROWS[k][1] is None]
+    assert sorted(c for _, c in items) == sorted(kept)
     assert sum(len(c) > 131_072 for _, c in items) == kinds.count("huge")
     # Tokenizer training reads the same captions, cleaned the same way; the skips are reported, not fatal.
     cfg = _csv_config(path, tmp_path)
@@ -338,6 +339,13 @@ def test_shard_damage_and_bad_samples_through_the_stream(tmp_path):
     # a-0: samples 0, 1; a-1: all 4; a-3: the samples before the cut (gzip streams in order); a-5: w.
     assert captions.count("caption 0") == 3 and captions.count("caption 3") == 1 and "bom caption" in captions
     assert ds.skips.totals() == {"bad_shard": 4, "incomplete_sample": 3}
+    # Tokenizer training reads the same shards' captions (no images) and counts the same damage.
+    from limoe.train.data import make_tokenizer
+
+    cfg = _csv_config(tmp_path / "unused.csv", tmp_path)
+    cfg.data.source, cfg.data.train = "wds", str(tmp_path / "a-{0..5}.tar")
+    with pytest.warns(UserWarning, match="tokenizer training captions"):
+        assert make_tokenizer(cfg).train_skips == {"bad_shard": 4, "incomplete_sample": 3}
 
 
 def test_shard_pattern_errors_are_data_errors(tmp_path):
@@ -379,9 +387,15 @@ def test_too_small_for_one_batch_and_nothing_valid_are_data_errors(five_pairs, t
     from limoe.train.data import TrainBatches
 
     tok = train_tokenizer([f"sample {i}" for i in range(5)], vocab_size=280)
+    with pytest.raises(DataError, match=r"five\.csv: 5 rows, fewer per rank than one batch of 8"):
+        TrainBatches(_csv_config(five_pairs, tmp_path, batch_size=8), tok)  # known from the index alone
+    (tmp_path / "img.png").write_bytes(b"")  # 5 rows, 0 usable: known only once read
+    (tmp_path / "ok.png").write_bytes(encode(Image.new("RGB", (4, 4)), "PNG"))
+    with open(five_pairs, "a") as f:
+        f.write("ok.png,one good sample\n")
     for workers in (0, 3):
-        batches = TrainBatches(_csv_config(five_pairs, tmp_path, batch_size=8, num_workers=workers), tok)
-        with pytest.raises(DataError, match=r"five\.csv: 5 valid samples .* no full batch of 8") as e:
+        batches = TrainBatches(_csv_config(five_pairs, tmp_path, batch_size=4, num_workers=workers), tok)
+        with pytest.raises(DataError, match=r"five\.csv: 1 valid samples per rank give no full batch of 4") as e:
             next(iter(batches))
         assert "\n" not in str(e.value)
     (tmp_path / "bad.csv").write_text("filepath,title\nnope.png,x\n")

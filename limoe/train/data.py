@@ -85,6 +85,10 @@ class TrainBatches:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world_size} ranks")
         self.local_batch = cfg.data.batch_size // world_size
         self.dataset = training_pairs(cfg, rank, world_size)
+        if hasattr(self.dataset, "__len__") and len(self.dataset) // world_size < self.local_batch:
+            # Known before reading anything (rows in the index, bad ones included): fail before training starts.
+            raise DataError(f"{self.dataset.name}: {len(self.dataset)} rows, fewer per rank than one batch of "
+                            f"{self.local_batch} (data.batch_size / ranks); lower data.batch_size or add data")
         self.loader = make_loader(self.dataset, LoaderConfig(batch_size=self.local_batch, drop_last=True,
                                                              num_workers=cfg.data.num_workers), tokenizer)
         self.position = position or DataPosition()
