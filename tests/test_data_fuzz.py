@@ -382,6 +382,21 @@ def test_more_workers_than_samples(five_pairs):
     assert [len(c) for _, c in make_loader(train, LoaderConfig(batch_size=2, num_workers=8, drop_last=True))] == [2, 2]
 
 
+def test_shards_spread_over_too_many_workers_say_so(tmp_path):
+    from limoe.data import train_tokenizer
+    from limoe.train.data import TrainBatches
+
+    data, _ = make_shard(5, image_size=(4, 4))
+    (tmp_path / "five.tar").write_bytes(data)
+    cfg = _csv_config(tmp_path / "unused.csv", tmp_path, batch_size=2, num_workers=5)
+    cfg.data.source, cfg.data.train = "wds", str(tmp_path / "five.tar")
+    tok = train_tokenizer(["caption"], vocab_size=260)
+    with pytest.raises(DataError, match="5 valid samples .* spread over 5 workers.*lower data.num_workers"):
+        next(iter(TrainBatches(cfg, tok)))  # a shard's length is unknown, so workers are not lowered for it
+    cfg.data.num_workers = 2
+    assert len(next(iter(TrainBatches(cfg, tok)))) == 2
+
+
 def test_too_small_for_one_batch_and_nothing_valid_are_data_errors(five_pairs, tmp_path):
     from limoe.data import train_tokenizer
     from limoe.train.data import TrainBatches

@@ -115,10 +115,12 @@ class TrainBatches:
                 pos.batch = i + 1
                 yield batch
             if seen == 0:
-                kept = self.dataset.skips.yielded
+                kept, workers = self.dataset.skips.yielded, self.loader.cfg.num_workers
+                # Each worker batches its own share: enough samples in all can still leave every worker short.
+                fix = (f"they are spread over {workers} workers, each short of a batch: lower data.num_workers"
+                       if kept >= self.local_batch else "lower data.batch_size or add data")
                 raise DataError(f"{self.dataset.name}: {kept} valid samples per rank give no full batch of "
-                                f"{self.local_batch} (data.batch_size / ranks); lower data.batch_size or "
-                                f"data.num_workers, or add data")
+                                f"{self.local_batch} (data.batch_size / ranks); {fix}")
             # The pass is over and its workers are gone: fold its counts in before the next pass resets them.
             self._past_skips.update(self.dataset.skips.totals())
             self.dataset.skips.reset()
