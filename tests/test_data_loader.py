@@ -1,6 +1,11 @@
 """Distributed rank x worker splitting: every sample exactly once per epoch; seeded, reshuffled per epoch."""
 
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import pytest
@@ -61,3 +66,53 @@ def test_drop_uneven_gives_equal_counts_without_duplicates():
     assert {len(s) for s in shares} == {N // parts}
     flat = [i for s in shares for i in s]
     assert len(flat) == len(set(flat)) == N - N % parts
+
+
+WORKER_SCRIPT = """
+import os, sys, time
+from limoe.data import CsvPairs, ImageConfig, LoaderConfig, make_loader, write_csv
+d = sys.argv[1]
+with open(os.path.join(d, "x.png"), "wb") as f:
+    f.write(bytes.fromhex(sys.argv[2]))
+# Long captions: a few batches fill the pipe to the parent, so the workers block writing once it stops reading.
+write_csv(os.path.join(d, "long.csv"), [("x.png", "word " * 100_000 + str(i)) for i in range(64)])
+ds = CsvPairs(os.path.join(d, "long.csv"), image=ImageConfig(image_size=4))
+it = iter(make_loader(ds, LoaderConfig(batch_size=4, num_workers=2, prefetch_factor=4)))
+next(it)
+me = str(os.getpid())
+def ppid(p):
+    with open(f"/proc/{p}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[1]
+kids = [p for p in os.listdir("/proc") if p.isdigit() and ppid(p) == me]
+print(" ".join(kids), flush=True)
+time.sleep(120)
+"""
+
+
+def alive(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited (nobody reaped it yet)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux-only")
+def test_workers_die_with_a_killed_trainer(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path), tiny_png().hex()],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        workers = proc.stdout.readline().split()
+        assert len(workers) == 2 and all(alive(p) for p in workers)
+        time.sleep(1.0)  # the workers run ahead and block on the full pipe
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        # DataLoader's own watchdog polls every 5 s and cannot help a worker blocked in a write at all.
+        deadline = time.monotonic() + 3.0
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in workers)
+    finally:
+        proc.kill()

@@ -21,7 +21,7 @@ from limoe.data.collate import PairBatch, PairCollate, collate_labels
 from limoe.data.csv_dataset import CsvPairs, write_csv
 from limoe.data.image_folder import ImageFolder
 from limoe.data.loader import LoaderConfig, StreamLoader, make_loader
-from limoe.data.stats import REASONS, NoValidSamplesError
+from limoe.data.stats import REASONS, DataError, DataNotFoundError, MissingColumnError, NoValidSamplesError
 from limoe.data.tokenizer import TokenBatch, Tokenizer, train_tokenizer
 from limoe.data.transforms import ImageConfig, ImageTransform
 from limoe.data.wds import WdsPairs, write_shards
@@ -29,6 +29,7 @@ from limoe.data.wds import WdsPairs, write_shards
 __all__ = [
     "BuiltinConfig", "build_builtin_dataset", "builtin_captions", "builtin_concepts", "builtin_zero_shot",
     "load_builtin", "PairBatch", "PairCollate", "collate_labels", "CsvPairs", "write_csv", "ImageFolder",
-    "LoaderConfig", "StreamLoader", "make_loader", "REASONS", "NoValidSamplesError", "TokenBatch", "Tokenizer",
+    "LoaderConfig", "StreamLoader", "make_loader", "REASONS", "DataError", "DataNotFoundError",
+    "MissingColumnError", "NoValidSamplesError", "TokenBatch", "Tokenizer",
     "train_tokenizer", "ImageConfig", "ImageTransform", "WdsPairs", "write_shards",
 ]

@@ -2,13 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from typing import Iterator
 
 import torch
 
+from limoe.data.stats import DataError, DataNotFoundError, MissingColumnError
 from limoe.data.stream import Record, SampleStream, deal_indices, read_file
+
+
+@contextlib.contextmanager
+def no_field_limit():
+    """csv refuses fields over 131,072 characters by default; a long caption is data (the tokenizer
+    truncates it), not a reason to stop. The limit is process-wide, so it is restored afterwards."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # the largest value every platform's C long accepts
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def read_rows(f, sep: str, path: str) -> tuple[list[str], list[list[str] | None]]:
+    """(header, rows) of a CSV/TSV; a row with broken quoting is None (counted as 'bad_row' when read).
+
+    strict quoting makes a stray quote an error for that row alone (the reader resumes at the next line)
+    instead of silently merging fields; a quote never closed swallows the rest of the file as one bad row.
+    Blank lines are not rows.
+    """
+    reader = csv.reader(f, delimiter=sep, strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise DataError(f"{path}: unreadable header row ({e}); is it a {'TSV' if sep == chr(9) else 'CSV'} file?")
+    if not header:
+        raise DataError(f"{path}: empty file, no header row (expected columns such as filepath,title)")
+    rows: list[list[str] | None] = []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return header, rows
+        except csv.Error:
+            rows.append(None)
+            continue
+        if row:
+            rows.append(row)
 
 
 class CsvPairs(SampleStream):
@@ -33,18 +74,25 @@ class CsvPairs(SampleStream):
             sep = "\t" if path.endswith((".tsv", ".tsv.txt")) else ","
         root = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"CSV file not found: {path}")
+            raise DataNotFoundError(f"CSV file not found: {path}")
         # surrogateescape keeps a file with one non-UTF-8 caption readable; that caption is then
-        # counted as "bad_encoding" instead of failing the whole index.
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            columns = reader.fieldnames or []
-            for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
-                if key not in columns:
-                    raise KeyError(f"{path}: no column {key!r} ({flag}); columns are {columns}")
-            rows = [(r[img_key] or "", r[caption_key] or "") for r in reader]
-        self.paths = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows]
-        self.captions = [c for _, c in rows]
+        # counted as "bad_encoding" instead of failing the whole index. utf-8-sig drops a BOM (spreadsheet
+        # exports write one) that would otherwise become part of the first column's name.
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f, no_field_limit():
+            columns, rows = read_rows(f, sep, path)
+        for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
+            if key not in columns:
+                other = "," if sep == "\t" else "\t"
+                one_column = len(columns) == 1 and other in columns[0]
+                hint = f" (separated by {other!r}? pass sep={other!r})" if one_column else ""
+                raise MissingColumnError(f"{path}: no column {key!r} ({flag}); columns are {columns}{hint}")
+        i_img, i_cap = columns.index(img_key), columns.index(caption_key)
+        # A row with too few or too many fields stays in the index with caption None: every pass then counts
+        # it as 'bad_row' (a shifted column would otherwise pair an image with the wrong caption).
+        good = [r if r is not None and len(r) == len(columns) else None for r in rows]
+        self.paths = ["" if r is None else r[i_img] if os.path.isabs(r[i_img]) else os.path.join(root, r[i_img])
+                      for r in good]
+        self.captions: list[str | None] = [None if r is None else r[i_cap] for r in good]
 
     def __len__(self) -> int:
         """Rows in the index (bad rows included: they are only known once read)."""

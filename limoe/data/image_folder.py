@@ -13,14 +13,20 @@ from typing import Iterator
 
 import torch
 
+from limoe.data.stats import DataError, DataNotFoundError
 from limoe.data.stream import Record, SampleStream, deal_indices, read_file
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "{}")
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    if not os.path.isfile(path):
+        raise DataNotFoundError(f"{os.fspath(path)}: file not found")
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first name
+            return [line.rstrip("\r\n") for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
 
 
 def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
@@ -30,10 +36,10 @@ def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
         mapping = dict(line.split("\t", 1) for line in lines)
         unknown = [d for d in folders if d not in mapping]
         if unknown:
-            raise KeyError(f"{path}: no class name for folders {unknown[:5]}")
+            raise DataError(f"{path}: no class name for folders {unknown[:5]}; add a folder<TAB>name line for each")
         return [mapping[d].strip() for d in folders]
     if len(lines) != len(folders):
-        raise ValueError(f"{path}: {len(lines)} class names for {len(folders)} class folders")
+        raise DataError(f"{path}: {len(lines)} class names for {len(folders)} class folders; one line per folder")
     return [line.strip() for line in lines]
 
 
@@ -41,7 +47,7 @@ def read_templates(path: str | os.PathLike) -> list[str]:
     templates = read_lines(path)
     bad = [t for t in templates if "{}" not in t]
     if bad or not templates:
-        raise ValueError(f"{path}: every prompt template needs a '{{}}' for the class name; bad: {bad[:3]}")
+        raise DataError(f"{path}: every prompt template needs a '{{}}' for the class name; bad: {bad[:3]}")
     return templates
 
 
@@ -55,10 +61,10 @@ class ImageFolder(SampleStream):
         root = os.fspath(root)
         super().__init__(name=root, **stream_kwargs)
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder not found: {root}")
+            raise DataNotFoundError(f"image folder not found: {root}")
         self.folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not self.folders:
-            raise ValueError(f"{root}: no class sub-folders")
+            raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
         self.class_names = (read_class_names(class_names_file, self.folders) if class_names_file
                             else [d.replace("_", " ") for d in self.folders])
         self.templates = list(read_templates(templates_file) if templates_file else DEFAULT_TEMPLATES)

@@ -6,7 +6,12 @@ number of workers, on any number of ranks, reads every sample exactly once per e
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import random
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -14,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from limoe.data.stats import DataError
 from limoe.data.stream import SampleStream, mix_seed
 
 
@@ -26,12 +32,50 @@ class LoaderConfig:
     pin_memory: bool = False
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed Python/NumPy in each worker from torch's per-worker seed (itself from the loader's generator),
-    so any user transform that uses `random` or NumPy is reproducible too."""
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies.
+
+    A worker blocked writing a batch to a full pipe never notices that the trainer was killed (kill -9,
+    out of memory) and would live on, holding memory; the death signal ends it. The kernel sends it when
+    the parent *thread* that started the worker exits, which for a loader iterated by the training loop
+    is the main thread. Elsewhere (macOS, Windows) this does nothing: those workers are spawned and exit
+    when their pipe to the parent breaks.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl (e.g. another libc): keep the old behaviour
+        return
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed: nobody would send it
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _init_worker(parent_pid: int, worker_id: int) -> None:
+    """Each DataLoader worker: die with the parent, and seed Python/NumPy from torch's per-worker seed
+    (itself from the loader's generator), so any user transform that uses `random` or NumPy is
+    reproducible too."""
+    die_with_parent(parent_pid)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def useful_workers(cfg: LoaderConfig, samples_per_rank: int | None) -> int:
+    """num_workers, lowered for a map-like source so no worker is idle or short of a batch.
+
+    Each worker batches its own share, so with drop_last a worker holding less than one batch gives nothing
+    (8 workers on 10 samples with batch 4 would give no batch at all), and without it every worker ends on a
+    short batch. At most one worker per batch. Unknown lengths (shards) keep the configured number.
+    """
+    if samples_per_rank is None or cfg.num_workers == 0:
+        return cfg.num_workers
+    batches = samples_per_rank // cfg.batch_size if cfg.drop_last else -(-samples_per_rank // cfg.batch_size)
+    return min(cfg.num_workers, batches)
 
 
 class StreamLoader:
@@ -49,9 +93,21 @@ class StreamLoader:
         self.epoch = epoch
         self.last_skips: dict[str, int] | None = None
 
+    def _samples_per_rank(self) -> int | None:
+        ds = self.dataset
+        if not hasattr(ds, "__len__"):
+            return None
+        world = ds.world_size if ds.world_size is not None else (
+            torch.distributed.get_world_size() if torch.distributed.is_available()
+            and torch.distributed.is_initialized() else 1)
+        return len(ds) // world
+
     def _dataloader(self) -> DataLoader:
         cfg = self.cfg
-        workers = cfg.num_workers
+        workers = useful_workers(cfg, self._samples_per_rank())
+        rows = self.dataset.skips.counts_WR.shape[0] - 1
+        if workers > rows:
+            raise DataError(f"num_workers={workers} is more than the {rows} data workers supported; lower it")
         return DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,
@@ -62,7 +118,7 @@ class StreamLoader:
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
             # Workers are re-created each epoch so they see the new epoch (and its shuffle).
             persistent_workers=False,
-            worker_init_fn=_seed_worker if workers > 0 else None,
+            worker_init_fn=functools.partial(_init_worker, os.getpid()) if workers > 0 else None,
             generator=torch.Generator().manual_seed(mix_seed(self.dataset.seed, self.epoch, 7)),
         )
 

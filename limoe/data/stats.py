@@ -21,6 +21,7 @@ REASONS: tuple[str, ...] = (
     "bad_encoding",      # caption bytes that are not UTF-8
     "bad_shard",         # a tar shard that is truncated or unreadable part-way
     "incomplete_sample", # a shard sample that lacks an image or a caption
+    "bad_row",           # a CSV/TSV row with the wrong number of fields or broken quoting
 )
 
 
@@ -33,7 +34,27 @@ class SkipError(Exception):
         self.reason = reason
 
 
-class NoValidSamplesError(RuntimeError):
+class DataError(ValueError):
+    """A data source that cannot be used at all: a wrong path, column or pattern, no valid sample, too few
+    samples for one batch. One line naming the source and what to do; the CLI prints it without a traceback.
+
+    A ValueError so code that already catches ValueError keeps working; bad *samples* are never a
+    DataError (they are skipped and counted), only a source that cannot give a single batch.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message; every subclass prints it as is
+        return str(self.args[0]) if self.args else ""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A file, folder or shard pattern that names nothing (also a FileNotFoundError, as it used to be)."""
+
+
+class MissingColumnError(DataError, KeyError):
+    """A CSV without the configured column (also a KeyError, as it used to be)."""
+
+
+class NoValidSamplesError(DataError):
     """A data source produced no usable sample at all: almost always a wrong path or column."""
 
 

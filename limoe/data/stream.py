@@ -26,17 +26,29 @@ class Record:
     target: Any  # raw caption (str or bytes) for pairs, int class index for classification
 
 
-def clean_caption(raw: str | bytes) -> str:
-    """Raw caption -> stripped str, or SkipError('bad_encoding' | 'empty_caption')."""
+def clean_caption(raw: str | bytes | None) -> str:
+    """Raw caption -> stripped str, or SkipError('bad_encoding' | 'empty_caption' | 'bad_row').
+
+    The one cleaning step for training, evaluation and tokenizer training alike, so the tokenizer is
+    trained on exactly the captions the model will read.
+    """
+    if raw is None:  # a CSV row that could not be parsed (kept in the index so every pass counts it)
+        raise SkipError("bad_row")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise SkipError("bad_encoding") from None
-    elif any("\udc80" <= ch <= "\udcff" for ch in raw):
-        # Text files are read with errors="surrogateescape": undecodable bytes show up as lone surrogates.
-        raise SkipError("bad_encoding")
-    text = " ".join(raw.split())  # also folds newlines/tabs, which would break CSV/TSV round trips
+    else:
+        try:
+            # Text files are read with errors="surrogateescape" (undecodable bytes become lone surrogates)
+            # and JSON may escape lone surrogates: neither can be encoded, so the tokenizer would fail on it.
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SkipError("bad_encoding") from None
+    # str.split() also folds newlines/tabs, which would break CSV/TSV round trips; a BOM at the start of a
+    # text file is not part of the caption.
+    text = " ".join(raw.removeprefix("\ufeff").split())
     if not text:
         raise SkipError("empty_caption")
     return text
@@ -135,10 +147,23 @@ class SampleStream(IterableDataset):
         """After a full pass: one summary warning of skips; an error if nothing at all was usable."""
         skips = self.skips.totals()
         if self.skips.yielded == 0:
-            detail = f" ({', '.join(f'{n} {r}' for r, n in skips.items())})" if skips else ""
-            raise NoValidSamplesError(f"{self.name}: no valid samples{detail}")
+            detail = f" ({', '.join(f'{n} {r}' for r, n in skips.items())})" if skips else " (it is empty)"
+            raise NoValidSamplesError(f"{self.name}: no valid samples{detail}; check it and the files it lists")
         warn_skips(self.name, skips, kept=self.skips.yielded)
         return skips
+
+    def caption_texts(self) -> Iterator[str]:
+        """Every cleaned caption in file order without reading images (for tokenizer training), skips counted
+        in `self.skips` as in a pass: a caption the training stream would drop never shapes the tokenizer."""
+        self.skips.reset()
+        for rec in self.records(0, 1, None):
+            try:
+                target = self.decode_target(rec.target)
+            except SkipError as e:
+                self.skips.skip(e.reason)
+                continue
+            self.skips.ok()
+            yield target
 
     def collect(self) -> list[tuple[torch.Tensor, Any]]:
         """Whole pass in this process as a list (small eval sets, tests); warns/raises like a loader."""

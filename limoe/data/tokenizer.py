@@ -15,12 +15,19 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from limoe.data.stats import DataError, SkipError, warn_skips
+from limoe.data.stream import clean_caption
+
 # Batches of ~16-token captions gain nothing from the Rust thread pool, and a pool that exists before
 # DataLoader workers fork makes tokenizers print a warning and disable itself in every worker.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PAD, EOS = "<pad>", "<eos>"
 DEFAULT_CONTEXT_LENGTH = 16
+# Tokenizer training reads only the start of a longer caption: the model never sees more than a context
+# of tokens, and BPE training time grows much faster than linearly with the length of one text (a single
+# 140,000-character caption took 7 s).
+MAX_TRAIN_CHARS = 1024
 
 
 @dataclass
@@ -36,6 +43,9 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, context_length: int = DEFAULT_CONTEXT_LENGTH):
         self.hf = hf
         self.context_length = context_length
+        # Captions left out of training by reason ('bad_encoding', 'empty_caption', ...); set by
+        # train_tokenizer, empty for a loaded tokenizer.
+        self.train_skips: dict[str, int] = {}
         pad_id = hf.token_to_id(PAD)
         self.pad_id = 0 if pad_id is None else pad_id  # masked out anyway, so any id works as filler
         self.eos_id = hf.token_to_id(EOS)
@@ -78,12 +88,27 @@ class Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096,
-                    context_length: int = DEFAULT_CONTEXT_LENGTH, lowercase: bool = True) -> Tokenizer:
+                    context_length: int = DEFAULT_CONTEXT_LENGTH, lowercase: bool = True,
+                    skips: dict[str, int] | None = None) -> Tokenizer:
     """Byte-level BPE on `texts` (well under a second for tens of thousands of captions).
 
     Byte-level means no unknown tokens: any UTF-8 caption encodes. Lowercasing (default) suits small
-    caption sets where "Thumbs up" and "thumbs up" should not compete for vocabulary.
+    caption sets where "Thumbs up" and "thumbs up" should not compete for vocabulary. Every text is
+    cleaned as the training stream cleans captions; those it would skip (not UTF-8, empty) are left out
+    and counted in `tokenizer.train_skips`, added to `skips` (counts from reading the source) if given.
+    Only the first MAX_TRAIN_CHARS characters of a text are read.
     """
+    counts = dict(skips or {})
+    cleaned: list[str] = []
+    for text in texts:
+        try:
+            cleaned.append(clean_caption(text)[:MAX_TRAIN_CHARS])
+        except SkipError as e:
+            counts[e.reason] = counts.get(e.reason, 0) + 1
+    if not cleaned:
+        raise DataError(f"no usable caption to train the tokenizer on ({counts or 'no captions'}); "
+                        f"check the caption column or the shards' .txt/.json files")
+    warn_skips("tokenizer training captions", counts, kept=len(cleaned))
     hf = HFTokenizer(models.BPE())
     if lowercase:
         from tokenizers import normalizers
@@ -97,6 +122,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator(texts, trainer=trainer)
+    hf.train_from_iterator(cleaned, trainer=trainer)
     hf.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, hf.token_to_id(EOS))])
-    return Tokenizer(hf, context_length)
+    tokenizer = Tokenizer(hf, context_length)
+    tokenizer.train_skips = {r: n for r, n in counts.items() if n}
+    return tokenizer

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from limoe.data.stats import SkipError
 
@@ -43,26 +45,86 @@ def decode_image(data: bytes, max_pixels: int = ImageConfig.max_pixels) -> Image
     """Bytes -> fully decoded PIL image, or SkipError with the reason it is unusable."""
     if len(data) == 0:
         raise SkipError("empty_file")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise SkipError("oversized_image", str(e)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise SkipError("not_an_image", str(e)) from None
-    w, h = img.size
-    if w * h > max_pixels or w <= 0 or h <= 0:
-        raise SkipError("oversized_image" if w * h > max_pixels else "corrupt_image", f"{w}x{h}")
-    try:
-        img.load()  # decode now so truncated data fails here, not later inside a worker's transform
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... per codec
-        raise SkipError("corrupt_image", str(e)) from None
+    # Pillow warns about damage it works around (bad EXIF, odd TIFF tags); in a worker that is one line of
+    # noise per image, and the result is either a decoded image or a counted skip anyway.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise SkipError("oversized_image", str(e)) from None
+        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error...
+            raise SkipError("not_an_image", str(e)) from None
+        w, h = img.size
+        if w * h > max_pixels or w <= 0 or h <= 0:
+            raise SkipError("oversized_image" if w * h > max_pixels else "corrupt_image", f"{w}x{h}")
+        try:
+            img.load()  # decode now so truncated data fails here, not later inside a worker's transform
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... per codec
+            raise SkipError("corrupt_image", str(e)) from None
     return img
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grey image ("I;16*", "I", "F") -> "L" (or "LA" with transparency).
+
+    Pillow's own conversion clips these to 0..255, so a 16-bit photo comes out black and white. Rule:
+    - "I;16", "I;16B", "I;16L": 0..65535 is the full range (value / 257, rounded);
+    - "I" (32-bit int) whose values all lie in 0..65535: 16-bit data (PNG and TIFF readers give this);
+    - "F" (float) whose values all lie in 0..1: unit range;
+    - any other "I" or "F" image: its own range [min(0, lowest), highest] is stretched to 0..255
+      (NaN counts as the lowest value, infinities are clipped to the finite range).
+    """
+    x_HW = np.asarray(img).astype(np.float64)
+    finite_HW = np.isfinite(x_HW)
+    lo = float(x_HW[finite_HW].min()) if finite_HW.any() else 0.0
+    hi = float(x_HW[finite_HW].max()) if finite_HW.any() else 0.0
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):
+        lo, hi = 0.0, 65535.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    else:
+        lo = min(lo, 0.0)
+    x_HW = np.nan_to_num(x_HW, nan=lo, posinf=hi, neginf=lo)
+    unit_HW = (x_HW - lo) / (hi - lo) if hi > lo else np.zeros_like(x_HW)
+    gray = Image.fromarray(np.round(np.clip(unit_HW, 0, 1) * 255).astype(np.uint8))
+    if "transparency" in img.info:  # a grey value marked transparent (PNG tRNS): it becomes the alpha mask
+        mask = (np.asarray(img) != img.info["transparency"]).astype(np.uint8) * 255
+        return Image.merge("LA", (gray, Image.fromarray(mask)))
+    return gray
+
+
+def has_alpha(img: Image.Image) -> bool:
+    if hasattr(img, "has_transparency_data"):  # Pillow >= 10.1 also knows palettes with an alpha column
+        return img.has_transparency_data
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def lab_to_rgb(img: Image.Image) -> Image.Image:
+    """CIE L*a*b* -> sRGB through a colour transform (a plain channel copy would give false colours)."""
+    try:
+        from PIL import ImageCms
+
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(img, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+    except ImportError:  # Pillow built without littlecms: its own conversion
+        return img.convert("RGB")
+
+
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any mode (RGBA, LA, P with transparency, L, CMYK, ...) -> RGB over a fixed background."""
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if not has_alpha:
+    """Any PIL mode -> 8-bit RGB; transparent pixels are composited over a fixed background.
+
+    1, L, P, RGB(X), CMYK, YCbCr, HSV: Pillow's conversion; LAB: a colour transform; 16/32-bit integer and
+    float grey: scaled to 8 bits by `to_8bit` (not clipped); LA, PA, RGBA, P or grey with a transparent
+    value: alpha-composited over `background`.
+    """
+    if img.mode.startswith("I") or img.mode == "F":
+        img = to_8bit(img)
+    elif img.mode == "LAB":
+        img = lab_to_rgb(img)
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if not has_alpha(img):
         return img.convert("RGB")
     rgba = img.convert("RGBA")
     canvas = Image.new("RGBA", rgba.size, background + (255,))
@@ -136,4 +198,11 @@ class ImageTransform:
         return (x_3SS - self.mean_311) / self.std_311
 
     def from_bytes(self, data: bytes, gen: torch.Generator | None = None) -> torch.Tensor:
-        return self(decode_image(data, self.cfg.max_pixels), gen)
+        img = decode_image(data, self.cfg.max_pixels)
+        try:
+            # Damaged files can decode into images whose mode, palette or size a conversion rejects: that
+            # is one more corrupt file to count, never an exception that stops the stream.
+            img = to_rgb(img, self.cfg.background)
+        except Exception as e:
+            raise SkipError("corrupt_image", f"{img.mode}: {e}") from None
+        return self(img, gen)

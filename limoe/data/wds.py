@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import glob
 import json
+import lzma
 import os
+import re
 import tarfile
+import zlib
 from typing import Iterable, Iterator
 
 import braceexpand
 import torch
 import webdataset
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
-from limoe.data.stats import SkipError
+from limoe.data.stats import DataError, DataNotFoundError, SkipError
 from limoe.data.stream import Record, SampleStream, mix_seed
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -30,44 +33,79 @@ def expand_shards(pattern: str) -> list[str]:
     `::` separates several patterns (open_clip's convention); each may use brace ranges/lists and globs.
     """
     if not pattern or not pattern.strip():
-        raise ValueError("empty webdataset shard pattern")
+        raise DataError("empty webdataset shard pattern: pass e.g. data/train-{000000..000127}.tar")
     shards: list[str] = []
     for sub in pattern.split("::"):
         try:
             expanded = list(braceexpand.braceexpand(sub))
         except braceexpand.UnbalancedBracesError:
-            raise ValueError(f"malformed shard pattern {sub!r}: unbalanced braces") from None
+            raise DataError(f"malformed shard pattern {sub!r}: unbalanced braces; "
+                            f"write ranges as {{000..127}}") from None
         for name in expanded:
             if any(c in name for c in "{}"):
-                raise ValueError(f"malformed shard pattern {sub!r}: cannot expand {name!r}")
+                raise DataError(f"malformed shard pattern {sub!r}: cannot expand {name!r}; "
+                                f"write ranges as {{000..127}}")
             matches = sorted(glob.glob(name)) if glob.has_magic(name) else [name]
             if not matches or not all(os.path.isfile(m) for m in matches):
                 missing = name if not matches else next(m for m in matches if not os.path.isfile(m))
-                raise FileNotFoundError(f"shard pattern {sub!r}: no shard file {missing!r}")
+                raise DataNotFoundError(f"shard pattern {sub!r}: no shard file {missing!r}; "
+                                        f"check the path and the brace range")
             shards.extend(matches)
     return shards
+
+
+class TruncatedShard(tarfile.TarError):
+    """A shard that ends before its end-of-archive marker: whole samples may be missing at the cut."""
+
+
+def _is_meta(name: str) -> bool:
+    # webdataset's convention: "__*__" members are shard metadata, not samples.
+    return re.match(r"__[^/]*__($|/)", name) is not None
+
+
+def iter_tar_files(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every regular file of one tar (plain or compressed), in order.
+
+    Raises a tarfile.TarError (or OSError, EOFError for compressed data) at the first damage. Python's tarfile
+    ends silently at a header that is cut short or fails its checksum, and a tar cut exactly at a member
+    boundary looks complete; so after the last member the end-of-archive marker (a zero block) must follow.
+    Every tar writer puts it there, and without it a cut anywhere is caught.
+    """
+    with tarfile.open(path, mode="r:*") as tar:
+        while (info := tar.next()) is not None:
+            tar.members = []  # tar.next() keeps every header otherwise; a shard can hold millions
+            if not info.isreg() or _is_meta(info.name):
+                continue
+            data = tar.extractfile(info).read()
+            if len(data) != info.size:
+                raise TruncatedShard(f"{info.name}: {len(data)} of {info.size} bytes")
+            yield info.name, data
+        tar.fileobj.seek(tar.offset)
+        end = tar.fileobj.read(tarfile.BLOCKSIZE)
+        if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+            raise TruncatedShard(f"no end-of-archive marker at byte {tar.offset}")
 
 
 def iter_tar_samples(path: str, on_bad_shard) -> Iterator[dict[str, bytes]]:
     """Samples (dict extension -> bytes, plus '__key__') of one tar shard, in file order.
 
     A truncated or corrupt shard ends early: the samples before the damage are kept and the damage is
-    reported once through `on_bad_shard` (a long run must survive one bad shard).
+    reported once through `on_bad_shard` (a long run must survive one bad shard). A zero-byte file is a
+    bad shard too (it is not a tar); a tar with no members is just empty.
     """
     current: dict | None = None
     try:
-        with open(path, "rb") as f:
-            for entry in tar_file_iterator(f):
-                key, ext = base_plus_ext(entry["fname"])
-                if key is None:
-                    continue
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key}
-                current[ext.lower()] = entry["data"]
-    except (tarfile.TarError, EOFError, OSError, ValueError):
+        for name, data in iter_tar_files(path):
+            key, ext = base_plus_ext(name)
+            if key is None:
+                continue
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext.lower()] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError):  # damage, any codec
         on_bad_shard()
     if current is not None:
         yield current
@@ -86,9 +124,9 @@ def split_sample(sample: dict) -> tuple[bytes, bytes | str]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise SkipError("bad_encoding", f"{sample['__key__']}.json") from None
         caption = next((meta[k] for k in ("caption", "text", "title") if isinstance(meta, dict) and k in meta), None)
-        if caption is None:
-            raise SkipError("incomplete_sample", f"{sample['__key__']}: json without caption")
-        return image, str(caption)
+        if not isinstance(caption, str):  # missing, or null / a number / a list: not a caption
+            raise SkipError("incomplete_sample", f"{sample['__key__']}: json without a caption string")
+        return image, caption
     raise SkipError("incomplete_sample", f"{sample['__key__']}: no caption")
 
 

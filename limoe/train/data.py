@@ -8,11 +8,12 @@ resuming replays the epoch's first batches without training on them (cheap next 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-from limoe.data import (BuiltinConfig, CsvPairs, ImageConfig, LoaderConfig, Tokenizer, WdsPairs, builtin_captions,
-                        load_builtin, make_loader, train_tokenizer)
+from limoe.data import (BuiltinConfig, CsvPairs, DataError, ImageConfig, LoaderConfig, Tokenizer, WdsPairs,
+                        builtin_captions, load_builtin, make_loader, train_tokenizer)
 from limoe.train.config import TrainConfig
 
 
@@ -38,19 +39,35 @@ def training_pairs(cfg: TrainConfig, rank: int = 0, world_size: int = 1):
     return WdsPairs(d.train, **common)
 
 
-def training_captions(cfg: TrainConfig) -> list[str]:
+def training_captions(cfg: TrainConfig, skips: dict[str, int] | None = None) -> list[str]:
+    """The training captions, cleaned exactly as the training stream cleans them, without reading images.
+
+    Rows the stream would skip for their caption or their structure (not UTF-8, empty, a broken CSV row, a
+    shard sample without image or caption, a damaged shard) are left out and added to `skips` by reason.
+    """
     if cfg.data.source == "builtin":
         return builtin_captions("train", builtin_config(cfg))
     if cfg.data.source == "csv":
-        return CsvPairs(cfg.data.train, cfg.data.csv_img_key, cfg.data.csv_caption_key).captions
-    # shards: read the captions of one pass (text only would need a second reader; a pass is fine at this scale)
-    return [caption for _, caption in WdsPairs(cfg.data.train, image=ImageConfig(image_size=8))]
+        source = CsvPairs(cfg.data.train, cfg.data.csv_img_key, cfg.data.csv_caption_key)
+    else:
+        source = WdsPairs(cfg.data.train)
+    captions = list(source.caption_texts())
+    if skips is not None:
+        for reason, n in source.skips.totals().items():
+            skips[reason] = skips.get(reason, 0) + n
+    return captions
 
 
 def make_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """Byte-level BPE on the training captions only, so held-out class names are not in its merges' making."""
-    return train_tokenizer(training_captions(cfg), vocab_size=cfg.data.vocab_size,
-                           context_length=cfg.data.context_length)
+    """Byte-level BPE on the training captions only, so held-out class names are not in its merges' making.
+
+    The captions it left out are in `tokenizer.train_skips` (reason -> count): a run logs them beside the
+    training stream's `skip_counts()`, which counts the same bad rows again each time a pass reads them.
+    """
+    skips: dict[str, int] = {}
+    captions = training_captions(cfg, skips)
+    return train_tokenizer(captions, vocab_size=cfg.data.vocab_size, context_length=cfg.data.context_length,
+                           skips=skips)
 
 
 @dataclass
@@ -68,9 +85,23 @@ class TrainBatches:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world_size} ranks")
         self.local_batch = cfg.data.batch_size // world_size
         self.dataset = training_pairs(cfg, rank, world_size)
+        if hasattr(self.dataset, "__len__") and len(self.dataset) // world_size < self.local_batch:
+            # Known before reading anything (rows in the index, bad ones included): fail before training starts.
+            raise DataError(f"{self.dataset.name}: {len(self.dataset)} rows, fewer per rank than one batch of "
+                            f"{self.local_batch} (data.batch_size / ranks); lower data.batch_size or add data")
         self.loader = make_loader(self.dataset, LoaderConfig(batch_size=self.local_batch, drop_last=True,
                                                              num_workers=cfg.data.num_workers), tokenizer)
         self.position = position or DataPosition()
+        self._past_skips: Counter[str] = Counter()  # skips of finished passes (the live counter restarts each pass)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples skipped so far in this run on this rank, by reason: finished passes plus the one under way.
+
+        Cheap (a sum over a small shared-memory tensor), safe to call at any time from the training process,
+        also while DataLoader workers run: each worker writes its own row, so mid-epoch counts are live (they
+        include the few batches the workers have read ahead). A bad sample counts once per pass that read it.
+        """
+        return dict(sorted((self._past_skips + Counter(self.dataset.skips.totals())).items()))
 
     def __iter__(self) -> Iterator:
         pos = self.position
@@ -84,7 +115,15 @@ class TrainBatches:
                 pos.batch = i + 1
                 yield batch
             if seen == 0:
-                raise ValueError(f"training data has fewer samples per rank than one batch of {self.local_batch}")
+                kept, workers = self.dataset.skips.yielded, self.loader.cfg.num_workers
+                # Each worker batches its own share: enough samples in all can still leave every worker short.
+                fix = (f"they are spread over {workers} workers, each short of a batch: lower data.num_workers"
+                       if kept >= self.local_batch else "lower data.batch_size or add data")
+                raise DataError(f"{self.dataset.name}: {kept} valid samples per rank give no full batch of "
+                                f"{self.local_batch} (data.batch_size / ranks); {fix}")
+            # The pass is over and its workers are gone: fold its counts in before the next pass resets them.
+            self._past_skips.update(self.dataset.skips.totals())
+            self.dataset.skips.reset()
             pos.epoch, pos.batch = pos.epoch + 1, 0
 
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from limoe.data import ImageConfig, PairBatch, Tokenizer
+from limoe.data import DataError, ImageConfig, PairBatch, Tokenizer
 from limoe.data.stream import mix_seed
 
 
@@ -31,12 +31,14 @@ class MemoryBatches:
         from limoe.train.data import DataPosition
 
         samples = dataset.collect()  # one decoding pass, skips counted and warned about like a loader
+        self._skips = dataset.skips.totals()  # every later epoch reuses the decoded samples: no new skips
         self.images_N3HW = torch.stack([(image * 255).round().to(torch.uint8) for image, _ in samples])
         self.captions = [caption for _, caption in samples]
         tokens = tokenizer(self.captions)
         self.ids_NL, self.padding_NL, self.eos_N = tokens.ids_BL, tokens.padding_mask_BL, tokens.eos_index_B
         if len(samples) < global_batch:
-            raise ValueError(f"training data has {len(samples)} samples, fewer than one batch of {global_batch}")
+            raise DataError(f"{dataset.name}: {len(samples)} valid samples, fewer than one batch of {global_batch}; "
+                            f"lower data.batch_size or add data")
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
         self.seed, self.rank = seed, rank
         self.augment, self.image = augment, image
@@ -48,6 +50,10 @@ class MemoryBatches:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples skipped by reason in this run: those of the one decoding pass (epochs reuse its samples)."""
+        return dict(sorted(self._skips.items()))
 
     def batch(self, epoch: int, index: int) -> PairBatch:
         if self._order[0] != epoch:
