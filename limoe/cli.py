@@ -67,10 +67,9 @@ def _read_config(path: str):
 
 def _train(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
-    from limoe.data import NoValidSamplesError
     from limoe.train import apply_overrides, get_preset, train
 
-    try:  # exceptions are one line via main(); only those needing a word of their own are caught here
+    try:  # user errors are one line via main(); only an interruption needs a word of its own
         if args.config:
             cfg = _read_config(args.config)
         elif args.resume:  # continue with the run's own config; --steps / --set may still change it
@@ -87,13 +86,9 @@ def _train(args: argparse.Namespace) -> int:
         apply_overrides(cfg, args.set or [])
         cfg.validate()
         result = train(cfg, resume=args.resume, progress=not args.no_progress, fork=args.fork)
-    except NoValidSamplesError as e:
-        return fail(str(e))
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("\nlimoe: interrupted: stopped without saving", file=sys.stderr)
         return 130
-    except KeyError as e:  # e.g. a CSV without the configured column
-        return fail(str(e.args[0]) if e.args else repr(e))
     if result.interrupted:
         return 130 if result.interrupted == "SIGINT" else 143
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
@@ -103,6 +98,9 @@ def _train(args: argparse.Namespace) -> int:
               f"{cfg.log_interval} training steps):")
         print(result.table())
     _print_evaluations(cfg.run_dir)
+    if result.skipped:
+        print(f"skipped samples: {', '.join(f'{n} {reason}' for reason, n in result.skipped.items())} "
+              f"(data/skipped/* in metrics.jsonl)")
     print(f"run directory: {cfg.run_dir}  (metrics.jsonl, config.json, checkpoints/)")
     print(f"checkpoint: {result.checkpoint} (step {result.step})")
     return 0

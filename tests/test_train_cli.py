@@ -185,3 +185,32 @@ def test_data_info_says_where_the_data_is(tmp_path, monkeypatch, capsys):
     assert main(["data", "info"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"built-in dataset: {tmp_path}" and '"pairs": 3' in out
+
+
+def _pairs_csv(folder, n):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["filepath,title"]
+    for i in range(n):
+        Image.new("RGB", (16, 16), (20 * i, 90, 160)).save(folder / f"{i}.png")
+        lines.append(f"{folder}/{i}.png,square number {i}")
+    (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.csv"
+
+
+@pytest.mark.parametrize("case", ["smaller than one batch", "malformed shard pattern", "no shard matches"])
+def test_train_data_that_cannot_give_a_batch_is_one_line(tmp_path, capsys, case):
+    source = {"smaller than one batch": ["data.source=csv", f"data.train={_pairs_csv(tmp_path / 'd', 5)}"],
+              "malformed shard pattern": ["data.source=wds", f"data.train={tmp_path}/shard-{{000..0.tar"],
+              "no shard matches": ["data.source=wds", f"data.train={tmp_path}/none-{{000..003}}.tar"]}[case]
+    argv = ["train", "--run-dir", str(tmp_path / "r"), "--set", "data.batch_size=16", "--set", "data.num_workers=0"]
+    assert main(argv + [arg for item in source for arg in ("--set", item)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("limoe: error:") and "Traceback" not in err[0], err
+
+
+def test_eval_on_data_without_a_valid_sample_is_one_line(run, tmp_path, capsys):
+    (tmp_path / "bad.csv").write_text(f"filepath,title\n{tmp_path}/gone.png,a picture that is not there\n")
+    assert main(["eval", str(run[0]), "--retrieval", str(tmp_path / "bad.csv")]) == 2
+    _one_error_line(capsys, "no valid samples")

@@ -168,3 +168,28 @@ def test_tensorboard_is_optional(tmp_path, capsys):
         assert "TensorBoard is not installed" in capsys.readouterr().out
     line = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert line["loss"] == 1.0 and line["bad"] is None  # NaN is written as null: the file stays valid JSON
+
+
+def test_skips_are_reported_in_a_run_shorter_than_an_epoch(tmp_path):
+    from PIL import Image
+
+    rows = ["filepath,title"]
+    for i in range(48):
+        if i % 2:  # every other row names a missing image
+            rows.append(f"{tmp_path}/missing{i}.png,a missing picture")
+            continue
+        Image.new("RGB", (16, 16), (5 * i, 80, 120)).save(tmp_path / f"{i}.png")
+        rows.append(f"{tmp_path}/{i}.png,a {'red' if i % 4 else 'blue'} square {i}")
+    data = "\n".join(rows).encode() + "\n".encode() + f"{tmp_path}/0.png,caf\xe9 latin-1\n".encode("latin-1")
+    (tmp_path / "pairs.csv").write_bytes(data)
+    cfg = tiny_config(tmp_path, steps=1, log_interval=1)
+    cfg.data.source, cfg.data.train = "csv", str(tmp_path / "pairs.csv")
+    cfg.data.in_memory, cfg.data.num_workers, cfg.data.batch_size = False, 1, 8
+    cfg.eval.zero_shot = cfg.eval.retrieval = False
+    with pytest.warns(UserWarning, match="tokenizer training captions: skipped 1"):
+        result = train(cfg, progress=False)  # 1 step of 8 pairs: far less than the epoch of 24 good ones
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    data_record = next(r for r in records if r["kind"] == "data")
+    assert data_record["tokenizer_skipped/bad_encoding"] == 1
+    step_record = next(r for r in records if r["kind"] == "train")
+    assert step_record["data/skipped/missing_file"] >= 4 and result.skipped["missing_file"] >= 4

@@ -56,10 +56,16 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def _init_worker(parent_pid: int, worker_id: int) -> None:
-    """Each DataLoader worker: die with the parent, and seed Python/NumPy from torch's per-worker seed
-    (itself from the loader's generator), so any user transform that uses `random` or NumPy is
-    reproducible too."""
+    """Each DataLoader worker: die with the parent, leave SIGINT/SIGTERM to it, and seed Python/NumPy from
+    torch's per-worker seed (itself from the loader's generator), so any user transform that uses `random` or
+    NumPy is reproducible too.
+
+    Schedulers signal the whole process group: a worker killed by it would take the trainer's data stream down
+    before the trainer could save. The trainer decides when to stop, and its workers end with it.
+    """
     die_with_parent(parent_pid)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from limoe.errors import UserError
+
 # Fixed order: the index into the shared counter tensor. Add new reasons at the end.
 REASONS: tuple[str, ...] = (
     "missing_file",      # path in an index that does not exist
@@ -34,7 +36,7 @@ class SkipError(Exception):
         self.reason = reason
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source that cannot be used at all: a wrong path, column or pattern, no valid sample, too few
     samples for one batch. One line naming the source and what to do; the CLI prints it without a traceback.
 

@@ -45,6 +45,7 @@ class RunResult:
     checkpoint: Path | None = None
     interrupted: str | None = None  # the signal's name when a signal stopped the run
     losses: list[float] = field(default_factory=list)  # total loss of every step of this invocation
+    skipped: dict[str, int] = field(default_factory=dict)  # bad samples skipped by this invocation, by reason
 
     def table(self) -> str:
         return results_table(self.metrics, self.chance)
@@ -197,6 +198,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         _check_resumable(start_path, run_dir, cfg)
     torch.manual_seed(cfg.seed)
 
+    tokenizer_skips: dict[str, int] = {}
     # Tokenizer: from the checkpoint when resuming, else trained on the training captions (deterministic,
     # but rank 0 trains it and the others load its file so all ranks certainly agree).
     from limoe.data import Tokenizer
@@ -209,7 +211,9 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
     else:
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            make_tokenizer(cfg).save(run_dir / "tokenizer.json")
+            trained = make_tokenizer(cfg)
+            tokenizer_skips = trained.train_skips  # captions it left out; the run logs them below
+            trained.save(run_dir / "tokenizer.json")
             (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
         distributed.barrier(world)
         tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
@@ -258,6 +262,8 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
     zero_shot_set, retrieval_set = eval_sets(cfg) if world.main else (None, None)
     # Records after the resumed step are replayed: the file keeps them once.
     logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at=step if start_path else None) if world.main else None
+    if logger is not None and tokenizer_skips:
+        logger.log("data", step, {f"tokenizer_skipped/{reason}": n for reason, n in tokenizer_skips.items()})
     if rng is not None:
         ckpt.set_rng_state(*rng)  # last: nothing between here and the first step may draw random numbers
 
@@ -328,6 +334,11 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
     data_iter = iter(batches)
     ran = 0
     accumulation = cfg.optim.accumulation
+    def skipped() -> dict[str, int]:
+        """Bad samples skipped so far by this invocation (rank 0's share), as metrics: none when there are none."""
+        result.skipped = batches.skip_counts()
+        return {f"data/skipped/{reason}": n for reason, n in result.skipped.items()}
+
     def stop(reason: str = "") -> RunResult:
         result.interrupted = signals.name
         result.step, result.checkpoint = step, save()
@@ -388,7 +399,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
                     routing = window_stats.summary() if window_stats else {}
                     last_routing = routing
                     values = {**sums, "lr": lr, "pairs_per_s": window_steps * cfg.data.batch_size / seconds,
-                              **{f"routing/{k}": v for k, v in routing.items()}}
+                              **{f"routing/{k}": v for k, v in routing.items()}, **skipped()}
                     logger.log("train", step, values)
                     post = {"loss": f"{sums['total_loss']:.3f}", "pairs/s": f"{values['pairs_per_s']:.0f}"}
                     for modality in ("image", "text"):
@@ -417,7 +428,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         result.metrics = metrics
         if world.main:
             ckpt.write_metrics(result.checkpoint, metrics)
-            logger.log("final", step, metrics)
+            logger.log("final", step, {**metrics, **skipped()})
         return result
     finally:
         bar.close()
