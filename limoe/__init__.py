@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "load_checkpoint"]
+__all__ = ["create_model", "create_model_and_transforms", "get_tokenizer", "list_models", "load_checkpoint"]
 
 
 def __getattr__(name: str):
@@ -11,6 +11,10 @@ def __getattr__(name: str):
         from limoe.checkpoint import load_checkpoint
 
         return load_checkpoint
+    if name in ("create_model_and_transforms", "get_tokenizer"):
+        from limoe import factory
+
+        return getattr(factory, name)
     if name in __all__:
         from limoe.model import registry
 

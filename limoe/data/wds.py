@@ -16,10 +16,8 @@ import tarfile
 import zlib
 from typing import Iterable, Iterator
 
-import braceexpand
 import torch
-import webdataset
-from webdataset.tariterators import base_plus_ext
+from limoe.extras import require
 
 from limoe.data.stats import DataError, DataNotFoundError, SkipError
 from limoe.data.stream import Record, SampleStream, mix_seed
@@ -34,6 +32,7 @@ def expand_shards(pattern: str) -> list[str]:
     """
     if not pattern or not pattern.strip():
         raise DataError("empty webdataset shard pattern: pass e.g. data/train-{000000..000127}.tar")
+    braceexpand = require("braceexpand", "wds", "webdataset shards")
     shards: list[str] = []
     for sub in pattern.split("::"):
         try:
@@ -93,6 +92,7 @@ def iter_tar_samples(path: str, on_bad_shard) -> Iterator[dict[str, bytes]]:
     reported once through `on_bad_shard` (a long run must survive one bad shard). A zero-byte file is a
     bad shard too (it is not a tar); a tar with no members is just empty.
     """
+    base_plus_ext = require("webdataset.tariterators", "wds", "webdataset shards").base_plus_ext
     current: dict | None = None
     try:
         for name, data in iter_tar_files(path):
@@ -210,7 +210,7 @@ def write_shards(samples: Iterable[tuple[str, bytes, str]], pattern: str, maxcou
                 writer.close()
             paths.append(pattern % len(paths))
             # mtime fixed so the same samples give byte-identical shards.
-            writer, count = webdataset.TarWriter(paths[-1], mtime=0.0), 0
+            writer, count = require("webdataset", "wds", "writing shards").TarWriter(paths[-1], mtime=0.0), 0
         writer.write({"__key__": key, image_ext: image, "txt": caption})
         count += 1
     if writer is not None:

@@ -1,4 +1,5 @@
-"""Named presets: `create_model("limoe-b16", **overrides)`, `list_models()`, `get_config`, `get_model_info`.
+"""Named presets: `create_model("limoe-b16", **overrides)`, `list_models("*b16*")`, `get_config`,
+`get_model_info`; `create_model(pretrained=<checkpoint>)` builds a trained model.
 
 Sizes are the ViT ones (DESIGN §1). MoE settings of the LIMoE presets (K = 1 throughout):
 - S/32: E = 8 in every other block (the design default).
@@ -16,7 +17,10 @@ The tiny presets train in minutes on 2 CPU cores (32 px images, 16 patches, 4 bl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fnmatch
+import os
 from typing import Any, Callable
 
 import torch
@@ -55,16 +59,21 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
 }
 
 
-def list_models(prefix: str = "") -> list[str]:
-    """Preset names, optionally only those starting with `prefix` (e.g. "limoe-")."""
-    return sorted(name for name in _PRESETS if name.startswith(prefix))
+def list_models(pattern: str = "") -> list[str]:
+    """Preset names matching `pattern`: a shell-style wildcard ("*b16*", "limoe-*"), else a prefix ("limoe-")."""
+    if any(ch in pattern for ch in "*?["):
+        return sorted(name for name in _PRESETS if fnmatch.fnmatchcase(name, pattern.lower()))
+    return sorted(name for name in _PRESETS if name.startswith(pattern))
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The preset's config with `overrides`; MoeConfig options (num_experts, k, ...) go into `config.moe`."""
     if name not in _PRESETS:
         raise KeyError(f"unknown model {name!r}; known: {list_models()}")
-    config = _PRESETS[name]()
+    return with_overrides(_PRESETS[name](), **overrides)
+
+
+def with_overrides(config: ModelConfig, **overrides: Any) -> ModelConfig:
     moe = {**config.moe, **overrides.pop("moe", {})}
     moe.update({key: overrides.pop(key) for key in list(overrides) if key in MOE_KEYS})
     return dataclasses.replace(config, moe=moe, **overrides)
@@ -74,13 +83,30 @@ def build_model(config: ModelConfig) -> ContrastiveModel:
     return TwoTower(config) if config.kind == "two_tower" else OneTower(config)
 
 
-def create_model(name: str, device: torch.device | str | None = None, **overrides: Any) -> ContrastiveModel:
-    """Build a preset; `device="meta"` builds the module structure without allocating weights."""
-    config = get_config(name, **overrides)
-    if device is None:
-        return build_model(config)
-    with torch.device(device):
-        return build_model(config)
+def create_model(name: str | None = None, pretrained: str | os.PathLike | None = None,
+                 device: torch.device | str | None = None, **overrides: Any) -> ContrastiveModel:
+    """Build a preset, or with `pretrained` (a checkpoint folder or run folder) the checkpoint's model with its
+    weights; `name`, if given too, must be the model it was trained as. `device="meta"` builds the module
+    structure without allocating weights. The model is in train mode, as any new nn.Module: call .eval()."""
+    if pretrained is None:
+        if name is None:
+            raise ValueError("create_model needs a model name or pretrained=<checkpoint>")
+        config, path = get_config(name, **overrides), None
+    else:
+        from limoe import checkpoint as ckpt
+
+        if str(device) == "meta":
+            raise ValueError("pretrained weights cannot be loaded into a meta-device model")
+        path = ckpt.resolve(pretrained)
+        trained_as = ckpt.read_json(path / "config.json").get("model")
+        if name is not None and name != trained_as:
+            raise ValueError(f"{path} holds a {trained_as} model, not {name}")
+        config = with_overrides(ckpt.read_model_config(path), **overrides)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model(config)
+    if path is not None:
+        ckpt.load_weights(model, path)
+    return model
 
 
 def get_model_info(name_or_config: str | ModelConfig, **overrides: Any) -> ModelInfo:

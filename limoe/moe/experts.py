@@ -69,8 +69,9 @@ def resolve_expert_backend(backend: str, device: torch.device, dtype: torch.dtyp
 class ExpertMlps(nn.Module):
     """E independent two-layer GELU MLPs d -> h -> d, stored as [E, d, h] and [E, h, d] weights."""
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int):
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, shared_init: bool = True):
         super().__init__()
+        self.shared_init = shared_init
         self.w_in_Edh = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b_in_Eh = nn.Parameter(torch.empty(num_experts, hidden_dim))
         self.w_out_Ehd = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -78,11 +79,16 @@ class ExpertMlps(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Each expert is initialised like a ViT MLP: Xavier-uniform kernels, zero biases.
+        # Each expert is initialised like a ViT MLP: Xavier-uniform kernels, zero biases; with shared_init every
+        # expert gets expert 0's draw (V-MoE's default).
         for w in (self.w_in_Edh, self.w_out_Ehd):
             fan_in, fan_out = w.shape[1], w.shape[2]
             bound = math.sqrt(6.0 / (fan_in + fan_out))
-            nn.init.uniform_(w, -bound, bound)
+            with torch.no_grad():
+                if self.shared_init:
+                    w.copy_(torch.empty_like(w[0]).uniform_(-bound, bound).expand_as(w))
+                else:
+                    nn.init.uniform_(w, -bound, bound)
         nn.init.zeros_(self.b_in_Eh)
         nn.init.zeros_(self.b_out_Ed)
 

@@ -56,6 +56,10 @@ class MoeConfig:
     # How the experts run (see limoe.moe.experts): "bmm" = batched matmuls on capacity-padded buffers,
     # "grouped_mm" = grouped GEMM on packed rows (CUDA sm90/sm100 in bf16, or CPU); "auto" = "bmm" for now.
     expert_backend: str = option("auto", one_of(*EXPERT_BACKENDS))
+    # Expert weights at init: "shared" = one draw copied to every expert, as V-MoE (its experts' params are
+    # initialised without splitting the RNG); routing then sends them different tokens and they grow apart.
+    # "independent" = a draw per expert.
+    expert_init: str = option("shared", one_of("shared", "independent"))
 
     def __post_init__(self) -> None:
         check_fields(self)  # each field's declared type and range; below, the checks across fields
@@ -102,13 +106,15 @@ class MoeMlp(nn.Module):
         self.config = config
         self.router_dE = nn.Parameter(torch.empty(config.dim, config.num_experts))
         # `experts`: a prebuilt subset (an expert-parallel shard) so that the full set is never allocated.
-        self.experts = experts if experts is not None else ExpertMlps(config.num_experts, config.dim,
-                                                                      config.hidden_dim)
+        self.experts = experts if experts is not None else ExpertMlps(
+            config.num_experts, config.dim, config.hidden_dim, shared_init=config.expert_init == "shared")
         self.reset_router()
 
     def reset_router(self) -> None:
-        # Small init keeps early routing near uniform (V-MoE initialises the router with zeros/small normals).
-        nn.init.normal_(self.router_dE, std=0.02)
+        # V-MoE's router is a flax Dense without bias: lecun_normal, i.e. a normal truncated at 2 std whose
+        # std is 1/sqrt(d) after truncation (hence the division by the truncated normal's std, 0.8796).
+        std = self.config.dim ** -0.5 / 0.87962566103423978
+        nn.init.trunc_normal_(self.router_dE, std=std, a=-2 * std, b=2 * std)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -9,8 +9,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.ticker
+from limoe.extras import require
+
+matplotlib = require("matplotlib", "analysis", "the reproduction's plots")
+import matplotlib.ticker  # noqa: E402
 
 matplotlib.use("Agg")  # before pyplot: no display needed
 

@@ -23,6 +23,7 @@ from limoe.model.config import MOE_CHECKS, ModelConfig
 from limoe.model.registry import list_models
 
 SCHEDULES = ("cosine", "rsqrt", "constant")
+SIGLIP_BIAS_INIT = -10.0
 SOURCES = ("builtin", "csv", "wds")
 
 
@@ -194,6 +195,10 @@ class TrainConfig:
 
         overrides = {"image_size": self.data.image_size, "vocab_size": self.data.vocab_size,
                      "context_length": self.data.context_length, **self.model_args}
+        if self.loss.contrastive == "sigmoid":
+            # SigLIP as its authors train it: logit scale exp(log 10) (every preset's init) and bias -10, so the
+            # B^2 - B negatives start near their target instead of dominating the first steps. model.* overrides it.
+            overrides.setdefault("logit_bias_init", SIGLIP_BIAS_INIT)
         return get_config(self.model, moe=dict(self.moe), **overrides)
 
     def to_dict(self) -> dict[str, Any]:
