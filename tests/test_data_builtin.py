@@ -2,7 +2,9 @@
 
 import hashlib
 import os
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +148,10 @@ def test_extra_style_follows_the_builtin_split(small, tmp_path):
     test_pairs = CsvPairs(root / "styles" / "flat" / "test.csv").collect()
     assert sorted(c for _, c in test_pairs) == sorted(
         e.name for e, c in zip(p.emoji, p.concept) if c in p.test)
+
+
+def test_tests_use_a_temporary_cache_not_the_users():
+    from limoe.data.builtin import cache_root
+
+    home_cache = Path(os.path.expanduser("~")) / ".cache" / "limoe"
+    assert cache_root() != home_cache and str(cache_root()).startswith(tempfile.gettempdir())

@@ -21,8 +21,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from limoe.analysis.routing_stats import RoutingAnalysis  # noqa: E402
-
-IMAGE_COLOUR, TEXT_COLOUR = "#d62728", "#1f77b4"
+from limoe.analysis.style import IMAGE_COLOUR, TEXT_COLOUR  # noqa: E402
 DPI = 100
 
 

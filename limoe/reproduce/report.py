@@ -9,19 +9,22 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from limoe.analysis.style import IMAGE_COLOUR, TEXT_COLOUR
 from limoe.extras import require
+from limoe.reproduce.metrics import PROBE_SHOTS
+from limoe.reproduce.plan import VARIANTS
 
-matplotlib = require("matplotlib", "analysis", "the reproduction's plots")
-import matplotlib.ticker  # noqa: E402
 
-matplotlib.use("Agg")  # before pyplot: no display needed
+def _pyplot():
+    """pyplot on the Agg backend (no display needed); imported when a plot is drawn, so the tables and the
+    command line work without the [analysis] extra."""
+    matplotlib = require("matplotlib", "analysis", "the reproduction's plots")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from limoe.analysis.plots import IMAGE_COLOUR, TEXT_COLOUR  # noqa: E402
-from limoe.reproduce.metrics import PROBE_SHOTS  # noqa: E402
-from limoe.reproduce.plan import VARIANTS  # noqa: E402
+    return plt
 
 PROBE = f"linear_probe/{PROBE_SHOTS}shot_balanced"  # see metrics.probe_metrics
 ZERO_SHOT, PROBE_TITLE = "zero-shot top-1 %", f"{PROBE_SHOTS}-shot probe %"
@@ -161,6 +164,7 @@ def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path 
     rows = _sweep_rows(results)
     if not rows:
         return None
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, (column, title) in zip(axes, ((ZERO_SHOT, "zero-shot top-1 (held-out concepts)"),
                                           (PROBE_TITLE, f"{PROBE_SHOTS}-shot linear probe"))):
@@ -171,7 +175,7 @@ def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path 
                         yerr=[100 * row[column][1] for row in points], marker="o", capsize=3, color=colour,
                         label=points[0]["label"])
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # a decade or two: labels would collide
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # a decade or two: labels would collide
         ax.set_xlabel("training FLOPs (active, forward + backward)")
         ax.set_ylabel("%")
         ax.set_title(title, fontsize=10)
@@ -186,6 +190,7 @@ def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | No
     rows = [row for row in summary_rows(results) if row["routed"]]
     if not rows:
         return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(rows) + 1), 3.4))
     x = np.arange(len(rows))
     width = 0.38
@@ -208,5 +213,5 @@ def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | No
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
