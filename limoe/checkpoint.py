@@ -38,8 +38,8 @@ from torch import nn
 from limoe.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
-BACKUP_PREFIX = ".old-"
-LEGACY_KEYS = {"log_scale": "logit_scale"}  # weights renamed since: old checkpoints still load  # a checkpoint being replaced by a new save of the same step
+BACKUP_PREFIX = ".old-"  # a checkpoint being replaced by a new save of the same step
+LEGACY_KEYS = {"log_scale": "logit_scale"}  # weights renamed since: old checkpoints still load
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.json", "model.json",
          "tokenizer.json")
 

@@ -108,8 +108,8 @@ def test_truncation_anywhere_in_any_file_is_refused(run, name):
 def test_a_damaged_latest_is_reported_not_skipped(run):
     run_dir, cfg = run
     (_latest(run_dir) / "optimizer.safetensors").unlink()
-    with pytest.raises(ckpt.CheckpointError, match=r"step_00000004: damaged checkpoint \(missing "
-                                                   r"optimizer.safetensors\); the newest complete one is .*step_00000002"):
+    damaged = r"step_00000004: damaged checkpoint \(missing optimizer.safetensors\); the newest complete one is "
+    with pytest.raises(ckpt.CheckpointError, match=damaged + r".*step_00000002"):
         ckpt.resolve("latest", run_dir)
     with pytest.raises(ckpt.CheckpointError, match="damaged checkpoint"):
         ckpt.load_checkpoint(run_dir)

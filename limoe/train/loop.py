@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from limoe.train.data import DataPosition, eval_sets, make_batches, make_tokeniz
 from limoe.train.evaluation import held_out
 from limoe.train.logger import MetricsLogger, results_table
 from limoe.train.optim import lr_at, make_optimizer, set_lr
+from limoe.train.signals import Interrupted, Signals
 
 
 class TrainingError(UserError, RuntimeError):
@@ -74,57 +74,6 @@ def step_losses(model: nn.Module, batch, cfg: TrainConfig, device: torch.device
 def _split(batch, parts: int) -> list:
     n = len(batch) // parts
     return [batch.rows(i * n, (i + 1) * n) for i in range(parts)] if parts > 1 else [batch]
-
-
-class _Interrupted(Exception):
-    """A signal arrived inside an interruptible phase (an evaluation, whose work needs no saving)."""
-
-
-class _Signals:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and returns.
-
-    Inside `interruptible()` a signal stops the work at once instead: evaluations can take minutes, and the
-    state they would delay saving is already saved or will be saved next.
-    """
-
-    def __init__(self):
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-        self.stop_at_once = False
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
-        self.received = signum
-        if self.stop_at_once:
-            self.stop_at_once = False
-            raise _Interrupted
-
-    @contextlib.contextmanager
-    def interruptible(self):
-        if self.received is not None:
-            raise _Interrupted
-        self.stop_at_once = True
-        try:
-            yield
-        finally:
-            self.stop_at_once = False
-
-    @property
-    def name(self) -> str | None:
-        return signal.Signals(self.received).name if self.received is not None else None
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None, progress: bool = True,
@@ -261,7 +210,8 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
     batches = make_batches(cfg, tokenizer, world.rank, world.size, position)
     zero_shot_set, retrieval_set = eval_sets(cfg) if world.main else (None, None)
     # Records after the resumed step are replayed: the file keeps them once.
-    logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at=step if start_path else None) if world.main else None
+    resumed_at = step if start_path else None
+    logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at) if world.main else None
     if logger is not None and tokenizer_skips:
         logger.log("data", step, {f"tokenizer_skipped/{reason}": n for reason, n in tokenizer_skips.items()})
     if rng is not None:
@@ -289,7 +239,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
 
     eval_copy: list[nn.Module] = []
 
-    signals = _Signals()
+    signals = Signals()
 
     def evaluate_now() -> dict[str, float] | None:
         """Held-out metrics on rank 0 ({} on the others); None when a signal interrupted the evaluation."""
@@ -311,7 +261,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         try:
             with signals.interruptible():
                 metrics, chance = held_out(evaluated, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
-        except _Interrupted:
+        except Interrupted:
             return None
         except NonFiniteEmbeddings as e:
             raise TrainingError(f"evaluation at step {step}: {e}") from None
@@ -334,6 +284,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
     data_iter = iter(batches)
     ran = 0
     accumulation = cfg.optim.accumulation
+
     def skipped() -> dict[str, int]:
         """Bad samples skipped so far by this invocation (rank 0's share), as metrics: none when there are none."""
         result.skipped = batches.skip_counts()
