@@ -39,3 +39,13 @@ def test_limoe_recipe_routes_better_than_plain_top1(seed):
     assert success[0] >= baseline[0] + 0.05
     assert success[1] >= max(0.85, float(baseline[1]))
     assert limoe["mse"] < plain["mse"]
+
+
+@pytest.mark.parametrize("command", ["classify", "embed", "eval", "analyze"])
+def test_every_argument_has_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "checkpoint folder" in text
+    if command == "classify":
+        assert "labels shown per image" in text
