@@ -20,9 +20,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
+    if args.dataset == "corpus":
+        return _corpus(args)
     from limoe.data import BuiltinConfig, build_builtin_dataset
 
-    cfg = BuiltinConfig(raster_size=args.size, test_fraction=args.test_fraction)
+    fraction = 0.2 if args.test_fraction is None else args.test_fraction
+    cfg = BuiltinConfig(raster_size=args.size, test_fraction=fraction, max_concepts=args.max_concepts)
     if args.action == "build":
         print(build_builtin_dataset(cfg, force=args.force))
     elif args.action == "info":
@@ -35,6 +38,26 @@ def _data(args: argparse.Namespace) -> int:
         if not (args.images and args.name):
             raise UserError("limoe data style needs --images DIR and --name NAME")
         print(build_style(args.images, args.name, cfg))
+    return 0
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    import json
+
+    from limoe.data.corpus import CorpusConfig, build_corpus
+    from limoe.data.corpus.info import pairs_table
+
+    cfg = CorpusConfig(raster_size=args.size, max_concepts=args.max_concepts)
+    if args.test_fraction is not None:
+        cfg.test_fraction = args.test_fraction
+    if args.action == "style":
+        raise UserError("limoe data style adds emoji sets to the built-in dataset, not to the corpus")
+    folder = build_corpus(cfg, force=args.force)
+    if args.action == "build":
+        print(folder)
+    else:
+        print(f"corpus: {folder}\n")
+        print(pairs_table(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))))
     return 0
 
 
@@ -224,12 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_reproduce_parser(sub)
 
-    data = sub.add_parser("data", help="build or inspect the built-in OpenMoji image-text dataset")
+    data = sub.add_parser("data", help="build or inspect the built-in image-text datasets (OpenMoji; the corpus)")
     data.add_argument("action", choices=["build", "info", "style"],
-                      help="build: build now (else built on first use); info: print its manifest; "
-                           "style: add another codepoint-named emoji set from --images")
+                      help="build: build now (else built on first use); info: print its manifest (the corpus: "
+                           "pairs per source, style and split); style: add another codepoint-named emoji set "
+                           "from --images to the built-in dataset")
+    data.add_argument("--dataset", choices=["builtin", "corpus"], default="builtin",
+                      help="builtin: OpenMoji colour emoji (default); corpus: emoji and icons in four styles")
     data.add_argument("--size", type=int, default=64, help="render size in pixels (default: 64)")
-    data.add_argument("--test-fraction", type=float, default=0.2, help="share of concepts held out (default: 0.2)")
+    data.add_argument("--test-fraction", type=float, default=None,
+                      help="share of concepts held out (default: 0.2 builtin, 0.15 corpus)")
+    data.add_argument("--max-concepts", type=int, default=None, help="a small subset of concepts (quick builds)")
     data.add_argument("--force", action="store_true", help="rebuild even if cached")
     data.add_argument("--images", help="style: folder of images named by codepoints")
     data.add_argument("--name", help="style: name of the style")

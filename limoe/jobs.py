@@ -112,13 +112,13 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
                         templates: str | None = None, retrieval_csv: str | None = None,
                         probe_train: str | None = None, probe_test: str | None = None, shots: int = 10,
                         batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
-    """Zero-shot on an image folder (default: the built-in held-out concepts), retrieval on a CSV of pairs
-    (default: the built-in test split), and a k-shot linear probe when two image folders are given."""
+    """Zero-shot on an image folder (default: the held-out concepts of the run's corpus or built-in data),
+    retrieval on a CSV of pairs (default: their test split), and a k-shot linear probe when two image folders
+    are given."""
     from limoe import evaluate
-    from limoe.data import (CsvPairs, ImageConfig, ImageFolder, LoaderConfig, builtin_zero_shot, load_builtin,
-                            make_loader)
+    from limoe.data import CsvPairs, ImageConfig, ImageFolder, LoaderConfig, make_loader
     from limoe.train import evaluation
-    from limoe.train.data import builtin_config
+    from limoe.train.data import held_out_pairs, held_out_zero_shot
 
     model, tokenizer, config = _load(checkpoint, device)
     image = ImageConfig(image_size=model.config.image_size)
@@ -134,12 +134,12 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
             ds = ImageFolder(root, names_file, templates_file, image=image, **one)
             zs = (ds, ds.class_names, ds.templates)
         else:
-            zs = builtin_zero_shot(cfg=builtin_config(config), image=image, **one)
+            zs = held_out_zero_shot(config, image, **one)  # the run's corpus, else the built-in dataset
         metrics.update(evaluation.zero_shot(model, tokenizer, *zs, batch_size=batch_size))
         if retrieval_csv:
             pairs = CsvPairs(retrieval_csv, image=image, **one)
         else:
-            pairs = load_builtin("test", cfg=builtin_config(config), image=image, **one)
+            pairs = held_out_pairs(config, image, **one)
         metrics.update(evaluation.retrieval(model, tokenizer, pairs, batch_size))
         if probe_train or probe_test:
             if not (probe_train and probe_test):

@@ -17,14 +17,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from limoe.checks import (ConfigError, check_fields, field_checks, flag, integer, mapping, one_of, option, real,
-                          section, text)
+                          section, sequence, text)
+from limoe.data.sources import SOURCE_NAMES as CORPUS_SOURCES, STYLES as CORPUS_STYLES
 from limoe.losses import LossConfig
 from limoe.model.config import MOE_CHECKS, ModelConfig
 from limoe.model.registry import list_models
 
 SCHEDULES = ("cosine", "rsqrt", "constant")
 SIGLIP_BIAS_INIT = -10.0
-SOURCES = ("builtin", "csv", "wds")
+SOURCES = ("builtin", "corpus", "csv", "wds")
 
 
 def _device_problem(name: str) -> str | None:
@@ -51,7 +52,8 @@ def _device_problem(name: str) -> str | None:
 # runs them all, then the checks across fields; a field without a check fails every validation.
 @dataclass
 class DataConfig:
-    # builtin (offline OpenMoji), csv (CsvPairs file) or wds (webdataset shards)
+    # builtin (offline OpenMoji), corpus (offline emoji + icons, limoe.data.corpus), csv (CsvPairs file) or wds
+    # (webdataset shards)
     source: str = option("builtin", one_of(*SOURCES))
     train: str | None = option(None, text(none=True))  # csv: path of the CSV/TSV; wds: shard pattern
     csv_img_key: str = option("filepath", text())
@@ -62,9 +64,14 @@ class DataConfig:
     # BPE tokenizer trained on the training captions; byte-level, so at least 256 bytes + <pad> + <eos>
     vocab_size: int = option(1024, integer(ge=258))
     context_length: int = option(16, integer(ge=1))
-    max_concepts: int | None = option(None, integer(ge=1, none=True))  # built-in: a small subset (tests, quick runs)
-    # built-in: where the rendered dataset lives (default: the limoe cache)
+    # builtin / corpus: a small subset of concepts (tests, quick runs)
+    max_concepts: int | None = option(None, integer(ge=1, none=True))
+    # builtin / corpus: where the rendered dataset lives (default: the limoe cache)
     cache_dir: str | None = option(None, text(none=True))
+    # corpus: train on these styles / sources only (None: all); e.g. ["line", "solid"] to hold colour out.
+    # Evaluation keeps every style: the held-out concepts of all styles pooled.
+    corpus_styles: tuple[str, ...] | None = option(None, sequence(one_of(*CORPUS_STYLES), none=True))
+    corpus_sources: tuple[str, ...] | None = option(None, sequence(one_of(*CORPUS_SOURCES), none=True))
     augment: bool = option(True, flag())  # random crop + colour jitter on training images
     # The default run sees each built-in pair ~20 times; augmentation stronger than the data layer's light
     # default delays the overfitting that makes held-out zero-shot accuracy fall after ~600 steps.
@@ -143,7 +150,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Every field's declared check (one line naming the dotted key), then the checks across fields."""
         check_fields(self)
-        if self.data.source != "builtin" and not self.data.train:
+        if self.data.source not in ("builtin", "corpus") and not self.data.train:
             raise ConfigError(f"data.source={self.data.source} needs data.train (a CSV path or a shard pattern)")
         try:
             model = self.model_config()

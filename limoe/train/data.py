@@ -21,6 +21,16 @@ def builtin_config(cfg: TrainConfig) -> BuiltinConfig:
     return BuiltinConfig(max_concepts=cfg.data.max_concepts, cache_dir=cfg.data.cache_dir)
 
 
+def corpus_config(cfg: TrainConfig):
+    from limoe.data.corpus import CorpusConfig
+
+    return CorpusConfig(max_concepts=cfg.data.max_concepts, cache_dir=cfg.data.cache_dir)
+
+
+def corpus_filter(cfg: TrainConfig) -> dict:
+    return dict(styles=cfg.data.corpus_styles, sources=cfg.data.corpus_sources)
+
+
 def image_config(cfg: TrainConfig) -> ImageConfig:
     if cfg.data.augment:
         return ImageConfig(image_size=cfg.data.image_size, crop_scale=(cfg.data.crop_scale, 1.0),
@@ -34,6 +44,10 @@ def training_pairs(cfg: TrainConfig, rank: int = 0, world_size: int = 1):
     d = cfg.data
     if d.source == "builtin":
         return load_builtin("train", cfg=builtin_config(cfg), drop_uneven=True, **common)
+    if d.source == "corpus":
+        from limoe.data.corpus import load_corpus
+
+        return load_corpus("train", cfg=corpus_config(cfg), drop_uneven=True, **corpus_filter(cfg), **common)
     if d.source == "csv":
         return CsvPairs(d.train, d.csv_img_key, d.csv_caption_key, drop_uneven=True, **common)
     return WdsPairs(d.train, **common)
@@ -47,6 +61,11 @@ def training_captions(cfg: TrainConfig, skips: dict[str, int] | None = None) -> 
     """
     if cfg.data.source == "builtin":
         return builtin_captions("train", builtin_config(cfg))
+    if cfg.data.source == "corpus":
+        from limoe.data.corpus import corpus_captions
+
+        # Every caption a pass can draw (the corpus's rows are all valid: its build checked every render).
+        return corpus_captions("train", corpus_config(cfg), **corpus_filter(cfg))
     if cfg.data.source == "csv":
         source = CsvPairs(cfg.data.train, cfg.data.csv_img_key, cfg.data.csv_caption_key)
     else:
@@ -143,23 +162,46 @@ def make_batches(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_si
     return TrainBatches(cfg, tokenizer, rank, world_size, position)
 
 
+def held_out_zero_shot(cfg: TrainConfig, image: ImageConfig, **stream_kwargs):
+    """(dataset, class names, templates) of the held-out concepts of the run's built-in data: the corpus's (all
+    styles pooled, whatever data.corpus_styles trains on: a held-out style is then part of the test) for
+    data.source=corpus, else the built-in dataset's."""
+    if cfg.data.source == "corpus":
+        from limoe.data.corpus import corpus_zero_shot
+
+        return corpus_zero_shot("all", cfg=corpus_config(cfg), image=image, **stream_kwargs)
+    from limoe.data import builtin_zero_shot
+
+    return builtin_zero_shot(cfg=builtin_config(cfg), image=image, **stream_kwargs)
+
+
+def held_out_pairs(cfg: TrainConfig, image: ImageConfig, **stream_kwargs):
+    """The test split (titles as captions) of the corpus for data.source=corpus, else of the built-in dataset."""
+    if cfg.data.source == "corpus":
+        from limoe.data.corpus import load_corpus
+
+        return load_corpus("test", cfg=corpus_config(cfg), image=image, **stream_kwargs)
+    return load_builtin("test", cfg=builtin_config(cfg), image=image, **stream_kwargs)
+
+
 def eval_sets(cfg: TrainConfig):
     """(zero-shot (dataset, class names, templates) or None, retrieval dataset or None), read whole by one rank."""
-    from limoe.data import ImageFolder, builtin_zero_shot
+    from limoe.data import ImageFolder
 
     image = ImageConfig(image_size=cfg.data.image_size)
     one = dict(rank=0, world_size=1)
     zero_shot = retrieval = None
+    builtin = cfg.data.source in ("builtin", "corpus")
     if cfg.eval.zero_shot:
         if cfg.eval.zero_shot_dir:
             root = cfg.eval.zero_shot_dir
             ds = ImageFolder(root, f"{root}/classnames.txt", f"{root}/templates.txt", image=image, **one)
             zero_shot = (ds, ds.class_names, ds.templates)
-        elif cfg.data.source == "builtin":
-            zero_shot = builtin_zero_shot(cfg=builtin_config(cfg), image=image, **one)
+        elif builtin:
+            zero_shot = held_out_zero_shot(cfg, image, **one)
     if cfg.eval.retrieval:
         if cfg.eval.retrieval_csv:
             retrieval = CsvPairs(cfg.eval.retrieval_csv, image=image, **one)
-        elif cfg.data.source == "builtin":
-            retrieval = load_builtin("test", cfg=builtin_config(cfg), image=image, **one)
+        elif builtin:
+            retrieval = held_out_pairs(cfg, image, **one)
     return zero_shot, retrieval

@@ -1,0 +1,13 @@
+"""The image-text corpus: OpenMoji emoji and three icon sets (Tabler, Font Awesome Free, Lucide) rendered in
+four visual styles from installed packages, split by concept across all of them. See docs/data.md.
+
+    root = build_corpus()                                  # once, ~20 s; cached like the built-in dataset
+    train = load_corpus("train", styles=["line", "solid"]) # (image, caption drawn per epoch)
+    zs, class_names, templates = corpus_zero_shot("color") # held-out concepts in one style, or "all"
+"""
+
+from limoe.data.corpus.build import CorpusConfig, build_corpus, corpus_dir
+from limoe.data.corpus.dataset import CorpusPairs, corpus_captions, corpus_zero_shot, load_corpus
+
+__all__ = ["CorpusConfig", "build_corpus", "corpus_dir", "CorpusPairs", "corpus_captions", "corpus_zero_shot",
+           "load_corpus"]

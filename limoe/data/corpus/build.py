@@ -1,0 +1,205 @@
+"""Build the corpus once into a versioned cache folder (like the built-in dataset, beside it):
+
+    <cache>/corpus-v<BUILD_VERSION>-<px>px-test<pct>[-n<max_concepts>]-<hash of the package versions>/
+        images/<style>/<source>/<key>.png       RGBA renders (transparent background)
+        train.csv, test.csv                     filepath,title,concept,source,style,captions (JSON list)
+        zeroshot/<view>/<class idx>/<...>.png   held-out concepts as ImageFolders: view = all (every style
+        zeroshot/<view>/classnames.txt          pooled) or one style; class indices agree across views
+        zeroshot/<view>/templates.txt
+        manifest.json                           pairs per split x source x style, versions, build seconds
+        ATTRIBUTION.txt, LICENSES/<source>.txt  what each source's licence asks for
+
+train.csv / test.csv are also plain CsvPairs files (filepath, title). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from limoe.data.builtin import _link_or_copy, cache_root
+from limoe.data.corpus.render import MIN_COVERAGE, render_all
+from limoe.data.corpus.split import Split, split_items
+from limoe.data.csv_dataset import no_field_limit
+from limoe.data.sources import SOURCE_NAMES, STYLES, Item, captions, fontawesome, lucide, openmoji, tabler
+
+BUILD_VERSION = 1  # bump when the build's output changes (naming, split rule, captions...)
+MODULES = {m.NAME: m for m in (openmoji, tabler, fontawesome, lucide)}
+COLUMNS = ("filepath", "title", "concept", "source", "style", "captions")
+# Zero-shot prompts fit every style and source (the training captions use per-source templates, dataset.py).
+ZERO_SHOT_TEMPLATES = ("{}", "an icon of {}.", "an emoji of {}.", "a picture of {}.")
+
+
+@dataclass
+class CorpusConfig:
+    raster_size: int = 64            # pixels of the stored renders (the loader resizes to image_size)
+    # Share of concepts held out in every style and source. 0.15, not the built-in 0.2: the corpus has ~7,000
+    # concepts, so 15% still holds out over 1,000 (the built-in 366) and leaves over 15,000 training pairs.
+    test_fraction: float = 0.15
+    max_concepts: int | None = None  # a small deterministic subset of concepts (tests, quick runs)
+    cache_dir: str | None = None     # default: the limoe cache (see builtin.cache_root)
+    workers: int | None = None       # rendering processes (default: all cores)
+
+
+def versions() -> dict[str, str]:
+    return {name: module.version() for name, module in MODULES.items()}
+
+
+def corpus_dir(cfg: CorpusConfig | None = None) -> Path:
+    cfg = cfg or CorpusConfig()
+    # The package versions go in as a hash: a new icon release builds a new folder instead of reusing a stale one.
+    tag = hashlib.sha256(json.dumps(versions(), sort_keys=True).encode()).hexdigest()[:8]
+    name = f"corpus-v{BUILD_VERSION}-{cfg.raster_size}px-test{round(cfg.test_fraction * 100)}"
+    if cfg.max_concepts is not None:
+        name += f"-n{cfg.max_concepts}"
+    return cache_root(cfg) / f"{name}-{tag}"  # type: ignore[arg-type]  # cache_root reads .cache_dir only
+
+
+def all_items() -> list[Item]:
+    return [item for module in MODULES.values() for item in module.items()]
+
+
+def _class_names(s: Split) -> dict[str, tuple[str, str]]:
+    """held-out label -> (folder, class name): sorted by name; a name two concepts share gets its label."""
+    labels = sorted(s.test, key=lambda lab: (s.names[lab], lab))
+    counts = Counter(s.names[lab] for lab in labels)
+    width = max(4, len(str(len(labels))))
+    return {lab: (f"{i:0{width}d}", s.names[lab] if counts[s.names[lab]] == 1 else f"{s.names[lab]} ({lab})")
+            for i, lab in enumerate(labels)}
+
+
+def _write_zero_shot(out: Path, test_rows: list[dict], classes: dict[str, tuple[str, str]]) -> None:
+    for view in ("all", *STYLES):
+        rows = [r for r in test_rows if view in ("all", r["style"])]
+        if not rows:
+            continue
+        zs = out / "zeroshot" / view
+        for r in rows:
+            folder = zs / classes[r["concept"]][0]
+            folder.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(out / r["filepath"], folder / f"{r['style']}-{r['source']}-{Path(r['filepath']).name}")
+        used = sorted({classes[r["concept"]] for r in rows})
+        (zs / "classnames.txt").write_text("".join(f"{f}\t{n}\n" for f, n in used), encoding="utf-8")
+        (zs / "templates.txt").write_text("".join(t + "\n" for t in ZERO_SHOT_TEMPLATES), encoding="utf-8")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f, no_field_limit():
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _shared_pictures(s: Split, renders: list[tuple[bytes, float]]) -> set[tuple[str, bytes]]:
+    """(style, PNG) of renders that several concepts share: no caption can tell them apart, so they are left out.
+    The OpenMoji line layer of every flag, for one, is the same empty rectangle."""
+    concepts: dict[tuple[str, bytes], set[str]] = defaultdict(set)
+    for item, concept, (png, _) in zip(s.items, s.concept, renders):
+        concepts[(item.style, png)].add(concept)
+    return {key for key, labels in concepts.items() if len(labels) > 1}
+
+
+def _write(out: Path, s: Split, renders: list[tuple[bytes, float]], cfg: CorpusConfig, t0: float) -> dict:
+    rows: dict[str, list[dict]] = {"train": [], "test": []}
+    blank: Counter[str] = Counter()
+    ambiguous: Counter[str] = Counter()
+    shared = _shared_pictures(s, renders)
+    for item, concept, (png, coverage) in zip(s.items, s.concept, renders):
+        if coverage < MIN_COVERAGE:
+            blank[f"{item.source}/{item.style}"] += 1
+            continue
+        if (item.style, png) in shared:
+            ambiguous[f"{item.source}/{item.style}"] += 1
+            continue
+        rel = f"images/{item.style}/{item.source}/{item.key}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(png)
+        rows["test" if concept in s.test else "train"].append(dict(
+            filepath=rel, title=item.name, concept=concept, source=item.source, style=item.style,
+            captions=json.dumps(captions(item), ensure_ascii=False)))
+    for split, split_rows in rows.items():
+        _write_csv(out / f"{split}.csv", split_rows)
+    _write_zero_shot(out, rows["test"], _class_names(s))
+
+    (out / "LICENSES").mkdir()
+    used = sorted({r["source"] for split_rows in rows.values() for r in split_rows})
+    for name in used:
+        (out / "LICENSES" / f"{name}.txt").write_text(MODULES[name].attribution() + "\n", encoding="utf-8")
+    (out / "ATTRIBUTION.txt").write_text(
+        "This corpus is rendered from the following works; each one's full notice is in LICENSES/.\n\n"
+        + "".join(f"- {n} {MODULES[n].version()}: {MODULES[n].LICENSE}\n" for n in used), encoding="utf-8")
+
+    def counts(key) -> dict:
+        return {split: dict(sorted(Counter(key(r) for r in split_rows).items())) for split, split_rows in rows.items()}
+
+    test_concepts = {r["concept"] for r in rows["test"]}
+    manifest = {
+        "build_version": BUILD_VERSION,
+        "sources": {n: {"version": MODULES[n].version(), "license": MODULES[n].LICENSE} for n in used},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "workers")},
+        "pairs": {split: len(r) for split, r in rows.items()},
+        "pairs_by_source": counts(lambda r: r["source"]),
+        "pairs_by_style": counts(lambda r: r["style"]),
+        "pairs_by_source_style": counts(lambda r: f"{r['source']}/{r['style']}"),
+        "concepts": {"train": len({r["concept"] for r in rows["train"]}), "test": len(test_concepts)},
+        "blank_renders_left_out": dict(sorted(blank.items())),
+        "ambiguous_renders_left_out": dict(sorted(ambiguous.items())),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def build_corpus(cfg: CorpusConfig | None = None, force: bool = False, quiet: bool = False) -> Path:
+    """Build (once) and return the corpus folder; later calls return at once from the cache."""
+    cfg = cfg or CorpusConfig()
+    final = corpus_dir(cfg)
+    if (final / "manifest.json").is_file() and not force:
+        return final
+    t0 = time.perf_counter()
+    s = split_items(all_items(), cfg.test_fraction, cfg.max_concepts)
+    if not quiet:
+        print(f"limoe: building the image-text corpus ({len(s.items)} images of {len(s.names)} concepts from "
+              f"{', '.join(SOURCE_NAMES)}; {cfg.raster_size}px) into {final} — once, about a minute...",
+              file=sys.stderr, flush=True)
+    renders = render_all(s.items, cfg.raster_size, cfg.workers)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: a crash or a concurrent build never leaves half a corpus.
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        manifest = _write(tmp, s, renders, cfg, t0)
+        if force and final.exists():
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: its identical build wins
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not quiet:
+        print(f"limoe: corpus ready: {manifest['pairs']['train']} train / {manifest['pairs']['test']} test pairs, "
+              f"{manifest['concepts']['test']} held-out concepts, {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+    return final
+
+
+def read_rows(root: Path, split: str) -> list[dict]:
+    """The rows of train.csv / test.csv as dicts, captions decoded to lists."""
+    import csv
+
+    with open(root / f"{split}.csv", newline="", encoding="utf-8") as f, no_field_limit():
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["captions"] = json.loads(r["captions"])
+    return rows

@@ -1,0 +1,119 @@
+"""Reading the corpus: (image, caption) pairs with a caption drawn afresh each epoch, filtered by style/source.
+
+Each image has several captions (its name, aliases, "name, category", "name: tag, tag, tag"); a training pass
+draws one of them and one prompt template of its source, seeded by (seed, epoch, row), so a pass is
+reproducible and the model sees every phrasing over the epochs. Evaluation (train=False) reads the title.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from limoe.data.corpus.build import CorpusConfig, build_corpus, read_rows
+from limoe.data.image_folder import ImageFolder
+from limoe.data.sources import SOURCE_NAMES, STYLES
+from limoe.data.stats import DataError
+from limoe.data.stream import Record, SampleStream, clean_caption, deal_indices, mix_seed, read_file
+from limoe.data.transforms import ImageConfig
+
+EMOJI = ("{}", "an emoji of {}.", "a {} emoji.")
+ICON = ("{}", "an icon of {}.", "a {} icon.")
+TEMPLATES = {"openmoji": EMOJI, "tabler": ICON, "fontawesome": ICON, "lucide": ICON}
+
+
+def _check(kind: str, chosen: Sequence[str] | None, known: Sequence[str]) -> set[str] | None:
+    if chosen is None:
+        return None
+    unknown = sorted(set(chosen) - set(known))
+    if unknown or not chosen:
+        raise DataError(f"corpus {kind}s must be some of {list(known)}, got {list(chosen)}")
+    return set(chosen)
+
+
+class CorpusPairs(SampleStream):
+    """(image [3,S,S], caption) of one split of a built corpus; `styles` / `sources` keep only those rows
+    (e.g. train on line and solid, keep colour for a held-out-style test)."""
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", styles: Sequence[str] | None = None,
+                 sources: Sequence[str] | None = None, sample_captions: bool | None = None,
+                 templates: dict[str, Sequence[str]] | None = None, **stream_kwargs):
+        if split not in ("train", "test"):
+            raise DataError(f"corpus split must be 'train' or 'test', not {split!r}")
+        root = Path(root)
+        super().__init__(name=str(root / f"{split}.csv"), **stream_kwargs)
+        keep_styles, keep_sources = _check("style", styles, STYLES), _check("source", sources, SOURCE_NAMES)
+        rows = [r for r in read_rows(root, split) if (keep_styles is None or r["style"] in keep_styles)
+                and (keep_sources is None or r["source"] in keep_sources)]
+        if not rows:
+            raise DataError(f"{self.name}: no rows of styles {styles} and sources {sources}")
+        self.paths = [str(root / r["filepath"]) for r in rows]
+        self.titles = [r["title"] for r in rows]
+        self.captions = [r["captions"] for r in rows]
+        self.sources = [r["source"] for r in rows]
+        self.styles = [r["style"] for r in rows]
+        self.concepts = [r["concept"] for r in rows]
+        self.sample_captions = self.shuffle if sample_captions is None else sample_captions
+        self.templates = {**TEMPLATES, **(templates or {})}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def caption(self, i: int, epoch: int | None = None) -> str:
+        """Row i's caption in `epoch` (default: the current one): drawn when sampling, else the title."""
+        if not self.sample_captions:
+            return self.titles[i]
+        # Python's Random from a mixed 63-bit seed: the same caption for (seed, epoch, row) in every process.
+        rng = random.Random(mix_seed(self.seed, self.epoch if epoch is None else epoch, i))
+        return rng.choice(self.templates[self.sources[i]]).format(rng.choice(self.captions[i]))
+
+    def caption_texts(self) -> Iterator[str]:
+        """Every caption a pass can draw (all captions x all templates of each row), each once: the tokenizer is
+        then trained on every phrasing the model will read, and on the training split only."""
+        seen: set[str] = set()
+        for i in range(len(self)):
+            options = ([self.titles[i]] if not self.sample_captions else
+                       [t.format(c) for c in self.captions[i] for t in self.templates[self.sources[i]]])
+            for text in map(clean_caption, options):  # exactly what a pass yields
+                if text not in seen:
+                    seen.add(text)
+                    yield text
+
+    def records(self, part: int, parts: int, gen: torch.Generator | None) -> Iterator[Record]:
+        for i in deal_indices(len(self.paths), part, parts, gen, self.drop_uneven):
+            yield Record(key=str(i), image=read_file(self.paths[i]), target=self.caption(i))
+
+
+def load_corpus(split: str = "train", image_size: int = 64, train: bool | None = None,
+                cfg: CorpusConfig | None = None, image: ImageConfig | None = None,
+                styles: Sequence[str] | None = None, sources: Sequence[str] | None = None,
+                **stream_kwargs) -> CorpusPairs:
+    """The corpus's pairs (built on first use); train (augmentation, shuffling, caption sampling) defaults to
+    split == 'train'. The test split, read with titles, is the retrieval set."""
+    image = image or ImageConfig(image_size=image_size)
+    return CorpusPairs(build_corpus(cfg), split, styles, sources, image=image,
+                       train=(split == "train") if train is None else train, **stream_kwargs)
+
+
+def corpus_zero_shot(view: str = "all", image_size: int = 64, cfg: CorpusConfig | None = None,
+                     image: ImageConfig | None = None, **stream_kwargs) -> tuple[ImageFolder, list[str], list[str]]:
+    """(dataset of (image, class index), class names, templates) over the held-out concepts, in one style or
+    all styles pooled (view='all')."""
+    if view not in ("all", *STYLES):
+        raise DataError(f"corpus zero-shot view must be 'all' or one of {list(STYLES)}, not {view!r}")
+    zs = build_corpus(cfg) / "zeroshot" / view
+    if not zs.is_dir():
+        raise DataError(f"{zs}: no held-out images in style {view!r} (too small a max_concepts?)")
+    ds = ImageFolder(zs, zs / "classnames.txt", zs / "templates.txt",
+                     image=image or ImageConfig(image_size=image_size), **stream_kwargs)
+    return ds, ds.class_names, ds.templates
+
+
+def corpus_captions(split: str = "train", cfg: CorpusConfig | None = None, styles: Sequence[str] | None = None,
+                    sources: Sequence[str] | None = None) -> list[str]:
+    """Every caption a training pass over the split can draw (for the tokenizer)."""
+    return list(CorpusPairs(build_corpus(cfg), split, styles, sources, sample_captions=True).caption_texts())

@@ -1,0 +1,97 @@
+"""Concepts across sources and styles, and the split by concept: a held-out concept is held out everywhere.
+
+The same thing drawn by several packages ("rocket" in OpenMoji colour, OpenMoji line, Tabler, Font Awesome
+and Lucide) is one concept, so no style or source of a test concept is ever trained on. Two items are in one
+concept when they share any of these keys (the concepts are the connected components):
+
+- an emoji's codepoint key (`concepts.codepoint_key`: no skin tone, hair, gender, joiners): all OpenMoji
+  styles of one emoji and all its tone / gender variants;
+- the emoji a Font Awesome icon stands for (its metadata lists them: face-smile -> 1F642): the icon joins
+  that emoji's concept (Font Awesome's "heart" lists every coloured heart, so all hearts are one concept);
+- a normalised name (`concepts.name_key`: lower case, no tone / hair / gender words): "arrow-big-left" in
+  Tabler and Lucide, "rocket" in every source; icon aliases (former names, Font Awesome's alias names) count
+  as names. A numbered icon whose source also has the name without the number ("layers-2" beside "layers")
+  is a variant of it, so it joins that concept too ("dice-5" beside "dice" as well: safe, if coarse).
+
+Limits, accepted: names that differ in wording do not match ("heart" in Tabler and "red heart" in
+OpenMoji, "mood-smile" and "slightly smiling face"), so near-identical pictures under different names may
+fall in different splits; and "-off" / "-filled"-style variants named differently ("bell" and "bell off")
+are different concepts on purpose (the slash is what a caption names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from limoe.data.concepts import _UnionFind, class_name, codepoint_key, held_out, name_key
+from limoe.data.sources import Item, base_name
+
+SALT = "limoe-corpus-split-v1"
+
+
+def item_keys(item: Item, names: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """The keys that join an item to others in one concept (see the module docstring); `names` holds the
+    (source, name) of every item, to recognise numbered variants."""
+    base = base_name(item.name) if item.source != "openmoji" else None
+    variant_of = [base] if base and (item.source, base) in names else []
+    keys = [f"name:{name_key(n)}" for n in (item.name, *item.aliases, *variant_of) if name_key(n)]
+    if item.source == "openmoji":
+        keys.append(f"cp:{codepoint_key(item.codepoints)}")
+    else:
+        keys += [f"cp:{codepoint_key((cp,))}" for cp in item.codepoints]
+    return keys
+
+
+def group_items(items: list[Item]) -> list[str]:
+    """A concept label per item: the smallest emoji file stem of its concept, else 'icon:<smallest name>'."""
+    uf = _UnionFind(len(items))
+    first: dict[str, int] = {}
+    names = {(item.source, item.name) for item in items}
+    for i, item in enumerate(items):
+        for key in item_keys(item, names):
+            uf.union(first.setdefault(key, i), i)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(items)):
+        members[uf.find(i)].append(i)
+    label_of: dict[int, str] = {}
+    for root, idx in members.items():
+        stems = [items[i].key for i in idx if items[i].source == "openmoji"]
+        label_of[root] = min(stems) if stems else "icon:" + min(items[i].name for i in idx)
+    return [label_of[uf.find(i)] for i in range(len(items))]
+
+
+def concept_name(members: list[Item]) -> str:
+    """Class name of a concept: the name most of its images carry ("heart" for Font Awesome's heart and the
+    coloured heart emoji it stands for); ties go to the plainest emoji (concepts.class_name: "person running"
+    over "woman running"), then to the shortest name."""
+    counts = Counter(m.name for m in members)
+    top = {n for n, c in counts.items() if c == max(counts.values())}
+    emoji = [(m.codepoints, m.name) for m in members if m.source == "openmoji" and m.name in top]
+    return class_name(emoji) if emoji else min(top, key=lambda n: (len(n), n))
+
+
+@dataclass
+class Split:
+    items: list[Item]
+    concept: list[str]       # concept label per item
+    names: dict[str, str]    # concept label -> class name
+    test: set[str]           # held-out concept labels
+
+
+def split_items(items: list[Item], test_fraction: float, max_concepts: int | None = None) -> Split:
+    """Group, optionally keep a deterministic subset of concepts, and hold out concepts by a hash of their label."""
+    labels = group_items(items)
+    keep = sorted(set(labels))
+    if max_concepts is not None:
+        # A hash order, not the first N: a subset then mixes sources, styles, train and test like the whole.
+        keep = sorted(keep, key=lambda lab: hashlib.sha256(f"subset:{lab}".encode()).hexdigest())[:max_concepts]
+    kept = set(keep)
+    chosen = [i for i, lab in enumerate(labels) if lab in kept]
+    by_label: dict[str, list[Item]] = defaultdict(list)
+    for i in chosen:
+        by_label[labels[i]].append(items[i])
+    return Split(items=[items[i] for i in chosen], concept=[labels[i] for i in chosen],
+                 names={lab: concept_name(m) for lab, m in by_label.items()},
+                 test={lab for lab in by_label if held_out(lab, test_fraction, SALT)})

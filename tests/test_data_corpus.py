@@ -1,0 +1,191 @@
+"""The corpus: split by concept across sources and styles, captions drawn per epoch, licences, visible renders,
+filters, the command line, and a short training run on it."""
+
+import io
+import json
+import os
+from collections import defaultdict
+
+import pytest
+from PIL import Image
+
+from limoe.cli import main
+from limoe.data import DataError
+from limoe.data.corpus import CorpusConfig, CorpusPairs, build_corpus, corpus_captions, corpus_zero_shot, load_corpus
+from limoe.data.corpus.build import all_items, read_rows
+from limoe.data.corpus.render import MIN_COVERAGE
+from limoe.data.corpus.split import item_keys, split_items
+from limoe.data.sources import SOURCE_NAMES, captions, words
+
+SMALL = 120  # concepts in the test build: ~300 images, a few seconds
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return CorpusConfig(max_concepts=SMALL, cache_dir=str(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.fixture(scope="module")
+def root(cfg):
+    return build_corpus(cfg, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def full_split():
+    return split_items(all_items(), CorpusConfig().test_fraction)  # every item, no rendering (~1 s)
+
+
+def test_split_is_by_concept_across_sources_and_styles(full_split):
+    s = full_split
+    assert len(s.items) > 17000 and {i.source for i in s.items} == set(SOURCE_NAMES)
+    assert {i.style for i in s.items} >= {"color", "line", "solid"}
+    # No key that joins items into a concept (emoji codepoints, names, aliases) is on both sides of the split.
+    names = {(i.source, i.name) for i in s.items}
+    side: dict[str, set[bool]] = defaultdict(set)
+    for item, concept in zip(s.items, s.concept):
+        for key in item_keys(item, names):
+            side[key].add(concept in s.test)
+    assert all(len(v) == 1 for v in side.values())
+    # Concepts do span sources: the same thing from several packages is one concept, held out or trained together.
+    sources = defaultdict(set)
+    for item, concept in zip(s.items, s.concept):
+        sources[concept].add(item.source)
+    assert sum(len(v) >= 3 for v in sources.values()) > 200
+    assert 0.1 < len(s.test) / len(s.names) < 0.2
+
+
+def test_matching_rule_examples(full_split):
+    s = full_split
+    label = {(i.source, i.style, i.key): c for i, c in zip(s.items, s.concept)}
+    rocket = {label[k] for k in [("openmoji", "color", "1F680"), ("openmoji", "line", "1F680"),
+                                 ("tabler", "line", "rocket"), ("lucide", "line", "rocket"),
+                                 ("fontawesome", "solid", "rocket")]}
+    assert len(rocket) == 1 and s.names[rocket.pop()] == "rocket"
+    assert label[("tabler", "line", "ad-2")] == label[("tabler", "line", "ad")]  # a numbered variant
+    assert label[("lucide", "line", "layers-2")] == label[("lucide", "line", "layers")]
+    # Font Awesome's face-smile stands for the emoji 1F642 (its metadata says so).
+    assert label[("fontawesome", "solid", "face-smile")] == label[("openmoji", "color", "1F642")]
+    assert label[("openmoji", "color", "1F44D-1F3FD")] == label[("openmoji", "color", "1F44D")]  # tone variant
+    assert words("arrow-big-left") == "arrow big left"
+
+
+def test_manifest_counts_and_csv_agree(root):
+    manifest = json.loads((root / "manifest.json").read_text())
+    for split in ("train", "test"):
+        rows = read_rows(root, split)
+        assert len(rows) == manifest["pairs"][split] > 0
+        for by, key in (("pairs_by_source", "source"), ("pairs_by_style", "style")):
+            counts = defaultdict(int)
+            for r in rows:
+                counts[r[key]] += 1
+            assert counts == manifest[by][split]
+        assert all(r["captions"][0] == r["title"] and os.path.isfile(root / r["filepath"]) for r in rows)
+    assert len(manifest["pairs_by_style"]["train"]) >= 3
+    train = {r["concept"] for r in read_rows(root, "train")}
+    assert train.isdisjoint(r["concept"] for r in read_rows(root, "test"))
+
+
+def test_every_source_used_has_its_licence(root):
+    manifest = json.loads((root / "manifest.json").read_text())
+    used = set(manifest["pairs_by_source"]["train"]) | set(manifest["pairs_by_source"]["test"])
+    assert used == set(manifest["sources"]) == set(SOURCE_NAMES)  # 120 concepts draw on every source
+    attribution = (root / "ATTRIBUTION.txt").read_text()
+    for name in used:
+        assert name in attribution
+        assert (root / "LICENSES" / f"{name}.txt").read_text().strip()
+    assert "OpenMoji" in (root / "LICENSES" / "openmoji.txt").read_text()
+    assert "CC BY 4.0" in (root / "LICENSES" / "fontawesome.txt").read_text()
+
+
+def test_renders_are_visible(root):
+    for split in ("train", "test"):
+        for r in read_rows(root, split):
+            image = Image.open(io.BytesIO((root / r["filepath"]).read_bytes()))
+            assert image.size == (64, 64)
+            alpha = image.convert("RGBA").getchannel("A").histogram()
+            assert 1 - alpha[0] / 64**2 >= MIN_COVERAGE, r["filepath"]
+
+
+def test_captions_are_drawn_per_epoch_and_reproducibly(root):
+    ds = CorpusPairs(root, "train", train=True, seed=3)
+    rich = [i for i in range(len(ds)) if len(ds.captions[i]) >= 3]
+    assert rich
+    seen = defaultdict(set)
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        for i in rich:
+            seen[i].add(ds.caption(i))
+    assert sum(len(v) >= 3 for v in seen.values()) > len(rich) / 2
+    again = CorpusPairs(root, "train", train=True, seed=3)
+    again.set_epoch(5)
+    ds.set_epoch(5)
+    assert [again.caption(i) for i in range(len(ds))] == [ds.caption(i) for i in range(len(ds))]
+    # Every drawn caption names the image (or an alias of it); evaluation reads the title.
+    assert all(any(c in ds.caption(i) for c in ds.captions[i]) for i in range(len(ds)))
+    assert CorpusPairs(root, "test").caption(0) == CorpusPairs(root, "test").titles[0]
+    # The tokenizer's captions cover every caption a pass can draw.
+    assert {ds.caption(i) for i in range(len(ds))} <= set(ds.caption_texts())
+
+
+def test_style_and_source_filters(root, cfg):
+    line = load_corpus("train", cfg=cfg, styles=["line"])
+    assert set(line.styles) == {"line"} and len(line) < len(load_corpus("train", cfg=cfg))
+    emoji = load_corpus("train", cfg=cfg, sources=["openmoji"], styles=["color", "flat"])
+    assert set(emoji.sources) == {"openmoji"} and set(emoji.styles) == {"color", "flat"}
+    solid = set(corpus_captions(cfg=cfg, styles=["solid"]))  # the tokenizer's captions follow the filter
+    assert solid < set(corpus_captions(cfg=cfg)) and all(t in solid for t in load_corpus("train", cfg=cfg,
+                                                                                           styles=["solid"]).titles)
+    with pytest.raises(DataError, match="styles must be some of"):
+        load_corpus("train", cfg=cfg, styles=["sepia"])
+    image, caption = next(iter(line))
+    assert image.shape == (3, 64, 64) and isinstance(caption, str)
+
+
+def test_zero_shot_views_hold_out_concepts(root, cfg):
+    test = read_rows(root, "test")
+    names = {r["title"] for r in test}
+    pooled, classes, templates = corpus_zero_shot("all", cfg=cfg)
+    assert len(pooled) == len(test) and "{}" in templates
+    for view in {r["style"] for r in test}:
+        ds, view_classes, _ = corpus_zero_shot(view, cfg=cfg)
+        assert len(ds) == sum(r["style"] == view for r in test)
+        assert set(view_classes) <= set(classes)
+    assert any(c in names for c in classes)
+
+
+def test_cli_builds_and_reports_counts(cfg, capsys):
+    args = ["--dataset", "corpus", "--max-concepts", str(SMALL)]
+    os.environ["LIMOE_CACHE"], saved = cfg.cache_dir, os.environ.get("LIMOE_CACHE")
+    try:
+        assert main(["data", "build", *args]) == 0
+        assert main(["data", "info", *args]) == 0
+    finally:
+        os.environ["LIMOE_CACHE"] = saved
+    out = capsys.readouterr().out
+    assert "openmoji/color" in out and "tabler/line" in out and "concepts" in out
+
+
+def test_a_missing_icon_package_names_its_extra():
+    from limoe.extras import MissingExtraError, locate
+
+    with pytest.raises(MissingExtraError, match=r"pip install 'limoe-torch\[data\]'"):
+        locate("no_such_icon_package", "data", "the corpus")
+
+
+def test_captions_say_the_name_first():
+    items = [i for i in all_items() if i.source == "tabler" and i.key == "heart"]
+    assert captions(items[0])[0] == "heart" and any("love" in c for c in captions(items[0]))
+
+
+def test_training_runs_on_the_corpus(tmp_path, cfg):
+    from limoe.train import train
+
+    from _train_utils import tiny_config
+
+    run = tiny_config(tmp_path, cfg.cache_dir, steps=3, checkpoint_interval=0)
+    run.data.source, run.data.max_concepts, run.data.corpus_styles = "corpus", SMALL, ("line", "solid", "flat")
+    run.eval.interval = 0
+    result = train(run, progress=False)
+    assert result.step == 3 and all(loss == loss for loss in result.losses)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(any(k.startswith("zero_shot") for k in m) for m in metrics)
