@@ -177,15 +177,34 @@ def test_captions_say_the_name_first():
     assert captions(items[0])[0] == "heart" and any("love" in c for c in captions(items[0]))
 
 
-def test_training_runs_on_the_corpus(tmp_path, cfg):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_training_runs_on_the_corpus(tmp_path, cfg, in_memory):
     from limoe.train import train
 
     from _train_utils import tiny_config
 
     run = tiny_config(tmp_path, cfg.cache_dir, steps=3, checkpoint_interval=0)
+    run.data.in_memory = in_memory
     run.data.source, run.data.max_concepts, run.data.corpus_styles = "corpus", SMALL, ("line", "solid", "flat")
     run.eval.interval = 0
     result = train(run, progress=False)
     assert result.step == 3 and all(loss == loss for loss in result.losses)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(any(k.startswith("zero_shot") for k in m) for m in metrics)
+
+
+def test_in_memory_batches_draw_captions_per_epoch(tmp_path, cfg):
+    from limoe.data import train_tokenizer
+    from limoe.train.data import make_batches
+
+    from _train_utils import tiny_config
+
+    run = tiny_config(tmp_path, cfg.cache_dir)
+    run.data.source, run.data.max_concepts, run.data.batch_size = "corpus", SMALL, 64
+    tok = train_tokenizer(corpus_captions(cfg=cfg), vocab_size=512)
+    batches = make_batches(run, tok)
+    stream = load_corpus("train", cfg=cfg, seed=run.seed)
+    first, later = batches.batch(0, 0), batches.batch(3, 0)
+    assert len(first.captions) == 64 and first.captions != later.captions
+    # Each caption is one the stream draws in that epoch: the same rule, with or without memory.
+    assert set(first.captions) <= {stream.caption(i, 0) for i in range(len(stream))}

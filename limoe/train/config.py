@@ -78,8 +78,8 @@ class DataConfig:
     crop_scale: float = option(0.6, real(gt=0, le=1))  # smallest area fraction of the random crop
     # brightness / contrast / saturation factors in [1 - jitter, 1 + jitter]: below 1 keeps them positive
     jitter: float = option(0.2, real(ge=0, lt=1))
-    # Built-in data: decode the images once and keep them in memory (decoding costs more than a tiny model's
-    # step on CPU); csv/wds sources always stream.
+    # Built-in data and corpus: decode the images once and keep them in memory (decoding costs more than a tiny
+    # model's step on CPU; the whole corpus at twice a 32 px image_size is ~190 MB); csv/wds sources always stream.
     in_memory: bool = option(True, flag())
 
 

@@ -148,17 +148,28 @@ class TrainBatches:
 
 def make_batches(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
                  position: DataPosition | None = None):
-    """In-memory batches for the built-in data (unless data.in_memory=false), else a streaming loader."""
-    if cfg.data.source == "builtin" and cfg.data.in_memory:
+    """In-memory batches for the built-in data and the corpus (unless data.in_memory=false), else a streaming
+    loader."""
+    if cfg.data.source in ("builtin", "corpus") and cfg.data.in_memory:
         from limoe.train.memory import MemoryBatches
 
         if cfg.data.batch_size % world_size:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world_size} ranks")
         # Stored unnormalised at twice the training size; MemoryBatches crops, jitters and normalises.
         stored = ImageConfig(image_size=2 * cfg.data.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-        dataset = load_builtin("train", cfg=builtin_config(cfg), image=stored, train=False, rank=0, world_size=1)
+        one = dict(image=stored, train=False, rank=0, world_size=1)
+        caption_of = None
+        if cfg.data.source == "corpus":
+            from limoe.data.corpus import load_corpus
+
+            # Read in row order, captions drawn per (seed, epoch, row) as the streaming loader draws them.
+            dataset = load_corpus("train", cfg=corpus_config(cfg), sample_captions=True, seed=cfg.seed,
+                                  **corpus_filter(cfg), **one)
+            caption_of = lambda epoch, row: dataset.caption(row, epoch)  # noqa: E731
+        else:
+            dataset = load_builtin("train", cfg=builtin_config(cfg), **one)
         return MemoryBatches(dataset, tokenizer, cfg.data.batch_size, cfg.seed, image_config(cfg), rank,
-                             world_size, augment=cfg.data.augment, position=position)
+                             world_size, augment=cfg.data.augment, position=position, caption_of=caption_of)
     return TrainBatches(cfg, tokenizer, rank, world_size, position)
 
 

@@ -12,7 +12,7 @@ affine resampling of the whole batch and a few elementwise ops.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,19 @@ class MemoryBatches:
     """Endless PairBatches from decoded images; `position` (epoch, batch) says where the stream is."""
 
     def __init__(self, dataset, tokenizer: Tokenizer, global_batch: int, seed: int, image: ImageConfig,
-                 rank: int = 0, world_size: int = 1, augment: bool = True, position=None):
+                 rank: int = 0, world_size: int = 1, augment: bool = True, position=None,
+                 caption_of: Callable[[int, int], str] | None = None):
         """`dataset` yields (image in [0, 1] (mean 0, std 1), caption); `image` says the output size,
-        normalisation and augmentation strength (crop_scale, jitter)."""
+        normalisation and augmentation strength (crop_scale, jitter). `caption_of(epoch, row)`, if given, draws
+        a caption per epoch (the corpus) instead of the one the decoding pass read."""
         from limoe.train.data import DataPosition
 
         samples = dataset.collect()  # one decoding pass, skips counted and warned about like a loader
+        if caption_of is not None and len(samples) != len(dataset):
+            # Sample j is row j only when no row was skipped.
+            raise DataError(f"{dataset.name}: {len(dataset) - len(samples)} unreadable rows; rebuild the data or "
+                            f"set data.in_memory=false")
+        self.caption_of, self.tokenizer = caption_of, tokenizer
         self._skips = dataset.skips.totals()  # every later epoch reuses the decoded samples: no new skips
         self.images_N3HW = torch.stack([(image * 255).round().to(torch.uint8) for image, _ in samples])
         self.captions = [caption for _, caption in samples]
@@ -73,6 +80,10 @@ class MemoryBatches:
         if self.augment and self.image.jitter > 0:
             images = self.jitter(images, u_jitter_B3)
         images = (images - self.mean_1311) / self.std_1311
+        if self.caption_of is not None:  # a few hundred captions tokenize in well under a millisecond each
+            captions = [self.caption_of(epoch, i) for i in idx.tolist()]
+            tokens = self.tokenizer(captions)
+            return PairBatch(images, tokens.ids_BL, tokens.padding_mask_BL, tokens.eos_index_B, captions)
         return PairBatch(images, self.ids_NL[idx], self.padding_NL[idx], self.eos_N[idx],
                          [self.captions[i] for i in idx.tolist()])
 
