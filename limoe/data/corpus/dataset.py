@@ -21,8 +21,9 @@ from limoe.data.stats import DataError
 from limoe.data.stream import Record, SampleStream, clean_caption, deal_indices, mix_seed, read_file
 from limoe.data.transforms import ImageConfig
 
-EMOJI = ("{}", "an emoji of {}.", "a {} emoji.")
-ICON = ("{}", "an icon of {}.", "a {} icon.")
+# The caption ends each template: captions such as "heart: love, emotion" read badly inside "a {} icon.".
+EMOJI = ("{}", "an emoji of {}.", "a picture of {}.")
+ICON = ("{}", "an icon of {}.", "a drawing of {}.")
 TEMPLATES = {"openmoji": EMOJI, "tabler": ICON, "fontawesome": ICON, "lucide": ICON}
 
 

@@ -33,7 +33,10 @@ def version() -> str:
 
 
 def attribution() -> str:
-    return openmoji.ATTRIBUTION
+    # CC BY-SA asks that changes be indicated and that adaptations carry the same licence.
+    return (openmoji.ATTRIBUTION + "\n\nChanges: rendered to PNG at a small size; the line and flat styles are "
+            "the emoji's outline layer alone and its colour layers alone. These adaptations are licensed under "
+            "CC BY-SA 4.0 as well.")
 
 
 @functools.lru_cache(maxsize=1)
