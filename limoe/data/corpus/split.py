@@ -13,10 +13,10 @@ concept when they share any of these keys (the concepts are the connected compon
   as names. A numbered icon whose source also has the name without the number ("layers-2" beside "layers")
   is a variant of it, so it joins that concept too ("dice-5" beside "dice" as well: safe, if coarse).
 
-Limits, accepted: names that differ in wording do not match ("heart" in Tabler and "red heart" in
-OpenMoji, "mood-smile" and "slightly smiling face"), so near-identical pictures under different names may
-fall in different splits; and "-off" / "-filled"-style variants named differently ("bell" and "bell off")
-are different concepts on purpose (the slash is what a caption names).
+Limits, accepted: names that differ in wording do not match (Tabler's "mood-smile" and OpenMoji's
+"slightly smiling face"; "heart" and "red heart" match only because Font Awesome's heart links them), so
+near-identical pictures under different names may fall in different splits; and "bell" and "bell off" are
+different concepts on purpose (the slash is what a caption names).
 """
 
 from __future__ import annotations
