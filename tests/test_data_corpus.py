@@ -5,6 +5,7 @@ import io
 import json
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -191,6 +192,12 @@ def test_training_runs_on_the_corpus(tmp_path, cfg, in_memory):
     assert result.step == 3 and all(loss == loss for loss in result.losses)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(any(k.startswith("zero_shot") for k in m) for m in metrics)
+    if not in_memory:  # `limoe eval` of a corpus run evaluates on the corpus's held-out concepts by default
+        from limoe.jobs import evaluate_checkpoint
+
+        evaluated = evaluate_checkpoint(str(tmp_path / "run"))
+        assert any(k.startswith("zero_shot") for k in evaluated) and any(k.startswith("retrieval") for k in evaluated)
+        assert not any(p.name.startswith("openmoji") for p in Path(cfg.cache_dir).iterdir())  # no built-in set
 
 
 def test_in_memory_batches_draw_captions_per_epoch(tmp_path, cfg):
