@@ -1,6 +1,7 @@
 """The corpus: split by concept across sources and styles, captions drawn per epoch, licences, visible renders,
 filters, the command line, and a short training run on it."""
 
+import hashlib
 import io
 import json
 import os
@@ -84,6 +85,17 @@ def test_manifest_counts_and_csv_agree(root):
     assert len(manifest["pairs_by_style"]["train"]) >= 3
     train = {r["concept"] for r in read_rows(root, "train")}
     assert train.isdisjoint(r["concept"] for r in read_rows(root, "test"))
+
+
+def test_build_is_deterministic(tmp_path):
+    def digest(root):
+        h = hashlib.sha256()
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
+            h.update(str(path.relative_to(root)).encode() + path.read_bytes())
+        return h.hexdigest()
+
+    a, b = (build_corpus(CorpusConfig(max_concepts=30, cache_dir=str(tmp_path / d)), quiet=True) for d in "ab")
+    assert digest(a) == digest(b)
 
 
 def test_every_source_used_has_its_licence(root):
