@@ -199,10 +199,12 @@ def _add_job_parsers(sub) -> None:
     ev = sub.add_parser("eval", help="zero-shot, retrieval and k-shot linear probe of a checkpoint")
     ev.add_argument("checkpoint", help="checkpoint folder (checkpoints/step_N) or run folder (its latest checkpoint)")
     ev.add_argument("--zero-shot", metavar="DIR", help="image folder, one sub-folder per class "
-                                                       "(default: built-in held-out concepts)")
+                                                       "(default: the held-out concepts of the run's built-in "
+                                                       "data or corpus)")
     ev.add_argument("--class-names", help="class-name file (default: DIR/classnames.txt or folder names)")
     ev.add_argument("--templates", help="prompt template file (default: DIR/templates.txt or built-in)")
-    ev.add_argument("--retrieval", metavar="CSV", help="image-text pairs CSV (default: built-in test split)")
+    ev.add_argument("--retrieval", metavar="CSV", help="image-text pairs CSV (default: the test split of the "
+                                                      "run's built-in data or corpus)")
     ev.add_argument("--probe-train", metavar="DIR", help="image folder to pick the k shots per class from")
     ev.add_argument("--probe-test", metavar="DIR", help="image folder to test the linear probe on")
     ev.add_argument("--shots", type=int, default=10)
