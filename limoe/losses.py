@@ -120,10 +120,13 @@ def sum_aux_losses(aux: list[MoeAux]) -> dict[str, torch.Tensor]:
     return totals
 
 
+DEFAULT_LOSSES = LossConfig()
+
+
 def compute_losses(output: ModelOutput, config: LossConfig | None = None) -> dict[str, torch.Tensor]:
     """Named loss terms for logging: weighted `*_loss` entries, `total_loss` = their sum, and the unweighted
     aux sums as `aux/<name>` (not part of the total)."""
-    config = config or LossConfig()
+    config = config or DEFAULT_LOSSES  # built once, outside any compiled region (its checks run when built)
     if config.contrastive == "softmax":
         contrastive = clip_loss(output.image_embeds, output.text_embeds, output.logit_scale, config.local_loss)
     else:
