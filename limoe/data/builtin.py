@@ -28,6 +28,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
+from typing import Callable
 
 from limoe.data import openmoji
 from limoe.extras import require
@@ -161,6 +162,25 @@ def _write(out: Path, p: _Plan, pngs: list[bytes], cfg: BuiltinConfig, seconds: 
     return manifest
 
 
+def write_atomically(final: Path, write: Callable[[Path], dict], force: bool = False) -> dict:
+    """Run `write(folder)` on a folder beside `final`, then rename it into place: a crash or a concurrent build
+    never leaves half a dataset (when two builds race, the first to finish wins: they are identical)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        manifest = write(tmp)
+        if force and final.exists():
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
 def build_builtin_dataset(cfg: BuiltinConfig | None = None, force: bool = False, quiet: bool = False) -> Path:
     """Build (once) and return the dataset folder; later calls return at once from the cache."""
     cfg = cfg or BuiltinConfig()
@@ -181,20 +201,7 @@ def build_builtin_dataset(cfg: BuiltinConfig | None = None, force: bool = False,
         method = "fork" if "fork" in get_all_start_methods() else "spawn"
         with get_context(method).Pool(workers) as pool:
             pngs = pool.map(_render, jobs, chunksize=64)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: a crash or a concurrent build never leaves half a dataset.
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        manifest = _write(tmp, p, pngs, cfg, time.perf_counter() - t0)
-        if force and final.exists():
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: its identical build wins
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    manifest = write_atomically(final, lambda tmp: _write(tmp, p, pngs, cfg, time.perf_counter() - t0), force)
     if not quiet:
         print(f"limoe: built-in dataset ready: {manifest['pairs']['train']} train / {manifest['pairs']['test']} "
               f"test pairs, {manifest['concepts']['test']} held-out concepts, "

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from limoe.data.builtin import _link_or_copy, cache_root
+from limoe.data.builtin import _link_or_copy, cache_root, write_atomically
 from limoe.data.corpus.render import MIN_COVERAGE, render_all
 from limoe.data.corpus.split import Split, split_items
 from limoe.data.csv_dataset import no_field_limit
@@ -173,20 +170,7 @@ def build_corpus(cfg: CorpusConfig | None = None, force: bool = False, quiet: bo
               f"{', '.join(SOURCE_NAMES)}; {cfg.raster_size}px) into {final} — once, about a minute...",
               file=sys.stderr, flush=True)
     renders = render_all(s.items, cfg.raster_size, cfg.workers)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: a crash or a concurrent build never leaves half a corpus.
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        manifest = _write(tmp, s, renders, cfg, t0)
-        if force and final.exists():
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: its identical build wins
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    manifest = write_atomically(final, lambda tmp: _write(tmp, s, renders, cfg, t0), force)
     if not quiet:
         print(f"limoe: corpus ready: {manifest['pairs']['train']} train / {manifest['pairs']['test']} test pairs, "
               f"{manifest['concepts']['test']} held-out concepts, {time.perf_counter() - t0:.1f}s",
