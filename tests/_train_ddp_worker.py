@@ -1,5 +1,6 @@
 """Worker processes of the 2-rank gloo tests (a module, so that spawned processes can import it)."""
 
+import gc
 import json
 import os
 
@@ -34,6 +35,10 @@ def same_global_batch(rank: int, world: int, port: int, out_dir: str, config_jso
             torch.save(grads, os.path.join(out_dir, "ddp.pt"))
             with open(os.path.join(out_dir, "ddp.json"), "w") as f:
                 json.dump(losses, f)
+        # DDP's reducer sits in reference cycles: collect it while the process group is alive. Collected after
+        # destroy_process_group (or at exit), its destructor aborted the process now and then (SIGABRT,
+        # "terminate called without an active exception").
+        gc.collect()
         dist.barrier()  # leave together: tearing gloo down under a busy peer can abort it
     finally:
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -52,6 +53,9 @@ def any_flag(flag: bool, world: World, device: torch.device) -> bool:
 
 def shutdown(world: World) -> None:
     if world.owns_group and dist.is_initialized():
+        # DDP's reducer sits in reference cycles: collected after the group is destroyed, its destructor can
+        # abort the process (SIGABRT), so collect it while the group is alive.
+        gc.collect()
         # Leave together: a rank tearing down gloo while a peer still talks to it can abort the peer.
         dist.barrier()
         dist.destroy_process_group()
