@@ -162,6 +162,17 @@ def _write(out: Path, p: _Plan, pngs: list[bytes], cfg: BuiltinConfig, seconds: 
     return manifest
 
 
+def map_in_processes(fn: Callable, jobs: list, workers: int | None = None) -> list:
+    """[fn(job) for job in jobs] over a process pool (default: all cores; one process for a few hundred jobs)."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) // 256 + 1))
+    if workers == 1:
+        return [fn(j) for j in jobs]
+    # fork where there is one: a spawned worker would re-import torch (~2 s each) just to render an SVG.
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    with get_context(method).Pool(workers) as pool:
+        return pool.map(fn, jobs, chunksize=64)
+
+
 def write_atomically(final: Path, write: Callable[[Path], dict], force: bool = False) -> dict:
     """Run `write(folder)` on a folder beside `final`, then rename it into place: a crash or a concurrent build
     never leaves half a dataset (when two builds race, the first to finish wins: they are identical)."""
@@ -193,14 +204,7 @@ def build_builtin_dataset(cfg: BuiltinConfig | None = None, force: bool = False,
         print(f"limoe: building the built-in OpenMoji dataset ({len(p.emoji)} emoji, {len(p.names)} concepts, "
               f"{cfg.raster_size}px) into {final} — once, a few seconds...", file=sys.stderr, flush=True)
     jobs = [(e.svg_path, cfg.raster_size) for e in p.emoji]
-    workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(jobs) // 256 + 1))
-    if workers == 1:
-        pngs = [_render(j) for j in jobs]
-    else:
-        # fork where there is one: a spawned worker would re-import torch (~2 s each) just to call resvg.
-        method = "fork" if "fork" in get_all_start_methods() else "spawn"
-        with get_context(method).Pool(workers) as pool:
-            pngs = pool.map(_render, jobs, chunksize=64)
+    pngs = map_in_processes(_render, jobs, cfg.workers)
     manifest = write_atomically(final, lambda tmp: _write(tmp, p, pngs, cfg, time.perf_counter() - t0), force)
     if not quiet:
         print(f"limoe: built-in dataset ready: {manifest['pairs']['train']} train / {manifest['pairs']['test']} "

@@ -290,11 +290,11 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         result.skipped = batches.skip_counts()
         return {f"data/skipped/{reason}": n for reason, n in result.skipped.items()}
 
-    def stop(reason: str = "") -> RunResult:
+    def stop() -> RunResult:
         result.interrupted = signals.name
         result.step, result.checkpoint = step, save()
         if world.main and result.interrupted:
-            print(f"\nlimoe: {result.interrupted} received{reason}: saved {result.checkpoint}; resume with "
+            print(f"\nlimoe: {result.interrupted} received: saved {result.checkpoint}; resume with "
                   f"--resume latest", flush=True)
         return result
 
@@ -303,14 +303,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
             while step < cfg.steps:
                 lr = lr_at(step, cfg.optim, cfg.steps)
                 set_lr(optimizer, lr)
-                try:
-                    batch = next(data_iter)
-                except RuntimeError:
-                    # A signal to the whole process group can also reach loader workers that run user code:
-                    # their death is the signal's doing, and the state of the last step is intact.
-                    if signals.received is None or world.size > 1:
-                        raise
-                    return stop(" (it also stopped the data loader)")
+                batch = next(data_iter)  # loader workers ignore SIGINT/SIGTERM: a group signal stops only us
                 optimizer.zero_grad(set_to_none=True)
                 sums_T: dict[str, torch.Tensor] = {}  # detached, on the device: no host sync per term
                 for i, micro in enumerate(_split(batch, accumulation)):

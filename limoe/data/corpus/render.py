@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
-from multiprocessing import get_all_start_methods, get_context
 
+from limoe.data.builtin import map_in_processes
 from limoe.data.sources import Item
 from limoe.extras import require
 
@@ -39,10 +38,4 @@ def render(job: tuple[str | None, str | None, str | None, int]) -> tuple[bytes, 
 
 def render_all(items: list[Item], size: int, workers: int | None = None) -> list[tuple[bytes, float]]:
     jobs = [(i.svg_path, i.svg_text, i.css, size) for i in items]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) // 256 + 1))
-    if workers == 1:
-        return [render(j) for j in jobs]
-    # fork where there is one: a spawned worker would re-import torch (~2 s each) just to call resvg.
-    method = "fork" if "fork" in get_all_start_methods() else "spawn"
-    with get_context(method).Pool(workers) as pool:
-        return pool.map(render, jobs, chunksize=64)
+    return map_in_processes(render, jobs, workers)
