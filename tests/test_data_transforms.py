@@ -74,3 +74,18 @@ def test_from_bytes_handles_jpeg_and_grayscale():
     t = ImageTransform(ImageConfig(image_size=8))
     assert t.from_bytes(png_bytes(Image.new("L", (9, 9), 128))).shape == (3, 8, 8)
     assert t.from_bytes(png_bytes(Image.new("RGB", (9, 12), (1, 2, 3)), "JPEG")).shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("orientation, size", [(1, (40, 20)), (3, (40, 20)), (6, (20, 40)), (8, (20, 40))])
+def test_exif_orientation_is_applied(orientation, size):
+    # A 40x20 picture, left half red, stored with an orientation tag: decoded as a viewer shows it.
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    out = decode_image(buf.getvalue())
+    assert out.size == size and (orientation == 1 or 0x0112 not in out.getexif())  # turned once, not twice
+    red = {1: (5, 10), 3: (35, 10), 6: (10, 5), 8: (10, 35)}[orientation]  # where the red half ends up
+    assert out.convert("RGB").getpixel(red)[0] > 200

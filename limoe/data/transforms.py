@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from limoe.data.stats import SkipError
 
@@ -62,6 +62,12 @@ def decode_image(data: bytes, max_pixels: int = ImageConfig.max_pixels) -> Image
             img.load()  # decode now so truncated data fails here, not later inside a worker's transform
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... per codec
             raise SkipError("corrupt_image", str(e)) from None
+        try:
+            # Cameras store a portrait photo as landscape pixels plus an EXIF orientation tag; viewers turn it, and
+            # the model must see what the caption describes. Unreadable EXIF keeps the pixels as stored.
+            ImageOps.exif_transpose(img, in_place=True)
+        except Exception:  # noqa: BLE001 - damaged EXIF is not a reason to lose the image
+            pass
     return img
 
 
