@@ -39,6 +39,7 @@ from limoe.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 BACKUP_PREFIX = ".old-"  # a checkpoint being replaced by a new save of the same step
+BEST = "best"  # checkpoints/best: the step with the best held-out evaluation so far (mark_best)
 LEGACY_KEYS = {"log_scale": "logit_scale"}  # weights renamed since: old checkpoints still load
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.json", "model.json",
          "tokenizer.json")
@@ -192,8 +193,9 @@ def _replace_file(path: Path, data: bytes) -> None:
 
 
 def _restore_backups(root: Path) -> None:
-    """Put back a `.old-step_<N>` left by a writer killed between its two renames (or drop it if superseded)."""
-    for backup in root.glob(f"{BACKUP_PREFIX}step_*"):
+    """Put back a `.old-step_<N>` (or `.old-best`) left by a writer killed between its two renames (or drop it
+    if superseded)."""
+    for backup in root.glob(f"{BACKUP_PREFIX}*"):
         final = root / backup.name.removeprefix(BACKUP_PREFIX)
         if not final.exists() and not _missing(backup):
             os.replace(backup, final)
@@ -233,14 +235,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
         _fsync_write(tmp / "model.json", model_json.encode())
         tokenizer.save(tmp / "tokenizer.json")
         _fsync_write(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
-        if final.exists():  # the same step saved again (e.g. resuming a finished run): keep a copy throughout
-            backup = root / f"{BACKUP_PREFIX}{final.name}"
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(final, backup)
-            os.replace(tmp, final)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _swap_in(tmp, final)  # the same step saved again (e.g. resuming a finished run): a copy throughout
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -248,6 +243,51 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Move a finished folder to `final`; an existing `final` stays as `.old-<name>` until the new one is in."""
+    if final.exists():
+        backup = final.with_name(f"{BACKUP_PREFIX}{final.name}")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(final, backup)
+        os.replace(tmp, final)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def mark_best(checkpoint: Path, metrics: dict[str, float]) -> Path:
+    """Make `checkpoints/best` a copy of `checkpoint` with `metrics` in its state.json, atomically.
+
+    The files are hard links (a copy where the file system has none): free, and safe, because every later write
+    to either folder replaces a file rather than changing it. Pruning old steps then never removes the best.
+    """
+    root = checkpoint.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{BEST}-", dir=root))
+    try:
+        for name in FILES:
+            try:
+                os.link(checkpoint / name, tmp / name)
+            except OSError:
+                shutil.copy2(checkpoint / name, tmp / name)
+        write_metrics(tmp, metrics)
+        _swap_in(tmp, root / BEST)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / BEST
+
+
+def best_metrics(run_dir: str | os.PathLike) -> dict[str, float] | None:
+    """The held-out metrics of a run's `checkpoints/best`, or None when it has none (yet)."""
+    root = checkpoints_dir(run_dir)
+    if root.is_dir():
+        _restore_backups(root)  # a writer killed while replacing `best` left it as `.old-best`
+    best = root / BEST
+    if _missing(best):
+        return None
+    return read_json(best / "state.json").get("metrics") or None
 
 
 def write_metrics(path: str | os.PathLike, metrics: dict[str, float]) -> None:

@@ -103,7 +103,8 @@ def _train(args: argparse.Namespace) -> int:
             cfg = get_preset(args.preset)
         if args.model:
             cfg.model = args.model
-        for value, key in ((args.steps, "steps"), (args.run_dir, "run_dir"), (args.device, "device")):
+        for value, key in ((args.steps, "steps"), (args.seed, "seed"), (args.run_dir, "run_dir"),
+                           (args.device, "device")):
             if value is not None:
                 setattr(cfg, key, value)
         apply_overrides(cfg, args.set or [])
@@ -126,6 +127,10 @@ def _train(args: argparse.Namespace) -> int:
               f"(data/skipped/* in metrics.jsonl)")
     print(f"run directory: {cfg.run_dir}  (metrics.jsonl, config.json, checkpoints/)")
     print(f"checkpoint: {result.checkpoint} (step {result.step})")
+    best = ckpt.checkpoints_dir(cfg.run_dir) / ckpt.BEST
+    if ckpt.best_metrics(cfg.run_dir) is not None:
+        print(f"best: {best} (step {ckpt.read_json(best / 'state.json').get('step', '?')}, the best held-out "
+              f"evaluation)")
     return 0
 
 
@@ -187,6 +192,8 @@ def _add_job_parsers(sub) -> None:
                        help="override a config value, e.g. optim.lr=1e-3, moe.capacity_factor=1.25, "
                             "model.width=96, data.batch_size=64 (repeatable)")
     train.add_argument("--steps", type=int, help="optimizer steps (same as --set steps=N)")
+    train.add_argument("--seed", type=int, help="seed of the weights, data order and augmentation (same as --set "
+                                                "seed=N)")
     train.add_argument("--run-dir", help="run directory (config, metrics.jsonl, checkpoints)")
     train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     train.add_argument("--resume", help="'latest' (of the run directory) or a checkpoint path")

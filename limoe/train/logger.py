@@ -86,6 +86,19 @@ EVAL_COLUMNS = (("zero-shot top-1", "zero_shot/top1"), ("top-5", "zero_shot/top5
                 ("image->text R@1", "retrieval/image_to_text/R@1"), ("text->image R@1", "retrieval/text_to_image/R@1"))
 
 
+# What "best" means for a run's evaluations (the table's mark, checkpoints/best): zero-shot top-1 when the run
+# measures it, else image->text R@1.
+SELECTION_KEYS = ("zero_shot/top1", "retrieval/image_to_text/R@1")
+
+
+def selection_score(metrics: dict[str, Any]) -> float | None:
+    """The score that ranks a run's evaluations; None when `metrics` has none of SELECTION_KEYS."""
+    for key in SELECTION_KEYS:
+        if isinstance(metrics.get(key), (int, float)) and math.isfinite(metrics[key]):
+            return float(metrics[key])
+    return None
+
+
 def evaluations_table(metrics_path: str | Path) -> str | None:
     """The held-out evaluations of a run, one row per step, the best marked (by zero-shot top-1, else
     image->text R@1); None when the run logged none. A long run's best is often not its last."""
@@ -97,8 +110,8 @@ def evaluations_table(metrics_path: str | Path) -> str | None:
     columns = [(label, key) for label, key in EVAL_COLUMNS if any(key in r for r in rows)]
     if not columns:
         return None
-    best_key = columns[0][1]
-    best = max(rows, key=lambda r: r.get(best_key) if isinstance(r.get(best_key), (int, float)) else -1.0)
+    # The first row of the best score, as checkpoints/best keeps the first (a later tie does not replace it).
+    best = max(rows, key=lambda r: -1.0 if selection_score(r) is None else selection_score(r))
     lines = [f"{'step':>8}" + "".join(f"{label:>17}" for label, _ in columns)]
     for r in rows:
         cells = "".join(f"{100 * r[key]:>16.2f}%" if isinstance(r.get(key), (int, float)) else f"{'-':>17}"

@@ -28,7 +28,7 @@ from limoe.train import distributed
 from limoe.train.config import TrainConfig
 from limoe.train.data import DataPosition, eval_sets, make_batches, make_tokenizer
 from limoe.train.evaluation import held_out
-from limoe.train.logger import MetricsLogger, results_table
+from limoe.train.logger import MetricsLogger, results_table, selection_score
 from limoe.train.optim import lr_at, make_optimizer, set_lr
 from limoe.train.signals import Interrupted, Signals
 
@@ -46,6 +46,7 @@ class RunResult:
     interrupted: str | None = None  # the signal's name when a signal stopped the run
     losses: list[float] = field(default_factory=list)  # total loss of every step of this invocation
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples skipped by this invocation, by reason
+    best: Path | None = None  # checkpoints/best when this invocation made a new best, else None
 
     def table(self) -> str:
         return results_table(self.metrics, self.chance)
@@ -218,10 +219,14 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         ckpt.set_rng_state(*rng)  # last: nothing between here and the first step may draw random numbers
 
     result = RunResult(step=step)
-    last_saved = start_path
+    last_saved, saved_step = start_path, None
+    best = ckpt.best_metrics(run_dir) if world.main else None
+    best_score = selection_score(best) if best else None
 
     def save() -> Path | None:
-        nonlocal last_saved
+        nonlocal last_saved, saved_step
+        if saved_step == step:  # e.g. the best evaluation's step, then the periodic save of the same step
+            return last_saved
         weights = opt_tensors = None
         if ep_groups is not None:  # collective: every rank gathers, rank 0 writes the single-process layout
             from limoe.moe.parallel import gather_full_state_dict
@@ -235,7 +240,19 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
             last_saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, cfg.to_json(), tokenizer,
                                               cfg.keep_last, weights=weights, optimizer_tensors=opt_tensors)
         distributed.barrier(world)
+        saved_step = step
         return last_saved
+
+    def keep_best(metrics: dict[str, float] | None) -> None:
+        """Save this step and make it checkpoints/best when its held-out score beats every earlier one's
+        (collective: only rank 0 evaluates, and saving takes every rank)."""
+        nonlocal best_score
+        score = selection_score(metrics) if metrics else None
+        if distributed.any_flag(score is not None and (best_score is None or score > best_score), world, device):
+            path = save()
+            if world.main:
+                result.best = ckpt.mark_best(path, metrics)
+                best_score = score
 
     eval_copy: list[nn.Module] = []
 
@@ -353,7 +370,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
                     window_stats, window_start, window_steps = None, time.perf_counter(), 0
                 bar.update(1)
                 if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.steps:
-                    evaluate_now()
+                    keep_best(evaluate_now())
                     distributed.barrier(world)
                 signalled = distributed.any_flag(signals.received is not None, world, device)
                 if signalled or (stop_after is not None and ran >= stop_after):
@@ -373,6 +390,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         if world.main:
             ckpt.write_metrics(result.checkpoint, metrics)
             logger.log("final", step, {**metrics, **skipped()})
+        keep_best(metrics)
         return result
     finally:
         bar.close()
