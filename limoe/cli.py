@@ -20,7 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    if args.dataset == "corpus":
+    if (args.dataset or ("builtin" if args.action == "style" else "corpus")) == "corpus":
         return _corpus(args)
     from limoe.data import BuiltinConfig, build_builtin_dataset
 
@@ -261,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="build: build now (else built on first use); info: print its manifest (the corpus: "
                            "pairs per source, style and split); style: add another codepoint-named emoji set "
                            "from --images to the built-in dataset")
-    data.add_argument("--dataset", choices=["builtin", "corpus"], default="builtin",
-                      help="builtin: OpenMoji colour emoji (default); corpus: emoji and icons in four styles")
+    data.add_argument("--dataset", choices=["builtin", "corpus"], default=None,
+                      help="corpus: emoji and icons in four styles, the default run's data (default; style: "
+                           "builtin); builtin: OpenMoji colour emoji")
     data.add_argument("--size", type=int, default=64, help="render size in pixels (default: 64)")
     data.add_argument("--test-fraction", type=float, default=None,
                       help="share of concepts held out (default: 0.2 builtin, 0.15 corpus)")

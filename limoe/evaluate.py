@@ -70,9 +70,10 @@ def class_embeddings(model: nn.Module, classnames: Sequence[str], tokenize: Toke
     return torch.cat(out)
 
 
-def zero_shot_from_embeddings(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], class_embeds_CD: torch.Tensor,
-                              topk: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy of nearest-class-embedding prediction over (image_embeds [B, D], labels [B]) batches."""
+def zero_shot_hits(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], class_embeds_CD: torch.Tensor,
+                   topk: Sequence[int] = (1, 5)) -> tuple[dict[int, int], int]:
+    """({k: images whose class is among their k nearest class embeddings}, images) over (image_embeds [B, D],
+    labels [B]) batches: counts, so that the accuracies of several subsets pool exactly."""
     hits = dict.fromkeys(topk, 0)
     count = 0
     check_finite(class_embeds_CD, "class embeddings")
@@ -82,6 +83,13 @@ def zero_shot_from_embeddings(batches: Iterable[tuple[torch.Tensor, torch.Tensor
                                topk).items():
             hits[k] += h
         count += labels_B.shape[0]
+    return hits, count
+
+
+def zero_shot_from_embeddings(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], class_embeds_CD: torch.Tensor,
+                              topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy of nearest-class-embedding prediction over (image_embeds [B, D], labels [B]) batches."""
+    hits, count = zero_shot_hits(batches, class_embeds_CD, topk)
     return {f"top{k}": hits[k] / max(count, 1) for k in topk}
 
 

@@ -6,7 +6,7 @@ from limoe.train.config import DataConfig, EvalConfig, OptimConfig, TrainConfig
 def tiny_config(tmp_path, cache_dir=None, **overrides) -> TrainConfig:
     cfg = TrainConfig(
         model="limoe-tiny",
-        data=DataConfig(batch_size=16, max_concepts=40, num_workers=0, vocab_size=512,
+        data=DataConfig(source="builtin", batch_size=16, max_concepts=40, num_workers=0, vocab_size=512,
                         cache_dir=str(cache_dir or tmp_path / "cache")),
         optim=OptimConfig(warmup_steps=2, lr=2e-3),
         eval=EvalConfig(batch_size=64),

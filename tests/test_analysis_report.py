@@ -12,6 +12,7 @@ from limoe.analysis import AnalysisConfig, analyze_routing
 from limoe.analysis.cli import add_analyze_parser
 from limoe.analysis.metrics_log import find_metrics, read_metrics
 from limoe.analysis.report import write_report
+from limoe.train.config import DataConfig, TrainConfig
 from _analysis_forced import WordTokenizer, images
 
 WORDS = ["red", "blue", "circle", "square"]
@@ -111,8 +112,9 @@ def fake_checkpoint(tmp_path, monkeypatch, name="limoe-tiny"):
     torch.manual_seed(0)
     model = limoe.create_model(name, num_experts=4, vocab_size=8)
     loaded = []
+    run_config = TrainConfig(model=name, data=DataConfig(source="csv", train="pairs.csv"))  # not a built-in set
     monkeypatch.setattr(limoe, "load_checkpoint", lambda path: loaded.append(path) or
-                        (model, WordTokenizer(WORDS), model.config), raising=False)
+                        (model, WordTokenizer(WORDS), run_config), raising=False)
     return run / "model.pt", loaded
 
 
@@ -151,6 +153,18 @@ def test_cli_errors_are_one_line_as_in_every_command(tmp_path, monkeypatch, caps
     ckpt, _ = fake_checkpoint(tmp_path, monkeypatch)
     one_line(["analyze", str(ckpt), "--data", "pairs.parquet"], "--data must be")
     one_line(["analyze", str(ckpt), "--data", str(csv_pairs(tmp_path)), "--layer", "7"], "--layer must be")
+    one_line(["analyze", str(ckpt)], "--data held-out needs a run trained on the corpus or the built-in data")
+
+
+def test_held_out_data_is_the_runs_own_test_split(tmp_path):
+    from limoe.analysis.cli import load_pairs
+
+    run = TrainConfig()
+    run.data.source, run.data.max_concepts, run.data.cache_dir = "corpus", 40, str(tmp_path)
+    corpus = load_pairs("held-out", 32, run_config=run)
+    run.data.source = "builtin"
+    builtin = load_pairs("held-out", 32, run_config=run)
+    assert corpus.name.endswith("test.csv") and "/corpus-" in corpus.name and "/openmoji-" in builtin.name
 
 
 def test_training_curves_legend_lists_what_is_drawn_in_modality_colours(tmp_path, monkeypatch):

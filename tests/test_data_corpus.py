@@ -204,6 +204,10 @@ def test_training_runs_on_the_corpus(tmp_path, cfg, in_memory):
     assert result.step == 3 and all(loss == loss for loss in result.losses)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(any(k.startswith("zero_shot") for k in m) for m in metrics)
+    # Every style is scored, the one left out of training too, and the end-of-run table lists them.
+    styles = {k.rsplit("/", 1)[1] for k in result.metrics if k.startswith("zero_shot/top1/")}
+    assert styles == {r["style"] for r in read_rows(Path(build_corpus(cfg)), "test")} and "color" in styles
+    assert "zero-shot top-1 color" in result.table()
     if not in_memory:  # `limoe eval` of a corpus run evaluates on the corpus's held-out concepts by default
         from limoe.jobs import evaluate_checkpoint
 
@@ -227,3 +231,32 @@ def test_in_memory_batches_draw_captions_per_epoch(tmp_path, cfg):
     assert len(first.captions) == 64 and first.captions != later.captions
     # Each caption is one the stream draws in that epoch: the same rule, with or without memory.
     assert set(first.captions) <= {stream.caption(i, 0) for i in range(len(stream))}
+
+
+def test_zero_shot_scores_each_style_against_every_class(root, cfg):
+    # Reference: each image classified on its own among all held-out classes, accuracy per style of its row.
+    import torch
+
+    import limoe
+    from limoe import evaluate
+    from limoe.data import ImageConfig, train_tokenizer
+    from limoe.train.evaluation import tokenize_fn, zero_shot
+
+    torch.manual_seed(0)
+    model = limoe.create_model("limoe-tiny", image_size=64, vocab_size=512).eval()
+    tokenizer = train_tokenizer(corpus_captions(cfg=cfg), vocab_size=512)
+    dataset, classes, templates = corpus_zero_shot("all", cfg=cfg, image=ImageConfig(image_size=64))
+    metrics = zero_shot(model, tokenizer, dataset, classes, templates, batch_size=7)
+    class_CD = evaluate.class_embeddings(model, classes, tokenize_fn(tokenizer), templates)
+    hits, counts = defaultdict(int), defaultdict(int)
+    for i, (image, label) in enumerate(dataset):  # in path order: evaluation streams are not shuffled
+        with torch.no_grad():
+            z_D = torch.nn.functional.normalize(model.encode_image(image[None]), dim=-1)[0]
+        style = Path(dataset.paths[i]).name.split("-")[0]
+        hits[style] += int((class_CD @ z_D).argmax() == label)
+        counts[style] += 1
+    assert sorted(counts) == sorted({r["style"] for r in read_rows(root, "test")})
+    for style in counts:
+        assert metrics[f"zero_shot/top1/{style}"] == pytest.approx(hits[style] / counts[style], abs=1e-9)
+    assert metrics["zero_shot/top1"] == pytest.approx(sum(hits.values()) / len(dataset), abs=1e-9)
+    assert 0 < sum(hits.values()) < len(dataset)  # seeded: some right and some wrong, so the counts are tested

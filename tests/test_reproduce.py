@@ -142,6 +142,17 @@ def test_a_run_folder_of_another_configuration_is_refused(tmp_path):
         runner.run_job(job, tmp_path)
 
 
+def test_a_finished_result_of_another_configuration_is_not_reused(tmp_path):
+    # Same command, other config (a changed default, e.g. the data): the stored result must not be passed off.
+    job, other = plan_jobs(SCALES["smoke"], variants=("limoe-plain", "limoe-vmoe"), seeds=(0,), sweep=False)
+    run_dir = tmp_path / "runs" / job.name
+    (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run_dir / "config.json").write_text(other.config(str(run_dir)).to_json())
+    runner.write_json(run_dir / runner.RESULT_FILE, {"command": job.command(), "eval_version": runner.EVAL_VERSION})
+    with pytest.raises(ValueError, match="holds a run of another configuration"):
+        runner.run_job(job, tmp_path)
+
+
 def test_study_overrides_reach_every_run_but_not_the_variant_switches():
     jobs = plan_jobs(SCALES["cpu"], overrides=("moe.num_experts=16", "loss.importance=0.5"), sweep=False)
     assert len(jobs) == len(VARIANT_NAMES) * len(SCALES["cpu"].seeds)

@@ -182,7 +182,7 @@ def test_data_info_says_where_the_data_is(tmp_path, monkeypatch, capsys):
 
     (tmp_path / "manifest.json").write_text('{"pairs": 3}')
     monkeypatch.setattr(limoe.data, "build_builtin_dataset", lambda cfg, force=False: tmp_path)
-    assert main(["data", "info"]) == 0
+    assert main(["data", "info", "--dataset", "builtin"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"built-in dataset: {tmp_path}" and '"pairs": 3' in out
 

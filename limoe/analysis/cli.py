@@ -23,9 +23,11 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
                     "metrics.jsonl.")
     p.add_argument("checkpoint", help="checkpoint folder (checkpoints/step_N), a file in one, or a run folder (its "
                                       "latest checkpoint)")
-    p.add_argument("--data", default="builtin",
-                   help="pairs to analyse: 'builtin' (built-in test split), 'builtin:train', a CSV/TSV file "
-                        "(filepath,title columns) or webdataset shards ('data/{000..009}.tar'); default: builtin")
+    p.add_argument("--data", default="held-out",
+                   help="pairs to analyse: 'held-out' (the test split of the data the run trained on: corpus or "
+                        "built-in), 'corpus', 'corpus:train', 'builtin' (built-in test split), 'builtin:train', a "
+                        "CSV/TSV file (filepath,title columns) or webdataset shards ('data/{000..009}.tar'); "
+                        "default: held-out")
     p.add_argument("--out", help="report folder (default: analysis/ in the run folder)")
     p.add_argument("--layer", type=int, default=None,
                    help="MoE layer (0-based among MoE layers; negative counts from the end) for the token maps "
@@ -47,19 +49,33 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def load_pairs(spec: str, image_size: int, seed: int = 0):
-    """(image, caption) pairs for a --data value, as eval-time (unaugmented) images of the model's size."""
+def load_pairs(spec: str, image_size: int, seed: int = 0, run_config=None):
+    """(image, caption) pairs for a --data value, as eval-time (unaugmented) images of the model's size;
+    'held-out' needs the run's TrainConfig."""
     from limoe.data import CsvPairs, ImageConfig, WdsPairs, load_builtin
 
     image = ImageConfig(image_size=image_size)
-    if spec in ("builtin", "builtin:test", "builtin:train"):
+    stream = dict(image=image, train=False, shuffle=True, seed=seed)
+    if spec == "held-out":
+        from limoe.train.data import held_out_pairs
+
+        if run_config is None or run_config.data.source not in ("builtin", "corpus"):
+            raise UserError("--data held-out needs a run trained on the corpus or the built-in data; pass "
+                            "--data with a CSV file or shards of your own pairs")
+        return held_out_pairs(run_config, **stream)
+    if spec in ("builtin", "builtin:test", "builtin:train", "corpus", "corpus:test", "corpus:train"):
         split = "train" if spec.endswith(":train") else "test"
-        return load_builtin(split, image=image, train=False, shuffle=True, seed=seed)
+        if spec.startswith("corpus"):
+            from limoe.data.corpus import load_corpus
+
+            return load_corpus(split, **stream)
+        return load_builtin(split, **stream)
     if ".tar" in spec:
         return WdsPairs(spec, image=image, train=False, shuffle=True, seed=seed)
     if Path(spec).suffix.lower() in (".csv", ".tsv", ".txt"):
         return CsvPairs(spec, image=image, train=False, shuffle=True, seed=seed)
-    raise UserError(f"--data must be builtin, builtin:train, a .csv/.tsv file or .tar shards, got {spec!r}")
+    raise UserError(f"--data must be held-out, corpus, corpus:train, builtin, builtin:train, a .csv/.tsv file or "
+                    f".tar shards, got {spec!r}")
 
 
 def _checkpoint_folder(path: str) -> Path:
@@ -76,10 +92,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     from limoe.analysis.routing_stats import AnalysisConfig, analyze_routing
 
     checkpoint = _checkpoint_folder(args.checkpoint)
-    model, tokenizer, _ = limoe.load_checkpoint(checkpoint)
+    model, tokenizer, run_config = limoe.load_checkpoint(checkpoint)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    pairs = load_pairs(args.data, model.config.image_size, args.seed)
+    pairs = load_pairs(args.data, model.config.image_size, args.seed, run_config)
     cfg = AnalysisConfig(num_pairs=args.num_pairs, batch_size=args.batch_size, train_routing=args.train_routing,
                          pairs=not args.separate_passes)
     analysis = analyze_routing(model, tokenizer, pairs, cfg)

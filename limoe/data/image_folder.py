@@ -8,8 +8,9 @@ Optional text files beside the data:
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -88,3 +89,11 @@ class ImageFolder(SampleStream):
 
     def decode_target(self, raw: int) -> int:
         return raw
+
+    def where(self, keep: Callable[[str], bool]) -> "ImageFolder":
+        """The images whose path `keep` accepts, with the same classes and templates (labels keep their
+        meaning, so a subset is scored against every class)."""
+        subset = copy.copy(self)
+        rows = [(p, y) for p, y in zip(self.paths, self.labels) if keep(p)]
+        subset.paths, subset.labels = [p for p, _ in rows], [y for _, y in rows]
+        return subset

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from limoe.reproduce.metrics import PROBE_DRAWS, PROBE_SHOTS, held_out_routing
 from limoe.reproduce.plan import SCALES, VARIANT_NAMES, VARIANTS, Job, Scale, plan_jobs
 from limoe.reproduce.report import (SPECIALIST_SHARE, markdown_table, plot_accuracy_vs_compute, plot_routing_success,
-                                    routing_table, summary_rows, sweep_table)
+                                    routing_table, style_table, summary_rows, sweep_table)
 from limoe.reproduce.runner import run_jobs, write_json
 
 __all__ = ["SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
@@ -65,9 +65,7 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
     for job in jobs:  # every config is checked before anything trains
         job.config(str(out_dir / "runs" / job.name))
     out_dir.mkdir(parents=True, exist_ok=True)
-    from limoe.data import build_builtin_dataset
-
-    build_builtin_dataset(_builtin(jobs[0]))  # once, before parallel workers would race to build it
+    _build_data(jobs[0])
     parallel = parallel or scale.parallel
     report(f"limoe reproduce: {scale.name} scale ({scale.description}): {len(jobs)} runs, {parallel} at a time "
            f"-> {out_dir}")
@@ -102,10 +100,17 @@ def _train_minutes(results) -> float:
     return sum(r["train_seconds"] for r in results) / 60
 
 
-def _builtin(job: Job):
-    from limoe.train.data import builtin_config
+def _build_data(job: Job) -> None:
+    """Build the runs' data once, before parallel workers would race to build it."""
+    from limoe.data import build_builtin_dataset
+    from limoe.train.data import builtin_config, corpus_config
 
-    return builtin_config(job.config(""))
+    cfg = job.config("")
+    build_builtin_dataset(builtin_config(cfg))  # the built-in set: the data, or the probe's images
+    if cfg.data.source == "corpus":
+        from limoe.data.corpus import build_corpus
+
+        build_corpus(corpus_config(cfg))
 
 
 def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job], command: str) -> str:
@@ -113,15 +118,23 @@ def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job
              f"{len(results)} runs; their training took {_train_minutes(results):.0f} min in "
              f"all, and this invocation {minutes:.1f} min (finished runs are not trained again). Zero-shot: "
              f"classify images of the held-out concepts by their names; retrieval: their image-caption pairs; "
-             f"{PROBE_SHOTS}-shot probe: ridge regression on frozen image embeddings into Unicode subcategories "
+             f"{PROBE_SHOTS}-shot probe: ridge regression on frozen image embeddings of the built-in OpenMoji "
+             f"colour emoji (both splits) into Unicode subcategories "
              f"(animal-mammal, food-fruit, ...; one image per concept, balanced accuracy, mean of "
              f"{PROBE_DRAWS} draws of the shots). Mean ± std over seeds.",
-             "", markdown_table(results), "", "## Routing of the LIMoE variants", "",
-             "Routing success: share of a modality's tokens whose top-1 expert had room (training steps of the "
-             "second half; held-out pairs encoded as in training, in the model's routing groups, with eval "
-             "capacity). Effective experts: exp(entropy) of "
-             f"where a modality's tokens go, from 1 (all to one expert) to the number of experts. An image (text) "
-             f"expert processes >= {SPECIALIST_SHARE:.0%} image (text) tokens.", "", routing_table(results), ""]
+             "", markdown_table(results), ""]
+    styles = style_table(results)
+    if styles:
+        parts += ["## Zero-shot per style", "", "Top-1 % on each style's images of the held-out concepts, each "
+                  "scored against every held-out class (so styles compare with each other and with the pooled "
+                  "column above). A style left out of training (`data.corpus_styles`) is still tested here.", "",
+                  styles, ""]
+    parts += ["## Routing of the LIMoE variants", "",
+              "Routing success: share of a modality's tokens whose top-1 expert had room (training steps of the "
+              "second half; held-out pairs encoded as in training, in the model's routing groups, with eval "
+              "capacity). Effective experts: exp(entropy) of "
+              f"where a modality's tokens go, from 1 (all to one expert) to the number of experts. An image (text) "
+              f"expert processes >= {SPECIALIST_SHARE:.0%} image (text) tokens.", "", routing_table(results), ""]
     if any(r["size"] != "base" for r in results):
         parts += ["## Accuracy vs compute", "", sweep_table(results), ""]
     for name, title in (("accuracy_vs_compute", "accuracy vs compute"), ("routing_success", "routing success")):

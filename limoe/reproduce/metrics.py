@@ -48,11 +48,11 @@ def held_out_routing(model, tokenizer, cfg):
     """Routing analysis of the held-out pairs, encoded as in training (in the model's routing groups) with eval
     routing."""
     from limoe.analysis.routing_stats import AnalysisConfig, analyze_routing
-    from limoe.data import ImageConfig, load_builtin
-    from limoe.train.data import builtin_config
+    from limoe.data import ImageConfig
+    from limoe.train.data import held_out_pairs
 
-    pairs = load_builtin("test", cfg=builtin_config(cfg), image=ImageConfig(image_size=cfg.data.image_size),
-                         train=False, shuffle=True, seed=0, rank=0, world_size=1)
+    pairs = held_out_pairs(cfg, ImageConfig(image_size=cfg.data.image_size), train=False, shuffle=True, seed=0,
+                           rank=0, world_size=1)
     return analyze_routing(model, tokenizer, pairs, AnalysisConfig(num_pairs=None, batch_size=cfg.data.batch_size))
 
 

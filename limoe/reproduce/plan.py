@@ -68,11 +68,11 @@ SCALES = {
         ("steps=4", "data.batch_size=16", "optim.warmup_steps=1", "eval.interval=0", "threads=1"),
         seeds=(0,), sweep=(Size("w48", ("model.width=48", "model.mlp_dim=192")),), parallel=1),
     "cpu": Scale(
-        "cpu", "about 50 minutes on 2 CPU cores: tiny models (width 64, 4 blocks, 8 experts) on the whole built-in "
-        "data at 64 px (64 patches per image against about 8 text tokens per caption)",
+        "cpu", "about 45 minutes on 2 CPU cores: tiny models (width 64, 4 blocks, 8 experts) on the whole corpus "
+        "at 64 px (64 patches per image against about 8 text tokens per caption), 600 steps (5 passes)",
         # 64 px in 8 px patches brings the image:text token ratio within a group to about 8.5:1 (the paper's B/16:
         # about 25:1), where the tiny default (32 px: about 2:1) shows text barely competing for capacity.
-        "default", "tiny", ("data.image_size=64", "moe.num_experts=8", "eval.interval=0", "threads=1"),
+        "default", "tiny", ("data.image_size=64", "moe.num_experts=8", "steps=600", "eval.interval=0", "threads=1"),
         seeds=(0, 1, 2),
         sweep=(Size("w32", ("model.width=32", "model.heads=2", "model.mlp_dim=128")),
                Size("w128", ("model.width=128", "model.mlp_dim=512"))),
@@ -80,7 +80,7 @@ SCALES = {
     "gpu": Scale(
         "gpu", "sized for about 8 minutes on one H200 (estimated, not yet run): 64 px images, width 256, 6 blocks, "
         "8 experts", "default", "tiny",
-        # About 20 epochs, like the CPU scale: the built-in data is small, and more epochs only overfit.
+        # About 5 passes over the corpus, like the CPU scale.
         ("data.image_size=64", "model.width=256", "model.depth=6", "model.heads=8", "model.mlp_dim=1024",
          "moe.num_experts=8", "data.batch_size=256", "optim.lr=5e-4", "steps=300", "eval.interval=0"),
         seeds=(0, 1),

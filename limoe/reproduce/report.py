@@ -136,6 +136,25 @@ def markdown_table(results: list[dict[str, Any]], size: str = "base") -> str:
     return "\n".join(lines)
 
 
+STYLE_KEY = "zero_shot/top1/"  # + style: a corpus run's zero-shot top-1 on one style's held-out images
+
+
+def style_table(results: list[dict[str, Any]]) -> str | None:
+    """Zero-shot top-1 % on each style's held-out images (scored against every held-out class) per variant at
+    the base size, mean ± std over seeds; None when no run reports styles (not trained on the corpus)."""
+    styles = sorted({k.removeprefix(STYLE_KEY) for r in results if "error" not in r for k in r["metrics"]
+                     if k.startswith(STYLE_KEY)})
+    if not styles:
+        return None
+    lines = ["| variant | " + " | ".join(styles) + " |", "|" + "---|" * (len(styles) + 1)]
+    for (_, size), runs in group(results).items():
+        if size == "base":
+            cells = [_format(mean_std([_get(r, ("metrics", STYLE_KEY + s)) for r in runs]), 100, 2, len(runs))
+                     for s in styles]
+            lines.append(f"| {runs[0]['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _sweep_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Summary rows of the sweep's variants at every size, by variant, then by training compute."""
     variants, sizes = _sweep_variants(results), {r["size"] for r in results if "error" not in r}

@@ -23,7 +23,7 @@ from limoe.reproduce.plan import Job
 
 RESULT_FILE = "result.json"  # the evaluated result of a job
 TRAIN_FILE = "train.json"  # what training alone produced (time, routing during training)
-EVAL_VERSION = 2  # bump when the evaluation changes: finished runs are then re-evaluated, not retrained
+EVAL_VERSION = 3  # bump when the evaluation changes: finished runs are then re-evaluated, not retrained
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -87,12 +87,14 @@ def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[
     run_dir = Path(out_dir) / "runs" / job.name
     result_path = run_dir / RESULT_FILE
     command = job.command()
-    if result_path.is_file():
-        done = json.loads(result_path.read_text(encoding="utf-8"))
-        if done.get("command") == command and done.get("eval_version") == EVAL_VERSION:
-            return done
     cfg = job.config(str(run_dir))
     cfg.device = device
+    if result_path.is_file():
+        done = json.loads(result_path.read_text(encoding="utf-8"))
+        # The whole config, not just the command: a changed default (e.g. the data) changes the run.
+        if (done.get("command") == command and done.get("eval_version") == EVAL_VERSION
+                and _same_config(run_dir, cfg)):
+            return done
     checkpoint, metrics, record = _train_once(job, cfg, run_dir)
 
     model, tokenizer, _ = limoe.load_checkpoint(checkpoint, device=pick_device(cfg.device))

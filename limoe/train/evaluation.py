@@ -16,10 +16,21 @@ def tokenize_fn(tokenizer: Tokenizer):
 
 def zero_shot(model: nn.Module, tokenizer: Tokenizer, dataset, class_names: Sequence[str],
               templates: Sequence[str], batch_size: int = 256) -> dict[str, float]:
-    loader = make_loader(dataset, LoaderConfig(batch_size=batch_size, num_workers=0))
-    result = evaluate.zero_shot_classification(model, loader, list(class_names), tokenize_fn(tokenizer),
-                                               list(templates))
-    return {f"zero_shot/{k}": v for k, v in result.items()}
+    """zero_shot/top1, /top5; a dataset with `parts()` (the corpus's: one per style) also gets each part's
+    zero_shot/top1/<part>, scored against the same classes (the pooled numbers are exactly the parts' sum)."""
+    parts = dataset.parts() if hasattr(dataset, "parts") else {"": dataset}
+    class_CD = evaluate.class_embeddings(model, list(class_names), tokenize_fn(tokenizer), list(templates))
+    topk = (1, 5)
+    out, total_hits, total = {}, dict.fromkeys(topk, 0), 0
+    for name, part in parts.items():
+        loader = make_loader(part, LoaderConfig(batch_size=batch_size, num_workers=0))
+        hits, count = evaluate.zero_shot_hits(evaluate.image_embeddings(model, loader), class_CD, topk)
+        total += count
+        for k in topk:
+            total_hits[k] += hits[k]
+        if name and count:
+            out[f"zero_shot/top1/{name}"] = hits[1] / count
+    return {**{f"zero_shot/top{k}": total_hits[k] / max(total, 1) for k in topk}, **out}
 
 
 def retrieval(model: nn.Module, tokenizer: Tokenizer, dataset, batch_size: int = 256) -> dict[str, float]:

@@ -66,14 +66,17 @@ def truncate_after(path: Path, step: int) -> None:
 
 def results_table(metrics: dict[str, float], chance: dict[str, float] | None = None) -> str:
     """The end-of-run table: zero-shot, retrieval and routing health, with chance levels where known."""
+    # The corpus's styles, each scored against every held-out class: the pooled top-1's chance is theirs too.
+    styles = sorted(k for k in metrics if k.startswith("zero_shot/top1/"))
+    chance = {**(chance or {}), **{k: (chance or {}).get("zero_shot/top1") for k in styles}}
     rows = [
         ("zero-shot top-1", "zero_shot/top1"), ("zero-shot top-5", "zero_shot/top5"),
+        *((f"zero-shot top-1 {k.rsplit('/', 1)[1]}", k) for k in styles),
         ("retrieval image->text R@1", "retrieval/image_to_text/R@1"),
         ("retrieval text->image R@1", "retrieval/text_to_image/R@1"),
         ("routing success image", "train/routing_success/image"),
         ("routing success text", "train/routing_success/text"),
     ]
-    chance = chance or {}
     lines = [f"{'metric':<28}{'value':>9}{'chance':>9}"]
     for label, key in rows:
         if key in metrics:

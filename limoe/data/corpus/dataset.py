@@ -100,17 +100,30 @@ def load_corpus(split: str = "train", image_size: int = 64, train: bool | None =
                        train=(split == "train") if train is None else train, **stream_kwargs)
 
 
+class CorpusZeroShot(ImageFolder):
+    """The held-out concepts in every style pooled (`zeroshot/all`, images named <style>-<source>-<key>.png).
+    `parts()` gives each style's images on their own, scored against every held-out class: one style's accuracy
+    is then comparable with another's and with the pooled one."""
+
+    def parts(self) -> dict[str, ImageFolder]:
+        def style_of(path: str) -> str:
+            return os.path.basename(path).split("-", 1)[0]
+
+        return {s: self.where(lambda p, s=s: style_of(p) == s) for s in sorted(set(map(style_of, self.paths)))}
+
+
 def corpus_zero_shot(view: str = "all", image_size: int = 64, cfg: CorpusConfig | None = None,
                      image: ImageConfig | None = None, **stream_kwargs) -> tuple[ImageFolder, list[str], list[str]]:
-    """(dataset of (image, class index), class names, templates) over the held-out concepts, in one style or
-    all styles pooled (view='all')."""
+    """(dataset of (image, class index), class names, templates) over the held-out concepts, in one style (its
+    own classes) or all styles pooled (view='all': a CorpusZeroShot, which also scores each style)."""
     if view not in ("all", *STYLES):
         raise DataError(f"corpus zero-shot view must be 'all' or one of {list(STYLES)}, not {view!r}")
     zs = build_corpus(cfg) / "zeroshot" / view
     if not zs.is_dir():
         raise DataError(f"{zs}: no held-out images in style {view!r} (too small a max_concepts?)")
-    ds = ImageFolder(zs, zs / "classnames.txt", zs / "templates.txt",
-                     image=image or ImageConfig(image_size=image_size), **stream_kwargs)
+    folder = CorpusZeroShot if view == "all" else ImageFolder
+    ds = folder(zs, zs / "classnames.txt", zs / "templates.txt", image=image or ImageConfig(image_size=image_size),
+                **stream_kwargs)
     return ds, ds.class_names, ds.templates
 
 
