@@ -80,7 +80,7 @@ def make_steps(args, device, dtype, num_experts, batch_priority, backends):
     if not args.no_onehot and not args.compile and onehot_elements <= ONEHOT_MAX_ELEMENTS:
         def onehot_step():
             with autocast:
-                logits_SE, noisy_SE = moe._router_logits(x_Sd)
+                logits_SE, noisy_SE = moe.router.logits(x_Sd)
                 routing = route(torch.softmax(noisy_SE, -1), args.k, moe.capacity_for(args.tokens), batch_priority)
                 y = moe_onehot_einsum(moe.experts, x_Sd.to(dtype), routing)
             y.float().sum().backward()

@@ -41,27 +41,23 @@ def force_routing(model, monkeypatch, image_expert: int = 0, text_expert: int = 
     for module in model.modules():
         if type(module).__name__ != "MoeMlp":
             continue
-        state = {}
-        original = module.forward
+        router, state = module.router, {}
+        original = router.forward
 
-        def forward(x, modality=None, valid=None, _orig=original, _state=state):
-            _state["modality"] = modality  # an int for a one-modality pass, a [B, L] tensor for joint pairs
-            return _orig(x, modality, valid)
+        def forward(x_Sd, modality_S, valid_S=None, num_groups=1, _orig=original, _state=state):
+            _state["modality_S"] = modality_S  # padding examples that fill the last group: modality 0, images
+            return _orig(x_Sd, modality_S, valid_S, num_groups)
 
-        def router_logits(x_Sd, _state=state, num_experts=module.config.num_experts):
-            modality = _state["modality"]
-            modality_S = (modality.reshape(-1) if isinstance(modality, torch.Tensor)
-                          else torch.full((x_Sd.shape[0],), modality))
-            # Padding examples that fill the last routing group come after the real tokens: route them as images.
-            modality_S = torch.cat([modality_S, modality_S.new_zeros(x_Sd.shape[0] - len(modality_S))])
-            is_text_S = modality_S == 1
+        def logits(x_Sd, _state=state, num_experts=module.config.num_experts,
+                   text_id=module.config.modalities.index("text")):
+            is_text_S = _state["modality_S"] == text_id
             logits_SE = torch.zeros(x_Sd.shape[0], num_experts)
             logits_SE[~is_text_S, image_expert] = image_logit
             logits_SE[is_text_S, text_expert] = text_logit
             return logits_SE, logits_SE
 
-        monkeypatch.setattr(module, "forward", forward)
-        monkeypatch.setattr(module, "_router_logits", router_logits)
+        monkeypatch.setattr(router, "forward", forward)
+        monkeypatch.setattr(router, "logits", logits)
 
 
 def images(n: int, size: int = 32, seed: int = 0) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ def _model(name, seed=0, **overrides):
     model = limoe.create_model(name, **overrides)
     for layer in model.modules():  # sharper routers than the init: capacity binds and groups matter
         if isinstance(layer, MoeMlp):
-            torch.nn.init.normal_(layer.router_dE, std=1.0)
+            torch.nn.init.normal_(layer.router.router_dE, std=1.0)
     return model
 
 

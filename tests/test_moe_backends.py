@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from limoe.moe import MoeConfig, MoeMlp, Routing
+from limoe.moe.dispatch import packed_rows
 from limoe.moe.experts import GROUP_ROW_ALIGN, resolve_expert_backend
 from limoe.moe.reference import moe_loop
 
@@ -22,7 +23,7 @@ def make_pair(device="cpu", seed=0, **overrides):
         torch.manual_seed(seed)
         layer = MoeMlp(MoeConfig(**cfg, expert_backend=backend))
         with torch.no_grad():
-            layer.router_dE.normal_(0, 1.0)  # sharp router: uneven loads, so capacity binds and slots stay empty
+            layer.router.router_dE.normal_(0, 1.0)  # sharp router: uneven loads, so capacity binds and slots stay empty
         layers.append(layer.to(device))
     return layers
 
@@ -130,7 +131,7 @@ def test_packed_rows_are_aligned_disjoint_groups(group_size):
     x_BTd, modality_BT, valid_BT = inputs()
     _, aux = grouped(x_BTd, modality=modality_BT, valid=valid_BT)
     routing = aux.routing
-    row_SK, group_end_E, num_rows = grouped._packed_rows(routing)
+    row_SK, group_end_E, num_rows = packed_rows(routing)
     assert group_end_E.dtype == torch.int32 and bool((group_end_E % GROUP_ROW_ALIGN == 0).all())
     assert int(group_end_E[-1]) <= num_rows and num_rows % GROUP_ROW_ALIGN == 0
     kept_rows = row_SK[routing.kept_SK]

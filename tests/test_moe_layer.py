@@ -14,14 +14,14 @@ def make_layer(seed=0, **overrides):
     cfg.update(overrides)
     layer = MoeMlp(MoeConfig(**cfg))
     with torch.no_grad():  # a sharper router than the default init, so gates differ visibly between experts
-        layer.router_dE.normal_(0, 1.0)
+        layer.router.router_dE.normal_(0, 1.0)
     return layer
 
 
 def reference_forward(layer, x_Sd):
     """Independent pipeline: router softmax -> Python-loop routing -> Python loop over experts."""
     cfg = layer.config
-    gates_SE = torch.softmax(x_Sd @ layer.router_dE, dim=-1)
+    gates_SE = torch.softmax(x_Sd @ layer.router.router_dE, dim=-1)
     cap = layer.capacity_for(x_Sd.shape[0])
     return moe_loop(layer.experts, x_Sd, route_loop(gates_SE, cfg.k, cap, cfg.batch_priority))
 
@@ -75,7 +75,7 @@ def test_capacity_from_valid_tokens_counts_only_real_tokens():
     y, aux = valid_only(x_Sd, valid=valid_S)
     assert aux.routing.capacity == 8  # ceil(20 / 4) = 5, rounded up to a multiple of 4
     # Same routing semantics otherwise: the loop reference with that capacity gives the same output.
-    gates_SE = torch.softmax(x_Sd[valid_S] @ valid_only.router_dE, dim=-1)
+    gates_SE = torch.softmax(x_Sd[valid_S] @ valid_only.router.router_dE, dim=-1)
     expected = moe_loop(valid_only.experts, x_Sd[valid_S], route_loop(gates_SE, 1, 8, True))
     torch.testing.assert_close(y[valid_S], expected, rtol=1e-5, atol=1e-6)
     assert valid_only(x_Sd)[1].routing.capacity == 16  # no mask: every token is real
@@ -107,7 +107,7 @@ def test_eval_is_deterministic_and_training_is_noisy():
     assert float(aux1.losses["load"]) == 0.0  # the load loss needs router noise
     layer.train()
     with torch.no_grad():
-        layer.router_dE.mul_(0.01)  # near-tied logits: noise of std 1/E must flip some choices
+        layer.router.router_dE.mul_(0.01)  # near-tied logits: noise of std 1/E must flip some choices
     torch.manual_seed(1)
     _, aux_t1 = layer(x_Sd)
     torch.manual_seed(2)
@@ -291,7 +291,7 @@ def test_batch_priority_orders_a_joint_group_across_modalities():
     torch.manual_seed(0)
     layer = MoeMlp(MoeConfig(dim=4, hidden_dim=8, num_experts=2, capacity_multiple_of=1, group_size=1)).eval()
     with torch.no_grad():
-        layer.router_dE.copy_(torch.tensor([[1.0, -1.0], [0, 0], [0, 0], [0, 0]]))
+        layer.router.router_dE.copy_(torch.tensor([[1.0, -1.0], [0, 0], [0, 0], [0, 0]]))
     x_1Sd = torch.zeros(1, 12, 4)
     x_1Sd[0, :8, 0] = torch.linspace(0.5, 1.0, 8)
     x_1Sd[0, 8:, 0] = 3.0
@@ -329,7 +329,7 @@ def test_group_size_and_routing_groups_are_checked():
 def test_router_and_expert_init_follow_vmoe():
     # Router: flax Dense's lecun_normal (normal truncated at 2 std, std 1/sqrt(d) after truncation).
     layer = MoeMlp(MoeConfig(dim=256, hidden_dim=64, num_experts=32))
-    w = layer.router_dE.detach()
+    w = layer.router.router_dE.detach()
     assert abs(w.std().item() * 256 ** 0.5 - 1.0) < 0.05
     assert w.abs().max().item() <= 2 * 256 ** -0.5 / 0.8796 + 1e-6
     # Experts: one draw shared by all (V-MoE initialises them without splitting the RNG), unless asked otherwise.

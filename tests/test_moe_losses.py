@@ -70,12 +70,12 @@ def test_layer_losses_match_formulas_on_its_own_logits():
     torch.manual_seed(0)
     layer = MoeMlp(MoeConfig(dim=6, hidden_dim=8, num_experts=4, global_entropy_min_experts=(4, 2))).eval()
     with torch.no_grad():
-        layer.router_dE.normal_(0, 3.0)  # confident routing: text marginal entropy below log 2
+        layer.router.router_dE.normal_(0, 3.0)  # confident routing: text marginal entropy below log 2
     x_Sd = torch.randn(10, 6)
     x_Sd[6:] = x_Sd[6] + 0.3 * torch.randn(4, 6)  # similar text tokens: they crowd onto few experts
     modality_S = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
     _, aux = layer(x_Sd, modality=modality_S)
-    p_SE = torch.softmax(x_Sd @ layer.router_dE, -1).detach()
+    p_SE = torch.softmax(x_Sd @ layer.router.router_dE, -1).detach()
     text = p_SE[6:]
     h_text = -(text * text.log()).sum(-1).mean()
     marginal = text.mean(0)
@@ -111,13 +111,13 @@ def test_every_loss_is_differentiable_in_training():
     torch.manual_seed(0)
     layer = MoeMlp(MoeConfig(dim=6, hidden_dim=8, num_experts=4, global_entropy_min_experts=(4, 4))).train()
     with torch.no_grad():
-        layer.router_dE.normal_(0, 2.0)  # skewed routing so that no loss sits at its zero floor
+        layer.router.router_dE.normal_(0, 2.0)  # skewed routing so that no loss sits at its zero floor
     _, aux = layer(torch.randn(32, 6), modality=torch.arange(32) % 2)
     assert set(aux.losses) == {"importance", "load", "z", "local_entropy/image", "global_entropy/image",
                                "local_entropy/text", "global_entropy/text"}
     for name, value in aux.losses.items():
         assert value.dim() == 0 and bool(torch.isfinite(value)), name
-        (grad,) = torch.autograd.grad(value, layer.router_dE, retain_graph=True)
+        (grad,) = torch.autograd.grad(value, layer.router.router_dE, retain_graph=True)
         assert bool(grad.abs().sum() > 0), name
 
 
@@ -132,7 +132,7 @@ def test_single_modality_pass_has_finite_gradients():
     sum(aux.losses.values()).backward()
     for name, p in [("x", x_Sd), *layer.named_parameters()]:
         assert p.grad is None or bool(torch.isfinite(p.grad).all()), name
-    assert bool(torch.isfinite(layer.router_dE.grad).all())
+    assert bool(torch.isfinite(layer.router.router_dE.grad).all())
 
 
 def _entropy_scalar(p):
@@ -183,7 +183,7 @@ def test_losses_in_mixed_groups_match_a_scalar_implementation():
     layer = MoeMlp(cfg).train()
     torch.manual_seed(1)  # the data below does not depend on how many numbers the layer's init drew
     with torch.no_grad():
-        layer.router_dE.normal_(0, 2.0)
+        layer.router.router_dE.normal_(0, 2.0)
     x_BSd = torch.randn(6, 12, 6)
     x_BSd[:, 8:] = x_BSd[0, 8] + 0.2 * torch.randn(6, 4, 6)  # similar text tokens crowd onto few experts
     modality_BS = torch.tensor([0] * 8 + [1] * 4).repeat(6, 1)
@@ -194,7 +194,7 @@ def test_losses_in_mixed_groups_match_a_scalar_implementation():
     _, aux = layer(x_BSd, modality=modality_BS, valid=valid_BS)
     torch.manual_seed(5)
     sigma = cfg.noise_std / cfg.num_experts
-    logits_SE = (x_BSd.reshape(-1, 6) @ layer.router_dE).detach()  # float32, as the layer computes them
+    logits_SE = (x_BSd.reshape(-1, 6) @ layer.router.router_dE).detach()  # float32, as the layer computes them
     noisy_SE = logits_SE + sigma * torch.randn_like(logits_SE)  # the layer's own noise draw
     want = _grouped_losses_scalar(logits_SE.tolist(), noisy_SE.tolist(), modality_BS.reshape(-1).tolist(),
                                   valid_BS.reshape(-1).tolist(), 3, (3, 2), sigma, 2)
@@ -209,8 +209,8 @@ def test_default_threshold_is_half_the_experts_and_binds_only_below_it():
     assert MoeConfig(dim=6, hidden_dim=8, num_experts=1).min_experts_per_modality == (1.0, 1.0)
     layer = MoeMlp(MoeConfig(dim=6, hidden_dim=8, num_experts=8)).eval()
     with torch.no_grad():
-        layer.router_dE.zero_()
-        layer.router_dE[0, :2] = 8.0  # tokens with x[0] = 1 split between experts 0 and 1 only
+        layer.router.router_dE.zero_()
+        layer.router.router_dE[0, :2] = 8.0  # tokens with x[0] = 1 split between experts 0 and 1 only
     x_Sd = torch.zeros(16, 6)
     x_Sd[8:, 0] = 1.0
     modality_S = torch.tensor([0] * 8 + [1] * 8)

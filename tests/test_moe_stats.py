@@ -60,7 +60,7 @@ def test_layer_stats_agree_with_its_routing():
     torch.manual_seed(0)
     layer = MoeMlp(MoeConfig(dim=8, hidden_dim=8, num_experts=4, k=2, capacity_factor=0.5)).eval()
     with torch.no_grad():
-        layer.router_dE.normal_(0, 1.0)  # skewed routing: popular experts overflow, others have room
+        layer.router.router_dE.normal_(0, 1.0)  # skewed routing: popular experts overflow, others have room
     modality_S = torch.arange(40) % 3 == 0  # a third text tokens
     valid_S = torch.arange(40) < 36
     _, aux = layer(torch.randn(40, 8), modality=modality_S.long(), valid=valid_S)

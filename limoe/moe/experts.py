@@ -100,6 +100,14 @@ class ExpertMlps(nn.Module):
     def num_experts(self) -> int:
         return self.w_in_Edh.shape[0]
 
+    @property
+    def dim(self) -> int:
+        return self.w_in_Edh.shape[1]
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.w_in_Edh.shape[2]
+
     def forward(self, x_ECd: torch.Tensor) -> torch.Tensor:
         """Capacity-padded buffers [E, C, d] -> [E, C, d] with batched matmuls (the bmm backend)."""
         h_ECh = F.gelu(torch.baddbmm(self.b_in_Eh[:, None, :].to(x_ECd.dtype), x_ECd, self.w_in_Edh.to(x_ECd.dtype)))

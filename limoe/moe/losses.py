@@ -23,6 +23,13 @@ def _token_sum(w_S: torch.Tensor, x_SE: torch.Tensor) -> torch.Tensor:
     return (w_S[..., None] * x_SE).sum(-2)
 
 
+def modality_weights(modality_S: torch.Tensor, valid_S: torch.Tensor | None, num_modalities: int) -> torch.Tensor:
+    """Each token's modality as a one-hot weight row, a zero row for padding: [S] -> [S, M] float."""
+    # A comparison, not F.one_hot: one_hot validates its input with a host sync on accelerators.
+    w_SM = (modality_S[:, None] == torch.arange(num_modalities, device=modality_S.device)).float()
+    return w_SM * valid_S[:, None] if valid_S is not None else w_SM
+
+
 def entropy(logits_SE: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of softmax(logits) per row: [S, E] -> [S]."""
     logp_SE = torch.log_softmax(logits_SE, dim=-1)

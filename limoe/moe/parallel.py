@@ -1,10 +1,11 @@
 """Expert-parallel MoE layer and portable (EP-size independent) checkpoints.
 
 Each rank routes its own S tokens exactly like `MoeMlp` (same capacity C from its local S), so a rank's output
-equals `MoeMlp` with the full expert set applied to that rank's tokens. Only the experts are sharded: the [E, C, d]
-capacity buffer is exchanged with one all_to_all, each rank runs its E/P experts on [E/P, P*C, d], and a second
-all_to_all sends the results back. Buffers have fixed capacity, so all splits are equal and no sizes are exchanged.
-Every rank of an EP group must therefore call the layer with the same number of tokens (pad with valid=False).
+equals `MoeMlp` with the full expert set applied to that rank's tokens. Only the experts are sharded: the
+dispatcher's [E, C, d] capacity buffer is exchanged with one all_to_all, each rank runs its E/P experts on
+[E/P, P*C, d], and a second all_to_all sends the results back. Buffers have fixed capacity, so all splits are equal
+and no sizes are exchanged. Every rank of an EP group must therefore call the layer with the same number of tokens
+(pad with valid=False).
 """
 
 from __future__ import annotations
@@ -14,8 +15,31 @@ import torch.distributed as dist
 from torch import nn
 
 from limoe.distributed import EXPERT_PARALLEL_ATTR, ExpertParallelGroups, all_to_all, check_expert_parallel
+from limoe.moe.config import MoeConfig
+from limoe.moe.dispatch import Dispatcher
 from limoe.moe.experts import ExpertMlps
-from limoe.moe.layer import MoeConfig, MoeMlp
+from limoe.moe.layer import MoeMlp
+
+
+class ExpertParallelDispatcher(Dispatcher):
+    """The padded layout, with this rank's buffers of every expert exchanged for every rank's buffers of its own
+    experts (`groups.local_experts(E)`). Padded only: the exchange needs equal splits, so no sizes to send."""
+
+    def __init__(self, groups: ExpertParallelGroups):
+        super().__init__("bmm")
+        self.groups = groups
+
+    def run_experts(self, experts: ExpertMlps, x_ECd: torch.Tensor) -> torch.Tensor:
+        num_experts, cap, dim = x_ECd.shape
+        ep = self.groups.ep_size
+        local = num_experts // ep
+        # Dim 0 is expert-major, so chunk j (experts of EP rank j) goes to rank j; we receive, from each rank j,
+        # its C rows for each of our experts: [P, E/P, C, d] -> per expert, all ranks' rows side by side.
+        recv_PLCd = all_to_all(x_ECd, self.groups.ep_group).view(ep, local, cap, dim)
+        x_LRd = recv_PLCd.transpose(0, 1).reshape(local, ep * cap, dim)
+        y_LRd = experts(x_LRd)
+        send_PLCd = y_LRd.view(local, ep, cap, dim).transpose(0, 1)
+        return all_to_all(send_PLCd.reshape(num_experts, cap, dim), self.groups.ep_group)
 
 
 class ExpertParallelMoeMlp(MoeMlp):
@@ -42,25 +66,10 @@ class ExpertParallelMoeMlp(MoeMlp):
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed((torch.initial_seed() * 1009 + groups.ep_rank) % 2**63)
             experts = ExpertMlps(config.num_experts // groups.ep_size, config.dim, config.hidden_dim)
-        super().__init__(config, experts=experts)
+        super().__init__(config, experts=experts, dispatcher=ExpertParallelDispatcher(groups))
         self.groups = groups
         for param in self.experts.parameters():
             setattr(param, EXPERT_PARALLEL_ATTR, True)
-
-    def _uses_grouped_mm(self, x_Sd: torch.Tensor) -> bool:
-        return False  # the exchange needs the padded [E, C, d] layout: equal splits, no sizes to send
-
-    def run_experts(self, x_ECd: torch.Tensor) -> torch.Tensor:
-        num_experts, cap, dim = x_ECd.shape
-        ep = self.groups.ep_size
-        local = num_experts // ep
-        # Dim 0 is expert-major, so chunk j (experts of EP rank j) goes to rank j; we receive, from each rank j,
-        # its C rows for each of our experts: [P, E/P, C, d] -> per expert, all ranks' rows side by side.
-        recv_PLCd = all_to_all(x_ECd, self.groups.ep_group).view(ep, local, cap, dim)
-        x_LRd = recv_PLCd.transpose(0, 1).reshape(local, ep * cap, dim)
-        y_LRd = self.experts(x_LRd)
-        send_PLCd = y_LRd.view(local, ep, cap, dim).transpose(0, 1)
-        return all_to_all(send_PLCd.reshape(num_experts, cap, dim), self.groups.ep_group)
 
 
 # -- portable checkpoints ---------------------------------------------------------------------------------------

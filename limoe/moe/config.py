@@ -1,0 +1,75 @@
+"""MoeConfig: every option of a sparse MoE MLP layer, each declaring its check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from limoe.checks import check_fields, flag, integer, one_of, option, real, sequence, text
+from limoe.moe.experts import EXPERT_BACKENDS
+from limoe.moe.routers import ROUTERS
+
+ROUTING_GROUPS = ("joint", "per_modality")
+
+
+def _distinct_names(names: tuple[str, ...]) -> str | None:
+    return None if names and len(set(names)) == len(names) else f"must be distinct names, got {tuple(names)}"
+
+
+@dataclass
+class MoeConfig:
+    dim: int = option(check=integer(ge=1))
+    hidden_dim: int = option(check=integer(ge=1))
+    num_experts: int = option(8, integer(ge=1))
+    k: int = option(1, integer(ge=1))  # and <= num_experts
+    capacity_factor: float = option(1.0, real(gt=0))
+    eval_capacity_factor: float | None = option(None, real(gt=0, none=True))  # None: same as capacity_factor
+    batch_priority: bool = option(True, flag())  # LIMoE trains with BPR
+    noise_std: float = option(1.0, real(ge=0))  # router noise std is noise_std / num_experts (V-MoE), training only
+    capacity_multiple_of: int = option(4, integer(ge=1))
+    # Which tokens set the capacity C = ceil(n * k * cf / E): "all" S tokens of the group, padding included
+    # (static shapes, no host sync), or only the "valid" ones. Padding never takes a slot either way, but with
+    # "all" a text pass of short captions in 16 positions gets about twice the slots its real tokens need, so
+    # text tokens can hardly be dropped. "valid" reads the count on the host (a sync on accelerators, shapes
+    # that change with the data under torch.compile) and is refused with expert parallelism.
+    capacity_tokens: str = option("all", one_of("all", "valid"))
+    # Routing groups, as in V-MoE: the tokens of `group_size` consecutive examples (dim 0 of the input: images,
+    # texts or, in joint training, image-text pairs) are routed together with their own capacity, BPR order and
+    # aux losses (averaged over groups). None: everything one call holds is one group.
+    group_size: int | None = option(None, integer(ge=1, none=True))
+    # How a one-tower model groups a batch of pairs in training: "joint" = a pair's patches and text tokens share
+    # one group and one capacity (LIMoE), "per_modality" = images and texts are grouped and routed apart.
+    routing_groups: str = option("joint", one_of(*ROUTING_GROUPS))
+    modalities: tuple[str, ...] = option(("image", "text"), sequence(text(), rule=_distinct_names))
+    # Global-entropy threshold per modality: the loss asks each modality to use at least this many experts
+    # (tau = log of it), a soft minimum that leaves a modality free to use fewer than all. None: half the experts
+    # for every modality (chosen by experiment: docs/routing.md). num_experts makes the loss a plain -H.
+    # Values in [1, num_experts], one per modality.
+    global_entropy_min_experts: tuple[float, ...] | None = option(None, sequence(real(ge=1), none=True))
+    # How the experts run (see limoe.moe.experts): "bmm" = batched matmuls on capacity-padded buffers,
+    # "grouped_mm" = grouped GEMM on packed rows (CUDA sm90/sm100 in bf16, or CPU); "auto" = "bmm" for now.
+    expert_backend: str = option("auto", one_of(*EXPERT_BACKENDS))
+    # Expert weights at init: "shared" = one draw copied to every expert, as V-MoE (its experts' params are
+    # initialised without splitting the RNG); routing then sends them different tokens and they grow apart.
+    # "independent" = a draw per expert.
+    expert_init: str = option("shared", one_of("shared", "independent"))
+    # Which router assigns tokens to experts (limoe.moe.routers): "top_k" = V-MoE's top-k per token with capacity
+    # and BPR. The options above that shape routing (k, capacity, batch_priority, noise_std) are top_k's.
+    router: str = option("top_k", one_of(*ROUTERS))
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # each field's declared type and range; below, the checks across fields
+        if self.k > self.num_experts:
+            raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got {self.k}")
+        self.modalities = tuple(self.modalities)
+        if self.global_entropy_min_experts is not None:
+            self.global_entropy_min_experts = tuple(self.global_entropy_min_experts)
+            if len(self.global_entropy_min_experts) != len(self.modalities):
+                raise ValueError(f"global_entropy_min_experts needs one value per modality {self.modalities}, "
+                                 f"got {self.global_entropy_min_experts}")
+            if not all(s <= self.num_experts for s in self.global_entropy_min_experts):
+                raise ValueError(f"global_entropy_min_experts values must be in [1, num_experts={self.num_experts}], "
+                                 f"got {self.global_entropy_min_experts}")
+
+    @property
+    def min_experts_per_modality(self) -> tuple[float, ...]:
+        return self.global_entropy_min_experts or (max(1.0, self.num_experts / 2),) * len(self.modalities)
