@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from limoe.checks import check_fields, flag, mapping, one_of, option, real
+from limoe.checks import ConfigError, check_fields, flag, mapping, one_of, option, real
 from limoe.model.base import ModelOutput
 from limoe.moe.layer import MoeAux
 
@@ -79,6 +79,9 @@ def siglip_loss(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torc
 
 
 CONTRASTIVE = ("softmax", "sigmoid")  # CLIP, SigLIP
+# LossConfig's fields that weigh the aux losses routers report, one weight each or one per modality.
+AUX_WEIGHTS = ("importance", "load", "z")
+AUX_MODALITY_WEIGHTS = ("local_entropy", "global_entropy")
 
 
 @dataclass
@@ -99,11 +102,14 @@ class LossConfig:
         check_fields(self)  # when built, too: a loss misnamed in a saved config must not train another loss
 
     def weight(self, aux_name: str) -> float:
-        """Weight of a MoeAux loss key such as "importance" or "local_entropy/text"; unknown keys weigh 0."""
-        kind, _, modality = aux_name.partition("/")
-        if modality:
-            return getattr(self, kind, {}).get(modality, 0.0) if kind in ("local_entropy", "global_entropy") else 0.0
-        return float(getattr(self, kind, 0.0)) if kind in ("importance", "load", "z") else 0.0
+        """Weight of an aux loss by the name its router reports: "importance" is the field `importance`,
+        "local_entropy/text" the entry "text" of the field `local_entropy` (a modality left out weighs 0). Any
+        other name is an error, so that a router's new loss cannot train silently unweighted."""
+        kind, slash, modality = aux_name.partition("/")
+        if kind in (AUX_MODALITY_WEIGHTS if slash else AUX_WEIGHTS):
+            return float(getattr(self, kind).get(modality, 0.0)) if slash else float(getattr(self, kind))
+        known = AUX_WEIGHTS + tuple(f"{kind}/<modality>" for kind in AUX_MODALITY_WEIGHTS)
+        raise ConfigError(f"no weight for the MoE aux loss {aux_name!r}; the loss config weighs {', '.join(known)}")
 
 
 def sum_aux_losses(aux: list[MoeAux]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from limoe.model.block import IMAGE, TEXT
+from limoe.model.block import IMAGE, MODALITIES, TEXT
 from limoe.moe.stats import MoeStats
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the data layer's default normalisation, undone for pictures
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -247,15 +247,17 @@ class _LayerAccumulator:
         B = ids_BT.shape[0]
         expert_BLK, kept_BLK, gate_BLK = (t.cpu().view(B, -1, r.k)
                                           for t in (r.expert_SK, r.kept_SK, r.gate_SK.float()))
+        # The layer's modality ids index its own config.modalities, not the model's IMAGE / TEXT.
+        image_id, text_id = (aux.stats.modalities.index(name) for name in MODALITIES)
         if isinstance(modality, torch.Tensor):
             modality_L, kind = modality[0].cpu(), "pairs"
         else:
-            modality = IMAGE if modality is None else modality
+            modality = 0 if modality is None else modality  # MoeMlp's default: its first modality
             modality_L, kind = torch.full((expert_BLK.shape[1],), modality), aux.stats.modalities[modality]
         if kind not in self.ref.passes:
             self.ref.passes += (kind,)
         self.add_common(kind, aux)
-        image_L, text_L = modality_L == IMAGE, modality_L == TEXT
+        image_L, text_L = modality_L == image_id, modality_L == text_id
         if image_L.any():
             self.add_image(expert_BLK[:, image_L], kept_BLK[:, image_L], gate_BLK[:, image_L], first_image,
                            patches_BP3hw, maps_left)

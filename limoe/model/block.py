@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +11,30 @@ from torch import nn
 from limoe.model.mlp import Mlp
 from limoe.moe.layer import MoeAux, MoeConfig, MoeMlp
 
-IMAGE, TEXT = 0, 1  # modality ids, indexing MoeConfig.modalities = ("image", "text")
+# The model's modalities and their ids (which embedding, which tower). A MoE layer numbers modalities by its own
+# `MoeConfig.modalities`; blocks translate with `moe_modality_ids`.
+MODALITIES = ("image", "text")
+IMAGE, TEXT = 0, 1
+
+# timm's `mlp_layer`: builds a block's MLP from (dim, hidden_dim); `Mlp` (dense) or `moe_mlp(config)`.
+MlpLayer = Callable[[int, int], nn.Module]
+
+
+def moe_mlp(config: MoeConfig) -> MlpLayer:
+    """An `mlp_layer` building `MoeMlp(config)`; its dim and hidden_dim must be the block's."""
+    def build(dim: int, hidden_dim: int) -> MoeMlp:
+        if (dim, hidden_dim) != (config.dim, config.hidden_dim):
+            raise ValueError(f"MoeConfig has dim={config.dim}, hidden_dim={config.hidden_dim}; the block needs "
+                             f"{dim}, {hidden_dim}")
+        return MoeMlp(config)
+    return build
+
+
+def moe_modality_ids(config: MoeConfig) -> tuple[int, ...]:
+    """The MoE ids of the model's modalities (IMAGE, TEXT): their places in `config.modalities`."""
+    if not set(MODALITIES) <= set(config.modalities):
+        raise ValueError(f"moe.modalities must name the model's modalities {MODALITIES}, got {config.modalities}")
+    return tuple(config.modalities.index(name) for name in MODALITIES)
 
 
 class Attention(nn.Module):
@@ -33,14 +58,15 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """x + Attn(LN(x)), then x + MLP(LN(x)) where MLP is `Mlp` or `MoeMlp`."""
+    """x + Attn(LN(x)), then x + MLP(LN(x)) where MLP is `mlp_layer(dim, mlp_dim)`: `Mlp` or a `MoeMlp`."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, moe: MoeConfig | None = None, eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, mlp_layer: MlpLayer = Mlp, eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MoeMlp(moe) if moe is not None else Mlp(dim, mlp_dim)
+        self.mlp = mlp_layer(dim, mlp_dim)
+        self.moe_modality = moe_modality_ids(self.mlp.config) if self.is_moe else None  # model id -> MoE id
 
     @property
     def is_moe(self) -> bool:
@@ -80,7 +106,7 @@ class Block(nn.Module):
              ) -> tuple[torch.Tensor, MoeAux | None]:
         if self.is_moe:
             # The router sees the modality of every token (per-modality aux losses) and skips padding.
-            return self.mlp(h_BNd, modality=modality, valid=valid_BN)
+            return self.mlp(h_BNd, modality=self.moe_modality[modality], valid=valid_BN)
         return self.mlp(h_BNd), None
 
 
@@ -93,8 +119,10 @@ class Encoder(nn.Module):
         if moe_layer_ids and moe is None:
             raise ValueError("moe_layer_ids given without a MoeConfig")
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_dim, moe if i in moe_layer_ids else None, eps) for i in range(depth))
+            Block(dim, heads, mlp_dim, moe_mlp(moe) if i in moe_layer_ids else Mlp, eps) for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=eps)
+        # Joint MoE calls take a MoE modality id per token (forward_pair); an encoder has one MoeConfig.
+        self.moe_modality = moe_modality_ids(moe) if moe_layer_ids else (IMAGE, TEXT)
 
     def forward(self, x_BNd: torch.Tensor, modality: int, valid_BN: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list[MoeAux]]:
@@ -113,8 +141,9 @@ class Encoder(nn.Module):
                              f"{text_BTd.shape[0]} texts")
         B, N = image_BNd.shape[:2]
         device = image_BNd.device
-        modality_BL = torch.cat([torch.full((B, N), IMAGE, device=device),
-                                 torch.full(text_valid_BT.shape, TEXT, device=device)], 1)
+        image_id, text_id = self.moe_modality
+        modality_BL = torch.cat([torch.full((B, N), image_id, device=device),
+                                 torch.full(text_valid_BT.shape, text_id, device=device)], 1)
         valid_BL = torch.cat([torch.ones(B, N, dtype=torch.bool, device=device), text_valid_BT], 1)
         aux: list[MoeAux] = []
         for block in self.blocks:
