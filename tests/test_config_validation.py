@@ -161,6 +161,8 @@ def test_model_and_moe_configs_check_each_field_when_built(cls):
     ("data.crop_scale=2", "data.crop_scale must be in (0, 1], got 2.0"),
     ("data.jitter=-1", "data.jitter must be in [0, 1), got -1.0"),
     ("eval.interval=-1", "eval.interval must be >= 0, got -1"),
+    ('loss.local_entropy={"image":0.01,"txt":0.01}',
+     "loss.local_entropy weighs modalities ['txt'] that moe.modalities ('image', 'text') does not have"),
     ("moe.num_experts=-1", "moe.num_experts must be >= 1, got -1"),
     ("model.width=0", "model.width must be >= 1, got 0"),
     ("moe.capacity_factor=nan", "moe.capacity_factor must be a finite number within float32 range, got nan"),

@@ -19,7 +19,7 @@ from typing import Any
 from limoe.checks import (ConfigError, check_fields, field_checks, flag, integer, mapping, one_of, option, real,
                           section, sequence, text)
 from limoe.data.sources import SOURCE_NAMES as CORPUS_SOURCES, STYLES as CORPUS_STYLES
-from limoe.losses import LossConfig
+from limoe.losses import AUX_MODALITY_WEIGHTS, LossConfig
 from limoe.model.config import MOE_CHECKS, ModelConfig
 from limoe.model.registry import list_models
 
@@ -160,6 +160,13 @@ class TrainConfig:
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"invalid model config: {e}") from None
         self._check_routing_groups(model, world_size=1)
+        if model.moe_layer_ids:
+            modalities = model.moe_config().modalities
+            for kind in AUX_MODALITY_WEIGHTS:  # a typo ("txt") would leave that modality's loss unweighted
+                unknown = sorted(set(getattr(self.loss, kind)) - set(modalities))
+                if unknown:
+                    raise ConfigError(f"loss.{kind} weighs modalities {unknown} that moe.modalities "
+                                      f"{tuple(modalities)} does not have")
         ep = self.dist.expert_parallel
         if ep > 1:
             if not model.moe_layer_ids:
