@@ -35,7 +35,7 @@ def test_every_registered_router_keeps_the_contract(name):
 
 
 def test_unknown_router_is_a_one_line_error_naming_the_known_ones():
-    with pytest.raises(ConfigError, match=r"router must be one of \('top_k',\), got 'soft_v2'") as e:
+    with pytest.raises(ConfigError, match=r"router must be one of \('top_k', 'expert_choice'\), got 'soft_v2'") as e:
         MoeConfig(dim=8, hidden_dim=16, router="soft_v2")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="top_k"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from limoe.checks import check_fields, flag, integer, one_of, option, real, sequence, text
+from limoe.checks import ConfigError, check_fields, flag, integer, one_of, option, real, sequence, text
 from limoe.moe.experts import EXPERT_BACKENDS
 from limoe.moe.routers import ROUTERS
 
@@ -54,12 +54,18 @@ class MoeConfig:
     expert_init: str = option("shared", one_of("shared", "independent"))
     # Which router assigns tokens to experts (limoe.moe.routers): "top_k" = V-MoE's top-k per token with capacity
     # and BPR. The options above that shape routing (k, capacity, batch_priority, noise_std) are top_k's.
+    # "expert_choice" = each expert picks its top-C tokens of a group (Zhou et al. 2022): it uses the capacity
+    # options, needs k=1 (k has no meaning there) and ignores batch_priority and noise_std (no per-token order,
+    # no noise).
     router: str = option("top_k", one_of(*ROUTERS))
 
     def __post_init__(self) -> None:
         check_fields(self)  # each field's declared type and range; below, the checks across fields
         if self.k > self.num_experts:
             raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got {self.k}")
+        if self.router == "expert_choice" and self.k != 1:
+            raise ConfigError(f"moe.k={self.k} has no meaning with moe.router='expert_choice' (each expert picks "
+                              f"its tokens; moe.capacity_factor sets how many): leave k at 1")
         self.modalities = tuple(self.modalities)
         if self.global_entropy_min_experts is not None:
             self.global_entropy_min_experts = tuple(self.global_entropy_min_experts)

@@ -91,7 +91,7 @@ class MoeMlp(nn.Module):
 
         w_SM = losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
         stats = MoeStats.compute(cfg.modalities, w_SM, routing.expert_SK, routing.kept_SK, routed.entropy_S,
-                                 cfg.num_experts)
+                                 cfg.num_experts, routing.ranked)
         if x_Sd.shape[0] != num_tokens:  # drop the padding examples that filled the last group
             y_Sd, routing = y_Sd[:num_tokens], routing.token_slice(num_tokens)
         return y_Sd.reshape(x.shape), MoeAux(routed.losses, stats, routing)

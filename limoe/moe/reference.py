@@ -1,6 +1,7 @@
 """Slow, obviously-correct reference implementations, for tests and as benchmark baselines.
 
-Never used by the model: `route_loop` walks assignments one by one in Python, `moe_loop` runs each expert on its
+Never used by the model: `route_loop` walks assignments one by one in Python, `expert_choice_loop` lets each
+expert pick its tokens of each group in Python loops, `moe_loop` runs each expert on its
 tokens in a Python loop, and `moe_onehot_einsum` is the GShard / V-MoE style dispatch with dense one-hot
 [S, E, C] tensors that the real layer avoids.
 """
@@ -38,6 +39,29 @@ def route_loop(gates_SE: torch.Tensor, k: int, capacity: int, batch_priority: bo
                     kept_SK[s, choice] = used[e] < limit
                     used[e] += 1
     return Routing(expert_SK, slot_SK, gate_SK, kept_SK, capacity, num_experts, num_groups)
+
+
+def expert_choice_loop(p_SE: torch.Tensor, capacity: int, valid_S: torch.Tensor | None = None,
+                       num_groups: int = 1) -> Routing:
+    """Expert choice as the paper reads: in each group, each expert sorts the group's valid tokens by p(e | token)
+    (ties: token order) and takes the first `capacity`; slot = place in that order, gate = p(e | token)."""
+    num_tokens, num_experts = p_SE.shape
+    valid = [True] * num_tokens if valid_S is None else [bool(v) for v in valid_S]
+    slot_SE = torch.full((num_tokens, num_experts), capacity, dtype=torch.long)
+    kept_SE = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    per_group = num_tokens // num_groups
+    for g in range(num_groups):
+        tokens = [s for s in range(g * per_group, (g + 1) * per_group) if valid[s]]
+        for e in range(num_experts):
+            ranked = sorted(tokens, key=lambda s: -float(p_SE[s, e].detach()))
+            for slot, s in enumerate(ranked[:capacity]):
+                slot_SE[s, e] = slot
+                kept_SE[s, e] = True
+    for s in range(num_tokens):
+        if not valid[s]:
+            slot_SE[s] = -1
+    expert_SE = torch.arange(num_experts).expand(num_tokens, num_experts)
+    return Routing(expert_SE, slot_SE, p_SE, kept_SE, capacity, num_experts, num_groups, ranked=False)
 
 
 def _expert_mlp(experts: ExpertMlps, e: int, x_Nd: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,9 @@ class Routing:
     capacity: int  # slots per expert and group (the largest, if groups differ: see `route`)
     num_experts: int
     num_groups: int = 1
+    # Column k is each token's k-th best choice (top_k). False: the columns are the E experts themselves
+    # (expert choice), a token may be kept by any number of them and column 0 is no top choice.
+    ranked: bool = True
 
     @property
     def k(self) -> int:
@@ -70,7 +73,7 @@ class Routing:
     def token_slice(self, num_tokens: int) -> "Routing":
         """The first `num_tokens` tokens (e.g. without the padding examples that filled the last group)."""
         return Routing(self.expert_SK[:num_tokens], self.slot_SK[:num_tokens], self.gate_SK[:num_tokens],
-                       self.kept_SK[:num_tokens], self.capacity, self.num_experts, self.num_groups)
+                       self.kept_SK[:num_tokens], self.capacity, self.num_experts, self.num_groups, self.ranked)
 
 
 def route(

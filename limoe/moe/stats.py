@@ -17,16 +17,18 @@ class MoeStats:
 
     modalities: tuple[str, ...]
     tokens_M: torch.Tensor  # valid tokens per modality
-    top1_kept_M: torch.Tensor  # valid tokens whose top-1 choice was kept
+    top1_kept_M: torch.Tensor  # valid tokens whose top-1 choice was kept (expert choice: kept by >= 1 expert)
     dropped_M: torch.Tensor  # valid tokens with no kept choice (they skip the MoE branch)
     entropy_sum_M: torch.Tensor  # sum over valid tokens of the clean router entropy (nats)
-    routed_ME: torch.Tensor  # assignments asked of each expert, kept or not
+    routed_ME: torch.Tensor  # assignments asked of each expert, kept or not (expert choice: its picks)
     processed_ME: torch.Tensor  # assignments each expert processed (kept)
 
     @staticmethod
     def compute(modalities: tuple[str, ...], onehot_SM: torch.Tensor, expert_SK: torch.Tensor,
-                kept_SK: torch.Tensor, entropy_S: torch.Tensor, num_experts: int) -> "MoeStats":
-        """`onehot_SM` is the modality one-hot of each token, zero rows for padding."""
+                kept_SK: torch.Tensor, entropy_S: torch.Tensor, num_experts: int, ranked: bool = True) -> "MoeStats":
+        """`onehot_SM` is the modality one-hot of each token, zero rows for padding. `ranked` (`Routing.ranked`):
+        column 0 is each token's top choice; False (expert choice, one column per expert): a token's routing
+        succeeds if any expert kept it, and an expert is asked for exactly the tokens it picked."""
         onehot_SM = onehot_SM.detach().float()
         kept_SK = kept_SK.float()
         num_modalities = onehot_SM.shape[1]
@@ -35,12 +37,13 @@ class MoeStats:
         # Flat (modality, expert) index of every assignment; scatter-add keeps shapes static (no host sync).
         index_A = (modality_S[:, None] * num_experts + expert_SK).reshape(-1)
         routed = torch.zeros(num_modalities * num_experts, device=onehot_SM.device)
-        routed.index_add_(0, index_A, valid_S[:, None].expand_as(kept_SK).reshape(-1))
+        asked_SK = valid_S[:, None].expand_as(kept_SK) if ranked else kept_SK
+        routed.index_add_(0, index_A, asked_SK.reshape(-1))
         processed = torch.zeros_like(routed).index_add_(0, index_A, kept_SK.reshape(-1))
         return MoeStats(
             modalities=modalities,
             tokens_M=onehot_SM.sum(0),
-            top1_kept_M=onehot_SM.T @ kept_SK[:, 0],
+            top1_kept_M=onehot_SM.T @ (kept_SK[:, 0] if ranked else (kept_SK.sum(1) > 0).float()),
             dropped_M=onehot_SM.T @ (kept_SK.sum(1) == 0).float(),
             entropy_sum_M=onehot_SM.T @ entropy_S.detach().float(),
             routed_ME=routed.view(num_modalities, num_experts),

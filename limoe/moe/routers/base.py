@@ -17,12 +17,18 @@ A router owns its parameters; `MoeMlp` stores them at its own level of the state
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from limoe.moe.routing import Routing
+from limoe.moe import losses
+from limoe.moe.routing import Routing, capacity
+
+if TYPE_CHECKING:
+    from limoe.moe.config import MoeConfig
 
 
 @dataclass
@@ -43,3 +49,73 @@ class Router(nn.Module):
     def forward(self, x_Sd: torch.Tensor, modality_S: torch.Tensor, valid_S: torch.Tensor | None = None,
                 num_groups: int = 1) -> RouterOutput:
         raise NotImplementedError
+
+
+class LinearRouter(Router):
+    """What the softmax routers share: a linear map to E logits (`router_dE`, float32), the capacity from the
+    config's factors, and the losses of the clean softmax: router z-loss and LIMoE's per-modality local and
+    thresholded global entropy (`shared_losses`, named `shared_loss_names`)."""
+
+    def __init__(self, config: MoeConfig):
+        super().__init__()
+        self.config = config
+        self.router_dE = nn.Parameter(torch.empty(config.dim, config.num_experts))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # V-MoE's router is a flax Dense without bias: lecun_normal, i.e. a normal truncated at 2 std whose
+        # std is 1/sqrt(d) after truncation (hence the division by the truncated normal's std, 0.8796).
+        std = self.config.dim ** -0.5 / 0.87962566103423978
+        nn.init.trunc_normal_(self.router_dE, std=std, a=-2 * std, b=2 * std)
+
+    def capacity_for(self, num_tokens: int) -> int:
+        raise NotImplementedError
+
+    def capacity_with_k(self, num_tokens: int, k: int) -> int:
+        """Slots per expert for `num_tokens` tokens, k choices each, with this mode's (train / eval) factor."""
+        cfg = self.config
+        factor = cfg.capacity_factor if self.training else (cfg.eval_capacity_factor or cfg.capacity_factor)
+        return capacity(num_tokens, cfg.num_experts, k, factor, cfg.capacity_multiple_of)
+
+    def group_capacity(self, group_tokens: int, valid_S: torch.Tensor | None, num_groups: int
+                       ) -> tuple[int, torch.Tensor | None]:
+        """Slots per expert and group (buffer size), and per-group limits when they differ by group."""
+        if self.config.capacity_tokens == "valid" and valid_S is not None:
+            # Host sync: the buffers' shape follows the data.
+            caps = [self.capacity_for(max(1, n)) for n in valid_S.view(num_groups, -1).sum(1).tolist()]
+            if len(set(caps)) > 1:
+                return max(caps), torch.tensor(caps, device=valid_S.device)
+            return caps[0], None
+        return self.capacity_for(group_tokens), None
+
+    def clean_logits(self, x_Sd: torch.Tensor) -> torch.Tensor:
+        """Logits x W_r [S, E], float32 even under autocast: routing decisions are sensitive to rounding."""
+        device_type = x_Sd.device.type
+        no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+                       else contextlib.nullcontext())  # e.g. the meta device, where models are sized
+        with no_autocast:
+            return x_Sd.float() @ self.router_dE.float()
+
+    @property
+    def shared_loss_names(self) -> tuple[str, ...]:
+        return ("z",) + tuple(f"{kind}/{m}" for m in self.config.modalities
+                              for kind in ("local_entropy", "global_entropy"))
+
+    def shared_losses(self, logits_SE: torch.Tensor, p_SE: torch.Tensor, entropy_S: torch.Tensor,
+                      w_SM: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
+        """z-loss and per-modality local / global entropy of the clean softmax p_SE, each on each routing group,
+        averaged over the groups that have tokens (of that modality)."""
+        cfg = self.config
+        logits_GSE, p_GSE, entropy_GS, w_GSM = (
+            t.view(num_groups, -1, *t.shape[1:]) for t in (logits_SE, p_SE, entropy_S, w_SM))
+        w_GS = w_GSM.sum(-1)
+        count_G, count_GM = w_GS.sum(-1), w_GSM.sum(-2)
+        out = {"z": losses.mean_over_groups(losses.z_loss(logits_GSE, w_GS), count_G)}
+        local_M = losses.mean_over_groups(losses.local_entropy_loss(entropy_GS, w_GSM), count_GM)
+        # Built on the device, not copied from a host list: a blocking copy would sync the host every call.
+        min_experts_M = torch.stack([p_SE.new_full((), float(v)) for v in cfg.min_experts_per_modality])
+        global_M = losses.mean_over_groups(losses.global_entropy_loss(p_GSE, w_GSM, min_experts_M), count_GM)
+        for m, name in enumerate(cfg.modalities):
+            out[f"local_entropy/{name}"] = local_M[m]
+            out[f"global_entropy/{name}"] = global_M[m]
+        return out

@@ -1,0 +1,192 @@
+"""Expert Choice routing (`moe.router=expert_choice`): each expert picks its top-C tokens of each routing group."""
+
+import json
+
+import pytest
+import torch
+
+from limoe.checks import ConfigError
+from limoe.moe import Dispatcher, MoeConfig, MoeMlp
+from limoe.moe.reference import expert_choice_loop, moe_loop
+from limoe.moe.routers.expert_choice import expert_choice
+from limoe.moe.routing import capacity
+from limoe.train.config import DistConfig
+
+from _train_utils import tiny_config
+
+
+def make_layer(**overrides) -> MoeMlp:
+    torch.manual_seed(0)
+    return MoeMlp(MoeConfig(**{"dim": 8, "hidden_dim": 16, "num_experts": 4, "router": "expert_choice",
+                               **overrides}))
+
+
+BACKENDS = ["bmm"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
+CASES = {  # name: (layer overrides, examples, tokens per example, padding)
+    "one_group": (dict(), 5, 6, False),
+    "groups_padding": (dict(group_size=2), 6, 5, True),
+    "uneven_last_group": (dict(group_size=4, capacity_factor=2.0), 6, 3, True),
+    "small_capacity": (dict(group_size=3, capacity_factor=0.5, capacity_multiple_of=1), 6, 4, True),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_the_reference_picks_outputs_and_gradients(case, backend):
+    overrides, examples, tokens, padding = CASES[case]
+    layer = make_layer(expert_backend=backend, **overrides).train()
+    gen = torch.Generator().manual_seed(3)
+    x_BTd = torch.randn(examples, tokens, 8, generator=gen, requires_grad=True)
+    valid_BT = torch.rand(examples, tokens, generator=gen) > 0.3 if padding else None
+    modality_BT = torch.randint(0, 2, (examples, tokens), generator=gen)
+    y, aux = layer(x_BTd, modality_BT, valid_BT)
+
+    # Reference: the groups the layer forms (padding examples filling the last one), Python loops for the picks
+    # and the experts.
+    group = overrides.get("group_size") or examples
+    fill = -examples % group
+    x_Sd = torch.cat([x_BTd, x_BTd.new_zeros(fill, tokens, 8)]).reshape(-1, 8)
+    real = torch.ones(examples, tokens, dtype=torch.bool) if valid_BT is None else valid_BT
+    valid_S = torch.cat([real, real.new_zeros(fill, tokens)]).reshape(-1)
+    num_groups = (examples + fill) // group
+    p_SE = torch.softmax(x_Sd @ layer.router.router_dE, dim=-1)
+    ref = expert_choice_loop(p_SE, layer.capacity_for(group * tokens), valid_S, num_groups)
+    num_tokens = examples * tokens
+    got = aux.routing
+    assert not got.ranked and got.k == 4 and got.capacity == ref.capacity
+    assert torch.equal(got.kept_SK, ref.kept_SK[:num_tokens])
+    assert torch.equal(got.slot_SK, ref.slot_SK[:num_tokens])
+    torch.testing.assert_close(got.gate_SK, ref.gate_SK[:num_tokens])
+    y_ref = moe_loop(layer.experts, x_Sd, ref)[:num_tokens].view_as(y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+
+    weights = torch.randn(y.shape, generator=gen)
+    params = [x_BTd, layer.router.router_dE, *layer.experts.parameters()]
+    grads = torch.autograd.grad((y * weights).sum(), params)
+    grads_ref = torch.autograd.grad((y_ref * weights).sum(), params)
+    for name, g, g_ref in zip(["x", "router", "w_in", "b_in", "w_out", "b_out"], grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.0, 2.0])
+def test_capacity_is_filled_exactly_and_never_exceeded(cf):
+    layer = make_layer(group_size=2, capacity_factor=cf, eval_capacity_factor=cf * 2)
+    x_BTd = torch.randn(8, 10, 8)
+    valid_BT = torch.ones(8, 10, dtype=torch.bool)
+    valid_BT[1, 3:] = False  # group 0: 13 valid tokens
+    valid_BT[6:] = False  # group 3: none
+    for training in (True, False):
+        layer.train(training)
+        _, aux = layer(x_BTd, valid=valid_BT)
+        r = aux.routing
+        assert r.capacity == capacity(20, 4, 1, cf * (1 if training else 2))
+        valid_G = valid_BT.view(4, 20).sum(1)
+        kept_GE = r.kept_SK.view(4, 20, 4).sum(1)
+        assert torch.equal(kept_GE, torch.minimum(valid_G, torch.tensor(r.capacity))[:, None].expand(4, 4))
+        # Kept slots of each expert and group are exactly 0 .. count - 1 (what the dispatcher's layouts assume).
+        for g in range(4):
+            for e in range(4):
+                slots = sorted(r.slot_SK.view(4, 20, 4)[g, :, e][r.kept_SK.view(4, 20, 4)[g, :, e]].tolist())
+                assert slots == list(range(int(kept_GE[g, e])))
+        assert r.kept_SK.float().sum() == aux.stats.processed_ME.sum()
+
+
+def test_capacity_from_valid_tokens_per_group():
+    layer = make_layer(group_size=1, capacity_tokens="valid", capacity_multiple_of=1)
+    valid_BT = torch.ones(2, 16, dtype=torch.bool)
+    valid_BT[1, 4:] = False
+    _, aux = layer(torch.randn(2, 16, 8), valid=valid_BT)
+    assert aux.routing.kept_SK.view(2, 16, 4).sum(1).tolist() == [[4] * 4, [1] * 4]  # ceil(16/4), ceil(4/4)
+
+
+def test_padding_is_never_picked_even_with_room_to_spare():
+    layer = make_layer(capacity_factor=4.0)  # C = the group's 12 tokens: every valid token fits every expert
+    valid_BT = torch.tensor([[True, False, True], [False, False, True], [True, True, False], [False] * 3])
+    y, aux = layer(torch.randn(4, 3, 8), valid=valid_BT)
+    valid_S = valid_BT.reshape(-1)
+    assert torch.equal(aux.routing.kept_SK, valid_S[:, None].expand(12, 4))
+    assert bool((aux.routing.slot_SK[~valid_S] == -1).all())
+    assert bool((y.reshape(12, 8)[~valid_S] == 0).all())
+
+
+def test_a_token_may_get_no_expert_or_several():
+    # Expert e takes the one token with the largest p(e | token): token 0 for experts 0 and 1, token 2 for 2.
+    p_SE = torch.tensor([[0.5, 0.45, 0.05], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]])
+    r = expert_choice(p_SE, capacity=1)
+    assert r.kept_SK.tolist() == [[True, True, False], [False, False, False], [False, False, True]]
+    layer = make_layer(num_experts=3, capacity_factor=1.0, capacity_multiple_of=1)
+    x_Sd = torch.randn(3, 8)
+    y_Sd = Dispatcher("bmm")(x_Sd, r, layer.experts)
+    assert bool((y_Sd[1] == 0).all())
+    torch.testing.assert_close(y_Sd, moe_loop(layer.experts, x_Sd, r))
+    # Random tokens: some get none, some several; success = at least one expert.
+    _, aux = make_layer()(torch.randn(64, 8))
+    count_S = aux.routing.kept_SK.sum(1)
+    assert int(count_S.min()) == 0 and int(count_S.max()) >= 2
+    assert aux.stats.routing_success_M[0].item() == pytest.approx((count_S > 0).float().mean().item())
+    assert aux.stats.dropped_fraction_M[0].item() == pytest.approx((count_S == 0).float().mean().item())
+    assert torch.equal(aux.stats.routed_ME, aux.stats.processed_ME)  # an expert is asked for its picks only
+
+
+def test_reports_z_and_entropy_losses_as_top_k_does():
+    ec, tk = make_layer(group_size=2), make_layer(group_size=2, router="top_k", noise_std=0.0)
+    tk.load_state_dict(ec.state_dict())
+    x_BTd, modality_BT = torch.randn(4, 6, 8), torch.arange(24).view(4, 6) % 2
+    _, aux_ec = ec(x_BTd, modality_BT)
+    _, aux_tk = tk(x_BTd, modality_BT)
+    assert tuple(aux_ec.losses) == ("z", "local_entropy/image", "global_entropy/image", "local_entropy/text",
+                                    "global_entropy/text")
+    for name, value in aux_ec.losses.items():
+        torch.testing.assert_close(value, aux_tk.losses[name], msg=name)
+
+
+def test_refusals_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="moe.k=2 has no meaning with moe.router='expert_choice'") as e:
+        MoeConfig(dim=8, hidden_dim=16, num_experts=4, k=2, router="expert_choice")
+    assert "\n" not in str(e.value)
+    cfg = tiny_config(tmp_path)
+    cfg.moe = {"router": "expert_choice", "k": 2}
+    with pytest.raises(ConfigError, match="moe.k=2 has no meaning") as e:
+        cfg.validate()
+    assert "\n" not in str(e.value)
+    cfg.moe = {"router": "expert_choice"}
+    cfg.dist = DistConfig(expert_parallel=2)
+    with pytest.raises(ConfigError, match="expert_parallel=2 supports only moe.router='top_k'") as e:
+        cfg.validate()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_compiles_as_one_graph_and_matches_eager():
+    layer = make_layer(group_size=2).eval()
+    x_BTd = torch.randn(4, 16, 8)
+    modality_BT, valid_BT = torch.arange(64).view(4, 16) % 2, torch.rand(4, 16) > 0.2
+
+    def run(x):
+        y, aux = layer(x, modality=modality_BT, valid=valid_BT)
+        return y, aux.losses, aux.stats.processed_ME
+
+    y_c, losses_c, processed_c = torch.compile(run, fullgraph=True)(x_BTd)
+    y_e, losses_e, processed_e = run(x_BTd)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
+    assert torch.equal(processed_c, processed_e)
+    for name in losses_e:
+        torch.testing.assert_close(losses_c[name], losses_e[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trains_end_to_end_and_evaluates(tmp_path):
+    from limoe.jobs import evaluate_checkpoint
+    from limoe.train import train
+
+    cfg = tiny_config(tmp_path, steps=4)
+    cfg.moe = {"router": "expert_choice"}
+    result = train(cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in result.losses)
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    last = [m for m in lines if m["kind"] == "train"][-1]
+    assert "aux/z" in last and "aux/importance" not in last
+    assert 0.0 < last["routing/routing_success/image"] <= 1.0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["moe"]["router"] == "expert_choice"
+    metrics = evaluate_checkpoint(str(tmp_path / "run"))
+    assert 0.0 <= metrics["zero_shot/top1"] <= 1.0
