@@ -190,3 +190,17 @@ def test_trains_end_to_end_and_evaluates(tmp_path):
     assert saved["moe"]["router"] == "expert_choice"
     metrics = evaluate_checkpoint(str(tmp_path / "run"))
     assert 0.0 <= metrics["zero_shot/top1"] <= 1.0
+
+
+def test_token_maps_show_the_heaviest_expert_that_picked_a_token():
+    from limoe.analysis.routing_stats import map_choice
+
+    # Three tokens, three experts (expert choice: one column per expert).
+    expert_SK = torch.arange(3).expand(3, 3)
+    kept_SK = torch.tensor([[False, True, True], [False, False, False], [True, False, False]])
+    gate_SK = torch.tensor([[0.7, 0.1, 0.2], [0.5, 0.3, 0.2], [0.1, 0.8, 0.1]])
+    expert_S, kept_S = map_choice(expert_SK, kept_SK, gate_SK, ranked=False)
+    assert expert_S.tolist()[::2] == [2, 0] and kept_S.tolist() == [True, False, True]
+    # Ranked (top-k) routing: column 0, the top choice, whether kept or not.
+    expert_S, kept_S = map_choice(expert_SK, kept_SK, gate_SK, ranked=True)
+    assert expert_S.tolist() == [0, 0, 0] and kept_S.tolist() == [False, False, True]

@@ -260,7 +260,7 @@ class _LayerAccumulator:
         image_L, text_L = modality_L == image_id, modality_L == text_id
         if image_L.any():
             self.add_image(expert_BLK[:, image_L], kept_BLK[:, image_L], gate_BLK[:, image_L], first_image,
-                           patches_BP3hw, maps_left)
+                           patches_BP3hw, maps_left, r.ranked)
         if text_L.any():
             self.add_text(expert_BLK[:, text_L], kept_BLK[:, text_L], ids_BT[:, :int(text_L.sum())])
 
@@ -278,13 +278,14 @@ class _LayerAccumulator:
         self.token_counts_EV.view(-1).index_add_(0, expert_A * vocab_size + token_A, ones_A)
 
     def add_image(self, expert_BPK: torch.Tensor, kept_BPK: torch.Tensor, gate_BPK: torch.Tensor, first_image: int,
-                  patches_BP3hw: torch.Tensor, maps_left: int) -> None:
+                  patches_BP3hw: torch.Tensor, maps_left: int, ranked: bool = True) -> None:
         B, P = patches_BP3hw.shape[:2]
         expert_SK, kept_SK, gate_SK = (t.reshape(B * P, -1) for t in (expert_BPK, kept_BPK, gate_BPK))
         if maps_left > 0:
             n = min(maps_left, B)
-            self.map_expert.append(expert_SK[:, 0].view(B, P)[:n])
-            self.map_kept.append(kept_SK[:, 0].view(B, P)[:n])
+            expert_S, kept_S = map_choice(expert_SK, kept_SK, gate_SK, ranked)
+            self.map_expert.append(expert_S.view(B, P)[:n])
+            self.map_kept.append(kept_S.view(B, P)[:n])
         # Candidates: every kept assignment, scored by its gate; merged with the running top-N of each expert.
         token_A = torch.arange(B * P)[:, None].expand_as(kept_SK)[kept_SK]
         expert_A, gate_A = expert_SK[kept_SK], gate_SK[kept_SK]
@@ -333,6 +334,16 @@ def _to_patches(images_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def map_choice(expert_SK: torch.Tensor, kept_SK: torch.Tensor, gate_SK: torch.Tensor, ranked: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert, kept) of each token on a token map: its top choice when tokens choose (`Routing.ranked`); when
+    experts choose tokens, the expert with the largest gate among those that picked it (kept: picked by any)."""
+    if ranked:
+        return expert_SK[:, 0], kept_SK[:, 0]
+    best_S = torch.where(kept_SK, gate_SK, -1.0).argmax(1, keepdim=True)
+    return expert_SK.gather(1, best_S)[:, 0], kept_SK.any(1)
+
+
 def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
                     cfg: AnalysisConfig | None = None) -> RoutingAnalysis:
     """Run `model` over (image [3,H,W] normalised, caption) pairs and collect the routing analysis.
