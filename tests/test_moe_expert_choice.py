@@ -156,24 +156,6 @@ def test_refusals_are_one_line_errors(tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.slow
-def test_compiles_as_one_graph_and_matches_eager():
-    layer = make_layer(group_size=2).eval()
-    x_BTd = torch.randn(4, 16, 8)
-    modality_BT, valid_BT = torch.arange(64).view(4, 16) % 2, torch.rand(4, 16) > 0.2
-
-    def run(x):
-        y, aux = layer(x, modality=modality_BT, valid=valid_BT)
-        return y, aux.losses, aux.stats.processed_ME
-
-    y_c, losses_c, processed_c = torch.compile(run, fullgraph=True)(x_BTd)
-    y_e, losses_e, processed_e = run(x_BTd)
-    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
-    assert torch.equal(processed_c, processed_e)
-    for name in losses_e:
-        torch.testing.assert_close(losses_c[name], losses_e[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
 def test_trains_end_to_end_and_evaluates(tmp_path):
     from limoe.jobs import evaluate_checkpoint
     from limoe.train import train

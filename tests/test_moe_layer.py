@@ -209,8 +209,10 @@ def test_config_rejects_bad_values(overrides, name):
 
 
 @pytest.mark.slow
-def test_compiles_as_one_graph_and_matches_eager():
-    layer = make_layer(k=2, capacity_factor=0.75).eval()
+@pytest.mark.parametrize("routing", [dict(k=2, capacity_factor=0.75),
+                                     dict(router="expert_choice", capacity_factor=0.75, group_size=2)])
+def test_compiles_as_one_graph_and_matches_eager(routing):
+    layer = make_layer(**routing).eval()
     x_BTd = torch.randn(4, 16, 12)
     modality_BT, valid_BT = torch.arange(64).view(4, 16) % 2, torch.rand(4, 16) > 0.2
 
