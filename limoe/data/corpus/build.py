@@ -167,7 +167,7 @@ def build_corpus(cfg: CorpusConfig | None = None, force: bool = False, quiet: bo
     s = split_items(all_items(), cfg.test_fraction, cfg.max_concepts)
     if not quiet:
         print(f"limoe: building the image-text corpus ({len(s.items)} images of {len(s.names)} concepts from "
-              f"{', '.join(SOURCE_NAMES)}; {cfg.raster_size}px) into {final} — once, about a minute...",
+              f"{', '.join(SOURCE_NAMES)}; {cfg.raster_size}px) into {final} — once, under a minute...",
               file=sys.stderr, flush=True)
     renders = render_all(s.items, cfg.raster_size, cfg.workers)
     manifest = write_atomically(final, lambda tmp: _write(tmp, s, renders, cfg, t0), force)
