@@ -346,6 +346,13 @@ def read_tokenizer(path: str | os.PathLike):
 def load_weights(model: nn.Module, path: str | os.PathLike,
                  weights: dict[str, torch.Tensor] | None = None) -> None:
     """Load a checkpoint's weights (or `weights`, e.g. already sliced for an expert-parallel rank)."""
+    model.load_state_dict(checked_weights(model, path, weights))
+
+
+def checked_weights(model: nn.Module, path: str | os.PathLike,
+                    weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights (or `weights`) under the model's key names, checked to fit `model` (keys, shapes)
+    and to be finite: a CheckpointError naming the file otherwise."""
     file = Path(path) / "model.safetensors"
     weights = read_weights(path) if weights is None else weights
     weights = {LEGACY_KEYS.get(k, k): v for k, v in weights.items()}
@@ -363,7 +370,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike,
     if broken:
         raise CheckpointError(f"{file}: non-finite values in {len(broken)} tensors (first: {broken[0]}); "
                               f"the checkpoint is unusable")
-    model.load_state_dict(weights)
+    return weights
 
 
 def read_model_config(path: str | os.PathLike):

@@ -63,6 +63,12 @@ class ContrastiveModel(nn.Module):
         raise NotImplementedError
 
     # -- interface ----------------------------------------------------------------------------------------------
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute every block's activations in the backward (less memory); no effect without gradients."""
+        for module in self.modules():
+            if isinstance(module, Encoder):
+                module.activation_checkpointing = enabled
+
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
         """Keep the multiplier at most max_logit_scale (CLIP's 100): call after each optimizer step."""

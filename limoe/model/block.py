@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from limoe.model.mlp import Mlp
 from limoe.moe.layer import MoeAux, MoeConfig, MoeMlp
@@ -123,12 +124,21 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         # Joint MoE calls take a MoE modality id per token (forward_pair); an encoder has one MoeConfig.
         self.moe_modality = moe_modality_ids(moe) if moe_layer_ids else (IMAGE, TEXT)
+        # Training memory for compute: keep only each block's input and recompute the rest in the backward.
+        self.activation_checkpointing = False
+
+    def _call(self, method: Callable, *args):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant, with the RNG state kept: the recomputation draws the same router noise, so it
+            # routes exactly as the forward did.
+            return checkpoint(method, *args, use_reentrant=False)
+        return method(*args)
 
     def forward(self, x_BNd: torch.Tensor, modality: int, valid_BN: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list[MoeAux]]:
         aux: list[MoeAux] = []
         for block in self.blocks:
-            x_BNd, block_aux = block(x_BNd, modality, valid_BN)
+            x_BNd, block_aux = self._call(block, x_BNd, modality, valid_BN)
             if block_aux is not None:
                 aux.append(block_aux)
         return self.norm(x_BNd), aux
@@ -147,7 +157,7 @@ class Encoder(nn.Module):
         valid_BL = torch.cat([torch.ones(B, N, dtype=torch.bool, device=device), text_valid_BT], 1)
         aux: list[MoeAux] = []
         for block in self.blocks:
-            image_BNd, text_BTd, block_aux = block.forward_pair(image_BNd, text_BTd, text_valid_BT, modality_BL,
-                                                                valid_BL)
+            image_BNd, text_BTd, block_aux = self._call(block.forward_pair, image_BNd, text_BTd, text_valid_BT,
+                                                        modality_BL, valid_BL)
             aux += block_aux
         return self.norm(image_BNd), self.norm(text_BTd), aux

@@ -106,13 +106,15 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], expert_keys: list[s
     return out
 
 
-def gather_full_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(model: nn.Module, groups: ExpertParallelGroups,
+                           local: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's single-process state dict, on every rank. Collective over the EP group.
 
     Non-expert tensors are taken from this rank (they are replicated); expert shards are all-gathered in EP-rank
-    order, which is expert order because shards are contiguous.
+    order, which is expert order because shards are contiguous. `local`: this rank's state dict, if not
+    `model.state_dict()` (e.g. FSDP's, already gathered over the data-parallel ranks).
     """
-    local = model.state_dict()
+    local = model.state_dict() if local is None else local
     out = dict(local)
     if groups.ep_size == 1:
         return out

@@ -26,6 +26,7 @@ from limoe.model.registry import list_models
 SCHEDULES = ("cosine", "rsqrt", "constant")
 SIGLIP_BIAS_INIT = -10.0
 SOURCES = ("builtin", "corpus", "csv", "wds")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _device_problem(name: str) -> str | None:
@@ -116,6 +117,9 @@ class DistConfig:
     # Expert-parallel size P under torchrun: each MoE layer's experts are split over groups of P ranks (the
     # world size must be a multiple of P, num_experts divisible by P); the rest of the model is data-parallel.
     expert_parallel: int = option(1, integer(ge=1))
+    # FSDP2 under torchrun: parameters, gradients and AdamW states sharded over the ranks (experts over the ranks
+    # holding the same experts) instead of replicated; for models that do not fit one device. False: DDP.
+    fsdp: bool = option(False, flag())
 
 
 @dataclass
@@ -144,6 +148,11 @@ class TrainConfig:
     checkpoint_interval: int = option(300, integer(ge=0))
     keep_last: int = option(3, integer(ge=1))  # checkpoints kept; older ones are deleted
     compile: bool = option(False, flag())  # torch.compile the model
+    # Recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute.
+    activation_checkpointing: bool = option(False, flag())
+    # Training's compute precision: "auto" = bf16 autocast on CUDA, fp32 on CPU; "bf16" = bf16 autocast on any
+    # device; "fp32" = none. Weights, AdamW states and router logits stay float32 in every mode.
+    precision: str = option("auto", one_of(*PRECISIONS))
     tensorboard: bool = option(False, flag())  # also log to TensorBoard (only if it is installed)
     # testing aid: make the loss NaN at this step
     debug_nan_at_step: int | None = option(None, integer(ge=0, none=True))

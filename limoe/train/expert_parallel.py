@@ -1,5 +1,6 @@
-"""Expert parallelism in the training loop: swap MoE layers for EP shards, reduce and clip gradients, and move
-model / optimizer state between EP shards and the single-process layout that checkpoints use.
+"""Expert parallelism in the training loop (the `ExpertParallel` strategy): swap MoE layers for EP shards, reduce
+and clip gradients, and move model / optimizer state between EP shards and the single-process layout that
+checkpoints use.
 
 Checkpoints always hold the single-process layout (full expert tensors, and full AdamW moments for them), so a
 run can resume with any expert-parallel size, and `limoe.load_checkpoint` loads it in one process.
@@ -13,13 +14,51 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from limoe.distributed import ExpertParallelGroups, expert_parallel_groups, is_expert_parameter
+from limoe import checkpoint as ckpt
+from limoe.distributed import (ExpertParallelGroups, allreduce_gradients, device_mesh, expert_parallel_groups,
+                               is_expert_parameter)
 from limoe.moe.layer import MoeMlp
-from limoe.moe.parallel import ExpertParallelMoeMlp, expert_state_keys, shard_state_dict
+from limoe.moe.parallel import ExpertParallelMoeMlp, expert_state_keys, gather_full_state_dict, shard_state_dict
+from limoe.train.strategy import Strategy
 
 
-def shard_model(model: nn.Module, ep_size: int, num_experts: int) -> ExpertParallelGroups:
-    """Create the EP groups (collective) and replace every `MoeMlp` of `model` by this rank's EP shard of it.
+class ExpertParallel(Strategy):
+    """Experts split over groups of `ep_size` ranks, everything else replicated: gradients are reduced after the
+    backward (`allreduce_gradients`, expert ones only over the ranks holding the same experts)."""
+
+    def __init__(self, world, device: torch.device, ep_size: int, num_experts: int):
+        super().__init__(world, device)
+        self.ep_size, self.num_experts = ep_size, num_experts
+        self.groups: ExpertParallelGroups | None = None
+
+    def shard(self, model: nn.Module) -> None:
+        self.groups = shard_model(model, self.ep_size, self.num_experts, device_mesh(self.ep_size, self.device.type))
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        allreduce_gradients(model, self.groups)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.tensor(clip_grad_norm(model, max_norm, self.groups), device=self.device)
+
+    def full_state(self, model, optimizer):
+        weights = gather_full_state_dict(model, self.groups)
+        if optimizer is None:
+            return weights, None
+        return weights, gather_optimizer_tensors(optimizer, ckpt.optimizer_state(optimizer)[0], self.groups)
+
+    def load_full_state(self, model, optimizer, checkpoint, opt_tensors, opt_meta) -> None:
+        weights = shard_state_dict(ckpt.read_weights(checkpoint), expert_state_keys(model), self.groups.ep_rank,
+                                   self.groups.ep_size)
+        ckpt.load_weights(model, checkpoint, weights)
+        ckpt.load_optimizer_state(optimizer, shard_optimizer_tensors(optimizer, opt_tensors, self.groups), opt_meta)
+
+    def eval_model(self, model, build):
+        # An EP layer needs its whole EP group, but only rank 0 evaluates: it evaluates a single-process copy.
+        return self._whole_copy(model, build)
+
+
+def shard_model(model: nn.Module, ep_size: int, num_experts: int, mesh=None) -> ExpertParallelGroups:
+    """Create the EP groups (of `mesh`; collective) and replace every `MoeMlp` of `model` by this rank's EP shard of it.
 
     The full model is built first on every rank (same seed, so all ranks agree) and each layer is sliced with
     `shard_state_dict`: simple, and cheap at the sizes that train on one machine. For models whose experts do
@@ -27,7 +66,7 @@ def shard_model(model: nn.Module, ep_size: int, num_experts: int) -> ExpertParal
     The global RNG streams are left as they were, so data and router noise draw the same numbers as a
     data-parallel run with the same seed.
     """
-    groups = expert_parallel_groups(ep_size, num_experts)
+    groups = expert_parallel_groups(ep_size, num_experts, mesh)
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is MoeMlp]
     cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []

@@ -1,7 +1,8 @@
 """The training loop: one function, `train(config)`, from an empty run directory (or a checkpoint) to results.
 
-Order of a step: micro-batches (gradient accumulation) -> forward under autocast (bf16 on CUDA, fp32 on CPU)
--> compute_losses -> backward -> clip -> AdamW with the scheduled lr. Every loss term, routing success per
+Order of a step: micro-batches (gradient accumulation) -> forward under autocast (`precision`: bf16 on CUDA, fp32
+on CPU by default) -> compute_losses -> backward -> clip -> AdamW with the scheduled lr. How the ranks share the
+model (DDP, expert parallelism, FSDP) is the strategy's business (limoe.train.strategy): the loop is one path. Every loss term, routing success per
 modality (from the MoeStats of every MoE layer of the step), the grad norm and pairs/s go to metrics.jsonl.
 """
 
@@ -19,7 +20,6 @@ import torch
 from torch import nn
 
 from limoe import checkpoint as ckpt
-from limoe.distributed import allreduce_gradients
 from limoe.errors import UserError
 from limoe.evaluate import NonFiniteEmbeddings
 from limoe.losses import compute_losses
@@ -31,6 +31,7 @@ from limoe.train.evaluation import held_out
 from limoe.train.logger import MetricsLogger, results_table, selection_score
 from limoe.train.optim import lr_at, make_optimizer, set_lr
 from limoe.train.signals import Interrupted, Signals
+from limoe.train.strategy import make_strategy
 
 
 class TrainingError(UserError, RuntimeError):
@@ -58,12 +59,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The forward pass's autocast for `precision` (TrainConfig.precision) on `device`."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def step_losses(model: nn.Module, batch, cfg: TrainConfig, device: torch.device
                 ) -> tuple[dict[str, torch.Tensor], MoeStats | None]:
     """Forward one (micro-)batch: loss terms and the routing counts summed over every MoE layer and pass."""
     batch = batch.to(device, non_blocking=True)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with amp:
+    with autocast(device, cfg.precision):
         out = model(batch.images_B3HW, batch.ids_BL, valid_BT=~batch.padding_mask_BL)
         terms = compute_losses(out, cfg.loss)
     stats = None
@@ -175,38 +182,20 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         raise TrainingError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{model_cfg.vocab_size} (data.vocab_size)")
     model = build_model(model_cfg).to(device)
-    ep_groups = None
-    if cfg.dist.expert_parallel > 1:
-        # Expert parallelism replaces DDP: MoE layers are swapped for EP shards and gradients are reduced by
-        # allreduce_gradients (expert ones only over the ranks holding the same experts).
-        from limoe.train import expert_parallel as ep
-
-        ep_groups = ep.shard_model(model, cfg.dist.expert_parallel, model_cfg.moe_config().num_experts)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    strategy = make_strategy(cfg, world, device)
+    strategy.shard(model)
     optimizer = make_optimizer(model, cfg.optim)
     step, position, rng = 0, DataPosition(), None
-    if start_path is not None:
+    if start_path is not None:  # checkpoints hold the single-process layout: the strategy takes this rank's share
         state, tensors = ckpt.read_state(start_path)
-        if ep_groups is not None:  # checkpoints hold the single-process layout: take this rank's expert slice
-            from limoe.moe.parallel import expert_state_keys, shard_state_dict
-
-            weights = shard_state_dict(ckpt.read_weights(start_path), expert_state_keys(model),
-                                       ep_groups.ep_rank, ep_groups.ep_size)
-            ckpt.load_weights(model, start_path, weights)
-            tensors = ep.shard_optimizer_tensors(optimizer, tensors, ep_groups)
-        else:
-            ckpt.load_weights(model, start_path)
-        ckpt.load_optimizer_state(optimizer, tensors, state["optimizer"])
+        strategy.load_full_state(model, optimizer, start_path, tensors, state["optimizer"])
         step, position = state["step"], DataPosition(**state["data"]["0"])
         # Rank 0's generators are restored on every rank: all ranks start from the same seed and draw the
         # same shapes, so in a straight run their states are identical too.
         rng = (tensors, state["rng"])
     model.train()
-    runner: nn.Module = torch.compile(model) if cfg.compile else model
-    ddp = world.size > 1 and ep_groups is None
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    runner = strategy.runner(model, cfg.compile)
 
     batches = make_batches(cfg, tokenizer, world.rank, world.size, position)
     zero_shot_set, retrieval_set = eval_sets(cfg) if world.main else (None, None)
@@ -227,16 +216,11 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         nonlocal last_saved, saved_step
         if saved_step == step:  # e.g. the best evaluation's step, then the periodic save of the same step
             return last_saved
-        weights = opt_tensors = None
-        if ep_groups is not None:  # collective: every rank gathers, rank 0 writes the single-process layout
-            from limoe.moe.parallel import gather_full_state_dict
-
-            weights = gather_full_state_dict(model, ep_groups)
-            opt_tensors = ep.gather_optimizer_tensors(optimizer, ckpt.optimizer_state(optimizer)[0], ep_groups)
+        weights, opt_tensors = strategy.full_state(model, optimizer)  # collective; rank 0 writes
         # Ranks consume batches in lockstep (equal batches per rank), so rank 0's position is every rank's.
         if world.main:
             state = {"step": step, "data": {"0": asdict(batches.position)}, "metrics": {},
-                     "world_size": world.size, "expert_parallel": cfg.dist.expert_parallel}
+                     "world_size": world.size, "expert_parallel": cfg.dist.expert_parallel, "fsdp": cfg.dist.fsdp}
             last_saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, cfg.to_json(), tokenizer,
                                               cfg.keep_last, weights=weights, optimizer_tensors=opt_tensors)
         distributed.barrier(world)
@@ -254,25 +238,11 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
                 result.best = ckpt.mark_best(path, metrics)
                 best_score = score
 
-    eval_copy: list[nn.Module] = []
-
     signals = Signals()
 
     def evaluate_now() -> dict[str, float] | None:
         """Held-out metrics on rank 0 ({} on the others); None when a signal interrupted the evaluation."""
-        evaluated = model
-        if ep_groups is not None:
-            # An EP layer needs its whole EP group, but only rank 0 evaluates: it evaluates a single-process
-            # copy of the model holding the gathered weights (collective, so every rank takes part).
-            from limoe.moe.parallel import gather_full_state_dict
-
-            full = gather_full_state_dict(model, ep_groups)
-            if world.main:
-                if not eval_copy:
-                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                        eval_copy.append(build_model(model_cfg).to(device))
-                evaluated = eval_copy[0]
-                evaluated.load_state_dict(full)
+        evaluated = strategy.eval_model(model, lambda: build_model(model_cfg))  # collective
         if not world.main:
             return {}
         try:
@@ -324,8 +294,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
                 optimizer.zero_grad(set_to_none=True)
                 sums_T: dict[str, torch.Tensor] = {}  # detached, on the device: no host sync per term
                 for i, micro in enumerate(_split(batch, accumulation)):
-                    sync = i == accumulation - 1 or not ddp
-                    with contextlib.nullcontext() if sync else runner.no_sync():
+                    with strategy.accumulating(runner, last=i == accumulation - 1):
                         terms, stats = step_losses(runner, micro, cfg, device)
                         if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
                             terms["total_loss"] = terms["total_loss"] * float("nan")
@@ -335,13 +304,9 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
                         sums_T[name] = sums_T[name] + part if name in sums_T else part
                     if stats is not None:
                         window_stats = stats if window_stats is None else window_stats + stats
-                if ep_groups is not None:
-                    allreduce_gradients(model, ep_groups)
-                if cfg.optim.grad_clip and ep_groups is not None:  # expert gradients are sharded
-                    sums_T["grad_norm"] = torch.tensor(ep.clip_grad_norm(model, cfg.optim.grad_clip, ep_groups),
-                                                       device=device)
-                elif cfg.optim.grad_clip:
-                    sums_T["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                strategy.reduce_gradients(model)
+                if cfg.optim.grad_clip:
+                    sums_T["grad_norm"] = strategy.clip_grad_norm(model, cfg.optim.grad_clip)
                 # One host transfer per step for every logged term and the grad norm; nothing steps before it.
                 sums = dict(zip(sums_T, torch.stack([v.float() for v in sums_T.values()]).tolist()))
                 if not math.isfinite(sums["total_loss"]):

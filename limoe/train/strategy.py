@@ -1,0 +1,113 @@
+"""How the ranks of a run hold and train the model: one `Strategy` the training loop calls, whatever the layout.
+
+    strategy = make_strategy(cfg, world, device)
+    strategy.shard(model)                       # before the optimizer exists: swap or wrap the parameters
+    runner = strategy.runner(model, compile)    # what the forward pass calls
+    with strategy.accumulating(runner, last):   # a micro-batch's backward; gradients sync on the last
+        ...backward()
+    strategy.reduce_gradients(model)            # what the backward did not reduce
+    norm = strategy.clip_grad_norm(model, max_norm)
+    weights, opt_tensors = strategy.full_state(model, optimizer)   # collective: the single-process layout
+    strategy.load_full_state(model, optimizer, weights, opt_tensors, opt_meta)
+    evaluated = strategy.eval_model(model, build)                  # collective: a whole model on rank 0
+
+Implementations: `Strategy` itself (one process), `DataParallel` (DDP, the default for several ranks),
+`limoe.train.expert_parallel.ExpertParallel` and `limoe.train.fsdp.Fsdp` (FSDP2, with or without expert
+parallelism). Checkpoints hold the single-process layout whatever the strategy, so a run resumes under any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from limoe import checkpoint as ckpt
+from limoe.train.distributed import World
+
+
+class Strategy:
+    """One process: the model as built, gradients as the backward left them."""
+
+    def __init__(self, world: World, device: torch.device):
+        self.world, self.device = world, device
+        self._eval_copy: nn.Module | None = None
+
+    def shard(self, model: nn.Module) -> None:
+        """Give this rank its share of `model`'s parameters (in place; the optimizer is built after)."""
+
+    def runner(self, model: nn.Module, compile: bool) -> nn.Module:
+        return torch.compile(model) if compile else model
+
+    def accumulating(self, runner: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """Context of one micro-batch's forward and backward: gradients are synchronised only when `last`."""
+        return contextlib.nullcontext()
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        """After the last micro-batch's backward: every rank's gradients are the global batch's."""
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm (of the whole, unsharded model); returns it before clipping."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                   ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+        """Weights and optimizer tensors in the single-process layout, for rank 0 to write (collective).
+        None: the model's own `state_dict()` and the optimizer's own tensors are that layout already."""
+        return None, None
+
+    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint,
+                        opt_tensors: dict[str, torch.Tensor], opt_meta: dict) -> None:
+        """Load a checkpoint written in the single-process layout into this rank's share."""
+        ckpt.load_weights(model, checkpoint)
+        ckpt.load_optimizer_state(optimizer, opt_tensors, opt_meta)
+
+    def eval_model(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """A whole model for rank 0 to evaluate (None on the other ranks). Collective."""
+        return model
+
+    # -- for strategies whose ranks hold parts of the model ---------------------------------------------------
+    def _whole_copy(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """Rank 0's single-process copy of a sharded model, loaded with the gathered weights (collective). Built
+        once, without touching the training RNG streams."""
+        weights, _ = self.full_state(model, None)
+        if not self.world.main:
+            return None
+        if self._eval_copy is None:
+            cuda = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                self._eval_copy = build().to(self.device)
+        self._eval_copy.load_state_dict(weights)
+        return self._eval_copy
+
+
+class DataParallel(Strategy):
+    """Plain data parallelism: every rank holds the whole model; DDP averages gradients in the backward."""
+
+    def runner(self, model: nn.Module, compile: bool) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(super().runner(model, compile), device_ids=ids)
+
+    def accumulating(self, runner: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else runner.no_sync()
+
+
+def make_strategy(cfg, world: World, device: torch.device) -> Strategy:
+    """The strategy `cfg.dist` asks for on this world."""
+    if world.size == 1:  # nothing to share: FSDP or expert parallelism over one rank is the model as built
+        return Strategy(world, device)
+    model = cfg.model_config()
+    experts = model.moe_config().num_experts if model.moe_layer_ids else 0
+    if cfg.dist.fsdp:
+        from limoe.train.fsdp import Fsdp
+
+        return Fsdp(world, device, cfg.dist.expert_parallel, experts)
+    if cfg.dist.expert_parallel > 1:
+        from limoe.train.expert_parallel import ExpertParallel
+
+        return ExpertParallel(world, device, cfg.dist.expert_parallel, experts)
+    return DataParallel(world, device)

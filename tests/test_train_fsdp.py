@@ -1,0 +1,75 @@
+"""FSDP2, FSDP2 + expert parallelism and expert parallelism on 2 and 4 gloo ranks train exactly as one process
+does on the global batch, and their checkpoints resume under another layout (another number of ranks, with or
+without FSDP or EP) with the same losses."""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from limoe.train import train
+from limoe.train.config import apply_overrides
+
+from _train_ddp_worker import train_loop_ep
+from _train_utils import tiny_config
+
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(path, cache, *sets: str, steps: int = STEPS):
+    # Without router noise (each rank draws its own) and with routing groups of 4 pairs (so 4 ranks of 4 pairs
+    # route the groups one process routes), N ranks' mean loss is exactly the one-process loss of the global batch.
+    cfg = tiny_config(path, cache, steps=steps, checkpoint_interval=0)
+    cfg.eval.zero_shot = cfg.eval.retrieval = False
+    apply_overrides(cfg, ["moe.noise_std=0", "moe.group_size=4", *sets])
+    return cfg
+
+
+def _run(cfg, ranks: int, resume=None, stop_after=None) -> list[float]:
+    """Every step's loss, averaged over the ranks."""
+    mp.spawn(train_loop_ep, args=(ranks, _free_port(), cfg.to_json(), resume, stop_after), nprocs=ranks, join=True)
+    per_rank = [json.loads((Path(cfg.run_dir) / f"rank{r}.json").read_text())["losses"] for r in range(ranks)]
+    return [sum(step) / ranks for step in zip(*per_rank)]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    return root, train(_config(root / "one", root / "cache"), progress=False).losses
+
+
+@pytest.mark.parametrize("ranks, sets", [
+    (2, ("dist.fsdp=true", "activation_checkpointing=true")),
+    (2, ("dist.fsdp=true", "dist.expert_parallel=2")),
+    (4, ("dist.expert_parallel=2",)),
+], ids=["fsdp-2-ranks-recompute", "fsdp-ep2-2-ranks", "ep2-4-ranks"])
+def test_sharded_training_equals_one_process(one_process, tmp_path, ranks, sets):
+    root, single = one_process
+    losses = _run(_config(tmp_path, root / "cache", *sets), ranks)
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(single, abs=1e-5)
+
+
+def test_fsdp_ep_checkpoint_resumes_under_other_layouts(one_process, tmp_path):
+    # FSDP over 4 ranks with experts split in 2 (each EP shard sharded again over 2 ranks) saves after 2 steps;
+    # the run resumes on 2 ranks with FSDP alone, and in one process, each continuing exactly.
+    root, single = one_process
+    four = _config(tmp_path / "four", root / "cache", "dist.fsdp=true", "dist.expert_parallel=2")
+    assert _run(four, 4, stop_after=2) == pytest.approx(single[:2], abs=1e-5)
+    checkpoint = str(Path(four.run_dir) / "checkpoints" / "step_00000002")
+    for name, ranks, sets in [("two", 2, ("dist.fsdp=true",)), ("one", 1, ())]:
+        cfg = _config(tmp_path / name, root / "cache", *sets)
+        cfg.run_dir = four.run_dir  # the same run, continued from its step 2 under another layout
+        if ranks == 1:
+            losses = train(cfg, resume=checkpoint, progress=False).losses
+        else:
+            losses = _run(cfg, ranks, resume=checkpoint)
+        assert losses == pytest.approx(single[2:], abs=1e-5), name
