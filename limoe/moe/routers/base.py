@@ -6,7 +6,9 @@
   routed on its own (its own capacity, priority order and aux losses, the losses averaged over groups).
 - modality_S: long [S], each token's index into `config.modalities`; valid_S: bool [S] or None (all valid).
   Padding (False) is never routed and never counted.
-- routing: the assignments (`limoe.moe.routing.Routing`); the dispatcher moves tokens by it alone.
+- routing: the assignments (`limoe.moe.routing.Routing`); the dispatcher moves tokens by it alone. Soft MoE
+  assigns no token to an expert: its `SoftRouting` carries dispatch and combine weights, which the dispatcher
+  mixes by, and its Routing fields summarise them for the statistics.
 - losses: unweighted, differentiable scalars, keyed exactly by `loss_names` (the names training weighs and logs:
   each must have a weight in `LossConfig`, or training stops with an error naming it).
 - entropy_S: the entropy (nats) of each token's clean routing distribution, for the routing statistics.
