@@ -1,14 +1,18 @@
-"""MoE layer vs dense MLP vs one-hot einsum dispatch: forward+backward time, measured side by side in one run.
+"""MoE layer (each router) vs dense MLP vs one-hot einsum dispatch: forward+backward time, side by side in one run.
 
     python benchmarks/moe_layer.py                      # CPU defaults: d=256, h=1024, 8k tokens, E=8 and 32, fp32
     python benchmarks/moe_layer.py --device cuda --dim 768 --hidden 3072 --tokens 65536 --json rows.json
     python benchmarks/moe_layer.py --device cuda ... --compile --bpr 1     # torch.compile every variant
+    python benchmarks/moe_layer.py --routers top_k soft --group-tokens 256  # routing groups of 256 tokens
 
 Each MoE variant (k=1, capacity factor 1.0, BPR off/on, each expert backend) is timed against a dense MLP of the
 same active width on the same input, and against GShard/V-MoE-style dispatch with dense one-hot [S, E, C] tensors
-(skipped when that tensor would be too large). Ratios are dense time / variant time, so 1.0 means dense speed,
-higher is faster. The dtype defaults to bf16 autocast on CUDA and fp32 on CPU; the expert backends default to
-bmm and, where its fused kernel runs (CUDA sm90/sm100, bf16), grouped_mm.
+(one routing group only; skipped when that tensor would be too large). Every router runs: top_k with BPR off and
+on, and once per expert count expert_choice and soft (Soft MoE, slots per expert = the top-1 capacity of a group,
+so as many expert rows as top_k; its slots use the padded buffers whatever the backend). Soft MoE's dispatch and
+combine cost grows with the group's size: all tokens are one group unless --group-tokens. Ratios are dense time
+/ variant time, so 1.0 means dense speed, higher is faster. The dtype defaults to bf16 autocast on CUDA and fp32
+on CPU; the expert backends default to bmm and, where its fused kernel runs (CUDA sm90/sm100, bf16), grouped_mm.
 
 TFLOP/s counts active FLOPs only, the same for every variant: forward 2 matmuls of 2*S*d*h*k FLOPs each, backward
 twice that (input and weight gradients), so 12*S*d*h*k per step. Router, dispatch and empty capacity slots are
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import autocast_dtype, profile_top, time_interleaved  # noqa: E402
 
 from limoe.model import Mlp  # noqa: E402
-from limoe.moe import MoeConfig, MoeMlp, route  # noqa: E402
+from limoe.moe import MoeConfig, MoeMlp, capacity, route  # noqa: E402
 from limoe.moe.experts import grouped_mm_is_fast  # noqa: E402
 from limoe.moe.reference import moe_onehot_einsum  # noqa: E402
 
@@ -42,7 +46,8 @@ def _maybe_compile(fn, enabled: bool):
 
 
 def make_steps(args, device, dtype, num_experts, batch_priority, backends):
-    """Closures that run forward+backward for dense, each MoE backend and one-hot einsum on the same input."""
+    """Closures that run forward+backward for dense, each router and MoE backend and one-hot einsum on the same
+    input."""
     if args.compile:
         torch._dynamo.reset()  # fresh caches per configuration: no recompile limits, no stale graphs
     torch.manual_seed(0)
@@ -57,11 +62,16 @@ def make_steps(args, device, dtype, num_experts, batch_priority, backends):
         y.float().sum().backward()
 
     steps["dense MLP"] = dense_step
-    for backend in backends:
+    group = args.group_tokens or args.tokens
+    x_in = x_Sd.view(args.tokens // group, group, args.dim)  # one routing group per row of x_in
+    top_k = None
+    for router, backend in _router_backends(args, backends, batch_priority):
         torch.manual_seed(0)  # the same weights for every backend
-        moe = MoeMlp(MoeConfig(args.dim, args.hidden, num_experts=num_experts, k=args.k,
+        soft = {"slots_per_expert": capacity(group, num_experts, 1, args.capacity_factor)} if router == "soft" else {}
+        moe = MoeMlp(MoeConfig(args.dim, args.hidden, num_experts=num_experts, k=args.k if router == "top_k" else 1,
                                capacity_factor=args.capacity_factor, batch_priority=batch_priority,
-                               expert_backend=backend)).to(device).train()
+                               expert_backend=backend, router=router, group_size=1, **soft)).to(device).train()
+        top_k = moe if router == "top_k" else top_k
 
         def moe_forward(x, moe=moe):  # tensors only: what a compiled graph returns
             y, aux = moe(x)
@@ -71,22 +81,38 @@ def make_steps(args, device, dtype, num_experts, batch_priority, backends):
 
         def moe_step(moe_forward=moe_forward):
             with autocast:
-                y, aux_loss = moe_forward(x_Sd)
+                y, aux_loss = moe_forward(x_in)
             (y.float().sum() + aux_loss).backward()
 
-        steps[f"MoE E={num_experts} bpr={int(batch_priority)} {backend}"] = moe_step
+        name = (f"MoE E={num_experts} bpr={int(batch_priority)} {backend}" if router == "top_k" else
+                f"MoE E={num_experts} soft" if router == "soft" else f"MoE E={num_experts} {router} {backend}")
+        steps[name] = moe_step
 
-    onehot_elements = args.tokens * num_experts * moe.capacity_for(args.tokens)
-    if not args.no_onehot and not args.compile and onehot_elements <= ONEHOT_MAX_ELEMENTS:
+    if top_k is None:
+        return steps
+    moe = top_k
+    onehot_elements = args.tokens * num_experts * moe.capacity_for(group)
+    # The one-hot reference knows one routing group only.
+    if not args.no_onehot and not args.compile and group == args.tokens and onehot_elements <= ONEHOT_MAX_ELEMENTS:
         def onehot_step():
             with autocast:
                 logits_SE, noisy_SE = moe.router.logits(x_Sd)
-                routing = route(torch.softmax(noisy_SE, -1), args.k, moe.capacity_for(args.tokens), batch_priority)
+                routing = route(torch.softmax(noisy_SE, -1), args.k, moe.capacity_for(group), batch_priority)
                 y = moe_onehot_einsum(moe.experts, x_Sd.to(dtype), routing)
             y.float().sum().backward()
 
         steps[f"one-hot einsum E={num_experts}"] = onehot_step
     return steps
+
+
+def _router_backends(args, backends: list[str], batch_priority: bool) -> list[tuple[str, str]]:
+    """(router, backend) pairs of one configuration: top_k on each backend with this BPR setting; the other
+    routers (no BPR) with the first BPR setting only, soft once (its slots always use the padded buffers)."""
+    pairs = [("top_k", b) for b in backends] if "top_k" in args.routers else []
+    if batch_priority == bool(args.bpr[0]):
+        pairs += [("expert_choice", b) for b in backends if "expert_choice" in args.routers]
+        pairs += [("soft", backends[0])] if "soft" in args.routers else []
+    return pairs
 
 
 def default_backends(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> list[str]:
@@ -101,6 +127,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--routers", nargs="+", choices=["top_k", "expert_choice", "soft"],
+                        default=["top_k", "expert_choice", "soft"], help="routers to time (default: all)")
+    parser.add_argument("--group-tokens", type=int, help="tokens per routing group (default: all tokens, one group)")
     parser.add_argument("--capacity-factor", type=float, default=1.0)
     parser.add_argument("--bpr", type=int, nargs="+", choices=[0, 1], default=[0, 1], help="batch priority routing")
     parser.add_argument("--backends", nargs="+", choices=["bmm", "grouped_mm"],
@@ -122,6 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for flag in ("tokens", "dim", "hidden", "reps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.group_tokens is not None and (args.group_tokens < 1 or args.tokens % args.group_tokens):
+        raise ValueError(f"--group-tokens must divide --tokens={args.tokens}, got {args.group_tokens}")
     for flag in ("warmup", "profile"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
@@ -133,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device={device} ({name}) threads={torch.get_num_threads()} torch={torch.__version__} dtype={dtype_name} "
           f"compile={args.compile} d={args.dim} h={args.hidden} tokens={args.tokens} k={args.k} "
-          f"cf={args.capacity_factor}")
+          f"cf={args.capacity_factor} group={args.group_tokens or args.tokens}")
     header = f"{'variant':<34}{'ms':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'peak MiB':>10}{'x dense':>9}"
     print(header)
     rows = []

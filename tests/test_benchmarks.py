@@ -21,7 +21,9 @@ def test_moe_layer_benchmark_smoke(tmp_path, capsys):
     rows = _load("moe_layer").main(["--device", "cpu", "--dim", "16", "--hidden", "32", "--tokens", "256",
                                     "--experts", "4", "--reps", "2", "--warmup", "1", "--json",
                                     str(tmp_path / "rows.json")])
-    assert [r["variant"] for r in rows] == ["dense MLP", "MoE E=4 bpr=0 bmm", "one-hot einsum E=4",
+    # Every router side by side with dense; the routers without BPR in the first configuration only.
+    assert [r["variant"] for r in rows] == ["dense MLP", "MoE E=4 bpr=0 bmm", "MoE E=4 expert_choice bmm",
+                                            "MoE E=4 soft", "one-hot einsum E=4",
                                             "dense MLP", "MoE E=4 bpr=1 bmm", "one-hot einsum E=4"]
     assert all(r["ms"] > 0 for r in rows) and rows[0]["ratio_to_dense"] == 1.0
     # Active FLOPs of forward+backward: 2 matmuls x 2*S*d*h, times 3.
@@ -34,12 +36,15 @@ def test_moe_layer_benchmark_runs_both_backends():
     rows = _load("moe_layer").main(["--device", "cpu", "--dim", "16", "--hidden", "32", "--tokens", "128",
                                     "--experts", "4", "--bpr", "1", "--backends", "bmm", "grouped_mm",
                                     "--no-onehot", "--reps", "1", "--warmup", "0"])
-    assert [r["variant"] for r in rows] == ["dense MLP", "MoE E=4 bpr=1 bmm", "MoE E=4 bpr=1 grouped_mm"]
+    assert [r["variant"] for r in rows] == ["dense MLP", "MoE E=4 bpr=1 bmm", "MoE E=4 bpr=1 grouped_mm",
+                                            "MoE E=4 expert_choice bmm", "MoE E=4 expert_choice grouped_mm",
+                                            "MoE E=4 soft"]
 
 
 @pytest.mark.parametrize("script, argv, flag", [
     ("moe_layer", ["--tokens", "0"], "--tokens"),
     ("moe_layer", ["--warmup", "-1"], "--warmup"),
+    ("moe_layer", ["--tokens", "100", "--group-tokens", "30"], "--group-tokens"),
     ("train_step", ["--tiny", "--batch", "0"], "--batch"),
     ("train_step", ["--tiny", "--peak-tflops", "0"], "--peak-tflops"),
     ("train_step", ["--tiny", "--profile", "-2"], "--profile"),
@@ -88,3 +93,11 @@ def test_expert_parallel_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert [r["variant"] for r in rows] == ["single", "expert-par", "a2a only"]
     assert all(r["ms"] > 0 for r in rows) and rows[0]["ratio_to_single"] == 1.0
     assert (tmp_path / "rows.json").exists() and "exchange overhead" in capsys.readouterr().out
+
+
+def test_moe_layer_benchmark_routing_groups():
+    rows = _load("moe_layer").main(["--device", "cpu", "--dim", "16", "--hidden", "32", "--tokens", "256",
+                                    "--group-tokens", "64", "--experts", "4", "--bpr", "0", "--routers", "soft",
+                                    "top_k", "--reps", "1", "--warmup", "0"])
+    # Several groups: no one-hot row (it knows one group only).
+    assert [r["variant"] for r in rows] == ["dense MLP", "MoE E=4 bpr=0 bmm", "MoE E=4 soft"]

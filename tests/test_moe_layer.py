@@ -14,7 +14,10 @@ def make_layer(seed=0, **overrides):
     cfg.update(overrides)
     layer = MoeMlp(MoeConfig(**cfg))
     with torch.no_grad():  # a sharper router than the default init, so gates differ visibly between experts
-        layer.router.router_dE.normal_(0, 1.0)
+        if cfg.get("router") == "soft":  # normalised logits: the scale sharpens them
+            layer.router.router_scale.fill_(4.0)
+        else:
+            layer.router.router_dE.normal_(0, 1.0)
     return layer
 
 
@@ -210,7 +213,8 @@ def test_config_rejects_bad_values(overrides, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("routing", [dict(k=2, capacity_factor=0.75),
-                                     dict(router="expert_choice", capacity_factor=0.75, group_size=2)])
+                                     dict(router="expert_choice", capacity_factor=0.75, group_size=2),
+                                     dict(router="soft", slots_per_expert=3, group_size=2)])
 def test_compiles_as_one_graph_and_matches_eager(routing):
     layer = make_layer(**routing).eval()
     x_BTd = torch.randn(4, 16, 12)

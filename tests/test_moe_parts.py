@@ -21,7 +21,8 @@ def make_layer(**overrides) -> MoeMlp:
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
 def test_every_registered_router_keeps_the_contract(name):
-    config = MoeConfig(dim=8, hidden_dim=16, num_experts=4, group_size=2, router=name)
+    extra = {"slots_per_expert": 3} if name == "soft" else {}  # soft's slots are parameters: a fixed count
+    config = MoeConfig(dim=8, hidden_dim=16, num_experts=4, group_size=2, router=name, **extra)
     router = router_class(name)(config).train()
     assert isinstance(router, Router)
     x_Sd, modality_S = torch.randn(4 * 6, 8), torch.tensor([0, 1] * 12)
@@ -35,7 +36,7 @@ def test_every_registered_router_keeps_the_contract(name):
 
 
 def test_unknown_router_is_a_one_line_error_naming_the_known_ones():
-    with pytest.raises(ConfigError, match=r"router must be one of \('top_k', 'expert_choice'\), got 'soft_v2'") as e:
+    with pytest.raises(ConfigError, match=r"router must be one of \('top_k', 'expert_choice', 'soft'\), got 'soft_v2'") as e:
         MoeConfig(dim=8, hidden_dim=16, router="soft_v2")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="top_k"):

@@ -74,11 +74,15 @@ def test_variants_switch_exactly_the_aux_losses_and_bpr():
     assert switches(configs["limoe-vmoe"]) == (True, True, False, False, False)
     assert switches(configs["limoe-entropy"]) == (True, True, True, True, False)
     assert switches(configs["limoe-entropy-bpr"]) == (True, True, True, True, True)
+    # (g), (h): (f) with another router; the losses it reports keep (f)'s weights, the rest do not apply.
+    for name, router in (("limoe-ec", "expert_choice"), ("limoe-soft", "soft")):
+        assert configs[name].loss == configs["limoe-entropy-bpr"].loss
+        assert configs[name].moe == {**configs["limoe-entropy-bpr"].moe, "router": router}
     # (f) is exactly the default `limoe train` recipe (evaluated once at the end), at the scale's model size.
     default = get_preset("default")
     full = configs["limoe-entropy-bpr"]
     assert full.loss == default.loss and full.moe == {**default.moe, "num_experts": 8}
-    # Everything else, training budget included, is the same for all six.
+    # Everything else, training budget included, is the same for all of them.
     base = {k: v for k, v in configs["dense"].to_dict().items() if k not in ("model", "loss", "moe")}
     for cfg in configs.values():
         assert {k: v for k, v in cfg.to_dict().items() if k not in ("model", "loss", "moe")} == base
@@ -89,8 +93,11 @@ def test_compared_models_have_matched_active_compute():
              for j in plan_jobs(SCALES["cpu"], seeds=(0,)) if j.size == "base"}
     dense = flops["dense"]
     assert flops["two-tower"] == dense  # each token goes through one tower of the same size
-    for name in ("limoe-plain", "limoe-vmoe", "limoe-entropy", "limoe-entropy-bpr"):
+    for name in ("limoe-plain", "limoe-vmoe", "limoe-entropy", "limoe-entropy-bpr", "limoe-ec"):
         assert dense < flops[name] < 1.02 * dense  # K = 1 expert per token plus the router's matmul
+    # Soft MoE: as many slots as top-1 capacity, but its dispatch and combine mix every token with every slot of
+    # a group (8 pairs of 64 patches + 16 positions at the cpu scale), which costs more than the experts here.
+    assert flops["limoe-soft"] > 1.3 * flops["limoe-entropy-bpr"]
 
 
 def test_job_command_rebuilds_the_job_config():

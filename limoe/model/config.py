@@ -8,6 +8,7 @@ from typing import Any
 
 from limoe.checks import Check, check_fields, field_checks, integer, mapping, one_of, option, real
 from limoe.moe.layer import MoeConfig
+from limoe.moe.routing import capacity
 
 KINDS = ("limoe", "dense", "two_tower")
 POOLINGS = ("map", "mean", "last")
@@ -67,8 +68,28 @@ class ModelConfig:
         return moe_layer_ids(self.moe_layers, self.depth)
 
     def moe_config(self) -> MoeConfig:
-        return MoeConfig(dim=self.width, hidden_dim=self.mlp_dim, **self.moe)
+        moe = dict(self.moe)
+        if moe.get("router") == "soft" and moe.get("slots_per_expert") is None:
+            moe["slots_per_expert"] = self._soft_slots_per_expert(moe)
+        return MoeConfig(dim=self.width, hidden_dim=self.mlp_dim, **moe)
 
+    def routing_group_tokens(self, moe: MoeConfig) -> int | None:
+        """Tokens of one training routing group: group_size pairs of (patches + text positions) with joint groups,
+        else group_size examples of the larger modality; None without group_size (each call is one group)."""
+        if moe.group_size is None:
+            return None
+        joint = self.kind == "limoe" and moe.routing_groups == "joint"
+        per_example = self.num_patches + self.context_length if joint else max(self.num_patches, self.context_length)
+        return moe.group_size * per_example
+
+    def _soft_slots_per_expert(self, moe: dict[str, Any]) -> int | None:
+        """Soft MoE's default slots per expert: the top-1 capacity of a training routing group, so that its E*p
+        slots cost what top_k's k=1 buffers cost; None without group_size."""
+        top_k = MoeConfig(dim=self.width, hidden_dim=self.mlp_dim, **{**moe, "router": "top_k", "k": 1})
+        tokens = self.routing_group_tokens(top_k)
+        if tokens is None:
+            return None
+        return capacity(tokens, top_k.num_experts, 1, top_k.capacity_factor, top_k.capacity_multiple_of)
 
 def moe_layer_ids(rule: str | tuple[int, ...], depth: int) -> tuple[int, ...]:
     """Resolve a placement rule the way V-MoE's EncoderMoe does."""

@@ -10,9 +10,9 @@ from limoe.moe.experts import ExpertMlps
 from limoe.moe.layer import MoeAux, MoeMlp
 from limoe.moe.parallel import ExpertParallelDispatcher, ExpertParallelMoeMlp
 from limoe.moe.routers import ROUTERS, Router, RouterOutput, make_router
-from limoe.moe.routing import Routing, capacity, route
+from limoe.moe.routing import Routing, SoftRouting, capacity, route
 from limoe.moe.stats import MoeStats
 
 __all__ = ["ROUTERS", "Dispatcher", "ExpertMlps", "ExpertParallelDispatcher", "ExpertParallelMoeMlp", "MoeAux",
-           "MoeConfig", "MoeMlp", "MoeStats", "Router", "RouterOutput", "Routing", "capacity", "make_router",
-           "packed_rows", "route"]
+           "MoeConfig", "MoeMlp", "MoeStats", "Router", "RouterOutput", "Routing", "SoftRouting", "capacity",
+           "make_router", "packed_rows", "route"]

@@ -9,6 +9,9 @@ from limoe.moe.experts import EXPERT_BACKENDS
 from limoe.moe.routers import ROUTERS
 
 ROUTING_GROUPS = ("joint", "per_modality")
+# Routers for which k has no meaning, and why.
+_WHY_K_IS_1 = {"expert_choice": "each expert picks its tokens; moe.capacity_factor sets how many",
+               "soft": "every token is mixed into every slot; moe.slots_per_expert sets how many"}
 
 
 def _distinct_names(names: tuple[str, ...]) -> str | None:
@@ -56,16 +59,23 @@ class MoeConfig:
     # and BPR. The options above that shape routing (k, capacity, batch_priority, noise_std) are top_k's.
     # "expert_choice" = each expert picks its top-C tokens of a group (Zhou et al. 2022): it uses the capacity
     # options, needs k=1 (k has no meaning there) and ignores batch_priority and noise_std (no per-token order,
-    # no noise).
+    # no noise). "soft" = Soft MoE (Puigcerver et al. 2023): every slot mixes all tokens of a group, every token
+    # all slots; needs k=1 and slots_per_expert, ignores batch_priority, noise_std and the capacity options.
     router: str = option("top_k", one_of(*ROUTERS))
+    # Soft MoE's slots per expert p (its router has a learned column per slot, so p is fixed). A model built from a
+    # ModelConfig sets it, if left None, to the top-1 capacity of its training routing group (matched compute).
+    slots_per_expert: int | None = option(None, integer(ge=1, none=True))
 
     def __post_init__(self) -> None:
         check_fields(self)  # each field's declared type and range; below, the checks across fields
         if self.k > self.num_experts:
             raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got {self.k}")
-        if self.router == "expert_choice" and self.k != 1:
-            raise ConfigError(f"moe.k={self.k} has no meaning with moe.router='expert_choice' (each expert picks "
-                              f"its tokens; moe.capacity_factor sets how many): leave k at 1")
+        if self.router in _WHY_K_IS_1 and self.k != 1:
+            raise ConfigError(f"moe.k={self.k} has no meaning with moe.router={self.router!r} "
+                              f"({_WHY_K_IS_1[self.router]}): leave k at 1")
+        if self.router == "soft" and self.slots_per_expert is None:
+            raise ConfigError("moe.router='soft' needs moe.slots_per_expert (a model derives it from moe.group_size "
+                              "when that is set)")
         self.modalities = tuple(self.modalities)
         if self.global_entropy_min_experts is not None:
             self.global_entropy_min_experts = tuple(self.global_entropy_min_experts)

@@ -6,6 +6,8 @@ outputs back, weighted by gate. Two row layouts, one per expert backend (limoe.m
   the hook where expert parallelism exchanges the buffers between ranks (limoe.moe.parallel).
 - packed (``grouped_mm``): expert e's kept assignments fill one block of rows of an [R, d] buffer
   (`packed_rows`), run by grouped GEMMs, so empty slots cost no FLOPs.
+Soft MoE (`SoftRouting`) mixes instead of gathering: slot inputs are weighted sums of their group's tokens, in
+the padded [E, G*C, d] buffers (every slot is filled, so packing would save nothing), run by `run_experts`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from limoe.moe.experts import (GROUP_ROW_ALIGN, ExpertMlps, check_expert_backend, compute_dtype,
                                resolve_expert_backend)
-from limoe.moe.routing import Routing
+from limoe.moe.routing import Routing, SoftRouting
 
 
 def packed_rows(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -65,6 +67,8 @@ class Dispatcher(nn.Module):
         row's output (so its gradient is exactly 0) and a dropped choice has weight 0. This saves padding copies
         of the activations in both directions.
         """
+        if isinstance(routing, SoftRouting):
+            return self.forward_soft(x_Sd, routing, experts)
         num_tokens, dim = x_Sd.shape
         num_experts, slots = routing.num_experts, routing.num_groups * routing.capacity
         if self.uses_grouped_mm(x_Sd, experts):
@@ -90,6 +94,22 @@ class Dispatcher(nn.Module):
             return y_Rd.index_select(0, row_SK[:, 0]) * weight_SK
         y_SKd = y_Rd.index_select(0, row_SK.reshape(-1)).view(num_tokens, routing.k, dim)
         return torch.einsum("skd,sk->sd", y_SKd, weight_SK)
+
+    def forward_soft(self, x_Sd: torch.Tensor, routing: SoftRouting, experts: ExpertMlps) -> torch.Tensor:
+        """Soft MoE: slot inputs D^T X per group, the experts on [E, G*p, d] buffers, y = C Y per group."""
+        num_tokens, dim = x_Sd.shape
+        num_experts, num_groups, per_expert = routing.num_experts, routing.num_groups, routing.capacity
+        num_slots = num_experts * per_expert
+        dtype = compute_dtype(x_Sd)  # the dispatch and combine matmuls run in the experts' dtype
+        dispatch_GmN = routing.dispatch_SN.view(num_groups, -1, num_slots).to(dtype)
+        x_GNd = torch.bmm(dispatch_GmN.transpose(1, 2), x_Sd.view(num_groups, -1, dim).to(dtype))
+        # Group-major slots -> expert-major buffers: expert e's p slots of every group, as `run_experts` expects.
+        x_EGpd = x_GNd.view(num_groups, num_experts, per_expert, dim).transpose(0, 1)
+        y_EGpd = self.run_experts(experts, x_EGpd.reshape(num_experts, num_groups * per_expert, dim))
+        y_GNd = y_EGpd.view(num_experts, num_groups, per_expert, dim).transpose(0, 1)
+        y_GNd = y_GNd.reshape(num_groups, num_slots, dim)
+        combine_GmN = routing.combine_SN.view(num_groups, -1, num_slots).to(y_GNd.dtype)
+        return torch.bmm(combine_GmN, y_GNd).view(num_tokens, dim)
 
     def run_experts(self, experts: ExpertMlps, x_ECd: torch.Tensor) -> torch.Tensor:
         """All E experts on their padded buffers [E, C, d] (C = every group's slots). Expert parallelism

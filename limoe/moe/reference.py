@@ -2,7 +2,7 @@
 
 Never used by the model: `route_loop` walks assignments one by one in Python, `expert_choice_loop` lets each
 expert pick its tokens of each group in Python loops, `moe_loop` runs each expert on its
-tokens in a Python loop, and `moe_onehot_einsum` is the GShard / V-MoE style dispatch with dense one-hot
+tokens in a Python loop, `soft_moe_loop` is Soft MoE one group and one slot at a time, and `moe_onehot_einsum` is the GShard / V-MoE style dispatch with dense one-hot
 [S, E, C] tensors that the real layer avoids.
 """
 
@@ -92,3 +92,32 @@ def moe_onehot_einsum(experts: ExpertMlps, x_Sd: torch.Tensor, routing: Routing)
     combine_SEC = (dispatch_SKEC * routing.gate_SK[..., None, None].to(x_Sd.dtype)).sum(1)
     x_ECd = torch.einsum("sec,sd->ecd", dispatch_SEC, x_Sd)
     return torch.einsum("sec,ecd->sd", combine_SEC, experts(x_ECd))
+
+
+def soft_moe_loop(experts: ExpertMlps, x_Sd: torch.Tensor, phi_dN: torch.Tensor, scale: torch.Tensor,
+                  valid_S: torch.Tensor | None = None, num_groups: int = 1) -> torch.Tensor:
+    """Soft MoE as the paper reads, per group and per slot: slot n (of expert n // p) takes the softmax over the
+    group's valid tokens of their logits scale * <x / |x|, phi_n / |phi_n|> as weights of its input; each valid
+    token's output is the softmax over the slots of its logits, weighting the slots' outputs; padding gets 0."""
+    num_tokens, dim = x_Sd.shape
+    num_slots = phi_dN.shape[1]
+    per_expert = num_slots // experts.num_experts
+    per_group = num_tokens // num_groups
+    valid = [True] * num_tokens if valid_S is None else [bool(v) for v in valid_S]
+    phi_unit_dN = phi_dN / phi_dN.norm(dim=0, keepdim=True)
+    rows = [x_Sd.new_zeros(dim) for _ in range(num_tokens)]
+    for g in range(num_groups):
+        tokens = [s for s in range(g * per_group, (g + 1) * per_group) if valid[s]]
+        if not tokens:
+            continue
+        x_md = x_Sd[tokens]
+        logits_mN = scale * (x_md / x_md.norm(dim=1, keepdim=True)) @ phi_unit_dN
+        slot_out = []
+        for n in range(num_slots):
+            weight_m = torch.softmax(logits_mN[:, n], dim=0)
+            slot_in_d = (weight_m[:, None] * x_md).sum(0)
+            slot_out.append(_expert_mlp(experts, n // per_expert, slot_in_d[None])[0])
+        y_Nd = torch.stack(slot_out)
+        for i, s in enumerate(tokens):
+            rows[s] = (torch.softmax(logits_mN[i], dim=0)[:, None] * y_Nd).sum(0)
+    return torch.stack(rows)

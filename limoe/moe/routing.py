@@ -76,6 +76,27 @@ class Routing:
                        self.kept_SK[:num_tokens], self.capacity, self.num_experts, self.num_groups, self.ranked)
 
 
+@dataclass
+class SoftRouting(Routing):
+    """Soft MoE's routing (limoe.moe.routers.soft): every slot mixes the tokens of its group, every token mixes the
+    slots. The dispatcher moves tokens by the two weight matrices alone, [S, N] with N = E * capacity slots of the
+    token's group, expert-major (slot n belongs to expert n // capacity):
+    - dispatch_SN[:, n] sums to 1 over the valid tokens of each group (a group without any: all 0);
+    - combine_SN[s] sums to 1 over the slots for a valid token s, and is 0 for padding.
+    The Routing fields summarise it for the statistics and `limoe analyze`: K = 1 column, each token's expert with
+    the largest combine weight (summed over that expert's slots), gate = that weight, kept = valid (nothing drops),
+    slot 0 (-1 for padding).
+    """
+
+    dispatch_SN: torch.Tensor | None = None
+    combine_SN: torch.Tensor | None = None
+
+    def token_slice(self, num_tokens: int) -> "SoftRouting":
+        return SoftRouting(self.expert_SK[:num_tokens], self.slot_SK[:num_tokens], self.gate_SK[:num_tokens],
+                           self.kept_SK[:num_tokens], self.capacity, self.num_experts, self.num_groups, self.ranked,
+                           self.dispatch_SN[:num_tokens], self.combine_SN[:num_tokens])
+
+
 def route(
     gates_SE: torch.Tensor,
     k: int,

@@ -134,7 +134,10 @@ def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job
               "second half; held-out pairs encoded as in training, in the model's routing groups, with eval "
               "capacity). Effective experts: exp(entropy) of "
               f"where a modality's tokens go, from 1 (all to one expert) to the number of experts. An image (text) "
-              f"expert processes >= {SPECIALIST_SHARE:.0%} image (text) tokens.", "", routing_table(results), ""]
+              f"expert processes >= {SPECIALIST_SHARE:.0%} image (text) tokens. Expert Choice: routing success is the "
+              f"share of tokens at least one expert picked. Soft MoE drops nothing (100% by construction); its "
+              f"experts and shares count each token's heaviest expert (largest combine weight).", "",
+              routing_table(results), ""]
     if any(r["size"] != "base" for r in results):
         parts += ["## Accuracy vs compute", "", sweep_table(results), ""]
     for name, title in (("accuracy_vs_compute", "accuracy vs compute"), ("routing_success", "routing success")):

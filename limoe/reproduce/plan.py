@@ -28,8 +28,9 @@ class Variant:
 
 
 # The paper's comparison (a, b) and its ablation of the stabilisers (c-f), each LIMoE step adding one to the
-# previous: (f) is the full recipe, `limoe train`'s default. Dense and two-tower have no router, so aux-loss
-# settings do not matter for them. All LIMoE variants share the model; only losses and BPR differ.
+# previous: (f) is the full recipe, `limoe train`'s default; (g) and (h) swap its router. Dense and two-tower have
+# no router, so aux-loss settings do not matter for them. All LIMoE variants share the model but for the router;
+# otherwise only losses and BPR differ.
 VARIANTS = (
     Variant("dense", "(a) dense one-tower", "dense"),
     Variant("two-tower", "(b) two-tower (CLIP)", "two-tower"),
@@ -38,6 +39,10 @@ VARIANTS = (
     Variant("limoe-vmoe", "(d) LIMoE + importance/load (V-MoE)", "limoe", (*_NO_ENTROPY, "moe.batch_priority=false")),
     Variant("limoe-entropy", "(e) (d) + per-modality entropy losses", "limoe", ("moe.batch_priority=false",)),
     Variant("limoe-entropy-bpr", "(f) (e) + BPR: full LIMoE", "limoe"),
+    # Other routers on the full recipe: the aux losses they report (z, entropies) keep (f)'s weights; importance,
+    # load and BPR do not apply to them.
+    Variant("limoe-ec", "(g) (f) with Expert Choice", "limoe", ("moe.router=expert_choice",)),
+    Variant("limoe-soft", "(h) (f) with Soft MoE", "limoe", ("moe.router=soft",)),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 

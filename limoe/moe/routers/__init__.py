@@ -13,6 +13,7 @@ from limoe.moe.routers.base import Router, RouterOutput
 ROUTERS: dict[str, str] = {
     "top_k": "limoe.moe.routers.top_k:TopKRouter",
     "expert_choice": "limoe.moe.routers.expert_choice:ExpertChoiceRouter",
+    "soft": "limoe.moe.routers.soft:SoftRouter",
 }
 
 

@@ -6,7 +6,9 @@
   routed on its own (its own capacity, priority order and aux losses, the losses averaged over groups).
 - modality_S: long [S], each token's index into `config.modalities`; valid_S: bool [S] or None (all valid).
   Padding (False) is never routed and never counted.
-- routing: the assignments (`limoe.moe.routing.Routing`); the dispatcher moves tokens by it alone.
+- routing: the assignments (`limoe.moe.routing.Routing`); the dispatcher moves tokens by it alone. Soft MoE
+  assigns no token to an expert: its `SoftRouting` carries dispatch and combine weights, which the dispatcher
+  mixes by, and its Routing fields summarise them for the statistics.
 - losses: unweighted, differentiable scalars, keyed exactly by `loss_names` (the names training weighs and logs:
   each must have a weight in `LossConfig`, or training stops with an error naming it).
 - entropy_S: the entropy (nats) of each token's clean routing distribution, for the routing statistics.
@@ -31,6 +33,14 @@ if TYPE_CHECKING:
     from limoe.moe.config import MoeConfig
 
 
+def no_autocast(device_type: str):
+    """A context that turns autocast off on `device_type`, where autocast exists (not e.g. on the meta device,
+    where models are sized): router logits stay float32, as routing is sensitive to rounding."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @dataclass
 class RouterOutput:
     routing: Routing
@@ -51,14 +61,47 @@ class Router(nn.Module):
         raise NotImplementedError
 
 
-class LinearRouter(Router):
-    """What the softmax routers share: a linear map to E logits (`router_dE`, float32), the capacity from the
-    config's factors, and the losses of the clean softmax: router z-loss and LIMoE's per-modality local and
-    thresholded global entropy (`shared_losses`, named `shared_loss_names`)."""
+class DistributionRouter(Router):
+    """A router built from a MoeConfig that gives each token a distribution over the E experts, whose losses are
+    the router z-loss and LIMoE's per-modality local and thresholded global entropy (`shared_losses`, named
+    `shared_loss_names`)."""
 
     def __init__(self, config: MoeConfig):
         super().__init__()
         self.config = config
+
+    @property
+    def shared_loss_names(self) -> tuple[str, ...]:
+        return ("z",) + tuple(f"{kind}/{m}" for m in self.config.modalities
+                              for kind in ("local_entropy", "global_entropy"))
+
+    def shared_losses(self, logits_SE: torch.Tensor, p_SE: torch.Tensor, entropy_S: torch.Tensor,
+                      w_SM: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
+        """z-loss of the logits and per-modality local / global entropy of the per-token distribution over experts
+        p_SE (the clean softmax), each on each routing group, averaged over the groups that have tokens (of that
+        modality). The logits may have other columns than experts (Soft MoE: slots)."""
+        cfg = self.config
+        logits_GSE, p_GSE, entropy_GS, w_GSM = (
+            t.view(num_groups, -1, *t.shape[1:]) for t in (logits_SE, p_SE, entropy_S, w_SM))
+        w_GS = w_GSM.sum(-1)
+        count_G, count_GM = w_GS.sum(-1), w_GSM.sum(-2)
+        out = {"z": losses.mean_over_groups(losses.z_loss(logits_GSE, w_GS), count_G)}
+        local_M = losses.mean_over_groups(losses.local_entropy_loss(entropy_GS, w_GSM), count_GM)
+        # Built on the device, not copied from a host list: a blocking copy would sync the host every call.
+        min_experts_M = torch.stack([p_SE.new_full((), float(v)) for v in cfg.min_experts_per_modality])
+        global_M = losses.mean_over_groups(losses.global_entropy_loss(p_GSE, w_GSM, min_experts_M), count_GM)
+        for m, name in enumerate(cfg.modalities):
+            out[f"local_entropy/{name}"] = local_M[m]
+            out[f"global_entropy/{name}"] = global_M[m]
+        return out
+
+
+class LinearRouter(DistributionRouter):
+    """What the softmax routers share: a linear map to E logits (`router_dE`, float32), the capacity from the
+    config's factors, and the losses of the clean softmax (`shared_losses`)."""
+
+    def __init__(self, config: MoeConfig):
+        super().__init__(config)
         self.router_dE = nn.Parameter(torch.empty(config.dim, config.num_experts))
         self.reset_parameters()
 
@@ -90,32 +133,5 @@ class LinearRouter(Router):
 
     def clean_logits(self, x_Sd: torch.Tensor) -> torch.Tensor:
         """Logits x W_r [S, E], float32 even under autocast: routing decisions are sensitive to rounding."""
-        device_type = x_Sd.device.type
-        no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
-                       else contextlib.nullcontext())  # e.g. the meta device, where models are sized
-        with no_autocast:
+        with no_autocast(x_Sd.device.type):
             return x_Sd.float() @ self.router_dE.float()
-
-    @property
-    def shared_loss_names(self) -> tuple[str, ...]:
-        return ("z",) + tuple(f"{kind}/{m}" for m in self.config.modalities
-                              for kind in ("local_entropy", "global_entropy"))
-
-    def shared_losses(self, logits_SE: torch.Tensor, p_SE: torch.Tensor, entropy_S: torch.Tensor,
-                      w_SM: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
-        """z-loss and per-modality local / global entropy of the clean softmax p_SE, each on each routing group,
-        averaged over the groups that have tokens (of that modality)."""
-        cfg = self.config
-        logits_GSE, p_GSE, entropy_GS, w_GSM = (
-            t.view(num_groups, -1, *t.shape[1:]) for t in (logits_SE, p_SE, entropy_S, w_SM))
-        w_GS = w_GSM.sum(-1)
-        count_G, count_GM = w_GS.sum(-1), w_GSM.sum(-2)
-        out = {"z": losses.mean_over_groups(losses.z_loss(logits_GSE, w_GS), count_G)}
-        local_M = losses.mean_over_groups(losses.local_entropy_loss(entropy_GS, w_GSM), count_GM)
-        # Built on the device, not copied from a host list: a blocking copy would sync the host every call.
-        min_experts_M = torch.stack([p_SE.new_full((), float(v)) for v in cfg.min_experts_per_modality])
-        global_M = losses.mean_over_groups(losses.global_entropy_loss(p_GSE, w_GSM, min_experts_M), count_GM)
-        for m, name in enumerate(cfg.modalities):
-            out[f"local_entropy/{name}"] = local_M[m]
-            out[f"global_entropy/{name}"] = global_M[m]
-        return out

@@ -1,0 +1,246 @@
+"""Soft MoE (`moe.router=soft`): slots mix the tokens of a routing group, tokens mix the slots' outputs."""
+
+import json
+
+import pytest
+import torch
+
+import limoe
+from limoe.checks import ConfigError
+from limoe.losses import LossConfig
+from limoe.moe import MoeConfig, MoeMlp
+from limoe.moe.reference import soft_moe_loop
+from limoe.moe.routing import SoftRouting, capacity
+from limoe.train.config import DistConfig
+
+from _train_utils import tiny_config
+
+
+def make_layer(**overrides) -> MoeMlp:
+    torch.manual_seed(0)
+    layer = MoeMlp(MoeConfig(**{"dim": 8, "hidden_dim": 16, "num_experts": 4, "router": "soft",
+                                "slots_per_expert": 2, **overrides}))
+    with torch.no_grad():  # sharper than the init (scale 1), so that the softmaxes are far from uniform
+        layer.router.router_scale.fill_(4.0)
+    return layer
+
+
+CASES = {  # name: (layer overrides, examples, tokens per example, padding)
+    "one_group": (dict(), 5, 6, False),
+    "groups_padding": (dict(group_size=2), 6, 5, True),
+    "uneven_last_group": (dict(group_size=4, slots_per_expert=3), 6, 3, True),
+    "group_size_1": (dict(group_size=1, slots_per_expert=1), 3, 4, True),
+}
+
+
+def _inputs(examples, tokens, padding, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    x_BTd = torch.randn(examples, tokens, 8, generator=gen, requires_grad=True)
+    valid_BT = torch.rand(examples, tokens, generator=gen) > 0.3 if padding else None
+    modality_BT = torch.randint(0, 2, (examples, tokens), generator=gen)
+    return x_BTd, modality_BT, valid_BT
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_the_reference_outputs_and_gradients(case):
+    overrides, examples, tokens, padding = CASES[case]
+    layer = make_layer(**overrides).train()
+    x_BTd, modality_BT, valid_BT = _inputs(examples, tokens, padding)
+    y, aux = layer(x_BTd, modality_BT, valid_BT)
+
+    # Reference: the groups the layer forms (padding examples filling the last one), loops over groups and slots.
+    group = overrides.get("group_size") or examples
+    fill = -examples % group
+    x_Sd = torch.cat([x_BTd, x_BTd.new_zeros(fill, tokens, 8)]).reshape(-1, 8)
+    real = torch.ones(examples, tokens, dtype=torch.bool) if valid_BT is None else valid_BT
+    valid_S = torch.cat([real, real.new_zeros(fill, tokens)]).reshape(-1)
+    router = layer.router
+    y_ref = soft_moe_loop(layer.experts, x_Sd, router.router_dN, router.router_scale, valid_S,
+                          (examples + fill) // group)[:examples * tokens].view_as(y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert isinstance(aux.routing, SoftRouting) and aux.routing.capacity == router.slots_per_expert
+
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    params = [x_BTd, router.router_dN, router.router_scale, *layer.experts.parameters()]
+    grads = torch.autograd.grad((y * weights).sum(), params)
+    grads_ref = torch.autograd.grad((y_ref * weights).sum(), params)
+    for name, g, g_ref in zip(["x", "phi", "scale", "w_in", "b_in", "w_out", "b_out"], grads, grads_ref):
+        assert g.abs().sum() > 0, name  # every parameter takes part
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dispatch_sums_to_one_over_tokens_and_combine_over_slots():
+    layer = make_layer(group_size=2)
+    x_BTd, modality_BT, valid_BT = _inputs(6, 5, padding=True)
+    valid_BT[4:] = False  # the last group has no valid token
+    _, aux = layer(x_BTd, modality_BT, valid_BT)
+    r = aux.routing
+    dispatch_GmN = r.dispatch_SN.view(3, 10, 8)
+    torch.testing.assert_close(dispatch_GmN[:2].sum(1), torch.ones(2, 8))  # each slot: a convex mixture
+    assert bool((dispatch_GmN[2] == 0).all())
+    valid_S = valid_BT.reshape(-1)
+    torch.testing.assert_close(r.combine_SN[valid_S].sum(1), torch.ones(int(valid_S.sum())))
+    assert bool((r.combine_SN[~valid_S] == 0).all()) and bool((r.dispatch_SN[~valid_S] == 0).all())
+
+
+def test_padding_is_never_mixed_in_and_gets_zero():
+    layer = make_layer(group_size=2)
+    x_BTd, modality_BT, valid_BT = _inputs(4, 5, padding=True)
+    y, aux = layer(x_BTd, modality_BT, valid_BT)
+    changed = torch.where(valid_BT[..., None], x_BTd, 100 * torch.randn_like(x_BTd))
+    y2, aux2 = layer(changed, modality_BT, valid_BT)
+    assert torch.equal(y, y2)
+    assert bool((y[~valid_BT] == 0).all())
+    for name in aux.losses:
+        assert torch.equal(aux.losses[name], aux2.losses[name]), name
+
+
+def test_a_group_of_padding_only_gives_zeros_not_nan():
+    layer = make_layer(group_size=1)
+    x_BTd = torch.randn(2, 4, 8, requires_grad=True)
+    valid_BT = torch.tensor([[True, False, True, True], [False] * 4])
+    y, aux = layer(x_BTd, valid=valid_BT)
+    assert bool((y[1] == 0).all()) and bool(y.isfinite().all())
+    assert all(bool(v.isfinite()) for v in aux.losses.values())
+    (y.sum() + sum(aux.losses.values())).backward()
+    assert bool(x_BTd.grad.isfinite().all()) and bool((x_BTd.grad[1] == 0).all())
+    assert all(bool(p.grad.isfinite().all()) for p in layer.parameters())
+
+
+def test_slots_mix_examples_within_a_group_and_only_there():
+    x_BTd, modality_BT, _ = _inputs(4, 3, padding=False)
+    other = x_BTd.detach().clone()
+    other[1] += 1.0  # change example 1 only
+    for group_size, leaks in ((2, True), (1, False)):
+        layer = make_layer(group_size=group_size)
+        y, _ = layer(x_BTd, modality_BT)
+        y2, _ = layer(other, modality_BT)
+        assert not torch.equal(y[0], y2[0]) if leaks else torch.equal(y[0], y2[0])  # example 0 shares its group
+        assert torch.equal(y[2:], y2[2:])  # other groups never see example 1
+
+
+def test_statistics_count_every_token_and_its_heaviest_expert():
+    from limoe.analysis.routing_stats import map_choice
+
+    layer = make_layer(group_size=2)
+    x_BTd, modality_BT, valid_BT = _inputs(4, 5, padding=True)
+    _, aux = layer(x_BTd, modality_BT, valid_BT)
+    r, valid_S = aux.routing, valid_BT.reshape(-1)
+    q_SE = r.combine_SN.view(-1, 4, 2).sum(-1)
+    assert torch.equal(r.expert_SK[valid_S, 0], q_SE[valid_S].argmax(1))
+    torch.testing.assert_close(r.gate_SK[valid_S, 0], q_SE[valid_S].max(1).values)
+    assert aux.stats.routing_success_M.tolist() == [1.0, 1.0] and aux.stats.dropped_M.sum() == 0
+    assert aux.stats.processed_ME.sum() == valid_S.sum()
+    expert_S, kept_S = map_choice(r.expert_SK, r.kept_SK, r.gate_SK, r.ranked)
+    assert torch.equal(expert_S[valid_S], q_SE[valid_S].argmax(1)) and torch.equal(kept_S, valid_S)
+
+
+def test_losses_are_z_and_entropies_of_the_summed_combine_weights():
+    layer = make_layer(group_size=2)
+    x_BTd, modality_BT, _ = _inputs(4, 6, padding=False)
+    _, aux = layer(x_BTd, modality_BT)
+    assert tuple(aux.losses) == ("z", "local_entropy/image", "global_entropy/image", "local_entropy/text",
+                                 "global_entropy/text")
+    assert all(LossConfig().weight(name) >= 0 for name in aux.losses)
+    q_SE = aux.routing.combine_SN.view(-1, 4, 2).sum(-1)
+    image_S = modality_BT.reshape(-1) == 0
+    entropy_S = -(q_SE * q_SE.log()).sum(-1)
+    # The local entropy is the mean over each group's image tokens, averaged over the two groups.
+    want = torch.stack([entropy_S[g * 12:(g + 1) * 12][image_S[g * 12:(g + 1) * 12]].mean() for g in (0, 1)]).mean()
+    torch.testing.assert_close(aux.losses["local_entropy/image"], want)
+
+
+def test_logits_stay_float32_under_autocast():
+    layer = make_layer()
+    x_Sd = torch.randn(12, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer.router.logits(x_Sd)
+        y, _ = layer(x_Sd)
+    assert logits.dtype == torch.float32 and bool(y.isfinite().all())
+
+
+def test_slots_default_to_the_top1_capacity_of_a_training_group():
+    from limoe.model.registry import get_config
+
+    base = get_config("limoe-tiny")
+    joint = get_config("limoe-tiny", router="soft").moe_config()
+    tokens = 8 * (base.num_patches + base.context_length)  # a group of 8 pairs: 16 patches + 16 positions each
+    assert joint.slots_per_expert == capacity(tokens, joint.num_experts, 1, 1.0) == 64
+    split = get_config("limoe-tiny", router="soft", routing_groups="per_modality").moe_config()
+    assert split.slots_per_expert == capacity(8 * 16, 4, 1, 1.0) == 32
+    assert get_config("limoe-tiny", router="soft", slots_per_expert=5).moe_config().slots_per_expert == 5
+
+
+def test_refusals_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="moe.k=2 has no meaning with moe.router='soft'") as e:
+        MoeConfig(dim=8, hidden_dim=16, num_experts=4, k=2, router="soft", slots_per_expert=2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="needs moe.slots_per_expert"):
+        MoeConfig(dim=8, hidden_dim=16, router="soft")
+    cfg = tiny_config(tmp_path)
+    cfg.moe = {"router": "soft", "group_size": None}
+    with pytest.raises(ConfigError, match="needs moe.slots_per_expert") as e:
+        cfg.validate()
+    assert "\n" not in str(e.value)
+    cfg.moe = {"router": "soft"}
+    cfg.dist = DistConfig(expert_parallel=2)
+    with pytest.raises(ConfigError, match="expert_parallel=2 supports only moe.router='top_k', got 'soft'") as e:
+        cfg.validate()
+    assert "\n" not in str(e.value)
+
+
+def test_state_dict_keys_sit_at_the_layer():
+    layer, other = make_layer(), make_layer(slots_per_expert=2)
+    assert list(layer.state_dict())[:2] == ["router_dN", "router_scale"]
+    with torch.no_grad():
+        other.router.router_dN.add_(1.0)
+        other.router.router_scale.fill_(7.0)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.router.router_dN, layer.router.router_dN) and other.router.router_scale.item() == 4.0
+
+
+@pytest.fixture(scope="module")
+def soft_run(tmp_path_factory):
+    """A soft run trained 2 steps, stopped and resumed for 2 more."""
+    from limoe.train import train
+
+    tmp = tmp_path_factory.mktemp("soft")
+    cfg = tiny_config(tmp, steps=4, checkpoint_interval=0)
+    cfg.moe = {"router": "soft"}
+    first = train(cfg, stop_after=2, progress=False)
+    second = train(cfg, resume="latest", progress=False)
+    return tmp, cfg, first, second
+
+
+def test_trains_resumes_and_evaluates(soft_run):
+    from limoe.jobs import evaluate_checkpoint
+
+    tmp, _, first, second = soft_run
+    assert first.step == 2 and second.step == 4
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in first.losses + second.losses)
+    lines = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
+    last = [m for m in lines if m["kind"] == "train"][-1]
+    assert "aux/z" in last and "aux/local_entropy/text" in last and "aux/importance" not in last
+    assert last["routing/routing_success/image"] == 1.0 and last["routing/routing_success/text"] == 1.0
+    assert json.loads((tmp / "run" / "config.json").read_text())["moe"]["router"] == "soft"
+    model, _, _ = limoe.load_checkpoint(str(tmp / "run"))
+    router = model.encoder.blocks[1].mlp.router
+    assert router.slots_per_expert == 64 and router.router_scale.item() != 1.0  # trained, saved and loaded
+    metrics = evaluate_checkpoint(str(tmp / "run"))
+    assert 0.0 <= metrics["zero_shot/top1"] <= 1.0
+
+
+def test_analyze_runs_on_a_soft_run(soft_run, tmp_path):
+    from limoe.cli import main
+    from limoe.data.builtin import dataset_dir
+    from limoe.train.data import builtin_config
+
+    tmp, cfg, _, _ = soft_run
+    pairs = dataset_dir(builtin_config(cfg)) / "test.csv"
+    out = tmp_path / "report"
+    assert main(["analyze", str(tmp / "run"), "--data", str(pairs), "--num-pairs", "8", "--batch-size", "8",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["has_moe"] and data["num_pairs"] == 8
+    for layer in data["layers"]:
+        assert layer["modality"]["image"]["tokens"] > 0 and layer["modality"]["text"]["tokens"] > 0
