@@ -160,6 +160,17 @@ def test_a_finished_result_of_another_configuration_is_not_reused(tmp_path):
         runner.run_job(job, tmp_path)
 
 
+def test_a_finished_result_in_a_moved_folder_is_reused(tmp_path):
+    # The stored config names the folder the run was trained in; a results folder copied elsewhere is the same run.
+    job = plan_jobs(SCALES["smoke"], variants=("limoe-plain",), seeds=(0,), sweep=False)[0]
+    run_dir = tmp_path / "runs" / job.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(job.config(str(tmp_path / "elsewhere" / job.name)).to_json())
+    stored = {"command": job.command(), "eval_version": runner.EVAL_VERSION, "job": job.name}
+    runner.write_json(run_dir / runner.RESULT_FILE, stored)
+    assert runner.run_job(job, tmp_path) == stored
+
+
 def test_study_overrides_reach_every_run_but_not_the_variant_switches():
     jobs = plan_jobs(SCALES["cpu"], overrides=("moe.num_experts=16", "loss.importance=0.5"), sweep=False)
     assert len(jobs) == len(VARIANT_NAMES) * len(SCALES["cpu"].seeds)

@@ -72,8 +72,9 @@ def _train_once(job: Job, cfg, run_dir: Path) -> tuple[Path, dict[str, float], d
 def _same_config(run_dir: Path, cfg) -> bool:
     from limoe.train.config import load_config
 
+    # Where the run is (a results folder moved or copied elsewhere) and what it ran on are not what it is.
     stored = load_config(str(run_dir / "config.json")).to_dict()
-    return {**stored, "device": None} == {**cfg.to_dict(), "device": None}
+    return {**stored, "device": None, "run_dir": None} == {**cfg.to_dict(), "device": None, "run_dir": None}
 
 
 def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]:
