@@ -165,7 +165,9 @@ def test_a_finished_result_in_a_moved_folder_is_reused(tmp_path):
     job = plan_jobs(SCALES["smoke"], variants=("limoe-plain",), seeds=(0,), sweep=False)[0]
     run_dir = tmp_path / "runs" / job.name
     run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(job.config(str(tmp_path / "elsewhere" / job.name)).to_json())
+    stored_config = job.config(str(tmp_path / "elsewhere" / job.name))
+    stored_config.checkpoint_interval += 100  # saving more or less often trains the same run
+    (run_dir / "config.json").write_text(stored_config.to_json())
     stored = {"command": job.command(), "eval_version": runner.EVAL_VERSION, "job": job.name}
     runner.write_json(run_dir / runner.RESULT_FILE, stored)
     assert runner.run_job(job, tmp_path) == stored

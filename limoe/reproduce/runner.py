@@ -69,12 +69,16 @@ def _train_once(job: Job, cfg, run_dir: Path) -> tuple[Path, dict[str, float], d
     return run.checkpoint, {k: v for k, v in run.metrics.items() if not k.startswith("train/")}, record
 
 
+# Options that do not change what a run trains (resume is exact): where it is (a results folder moved or copied
+# elsewhere), what it ran on, how often it saved and how many checkpoints it kept.
+_NOT_THE_RUN = {"device": None, "run_dir": None, "checkpoint_interval": None, "keep_last": None}
+
+
 def _same_config(run_dir: Path, cfg) -> bool:
     from limoe.train.config import load_config
 
-    # Where the run is (a results folder moved or copied elsewhere) and what it ran on are not what it is.
     stored = load_config(str(run_dir / "config.json")).to_dict()
-    return {**stored, "device": None, "run_dir": None} == {**cfg.to_dict(), "device": None, "run_dir": None}
+    return {**stored, **_NOT_THE_RUN} == {**cfg.to_dict(), **_NOT_THE_RUN}
 
 
 def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]:
