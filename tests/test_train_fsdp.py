@@ -58,6 +58,15 @@ def test_sharded_training_equals_one_process(one_process, tmp_path, ranks, sets)
     assert losses == pytest.approx(single, abs=1e-5)
 
 
+@pytest.mark.parametrize("router", ["expert_choice", "soft"])
+def test_fsdp_trains_the_other_routers_as_one_process(one_process, tmp_path, router):
+    # Soft MoE's router scale is a 0-dim parameter inside a block, which FSDP2 cannot shard.
+    root, _ = one_process
+    single = train(_config(tmp_path / "one", root / "cache", f"moe.router={router}"), progress=False).losses
+    losses = _run(_config(tmp_path / "fsdp", root / "cache", f"moe.router={router}", "dist.fsdp=true"), 2)
+    assert losses == pytest.approx(single, abs=1e-5)
+
+
 def test_fsdp_ep_checkpoint_resumes_under_other_layouts(one_process, tmp_path):
     # FSDP over 4 ranks with experts split in 2 (each EP shard sharded again over 2 ranks) saves after 2 steps;
     # the run resumes on 2 ranks with FSDP alone, and in one process, each continuing exactly.

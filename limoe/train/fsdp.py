@@ -46,13 +46,14 @@ class Fsdp(Strategy):
                 for param in layer.experts.parameters():  # the sharded parameters are new objects
                     setattr(param, EXPERT_PARALLEL_ATTR, True)
                     self.experts.append(param)
-        everyone = whole_mesh(mesh)
-        for block in (m for m in model.modules() if isinstance(m, Block)):
-            fully_shard(block, mesh=everyone)
-            register_fsdp_forward_method(block, "forward_pair")  # one-tower training calls this, not forward
-        # FSDP2 cannot shard 0-dim tensors (the logit scale and bias): they stay replicated, reduced by hand.
+        # FSDP2 cannot shard 0-dim tensors (the logit scale and bias, Soft MoE's router scale): they stay
+        # replicated and are averaged by hand.
         self.replicated = [p for p in model.parameters() if p.dim() == 0]
-        fully_shard(model, mesh=everyone, ignored_params=set(self.replicated))
+        everyone, ignored = whole_mesh(mesh), set(self.replicated)
+        for block in (m for m in model.modules() if isinstance(m, Block)):
+            fully_shard(block, mesh=everyone, ignored_params=ignored)
+            register_fsdp_forward_method(block, "forward_pair")  # one-tower training calls this, not forward
+        fully_shard(model, mesh=everyone, ignored_params=ignored)
         self.root = model
 
     def accumulating(self, runner: nn.Module, last: bool) -> contextlib.AbstractContextManager:
