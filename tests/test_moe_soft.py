@@ -184,9 +184,7 @@ def test_refusals_are_one_line_errors(tmp_path):
     assert "\n" not in str(e.value)
     cfg.moe = {"router": "soft"}
     cfg.dist = DistConfig(expert_parallel=2)
-    with pytest.raises(ConfigError, match="expert_parallel=2 supports only moe.router='top_k', got 'soft'") as e:
-        cfg.validate()
-    assert "\n" not in str(e.value)
+    cfg.validate()  # expert parallelism exchanges the slots' [E, G*p, d] buffers (tests/test_train_fsdp.py)
 
 
 def test_state_dict_keys_sit_at_the_layer():

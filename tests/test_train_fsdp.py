@@ -59,12 +59,14 @@ def test_sharded_training_equals_one_process(one_process, tmp_path, ranks, sets)
 
 
 @pytest.mark.parametrize("router", ["expert_choice", "soft"])
-def test_fsdp_trains_the_other_routers_as_one_process(one_process, tmp_path, router):
-    # Soft MoE's router scale is a 0-dim parameter inside a block, which FSDP2 cannot shard.
+def test_the_other_routers_train_sharded_as_one_process(one_process, tmp_path, router):
+    # Both fill the same [E, C, d] buffers the EP exchange moves (Soft MoE: its slots). FSDP: Soft MoE's router
+    # scale is a 0-dim parameter inside a block, which FSDP2 cannot shard.
     root, _ = one_process
     single = train(_config(tmp_path / "one", root / "cache", f"moe.router={router}"), progress=False).losses
-    losses = _run(_config(tmp_path / "fsdp", root / "cache", f"moe.router={router}", "dist.fsdp=true"), 2)
-    assert losses == pytest.approx(single, abs=1e-5)
+    for name, sets in [("fsdp", ("dist.fsdp=true",)), ("ep", ("dist.expert_parallel=2",))]:
+        losses = _run(_config(tmp_path / name, root / "cache", f"moe.router={router}", *sets), 2)
+        assert losses == pytest.approx(single, abs=1e-5), name
 
 
 def test_fsdp_ep_checkpoint_resumes_under_other_layouts(one_process, tmp_path):

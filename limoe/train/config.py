@@ -186,9 +186,6 @@ class TrainConfig:
             if model.moe_config().expert_backend == "grouped_mm":
                 raise ConfigError(f"dist.expert_parallel={ep} needs moe.expert_backend 'auto' or 'bmm' (the "
                                   f"exchange uses capacity-padded buffers), got 'grouped_mm'")
-            if model.moe_config().router != "top_k":
-                raise ConfigError(f"dist.expert_parallel={ep} supports only moe.router='top_k', got "
-                                  f"{model.moe_config().router!r}")
             if model.moe_config().capacity_tokens != "all":
                 raise ConfigError(f"dist.expert_parallel={ep} needs moe.capacity_tokens='all' (every rank of an "
                                   f"expert group must use the same capacity)")
