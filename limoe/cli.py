@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_reproduce_parser(sub)
 
+    from limoe.train.sizing import add_memory_parser
+
+    add_memory_parser(sub)
+
     data = sub.add_parser("data", help="build or inspect the built-in image-text datasets (OpenMoji; the corpus)")
     data.add_argument("action", choices=["build", "info", "style"],
                       help="build: build now (else built on first use); info: print its manifest (the corpus: "

@@ -108,3 +108,29 @@ def ep_embeddings(rank: int, world: int, port: int, checkpoint: str, ep_size: in
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def shard_sizes(rank: int, world: int, port: int, out_dir: str, config_json: str) -> None:
+    """Parameters this rank holds after each strategy shards the model of the config: rank{r}-sizes.json."""
+    _init(rank, world, port)
+    try:
+        from torch.distributed.tensor import DTensor
+
+        from limoe.model.registry import build_model
+        from limoe.train.config import TrainConfig
+        from limoe.train.distributed import World
+        from limoe.train.strategy import make_strategy
+
+        cfg = TrainConfig.from_dict(json.loads(config_json))
+        sizes = {}
+        for fsdp in (False, True):
+            cfg.dist.fsdp = fsdp
+            model = build_model(cfg.model_config())
+            make_strategy(cfg, World(rank, world), torch.device("cpu")).shard(model)
+            local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+            sizes["fsdp" if fsdp else "ep"] = sum(t.numel() for t in local)
+        with open(os.path.join(out_dir, f"rank{rank}-sizes.json"), "w") as f:
+            json.dump(sizes, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

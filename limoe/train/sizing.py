@@ -1,0 +1,186 @@
+"""Memory per rank of a model under a distributed layout: weights, gradients, AdamW states and activations,
+sized from the model built on the meta device (shapes only: no memory, no compute), before renting the GPUs.
+
+    estimate("limoe-h14", Layout(ranks=64, expert_parallel=8, fsdp=True), batch_per_rank=16)
+
+Training keeps 16 bytes per parameter a rank holds (fp32 weight and gradient, AdamW's two fp32 moments).
+Activations are the tensors the forward saves for the backward, counted by a meta-device forward of
+`batch_per_rank` pairs (float32; bf16 autocast roughly halves them, which the estimate assumes). With activation
+checkpointing only each block's input is kept, plus one block's activations while it is recomputed. Not counted:
+the CUDA context and allocator slack (a few GiB), the loss's B x B logits, and communication buffers (FSDP's
+all-gathered unit, EP's [E, C, d] exchange buffers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from limoe.distributed import check_expert_parallel
+from limoe.model.config import ModelConfig
+from limoe.moe.layer import MoeMlp
+
+GIB = 2**30
+BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
+
+
+@dataclass(frozen=True)
+class Layout:
+    ranks: int = 1
+    expert_parallel: int = 1
+    fsdp: bool = False
+
+    def __str__(self) -> str:
+        parts = [f"{self.ranks} rank{'s' if self.ranks > 1 else ''}"]
+        if self.expert_parallel > 1:
+            parts.append(f"EP {self.expert_parallel}")
+        parts.append("FSDP" if self.fsdp else ("DDP" if self.ranks > 1 else "one process"))
+        return ", ".join(parts)
+
+    def params_per_rank(self, expert: int, other: int) -> int:
+        """Parameters one rank holds: experts split over EP, then (FSDP) over the ranks holding the same experts;
+        the rest split over all ranks by FSDP, else replicated. The largest share where shards are uneven."""
+        expert_share = math.ceil(expert / self.expert_parallel)
+        if not self.fsdp:
+            return expert_share + other
+        return math.ceil(expert_share / (self.ranks // self.expert_parallel)) + math.ceil(other / self.ranks)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    layout: Layout
+    batch_per_rank: int
+    params: int  # parameters held by one rank
+    activation_bytes: int
+    total_params: int  # of the whole model
+
+    @property
+    def states_gib(self) -> float:
+        """Weights, gradients and AdamW moments of this rank's parameters."""
+        return self.params * BYTES_PER_PARAM / GIB
+
+    @property
+    def total_gib(self) -> float:
+        return self.states_gib + self.activation_bytes / GIB
+
+    @property
+    def save_gib(self) -> float:
+        """Peak at a checkpoint save today: this rank's states plus the whole model's weights and AdamW moments,
+        which every rank gathers (12 bytes per parameter) until checkpoints are written sharded."""
+        return self.states_gib + self.total_params * 12 / GIB
+
+
+def parameter_split(model: torch.nn.Module) -> tuple[int, int]:
+    """(expert parameters, all other parameters) of a model, e.g. one built on the meta device."""
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, MoeMlp) for p in m.experts.parameters()}
+    expert = sum(p.numel() for p in model.parameters() if id(p) in expert_ids)
+    return expert, sum(p.numel() for p in model.parameters()) - expert
+
+
+def meta_model(config: ModelConfig) -> torch.nn.Module:
+    from limoe.model.registry import build_model
+
+    with torch.device("meta"):
+        return build_model(config)
+
+
+def activation_bytes(model: torch.nn.Module, batch: int, checkpointing: bool = False, bf16: bool = False) -> int:
+    """Bytes the training forward of `batch` pairs saves for the backward (a meta-device model: no compute)."""
+    cfg = model.config
+
+    weights = {id(p) for p in model.parameters()}
+
+    def saved_by_forward() -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            if id(t) not in weights and id(t._base) not in weights:  # a saved weight (or its view) costs nothing
+                total += t.numel() * t.element_size()
+            return t
+
+        images = torch.empty(batch, 3, cfg.image_size, cfg.image_size, device="meta")
+        tokens = torch.ones(batch, cfg.context_length, dtype=torch.long, device="meta")
+        valid = torch.ones(batch, cfg.context_length, dtype=torch.bool, device="meta")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(images, tokens, valid_BT=valid)
+        return total
+
+    model.set_activation_checkpointing(False)
+    everything = saved_by_forward()
+    if checkpointing:
+        model.set_activation_checkpointing(True)
+        outside_blocks = saved_by_forward()  # the embeddings, heads and pooling keep theirs
+        model.set_activation_checkpointing(False)
+        blocks = sum(1 for m in model.modules() if type(m).__name__ == "Block")
+        tokens = cfg.num_patches + cfg.context_length
+        inputs = blocks * batch * tokens * cfg.width * 4
+        everything = outside_blocks + inputs + (everything - outside_blocks) // blocks
+    return everything // 2 if bf16 else everything
+
+
+def estimate(model: str | ModelConfig, layout: Layout, batch_per_rank: int, checkpointing: bool = False,
+             bf16: bool = False) -> Estimate:
+    from limoe.model.registry import get_config
+
+    config = get_config(model) if isinstance(model, str) else model
+    built = meta_model(config)
+    expert, other = parameter_split(built)
+    name = model if isinstance(model, str) else "model"
+    experts = config.moe_config().num_experts if config.moe_layer_ids else None
+    if experts is None and layout.expert_parallel > 1:
+        raise ValueError(f"expert parallelism needs a model with MoE layers ({name} has none)")
+    check_expert_parallel(layout.expert_parallel, layout.ranks, experts)
+    return Estimate(name, layout, batch_per_rank, layout.params_per_rank(expert, other),
+                    activation_bytes(built, batch_per_rank, checkpointing, bf16), expert + other)
+
+
+def table(estimates: list[Estimate], budget_gib: float | None = None) -> str:
+    """A markdown table of estimates, one row each."""
+    head = ("| model | layout | batch / rank | params / rank | weights+grads+AdamW GiB | activations GiB | "
+            "training GiB | at a save today GiB |")
+    rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def fits(gib: float) -> str:
+        return "" if budget_gib is None else (" (fits)" if gib <= budget_gib else " (too big)")
+
+    for e in estimates:
+        rows.append(f"| {e.model} | {e.layout} | {e.batch_per_rank} | {e.params / 1e9:.2f} B | {e.states_gib:.1f} | "
+                    f"{e.activation_bytes / GIB:.1f} | {e.total_gib:.1f}{fits(e.total_gib)} | "
+                    f"{e.save_gib:.1f}{fits(e.save_gib)} |")
+    return "\n".join(rows)
+
+
+# -- limoe memory ---------------------------------------------------------------------------------------------
+def add_memory_parser(sub) -> None:
+    p = sub.add_parser("memory", help="memory per rank of a model under a distributed layout (sized on the meta "
+                                      "device: no GPU, seconds)")
+    p.add_argument("--model", default="limoe-h14", help="a preset name (default: limoe-h14)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[8], help="world sizes, one row each (default: 8)")
+    p.add_argument("--expert-parallel", type=int, default=1, help="EP size P (default: 1)")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 (dist.fsdp=true)")
+    p.add_argument("--batch-per-rank", type=int, default=16, help="pairs per rank and micro-batch (default: 16)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activations' (default: bf16)")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU to compare with (default: 80)")
+    p.set_defaults(func=_memory)
+
+
+def _memory(args) -> int:
+    from limoe.errors import UserError
+    from limoe.model.registry import list_models
+
+    if args.model not in list_models():
+        raise UserError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
+    rows = []
+    for ranks in args.ranks:
+        try:
+            rows.append(estimate(args.model, Layout(ranks, args.expert_parallel, args.fsdp), args.batch_per_rank,
+                                 args.activation_checkpointing, args.precision == "bf16"))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    print(table(rows, args.gpu_gib))
+    return 0
