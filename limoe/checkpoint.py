@@ -9,6 +9,9 @@ Layout of one checkpoint (a folder `<run_dir>/checkpoints/step_<N>/`):
     model.json             the ModelConfig (so a checkpoint loads even if presets change)
     tokenizer.json         the tokenizer the model was trained with
 
+A sharded checkpoint (FSDP runs) has `sharded/` (every rank's shards, torch.distributed.checkpoint) instead of
+model.safetensors and the optimizer tensors: limoe.checkpoint_sharded. Both kinds load everywhere.
+
 Nothing is pickled: loading a checkpoint never executes code from it. A checkpoint is written into a
 `.tmp-*` folder beside the others and renamed into place only when complete, so a crash (even SIGKILL)
 during a write leaves the previous checkpoints intact and `latest` never resolves to a partial one. Saving a
@@ -54,7 +57,9 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def _missing(folder: Path) -> list[str]:
-    return [f for f in FILES if not (folder / f).is_file()]
+    from limoe.checkpoint_sharded import FILES as SHARDED, is_sharded
+
+    return [f for f in (SHARDED if is_sharded(folder) else FILES) if not (folder / f).is_file()]
 
 
 def _step_folders(root: Path) -> dict[int, Path]:
@@ -100,7 +105,7 @@ def resolve(path_or_latest: str | os.PathLike, run_dir: str | os.PathLike | None
             raise CheckpointError(f"no checkpoint to resume from in {checkpoints_dir(run_dir)}")
         return latest
     path = Path(path_or_latest)
-    if path.is_dir() and (path / "model.safetensors").is_file():
+    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "sharded").is_dir()):
         missing = _missing(path)
         if missing:
             raise CheckpointError(f"{path}: incomplete checkpoint (missing {', '.join(missing)})")
@@ -216,36 +221,54 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
 
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    _restore_backups(root)
-    for stale in root.glob(".tmp-*"):  # left by a killed writer; one writer per run, so never in use
-        shutil.rmtree(stale, ignore_errors=True)
+    prepare_root(root)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         weights = {k: v.detach().contiguous() for k, v in (weights or model.state_dict()).items()}
         _fsync_write(tmp / "model.safetensors", st_save(weights))
-        tensors, meta = rng_state()
-        state = dict(state, rng=meta)
+        tensors = {}
         if optimizer is not None:
-            opt_tensors, state["optimizer"] = optimizer_state(optimizer)
-            tensors.update(opt_tensors if optimizer_tensors is None else optimizer_tensors)
-        _fsync_write(tmp / "optimizer.safetensors", st_save(tensors))
-        _fsync_write(tmp / "config.json", config_json.encode())
-        model_json = json.dumps(dataclasses.asdict(model.config), indent=2, sort_keys=True) + "\n"
-        _fsync_write(tmp / "model.json", model_json.encode())
-        tokenizer.save(tmp / "tokenizer.json")
-        _fsync_write(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
-        _swap_in(tmp, final)  # the same step saved again (e.g. resuming a finished run): a copy throughout
+            own, meta = optimizer_state(optimizer)
+            tensors, state = (own if optimizer_tensors is None else optimizer_tensors), dict(state, optimizer=meta)
+        write_metadata(tmp, tensors, state, config_json, model.config, tokenizer)
+        swap_in(tmp, final)  # the same step saved again (e.g. resuming a finished run): a copy throughout
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, keep_last)
     return final
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
+def prepare_root(root: Path) -> None:
+    """Before writing into a checkpoints folder: finish or undo what a killed writer left."""
+    _restore_backups(root)
+    for stale in root.glob(".tmp-*"):  # left by a killed writer; one writer per run, so never in use
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_metadata(folder: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], config_json: str,
+                   model_config, tokenizer) -> None:
+    """Everything of a checkpoint but the weights: `tensors` and this process's RNG state in
+    optimizer.safetensors, then config, model config, tokenizer and state (with the RNG's JSON part)."""
+    from safetensors.torch import save as st_save
+
+    rng, meta = rng_state()
+    _fsync_write(folder / "optimizer.safetensors", st_save({**rng, **tensors}))
+    _fsync_write(folder / "config.json", config_json.encode())
+    model_json = json.dumps(dataclasses.asdict(model_config), indent=2, sort_keys=True) + "\n"
+    _fsync_write(folder / "model.json", model_json.encode())
+    tokenizer.save(folder / "tokenizer.json")
+    _fsync_write(folder / "state.json", (json.dumps(dict(state, rng=meta), indent=1) + "\n").encode())
+
+
+def prune(run_dir: str | os.PathLike, keep_last: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def swap_in(tmp: Path, final: Path) -> None:
     """Move a finished folder to `final`; an existing `final` stays as `.old-<name>` until the new one is in."""
     if final.exists():
         backup = final.with_name(f"{BACKUP_PREFIX}{final.name}")
@@ -266,13 +289,15 @@ def mark_best(checkpoint: Path, metrics: dict[str, float]) -> Path:
     root = checkpoint.parent
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{BEST}-", dir=root))
     try:
-        for name in FILES:
+        for src in (f for f in checkpoint.rglob("*") if f.is_file()):  # sharded checkpoints have a subfolder
+            dst = tmp / src.relative_to(checkpoint)
+            dst.parent.mkdir(exist_ok=True)
             try:
-                os.link(checkpoint / name, tmp / name)
+                os.link(src, dst)
             except OSError:
-                shutil.copy2(checkpoint / name, tmp / name)
+                shutil.copy2(src, dst)
         write_metrics(tmp, metrics)
-        _swap_in(tmp, root / BEST)
+        swap_in(tmp, root / BEST)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -330,7 +355,10 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return _read_tensors(Path(path) / "model.safetensors")
+    """The weights in the single-process layout, from either kind of checkpoint (sharded: read whole, here)."""
+    from limoe.checkpoint_sharded import is_sharded, read_full
+
+    return read_full(path)[0] if is_sharded(path) else _read_tensors(Path(path) / "model.safetensors")
 
 
 def read_tokenizer(path: str | os.PathLike):

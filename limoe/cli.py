@@ -41,6 +41,17 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from limoe import checkpoint as ckpt
+    from limoe.checkpoint_sharded import export, is_sharded
+
+    path = ckpt.resolve(args.checkpoint)
+    if not is_sharded(path):
+        raise UserError(f"{path} is a single-folder checkpoint already: copy it")
+    print(export(path, args.out))
+    return 0
+
+
 def _corpus(args: argparse.Namespace) -> int:
     import json
 
@@ -276,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--images", help="style: folder of images named by codepoints")
     data.add_argument("--name", help="style: name of the style")
     data.set_defaults(func=_data)
+
+    export = sub.add_parser("export", help="write a sharded (FSDP) checkpoint as a single-folder one "
+                                           "(model.safetensors), e.g. to share it")
+    export.add_argument("checkpoint", help="a sharded checkpoint folder")
+    export.add_argument("out", help="the new checkpoint folder (must not exist)")
+    export.set_defaults(func=_export)
 
     demo = sub.add_parser("demo", help="route two-modality tokens through a MoE layer and report routing health")
     demo.add_argument("--tokens", type=int, default=2048, help="tokens per step (default: 2048)")

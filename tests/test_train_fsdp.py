@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from limoe.train import train
@@ -76,6 +77,11 @@ def test_fsdp_ep_checkpoint_resumes_under_other_layouts(one_process, tmp_path):
     four = _config(tmp_path / "four", root / "cache", "dist.fsdp=true", "dist.expert_parallel=2")
     assert _run(four, 4, stop_after=2) == pytest.approx(single[:2], abs=1e-5)
     checkpoint = str(Path(four.run_dir) / "checkpoints" / "step_00000002")
+    # Sharded: each rank wrote its own shard file, none of them the whole model.
+    files = sorted((Path(checkpoint) / "sharded").glob("*.distcp"))
+    assert len(files) == 4 and not (Path(checkpoint) / "model.safetensors").exists()
+    sizes = [f.stat().st_size for f in files]
+    assert max(sizes) < 0.5 * sum(sizes)
     for name, ranks, sets in [("two", 2, ("dist.fsdp=true",)), ("one", 1, ())]:
         cfg = _config(tmp_path / name, root / "cache", *sets)
         cfg.run_dir = four.run_dir  # the same run, continued from its step 2 under another layout
@@ -84,3 +90,22 @@ def test_fsdp_ep_checkpoint_resumes_under_other_layouts(one_process, tmp_path):
         else:
             losses = _run(cfg, ranks, resume=checkpoint)
         assert losses == pytest.approx(single[2:], abs=1e-5), name
+
+
+def test_sharded_checkpoint_loads_in_one_process_and_exports(one_process, tmp_path):
+    from limoe import checkpoint as ckpt
+    from limoe import load_checkpoint
+    from limoe.cli import main
+
+    root, _ = one_process
+    cfg = _config(tmp_path / "run", root / "cache", "dist.fsdp=true", "dist.expert_parallel=2", steps=2)
+    _run(cfg, 2)
+    path = ckpt.list_checkpoints(cfg.run_dir)[-1]
+    model, _, _ = load_checkpoint(path)  # what limoe eval, classify, embed and analyze call
+    assert main(["export", str(path), str(tmp_path / "single")]) == 0
+    exported, _, _ = load_checkpoint(tmp_path / "single")
+    for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), name
+    state, tensors = ckpt.read_state(tmp_path / "single")
+    assert state["step"] == 2 and any(k.startswith("state.") for k in tensors)  # AdamW moments came along
+    assert main(["export", str(tmp_path / "single"), str(tmp_path / "again")]) == 2  # not sharded: one line

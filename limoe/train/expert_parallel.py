@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from limoe import checkpoint as ckpt
+from limoe import checkpoint_sharded as sharded
 from limoe.distributed import (ExpertParallelGroups, allreduce_gradients, device_mesh, expert_parallel_groups,
                                is_expert_parameter)
 from limoe.moe.layer import MoeMlp
@@ -47,8 +48,8 @@ class ExpertParallel(Strategy):
         return weights, gather_optimizer_tensors(optimizer, ckpt.optimizer_state(optimizer)[0], self.groups)
 
     def load_full_state(self, model, optimizer, checkpoint, opt_tensors, opt_meta) -> None:
-        weights = shard_state_dict(ckpt.read_weights(checkpoint), expert_state_keys(model), self.groups.ep_rank,
-                                   self.groups.ep_size)
+        full, opt_tensors = sharded.full_tensors(checkpoint, opt_tensors)
+        weights = shard_state_dict(full, expert_state_keys(model), self.groups.ep_rank, self.groups.ep_size)
         ckpt.load_weights(model, checkpoint, weights)
         ckpt.load_optimizer_state(optimizer, shard_optimizer_tensors(optimizer, opt_tensors, self.groups), opt_meta)
 

@@ -5,22 +5,29 @@ On the run's one DeviceMesh (`limoe.distributed.device_mesh`, dims "expert_dp" x
 - experts are split over the "ep" ranks first (as `ExpertParallel` does), then each EP shard is sharded again
   by FSDP over the "expert_dp" ranks that hold the same experts;
 - everything else is sharded by FSDP over all ranks, one FSDP unit per transformer block plus the root.
-Gradients come out of the backward reduce-scattered: nothing to reduce after it. Checkpoints still hold the
-single-process layout (gathered here, written by rank 0).
+Gradients come out of the backward reduce-scattered: nothing to reduce after it. Checkpoints are sharded: every
+rank writes its shards (limoe.checkpoint_sharded), experts as shards of the global [E, ...] tensors, so a
+checkpoint loads under any layout. Evaluation still runs on a whole copy of the weights gathered for rank 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
+from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from limoe import checkpoint as ckpt
-from limoe.distributed import EXPERT_PARALLEL_ATTR, ExpertParallelGroups, device_mesh, whole_mesh
+from limoe import checkpoint_sharded as sharded
+from limoe.distributed import (EXPERT_PARALLEL_ATTR, ExpertParallelGroups, device_mesh, is_expert_parameter,
+                               whole_mesh)
 from limoe.model.block import Block
 from limoe.moe.layer import MoeMlp
 from limoe.moe.parallel import expert_state_keys, gather_full_state_dict, shard_state_dict
@@ -36,10 +43,15 @@ class Fsdp(Strategy):
         self.root: nn.Module | None = None
         self.replicated: list[nn.Parameter] = []
         self.experts: list[nn.Parameter] = []
+        self.expert_mesh: DeviceMesh | None = None
 
     def shard(self, model: nn.Module) -> None:
         mesh = device_mesh(self.ep_size, self.device.type)
         if self.ep_size > 1:
+            # The same ranks as ("ep", "expert_dp"): an expert shard's rows sit at EP rank x E/P + its FSDP chunk,
+            # i.e. [Shard(0), Shard(0)] in this order of the dims (checkpoints store the global layout).
+            self.expert_mesh = DeviceMesh(self.device.type, mesh.mesh.transpose(0, 1),
+                                          mesh_dim_names=("ep", "expert_dp"))
             self.groups = ep.shard_model(model, self.ep_size, self.num_experts, mesh)
             for layer in (m for m in model.modules() if isinstance(m, MoeMlp)):
                 fully_shard(layer.experts, mesh=mesh["expert_dp"])
@@ -55,6 +67,9 @@ class Fsdp(Strategy):
             register_fsdp_forward_method(block, "forward_pair")  # one-tower training calls this, not forward
         fully_shard(model, mesh=everyone, ignored_params=ignored)
         self.root = model
+        # FSDP2 warns that blocks return views (the pair's image and text halves), in case a caller modifies them
+        # in place: nothing does, and the equivalence tests would catch wrong gradients if it did.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
 
     def accumulating(self, runner: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         self.root.set_requires_gradient_sync(last)
@@ -104,7 +119,38 @@ class Fsdp(Strategy):
             tensors = ep.gather_optimizer_tensors(optimizer, tensors, self.groups)
         return weights, tensors
 
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def save(self, run_dir, step, model, optimizer, state, config_json, tokenizer, keep_last):
+        tensors, names = self._global_state(model, optimizer)
+        meta = _optimizer_meta(optimizer)
+        path = sharded.save(run_dir, step, tensors, names, meta, model.config, state, config_json, tokenizer,
+                            keep_last, self.world.rank)
+        return path if self.world.main else None
+
+    def _global_state(self, model, optimizer) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """DCP's state dict: every tensor as this rank's shard of its global, single-process tensor; and the
+        parameter names in the optimizer's order."""
+        expert_keys = set(expert_state_keys(model))
+        out = {f"model.{k}": self._global(v, k in expert_keys) for k, v in model.state_dict().items()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        for param, per_param in optimizer.state.items():
+            for slot, value in per_param.items():
+                out[f"optim.{names[id(param)]}.{slot}"] = self._global(value, is_expert_parameter(param))
+        return out, order
+
+    def _global(self, t: torch.Tensor, expert: bool) -> torch.Tensor:
+        if not expert or self.groups is None or t.dim() == 0:
+            return t  # FSDP's DTensors are global already; 0-dim tensors are replicated
+        local = _local(t)
+        shape = (t.shape[0] * self.ep_size, *t.shape[1:])  # t's shape is this EP shard's [E/P, ...]
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, self.expert_mesh, [Shard(0), Shard(0)], run_check=False, shape=shape,
+                                  stride=stride)
+
     def load_full_state(self, model, optimizer, checkpoint, opt_tensors, opt_meta) -> None:
+        if sharded.is_sharded(checkpoint):
+            return self._load_sharded(model, optimizer, checkpoint, opt_meta)
         weights = ckpt.checked_weights(model, checkpoint)
         if self.groups is not None:
             weights = shard_state_dict(weights, expert_state_keys(model), self.groups.ep_rank, self.groups.ep_size)
@@ -120,8 +166,42 @@ class Fsdp(Strategy):
             placed[key] = value
         ckpt.load_optimizer_state(optimizer, placed, opt_meta)
 
+    def _load_sharded(self, model, optimizer, checkpoint, opt_meta) -> None:
+        """DCP reads each rank's shards straight into its parameters and AdamW moments (resharding as needed)."""
+        for group in optimizer.param_groups:  # AdamW creates its state lazily: create it to be filled
+            for param in group["params"]:
+                optimizer.state[param] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
+        tensors, _ = self._global_state(model, optimizer)
+        try:
+            dcp.load(tensors, checkpoint_id=Path(checkpoint) / sharded.FOLDER)
+        except Exception as e:  # DCP's CheckpointException wraps every rank's error
+            raise ckpt.CheckpointError(f"{checkpoint}: cannot load the sharded checkpoint "
+                                       f"({str(e).splitlines()[0]})") from None
+        own = model.state_dict()
+        for key, value in own.items():  # DCP loads in place; copies are made only where a tensor was wrapped
+            loaded = tensors[f"model.{key}"]
+            if loaded is not value:
+                _local(value).copy_(_local(loaded))
+        names = {id(p): n for n, p in model.named_parameters()}
+        for param, per_param in optimizer.state.items():
+            for slot, value in per_param.items():
+                loaded = tensors[f"optim.{names[id(param)]}.{slot}"]
+                if loaded is not value:
+                    _local(value).copy_(_local(loaded))
+        for group, saved in zip(optimizer.param_groups, opt_meta["param_groups"]):
+            group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items() if k != "params"})
+
     def eval_model(self, model, build):
         return self._whole_copy(model, build)
+
+
+def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's param groups and non-tensor state, as `ckpt.optimizer_state` writes them (no tensors)."""
+    sd = optimizer.state_dict()
+    scalars = {f"{i}.{k}": v for i, per in sd["state"].items() for k, v in per.items()
+               if not isinstance(v, torch.Tensor)}
+    return {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Order of a step: micro-batches (gradient accumulation) -> forward under autocast (`precision`: bf16 on CUDA, fp32
 on CPU by default) -> compute_losses -> backward -> clip -> AdamW with the scheduled lr. How the ranks share the
-model (DDP, expert parallelism, FSDP) is the strategy's business (limoe.train.strategy): the loop is one path. Every loss term, routing success per
-modality (from the MoeStats of every MoE layer of the step), the grad norm and pairs/s go to metrics.jsonl.
+model (DDP, expert parallelism, FSDP) is the strategy's business (limoe.train.strategy): the loop is one path.
+Every loss term, routing success per modality (from the MoeStats of every MoE layer of the step), the grad norm
+and pairs/s go to metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -216,13 +217,12 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         nonlocal last_saved, saved_step
         if saved_step == step:  # e.g. the best evaluation's step, then the periodic save of the same step
             return last_saved
-        weights, opt_tensors = strategy.full_state(model, optimizer)  # collective; rank 0 writes
         # Ranks consume batches in lockstep (equal batches per rank), so rank 0's position is every rank's.
+        state = {"step": step, "data": {"0": asdict(batches.position)}, "metrics": {},
+                 "world_size": world.size, "expert_parallel": cfg.dist.expert_parallel, "fsdp": cfg.dist.fsdp}
+        path = strategy.save(run_dir, step, model, optimizer, state, cfg.to_json(), tokenizer, cfg.keep_last)
         if world.main:
-            state = {"step": step, "data": {"0": asdict(batches.position)}, "metrics": {},
-                     "world_size": world.size, "expert_parallel": cfg.dist.expert_parallel, "fsdp": cfg.dist.fsdp}
-            last_saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, cfg.to_json(), tokenizer,
-                                              cfg.keep_last, weights=weights, optimizer_tensors=opt_tensors)
+            last_saved = path
         distributed.barrier(world)
         saved_step = step
         return last_saved

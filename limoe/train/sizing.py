@@ -55,7 +55,8 @@ class Estimate:
     batch_per_rank: int
     params: int  # parameters held by one rank
     activation_bytes: int
-    total_params: int  # of the whole model
+    expert_params: int  # of the whole model
+    recompute: bool = False  # activation checkpointing
 
     @property
     def states_gib(self) -> float:
@@ -68,9 +69,11 @@ class Estimate:
 
     @property
     def save_gib(self) -> float:
-        """Peak at a checkpoint save today: this rank's states plus the whole model's weights and AdamW moments,
-        which every rank gathers (12 bytes per parameter) until checkpoints are written sharded."""
-        return self.states_gib + self.total_params * 12 / GIB
+        """Peak at a checkpoint save: FSDP writes every rank's shards as they are; expert parallelism without FSDP
+        gathers every expert's weights and AdamW moments on every rank (12 bytes per expert parameter) to write
+        the single-process layout; one process and DDP write the tensors they hold."""
+        gathered = self.expert_params * 12 if self.layout.expert_parallel > 1 and not self.layout.fsdp else 0
+        return self.states_gib + gathered / GIB
 
 
 def parameter_split(model: torch.nn.Module) -> tuple[int, int]:
@@ -135,20 +138,21 @@ def estimate(model: str | ModelConfig, layout: Layout, batch_per_rank: int, chec
         raise ValueError(f"expert parallelism needs a model with MoE layers ({name} has none)")
     check_expert_parallel(layout.expert_parallel, layout.ranks, experts)
     return Estimate(name, layout, batch_per_rank, layout.params_per_rank(expert, other),
-                    activation_bytes(built, batch_per_rank, checkpointing, bf16), expert + other)
+                    activation_bytes(built, batch_per_rank, checkpointing, bf16), expert, checkpointing)
 
 
 def table(estimates: list[Estimate], budget_gib: float | None = None) -> str:
     """A markdown table of estimates, one row each."""
     head = ("| model | layout | batch / rank | params / rank | weights+grads+AdamW GiB | activations GiB | "
-            "training GiB | at a save today GiB |")
+            "training GiB | at a checkpoint save GiB |")
     rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
 
     def fits(gib: float) -> str:
         return "" if budget_gib is None else (" (fits)" if gib <= budget_gib else " (too big)")
 
     for e in estimates:
-        rows.append(f"| {e.model} | {e.layout} | {e.batch_per_rank} | {e.params / 1e9:.2f} B | {e.states_gib:.1f} | "
+        layout = f"{e.layout}, recompute" if e.recompute else str(e.layout)
+        rows.append(f"| {e.model} | {layout} | {e.batch_per_rank} | {e.params / 1e9:.2f} B | {e.states_gib:.1f} | "
                     f"{e.activation_bytes / GIB:.1f} | {e.total_gib:.1f}{fits(e.total_gib)} | "
                     f"{e.save_gib:.1f}{fits(e.save_gib)} |")
     return "\n".join(rows)

@@ -7,13 +7,14 @@
         ...backward()
     strategy.reduce_gradients(model)            # what the backward did not reduce
     norm = strategy.clip_grad_norm(model, max_norm)
-    weights, opt_tensors = strategy.full_state(model, optimizer)   # collective: the single-process layout
-    strategy.load_full_state(model, optimizer, weights, opt_tensors, opt_meta)
+    strategy.save(run_dir, step, model, optimizer, ...)            # collective: writes a checkpoint
+    strategy.load_full_state(model, optimizer, checkpoint, opt_tensors, opt_meta)
     evaluated = strategy.eval_model(model, build)                  # collective: a whole model on rank 0
 
 Implementations: `Strategy` itself (one process), `DataParallel` (DDP, the default for several ranks),
 `limoe.train.expert_parallel.ExpertParallel` and `limoe.train.fsdp.Fsdp` (FSDP2, with or without expert
-parallelism). Checkpoints hold the single-process layout whatever the strategy, so a run resumes under any other.
+parallelism). Checkpoints hold the single-process layout (gathered for rank 0 to write), except FSDP's, which
+every rank writes sharded (limoe.checkpoint_sharded); a run resumes from either kind under any strategy.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from limoe import checkpoint as ckpt
+from limoe import checkpoint_sharded as sharded
 from limoe.train.distributed import World
 
 
@@ -58,10 +60,20 @@ class Strategy:
         None: the model's own `state_dict()` and the optimizer's own tensors are that layout already."""
         return None, None
 
+    def save(self, run_dir, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+             config_json: str, tokenizer, keep_last: int | None):
+        """Write checkpoint `step` (collective); returns its folder on rank 0 (None elsewhere)."""
+        weights, opt_tensors = self.full_state(model, optimizer)
+        if not self.world.main:
+            return None
+        return ckpt.save_checkpoint(run_dir, step, model, optimizer, state, config_json, tokenizer, keep_last,
+                                    weights=weights, optimizer_tensors=opt_tensors)
+
     def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint,
                         opt_tensors: dict[str, torch.Tensor], opt_meta: dict) -> None:
-        """Load a checkpoint written in the single-process layout into this rank's share."""
-        ckpt.load_weights(model, checkpoint)
+        """Load a checkpoint (either kind) into this rank's share; `opt_tensors`: what `read_state` returned."""
+        weights, opt_tensors = sharded.full_tensors(checkpoint, opt_tensors)
+        ckpt.load_weights(model, checkpoint, weights)
         ckpt.load_optimizer_state(optimizer, opt_tensors, opt_meta)
 
     def eval_model(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:

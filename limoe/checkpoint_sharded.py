@@ -1,0 +1,125 @@
+"""Sharded checkpoints: every rank writes its own shards with `torch.distributed.checkpoint` (DCP); no rank ever
+holds the whole model or optimizer state. FSDP2 runs (`dist.fsdp=true`) save this way.
+
+A sharded checkpoint is the usual folder (limoe.checkpoint) with `sharded/` (DCP's files: one per rank and a
+`.metadata`) in place of `model.safetensors` and the optimizer tensors; `optimizer.safetensors` keeps rank 0's
+RNG state. DCP keys: "model.<state-dict key>" (the single-process keys) and "optim.<parameter name>.<name>"
+(AdamW's step and moments); `state.json` lists the parameter names in the optimizer's order.
+
+Each tensor is stored with its global shape and this rank's offset, so the checkpoint loads under any layout:
+another number of ranks, with or without expert parallelism or FSDP (DCP reshards on load), and in one process,
+where `read_full` reads it into the single-process layout (`limoe eval`, `classify`, ... read it so; `export`
+writes it as a plain single-folder checkpoint). Written atomically like every checkpoint: into a `.tmp-*`
+folder that rank 0 renames into place after every rank has finished.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from limoe import checkpoint as ckpt
+
+FOLDER = "sharded"
+FILES = (f"{FOLDER}/.metadata", "optimizer.safetensors", "state.json", "config.json", "model.json",
+         "tokenizer.json")
+
+
+def is_sharded(path: str | Path) -> bool:
+    return (Path(path) / FOLDER).is_dir()
+
+
+def save(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], optimizer_params: list[str],
+         optimizer_meta: dict[str, Any], model_config, state: dict[str, Any], config_json: str, tokenizer,
+         keep_last: int | None, rank: int) -> Path:
+    """Write `step_<step>` with every rank's shards of `tensors` (DTensors, or plain tensors equal on every rank).
+    Collective; returns the folder on every rank."""
+    root = ckpt.checkpoints_dir(run_dir)
+    final = root / f"step_{step:08d}"
+    box = [None]
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        ckpt.prepare_root(root)
+        box = [tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root)]
+    dist.broadcast_object_list(box, src=0)  # every rank writes into the same folder (a shared file system)
+    tmp = Path(box[0])
+    try:
+        dcp.save(tensors, checkpoint_id=tmp / FOLDER)
+        dist.barrier()
+        if rank == 0:
+            state = dict(state, optimizer=optimizer_meta, optimizer_params=optimizer_params)
+            ckpt.write_metadata(tmp, {}, state, config_json, model_config, tokenizer)
+            ckpt.swap_in(tmp, final)
+            if keep_last:
+                ckpt.prune(run_dir, keep_last)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+    return final
+
+
+def read_full(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights, optimizer tensors "state.<idx>.<name>") of a sharded checkpoint in the single-process layout,
+    read in this process alone (no collectives)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(path) / FOLDER
+    try:
+        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+        full = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+                for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(full, checkpoint_id=folder, no_dist=True)
+    except Exception as e:  # DCP raises its own CheckpointException, or OSError, on damaged or missing files
+        raise ckpt.CheckpointError(f"{folder}: cannot read the sharded checkpoint ({str(e).splitlines()[0]})") \
+            from None
+    weights = {key[len("model."):]: value for key, value in full.items() if key.startswith("model.")}
+    order = {name: i for i, name in enumerate(ckpt.read_json(Path(path) / "state.json").get("optimizer_params", []))}
+    optimizer = {}
+    for key, value in full.items():
+        if key.startswith("optim."):
+            name, _, slot = key[len("optim."):].rpartition(".")
+            optimizer[f"state.{order[name]}.{slot}"] = value
+    return weights, optimizer
+
+
+def full_tensors(path: str | Path, optimizer_tensors: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights, optimizer and RNG tensors) of any checkpoint in the single-process layout; `optimizer_tensors`:
+    those `read_state` returned."""
+    if not is_sharded(path):
+        return ckpt.read_weights(path), optimizer_tensors
+    weights, optimizer = read_full(path)
+    return weights, {**optimizer_tensors, **optimizer}
+
+
+def export(path: str | Path, out: str | Path) -> Path:
+    """Write a sharded checkpoint as a single-folder one (model.safetensors + optimizer tensors) at `out`."""
+    from safetensors.torch import save_file
+
+    path, out = Path(path), Path(out)
+    if out.exists():
+        raise ckpt.CheckpointError(f"{out} exists: export writes a new folder")
+    weights, optimizer = read_full(path)
+    state, rng = ckpt.read_state(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+        save_file({**rng, **optimizer}, tmp / "optimizer.safetensors")
+        for name in ("state.json", "config.json", "model.json", "tokenizer.json"):
+            shutil.copyfile(path / name, tmp / name)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
