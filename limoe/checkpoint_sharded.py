@@ -1,9 +1,11 @@
 """Sharded checkpoints: every rank writes its own shards with `torch.distributed.checkpoint` (DCP); no rank ever
 holds the whole model or optimizer state. FSDP2 runs (`dist.fsdp=true`) save this way.
 
-A sharded checkpoint is the usual folder (limoe.checkpoint) with `sharded/` (DCP's files: one per rank and a
-`.metadata`) in place of `model.safetensors` and the optimizer tensors; `optimizer.safetensors` keeps rank 0's
-RNG state. DCP keys: "model.<state-dict key>" (the single-process keys) and "optim.<parameter name>.<name>"
+A sharded checkpoint is the usual folder (limoe.checkpoint) with `sharded/` in place of `model.safetensors` and
+the optimizer tensors: a safetensors file per rank holding its pieces, each file's header naming every piece's
+offset in its global tensor (DCP's safetensors storage: nothing is pickled, so reading a checkpoint never runs
+code from it, unlike DCP's default format), and `index.json`, which rank 0 writes last and which lists them.
+`optimizer.safetensors` keeps rank 0's RNG state. DCP keys: "model.<state-dict key>" (the single-process keys) and "optim.<parameter name>.<name>"
 (AdamW's step and moments); `state.json` lists the parameter names in the optimizer's order.
 
 Each tensor is stored with its global shape and this rank's offset, so the checkpoint loads under any layout:
@@ -15,6 +17,7 @@ folder that rank 0 renames into place after every rank has finished.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import warnings
@@ -24,12 +27,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from limoe import checkpoint as ckpt
 
 FOLDER = "sharded"
-FILES = (f"{FOLDER}/.metadata", "optimizer.safetensors", "state.json", "config.json", "model.json",
-         "tokenizer.json")
+INDEX = f"{FOLDER}/index.json"
+FILES = (INDEX, "optimizer.safetensors", "state.json", "config.json", "model.json", "tokenizer.json")
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -51,9 +55,11 @@ def save(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], optim
     dist.broadcast_object_list(box, src=0)  # every rank writes into the same folder (a shared file system)
     tmp = Path(box[0])
     try:
-        dcp.save(tensors, checkpoint_id=tmp / FOLDER)
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / FOLDER), save_distributed=True))
         dist.barrier()
         if rank == 0:
+            shards = sorted(f.name for f in (tmp / FOLDER).glob("*.safetensors"))
+            (tmp / INDEX).write_text(json.dumps({"format": "dcp-safetensors", "files": shards}, indent=1) + "\n")
             state = dict(state, optimizer=optimizer_meta, optimizer_params=optimizer_params)
             ckpt.write_metadata(tmp, {}, state, config_json, model_config, tokenizer)
             ckpt.swap_in(tmp, final)
@@ -74,15 +80,16 @@ def read_full(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
 
     folder = Path(path) / FOLDER
     try:
-        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+        metadata = reader(path).read_metadata()
         full = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
                 for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(full, checkpoint_id=folder, no_dist=True)
+            dcp.load(full, storage_reader=reader(path), no_dist=True)
+    except ckpt.CheckpointError:
+        raise
     except Exception as e:  # DCP raises its own CheckpointException, or OSError, on damaged or missing files
-        raise ckpt.CheckpointError(f"{folder}: cannot read the sharded checkpoint ({str(e).splitlines()[0]})") \
-            from None
+        raise ckpt.CheckpointError(f"{folder}: cannot read the sharded checkpoint ({first_line(e)})") from None
     weights = {key[len("model."):]: value for key, value in full.items() if key.startswith("model.")}
     order = {name: i for i, name in enumerate(ckpt.read_json(Path(path) / "state.json").get("optimizer_params", []))}
     optimizer = {}
@@ -91,6 +98,23 @@ def read_full(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
             name, _, slot = key[len("optim."):].rpartition(".")
             optimizer[f"state.{order[name]}.{slot}"] = value
     return weights, optimizer
+
+
+def reader(path: str | Path) -> HuggingFaceStorageReader:
+    """DCP's reader of a sharded checkpoint's shard files, after checking that the index's files are there."""
+    folder = Path(path) / FOLDER
+    files = ckpt.read_json(Path(path) / INDEX).get("files", [])
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing or not files:
+        raise ckpt.CheckpointError(f"{folder}: incomplete sharded checkpoint (missing {', '.join(missing) or 'files'})")
+    return HuggingFaceStorageReader(str(folder))
+
+
+def first_line(e: Exception) -> str:
+    """DCP's errors carry every rank's traceback: the line naming the actual error, for a one-line message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if ("Error" in line or "Exception" in line) and not line.startswith("File")]
+    return named[-1] if named else (lines[0] if lines else type(e).__name__)
 
 
 def full_tensors(path: str | Path, optimizer_tensors: dict[str, torch.Tensor]

@@ -61,3 +61,16 @@ def random_batch(config, batch: int, seed: int = 0, min_length: int = 3) -> tupl
     lengths = torch.randint(min_length, config.context_length + 1, (batch,), generator=g)
     tokens[torch.arange(config.context_length) >= lengths[:, None]] = config.pad_id
     return images, tokens
+
+
+def filled_groups(x_BTd: torch.Tensor, valid_BT: torch.Tensor | None, group_size: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The routing groups a MoE layer forms from [B, T, d] (padding examples filling the last group), flat:
+    (x_Sd, valid_S, num_groups), for the loop references."""
+    examples, tokens, dim = x_BTd.shape
+    group = group_size or examples
+    fill = -examples % group
+    x_Sd = torch.cat([x_BTd, x_BTd.new_zeros(fill, tokens, dim)]).reshape(-1, dim)
+    real = torch.ones(examples, tokens, dtype=torch.bool) if valid_BT is None else valid_BT
+    valid_S = torch.cat([real, real.new_zeros(fill, tokens)]).reshape(-1)
+    return x_Sd, valid_S, (examples + fill) // group

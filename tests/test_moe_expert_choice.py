@@ -12,6 +12,7 @@ from limoe.moe.routers.expert_choice import expert_choice
 from limoe.moe.routing import capacity
 from limoe.train.config import DistConfig
 
+from _model_synth import filled_groups
 from _train_utils import tiny_config
 
 
@@ -44,11 +45,7 @@ def test_matches_the_reference_picks_outputs_and_gradients(case, backend):
     # Reference: the groups the layer forms (padding examples filling the last one), Python loops for the picks
     # and the experts.
     group = overrides.get("group_size") or examples
-    fill = -examples % group
-    x_Sd = torch.cat([x_BTd, x_BTd.new_zeros(fill, tokens, 8)]).reshape(-1, 8)
-    real = torch.ones(examples, tokens, dtype=torch.bool) if valid_BT is None else valid_BT
-    valid_S = torch.cat([real, real.new_zeros(fill, tokens)]).reshape(-1)
-    num_groups = (examples + fill) // group
+    x_Sd, valid_S, num_groups = filled_groups(x_BTd, valid_BT, group)
     p_SE = torch.softmax(x_Sd @ layer.router.router_dE, dim=-1)
     ref = expert_choice_loop(p_SE, layer.capacity_for(group * tokens), valid_S, num_groups)
     num_tokens = examples * tokens

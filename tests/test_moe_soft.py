@@ -13,6 +13,7 @@ from limoe.moe.reference import soft_moe_loop
 from limoe.moe.routing import SoftRouting, capacity
 from limoe.train.config import DistConfig
 
+from _model_synth import filled_groups
 from _train_utils import tiny_config
 
 
@@ -49,14 +50,10 @@ def test_matches_the_reference_outputs_and_gradients(case):
     y, aux = layer(x_BTd, modality_BT, valid_BT)
 
     # Reference: the groups the layer forms (padding examples filling the last one), loops over groups and slots.
-    group = overrides.get("group_size") or examples
-    fill = -examples % group
-    x_Sd = torch.cat([x_BTd, x_BTd.new_zeros(fill, tokens, 8)]).reshape(-1, 8)
-    real = torch.ones(examples, tokens, dtype=torch.bool) if valid_BT is None else valid_BT
-    valid_S = torch.cat([real, real.new_zeros(fill, tokens)]).reshape(-1)
+    x_Sd, valid_S, num_groups = filled_groups(x_BTd, valid_BT, overrides.get("group_size"))
     router = layer.router
     y_ref = soft_moe_loop(layer.experts, x_Sd, router.router_dN, router.router_scale, valid_S,
-                          (examples + fill) // group)[:examples * tokens].view_as(y)
+                          num_groups)[:examples * tokens].view_as(y)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     assert isinstance(aux.routing, SoftRouting) and aux.routing.capacity == router.slots_per_expert
 

@@ -78,7 +78,7 @@ def test_fsdp_ep_checkpoint_resumes_under_other_layouts(one_process, tmp_path):
     assert _run(four, 4, stop_after=2) == pytest.approx(single[:2], abs=1e-5)
     checkpoint = str(Path(four.run_dir) / "checkpoints" / "step_00000002")
     # Sharded: each rank wrote its own shard file, none of them the whole model.
-    files = sorted((Path(checkpoint) / "sharded").glob("*.distcp"))
+    files = sorted((Path(checkpoint) / "sharded").glob("*.safetensors"))
     assert len(files) == 4 and not (Path(checkpoint) / "model.safetensors").exists()
     sizes = [f.stat().st_size for f in files]
     assert max(sizes) < 0.5 * sum(sizes)
@@ -109,3 +109,14 @@ def test_sharded_checkpoint_loads_in_one_process_and_exports(one_process, tmp_pa
     state, tensors = ckpt.read_state(tmp_path / "single")
     assert state["step"] == 2 and any(k.startswith("state.") for k in tensors)  # AdamW moments came along
     assert main(["export", str(tmp_path / "single"), str(tmp_path / "again")]) == 2  # not sharded: one line
+
+    # Damage is one line, as for single-folder checkpoints: a truncated shard, then a missing index.
+    shard = sorted((path / "sharded").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="cannot read the sharded checkpoint") as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+    (path / "sharded" / "index.json").unlink()
+    assert ckpt.list_checkpoints(cfg.run_dir, damaged=True) == [path]
+    with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
+        load_checkpoint(path)

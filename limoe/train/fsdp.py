@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -174,10 +173,12 @@ class Fsdp(Strategy):
                                           "exp_avg_sq": torch.zeros_like(param)}
         tensors, _ = self._global_state(model, optimizer)
         try:
-            dcp.load(tensors, checkpoint_id=Path(checkpoint) / sharded.FOLDER)
+            dcp.load(tensors, storage_reader=sharded.reader(checkpoint))
+        except ckpt.CheckpointError:
+            raise
         except Exception as e:  # DCP's CheckpointException wraps every rank's error
             raise ckpt.CheckpointError(f"{checkpoint}: cannot load the sharded checkpoint "
-                                       f"({str(e).splitlines()[0]})") from None
+                                       f"({sharded.first_line(e)})") from None
         own = model.state_dict()
         for key, value in own.items():  # DCP loads in place; copies are made only where a tensor was wrapped
             loaded = tensors[f"model.{key}"]
