@@ -106,22 +106,17 @@ class Fsdp(Strategy):
         return total
 
     def full_state(self, model, optimizer):
-        # Collective: every rank gathers in the same (sorted) order.
-        weights = {k: _full(v) for k, v in model.state_dict().items()}
+        """The whole weights, for rank 0's evaluation copy (collective); optimizer states are never gathered:
+        checkpoints are written sharded (`save`)."""
+        weights = {k: _full(v) for k, v in model.state_dict().items()}  # the same order on every rank
         if self.groups is not None:
             weights = gather_full_state_dict(model, self.groups, weights)
-        if optimizer is None:
-            return weights, None
-        tensors, _ = ckpt.optimizer_state(optimizer)
-        tensors = {k: _full(tensors[k]) for k in sorted(tensors)}
-        if self.groups is not None:
-            tensors = ep.gather_optimizer_tensors(optimizer, tensors, self.groups)
-        return weights, tensors
+        return weights, None
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def save(self, run_dir, step, model, optimizer, state, config_json, tokenizer, keep_last):
         tensors, names = self._global_state(model, optimizer)
-        meta = _optimizer_meta(optimizer)
+        meta = ckpt.optimizer_state(optimizer)[1]  # param groups and scalars; the tensors go to DCP
         path = sharded.save(run_dir, step, tensors, names, meta, model.config, state, config_json, tokenizer,
                             keep_last, self.world.rank)
         return path if self.world.main else None
@@ -195,14 +190,6 @@ class Fsdp(Strategy):
 
     def eval_model(self, model, build):
         return self._whole_copy(model, build)
-
-
-def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's param groups and non-tensor state, as `ckpt.optimizer_state` writes them (no tensors)."""
-    sd = optimizer.state_dict()
-    scalars = {f"{i}.{k}": v for i, per in sd["state"].items() for k, v in per.items()
-               if not isinstance(v, torch.Tensor)}
-    return {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
