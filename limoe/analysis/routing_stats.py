@@ -364,7 +364,8 @@ def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
     map_images, map_captions = [], []
     seen = 0
     try:
-        with recorded_moe_calls([layer for layer, _ in layers]) as calls:
+        # No graph: analysis only reads routing (and grad-tracking losses would warn at every float()).
+        with torch.no_grad(), recorded_moe_calls([layer for layer, _ in layers]) as calls:
             for images_BCHW, captions in _batches(pairs, cfg.batch_size, cfg.num_pairs):
                 tokens = tokenizer(captions)
                 ids_BL, valid_BL = tokens.ids_BL, ~tokens.padding_mask_BL
