@@ -1,6 +1,8 @@
 """`limoe train --config CONFIG` with SIGNAL sent to TARGET (main | group) from inside PHASE, for
 tests/test_train_signals.py. Phases: step (the 3rd forward), data (a loader worker, then it stalls, so the
-trainer is waiting for data), eval (the first evaluation; the config makes it periodic or final).
+trainer is waiting for data, while the other worker is still starting), eval (the first evaluation; the config
+makes it periodic or final). Two more phases send no signal: crash (the 3rd forward raises) and worker-dies (a
+loader worker is killed, as by the kernel's out-of-memory killer).
 
 usage: python _signal_driver.py SIGNAL TARGET PHASE CONFIG
 """
@@ -13,7 +15,7 @@ import time
 from torch.utils.data import get_worker_info
 
 from limoe.cli import main
-from limoe.data import stream
+from limoe.data import loader, stream
 from limoe.train import loop
 
 sig, target, phase, config = signal.Signals[sys.argv[1]], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -39,21 +41,37 @@ def once(real):
     return wrapped
 
 
-if phase == "step":
+if phase == "crash":
+    def crash(*args, **kwargs):
+        crash.calls += 1
+        if crash.calls == 3:
+            raise RuntimeError("a bug in the third step")
+        return real_losses(*args, **kwargs)
+
+    crash.calls, real_losses = 0, loop.compute_losses
+    loop.compute_losses = crash
+elif phase == "step":
     loop.compute_losses = once(loop.compute_losses)
 elif phase == "eval":
     loop.held_out = once(loop.held_out)
-elif phase == "data":
-    real_iter = stream.SampleStream.__iter__
+elif phase in ("data", "worker-dies"):
+    real_iter, real_init = stream.SampleStream.__iter__, loader.init_worker
 
     def stalling_iter(self):
         for i, item in enumerate(real_iter(self)):
             info = get_worker_info()
             if i == 2 and self.epoch == 1 and info is not None and info.id == 0:
+                if phase == "worker-dies":
+                    os.kill(os.getpid(), signal.SIGKILL)
                 send()
                 time.sleep(2)
             yield item
 
-    stream.SampleStream.__iter__ = stalling_iter
+    def slow_init(parent_pid, worker_id):  # the group's signal reaches worker 1 before it is set up
+        if worker_id == 1:
+            time.sleep(1)
+        real_init(parent_pid, worker_id)
+
+    stream.SampleStream.__iter__, loader.init_worker = stalling_iter, slow_init
 
 sys.exit(main(["train", "--config", config, "--no-progress"]))

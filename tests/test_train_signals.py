@@ -34,6 +34,19 @@ def _group_gone(pgid: int, timeout: float = 10.0) -> bool:
     return False
 
 
+def _drive(sig: str, target: str, phase: str, config) -> tuple[subprocess.Popen, str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_signal_driver.py"), sig, target, phase,
+                             str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    return proc, out, err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["step", "data", "eval", "final"])
 @pytest.mark.parametrize("target", ["main", "group"])
@@ -44,15 +57,7 @@ def test_signal_matrix(tmp_path, cache, sig, target, phase):
     cfg.eval.interval = 0 if phase == "final" else 2
     config = tmp_path / "config.json"
     config.write_text(cfg.to_json())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_signal_driver.py"), sig.name, target,
-                             "eval" if phase == "final" else phase, str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=180)
-    finally:
-        proc.kill()
+    proc, out, err = _drive(sig.name, target, "eval" if phase == "final" else phase, config)
     assert proc.returncode == 128 + sig, (out, err)
     assert "Traceback" not in err and f"{sig.name} received" in out, (out, err)
     assert _group_gone(proc.pid), "a process of the trainer's group outlived it"
@@ -61,3 +66,21 @@ def test_signal_matrix(tmp_path, cache, sig, target, phase):
     assert state["step"] == (8 if phase == "final" else 2 if phase == "eval" else state["step"]) >= 1
     cfg.eval.zero_shot = cfg.eval.retrieval = False
     assert train(cfg, resume="latest", progress=False).step == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["crash", "worker-dies"])
+def test_failure_with_streaming_workers_exits(tmp_path, cache, phase):
+    """A bug in a step ends the trainer with its traceback, and a killed loader worker with one line; neither
+    leaves the trainer waiting for its other workers (they ignore the group's SIGTERM, not their parent's)."""
+    cfg = tiny_config(tmp_path, cache, steps=8, checkpoint_interval=0)
+    cfg.data.in_memory, cfg.data.num_workers = False, 2
+    config = tmp_path / "config.json"
+    config.write_text(cfg.to_json())
+    proc, out, err = _drive("SIGTERM", "main", phase, config)
+    if phase == "crash":
+        assert proc.returncode == 1 and "RuntimeError: a bug in the third step" in err, (out, err)
+    else:
+        assert proc.returncode == 2 and "Traceback" not in err, (out, err)
+        assert "is killed by signal: Killed" in err and "lower data.num_workers" in err, err
+    assert _group_gone(proc.pid), "a process of the trainer's group outlived it"

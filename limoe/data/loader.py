@@ -6,21 +6,17 @@ number of workers, on any number of ranks, reads every sample exactly once per e
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
-import random
-import signal
-import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from limoe.data.stats import DataError
 from limoe.data.stream import SampleStream, mix_seed
+from limoe.data.workers import START_METHOD, holding_stop_signals, init_worker
 
 
 @dataclass
@@ -30,45 +26,6 @@ class LoaderConfig:
     drop_last: bool = False  # True for training (fixed batch shapes); False keeps every eval sample
     prefetch_factor: int = 2
     pin_memory: bool = False
-
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies.
-
-    A worker blocked writing a batch to a full pipe never notices that the trainer was killed (kill -9,
-    out of memory) and would live on, holding memory; the death signal ends it. The kernel sends it when
-    the parent *thread* that started the worker exits, which for a loader iterated by the training loop
-    is the main thread. Elsewhere (macOS, Windows) this does nothing: those workers are spawned and exit
-    when their pipe to the parent breaks.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # no prctl (e.g. another libc): keep the old behaviour
-        return
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed: nobody would send it
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _init_worker(parent_pid: int, worker_id: int) -> None:
-    """Each DataLoader worker: die with the parent, leave SIGINT/SIGTERM to it, and seed Python/NumPy from
-    torch's per-worker seed (itself from the loader's generator), so any user transform that uses `random` or
-    NumPy is reproducible too.
-
-    Schedulers signal the whole process group: a worker killed by it would take the trainer's data stream down
-    before the trainer could save. The trainer decides when to stop, and its workers end with it.
-    """
-    die_with_parent(parent_pid)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def useful_workers(cfg: LoaderConfig, samples_per_rank: int | None) -> int:
@@ -124,14 +81,27 @@ class StreamLoader:
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
             # Workers are re-created each epoch so they see the new epoch (and its shuffle).
             persistent_workers=False,
-            worker_init_fn=functools.partial(_init_worker, os.getpid()) if workers > 0 else None,
+            worker_init_fn=functools.partial(init_worker, os.getpid()) if workers > 0 else None,
+            multiprocessing_context=START_METHOD if workers > 0 else None,
             generator=torch.Generator().manual_seed(mix_seed(self.dataset.seed, self.epoch, 7)),
         )
 
     def __iter__(self) -> Iterator:
         self.dataset.set_epoch(self.epoch)
         self.dataset.skips.reset()
-        yield from self._dataloader()
+        with holding_stop_signals():  # the workers start here (limoe.data.workers)
+            batches = iter(self._dataloader())
+        try:
+            yield from batches
+        except RuntimeError as e:
+            cause = str(e.__cause__ or e).strip()  # torch's cause names the signal that killed the worker
+            if "DataLoader worker" not in cause:
+                raise
+            raise DataError(f"{cause} (out of memory? lower data.num_workers or data.batch_size)") from None
+        finally:
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:  # now, not when the garbage collector gets to it
+                shutdown()
         skips = self.dataset.skips.totals()
         if self.last_skips is None or skips != self.last_skips or self.dataset.skips.yielded == 0:
             self.dataset.check_pass()  # warns (or raises when nothing was usable)

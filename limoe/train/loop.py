@@ -358,6 +358,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         keep_best(metrics)
         return result
     finally:
+        data_iter.close()  # stops the loader's workers now, also when an error is on its way out
         bar.close()
         if logger is not None:
             logger.close()
