@@ -1,5 +1,5 @@
 """Sharded checkpoints: every rank writes its own shards with `torch.distributed.checkpoint` (DCP); no rank ever
-holds the whole model or optimizer state. FSDP2 runs (`dist.fsdp=true`) save this way.
+holds the whole model or optimizer state. Expert-parallel and FSDP2 runs save this way.
 
 A sharded checkpoint is the usual folder (limoe.checkpoint) with `sharded/` in place of `model.safetensors` and
 the optimizer tensors: a safetensors file per rank holding its pieces, each file's header naming every piece's

@@ -134,3 +134,50 @@ def shard_sizes(rank: int, world: int, port: int, out_dir: str, config_json: str
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def tracked_run(rank: int, world: int, port: int, config_json: str, out_dir: str) -> None:
+    """Train the config until step 2 (evaluating after each step), resume to the end, and record the shape of every
+    3-D tensor an op creates once the model is built and sharded (a DTensor: its local part): rank{r}-shapes.json,
+    with the final metrics."""
+    _init(rank, world, port)
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        from limoe.train import TrainConfig, loop, train
+
+        class Shapes(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.seen = set()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":  # meta: shapes only, no memory
+                        shape = t.to_local().shape if isinstance(t, DTensor) else t.shape
+                        if len(shape) == 3:
+                            self.seen.add(tuple(shape))
+                return out
+
+        tracker, real = Shapes(), loop.make_optimizer
+
+        def make_optimizer_then_track(*args):  # right after the model is built
+            optimizer = real(*args)
+            tracker.__enter__()
+            return optimizer
+
+        loop.make_optimizer = make_optimizer_then_track
+        cfg = TrainConfig.from_dict(json.loads(config_json))
+        for resume, stop_after in ((None, 2), ("latest", None)):
+            try:
+                result = train(cfg, resume=resume, stop_after=stop_after, progress=False)
+            finally:
+                tracker.__exit__(None, None, None)
+        with open(os.path.join(out_dir, f"rank{rank}-shapes.json"), "w") as f:
+            json.dump({"shapes": sorted(tracker.seen), "metrics": result.metrics}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

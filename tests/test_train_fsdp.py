@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from limoe.train import train
 from limoe.train.config import apply_overrides
 
-from _train_ddp_worker import train_loop_ep
+from _train_ddp_worker import tracked_run, train_loop_ep
 from _train_utils import tiny_config
 
 STEPS = 4
@@ -120,3 +120,42 @@ def test_sharded_checkpoint_loads_in_one_process_and_exports(one_process, tmp_pa
     assert ckpt.list_checkpoints(cfg.run_dir, damaged=True) == [path]
     with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("sets", [("dist.expert_parallel=2",), ("dist.fsdp=true", "dist.expert_parallel=2")],
+                         ids=["ep2", "fsdp-ep2"])
+def test_sharded_runs_never_hold_a_whole_expert_tensor(one_process, tmp_path, sets):
+    # Once the model is sharded, training, evaluating (every rank on its shard), saving (every rank its shard) and
+    # resuming never create a whole [E, d, h] expert tensor on any rank, as gathering them would. The evaluation
+    # gives the one-process metrics.
+    root, _ = one_process
+    cfg = _config(tmp_path / "run", root / "cache", *sets, "eval.interval=1", steps=3)
+    cfg.eval.zero_shot = cfg.eval.retrieval = True
+    mp.spawn(tracked_run, args=(2, _free_port(), cfg.to_json(), str(tmp_path)), nprocs=2, join=True)
+    model = cfg.model_config()
+    experts, d, h = model.moe_config().num_experts, model.width, model.mlp_dim
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}-shapes.json").read_text())
+        shapes = {tuple(s) for s in record["shapes"]}
+        assert (experts // 2, d, h) in shapes  # the tracker sees this rank's experts at work
+        assert not shapes & {(experts, d, h), (experts, h, d)}, f"rank {rank} held whole expert tensors"
+    one = _config(tmp_path / "one", root / "cache", "eval.interval=1", steps=3)
+    one.eval.zero_shot = one.eval.retrieval = True
+    held_out = lambda metrics: {k: v for k, v in metrics.items() if not k.startswith("train/")}  # not rank 0's
+    single = held_out(train(one, progress=False).metrics)
+    metrics = held_out(json.loads((tmp_path / "rank0-shapes.json").read_text())["metrics"])
+    assert "zero_shot/top1" in single and metrics == pytest.approx(single, abs=1e-6)
+
+
+def test_single_folder_checkpoint_resumes_sharded(one_process, tmp_path):
+    # A one-process run's checkpoint (model.safetensors) continues under EP 2 and under FSDP + EP 2: each rank takes
+    # its share of the weights and AdamW moments, and the losses go on as the one-process run's.
+    root, single = one_process
+    first = _config(tmp_path / "first", root / "cache")
+    assert train(first, stop_after=2, progress=False).losses == pytest.approx(single[:2], abs=1e-6)
+    checkpoint = Path(first.run_dir) / "checkpoints" / "step_00000002"
+    assert (checkpoint / "model.safetensors").exists()
+    for name, sets in [("ep", ("dist.expert_parallel=2",)), ("fsdp-ep", ("dist.fsdp=true", "dist.expert_parallel=2"))]:
+        cfg = _config(tmp_path / name, root / "cache", *sets)
+        cfg.run_dir = first.run_dir
+        assert _run(cfg, 2, resume=str(checkpoint)) == pytest.approx(single[2:], abs=1e-5), name

@@ -1,9 +1,8 @@
 """Expert parallelism in the training loop (the `ExpertParallel` strategy): swap MoE layers for EP shards, reduce
-and clip gradients, and move model / optimizer state between EP shards and the single-process layout that
-checkpoints use.
+and clip gradients.
 
-Checkpoints always hold the single-process layout (full expert tensors, and full AdamW moments for them), so a
-run can resume with any expert-parallel size, and `limoe.load_checkpoint` loads it in one process.
+Checkpoints are sharded (limoe.train.sharded): each rank writes its experts as a shard of the global [E, ...]
+tensors, so a run resumes under any layout and `limoe.load_checkpoint` loads it in one process.
 """
 
 from __future__ import annotations
@@ -14,26 +13,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from limoe import checkpoint as ckpt
-from limoe import checkpoint_sharded as sharded
+from torch.distributed.tensor import Replicate, Shard
+
 from limoe.distributed import (ExpertParallelGroups, allreduce_gradients, device_mesh, expert_parallel_groups,
                                is_expert_parameter)
 from limoe.moe.layer import MoeMlp
-from limoe.moe.parallel import ExpertParallelMoeMlp, expert_state_keys, gather_full_state_dict, shard_state_dict
-from limoe.train.strategy import Strategy
+from limoe.moe.parallel import ExpertParallelMoeMlp, expert_state_keys, shard_state_dict
+from limoe.train.sharded import ShardedStrategy
 
 
-class ExpertParallel(Strategy):
+class ExpertParallel(ShardedStrategy):
     """Experts split over groups of `ep_size` ranks, everything else replicated: gradients are reduced after the
     backward (`allreduce_gradients`, expert ones only over the ranks holding the same experts)."""
 
-    def __init__(self, world, device: torch.device, ep_size: int, num_experts: int):
-        super().__init__(world, device)
-        self.ep_size, self.num_experts = ep_size, num_experts
-        self.groups: ExpertParallelGroups | None = None
-
     def shard(self, model: nn.Module) -> None:
-        self.groups = shard_model(model, self.ep_size, self.num_experts, device_mesh(self.ep_size, self.device.type))
+        mesh = device_mesh(self.ep_size, self.device.type)
+        self._set_expert_mesh(mesh)
+        self.groups = shard_model(model, self.ep_size, self.num_experts, mesh)
+
+    def expert_placements(self):
+        return [Shard(0), Replicate()]  # split over the EP ranks, the same on every "expert_dp" rank
 
     def reduce_gradients(self, model: nn.Module) -> None:
         allreduce_gradients(model, self.groups)
@@ -41,31 +40,13 @@ class ExpertParallel(Strategy):
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return torch.tensor(clip_grad_norm(model, max_norm, self.groups), device=self.device)
 
-    def full_state(self, model, optimizer):
-        weights = gather_full_state_dict(model, self.groups)
-        if optimizer is None:
-            return weights, None
-        return weights, gather_optimizer_tensors(optimizer, ckpt.optimizer_state(optimizer)[0], self.groups)
-
-    def load_full_state(self, model, optimizer, checkpoint, opt_tensors, opt_meta) -> None:
-        full, opt_tensors = sharded.full_tensors(checkpoint, opt_tensors)
-        weights = shard_state_dict(full, expert_state_keys(model), self.groups.ep_rank, self.groups.ep_size)
-        ckpt.load_weights(model, checkpoint, weights)
-        ckpt.load_optimizer_state(optimizer, shard_optimizer_tensors(optimizer, opt_tensors, self.groups), opt_meta)
-
-    def eval_model(self, model, build):
-        # An EP layer needs its whole EP group, but only rank 0 evaluates: it evaluates a single-process copy.
-        return self._whole_copy(model, build)
-
 
 def shard_model(model: nn.Module, ep_size: int, num_experts: int, mesh=None) -> ExpertParallelGroups:
     """Create the EP groups (of `mesh`; collective) and replace every `MoeMlp` of `model` by this rank's EP shard of it.
 
-    The full model is built first on every rank (same seed, so all ranks agree) and each layer is sliced with
-    `shard_state_dict`: simple, and cheap at the sizes that train on one machine. For models whose experts do
-    not fit on one device, construct `ExpertParallelMoeMlp` layers directly and load a checkpoint into them.
-    The global RNG streams are left as they were, so data and router noise draw the same numbers as a
-    data-parallel run with the same seed.
+    A model on the meta device (the training loop's, limoe.train.materialise) gets meta shards, filled later;
+    a real model's layers are sliced with `shard_state_dict`. The global RNG streams are left as they were, so
+    data and router noise draw the same numbers as a data-parallel run with the same seed.
     """
     groups = expert_parallel_groups(ep_size, num_experts, mesh)
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
@@ -73,9 +54,10 @@ def shard_model(model: nn.Module, ep_size: int, num_experts: int, mesh=None) -> 
     cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):
         for parent, name, layer in targets:
-            shard = ExpertParallelMoeMlp(layer.config, groups)
             param = next(layer.parameters())
-            shard.to(device=param.device, dtype=param.dtype)
+            with torch.device(param.device):
+                shard = ExpertParallelMoeMlp(layer.config, groups)
+            shard.to(dtype=param.dtype)
             shard.load_state_dict(shard_state_dict(layer.state_dict(), expert_state_keys(layer), groups.ep_rank,
                                                    groups.ep_size))
             shard.train(layer.training)
@@ -100,43 +82,3 @@ def clip_grad_norm(model: nn.Module, max_norm: float, groups: ExpertParallelGrou
         for g in grads:
             g.mul_(coef)
     return total
-
-
-def _expert_indices(optimizer: torch.optim.Optimizer) -> set[int]:
-    """Indices (as in `optimizer.state_dict()`) of the expert-sharded parameters."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return {i for i, p in enumerate(params) if is_expert_parameter(p)}
-
-
-def _is_shard(name: str, value: torch.Tensor) -> bool:
-    return name != "step" and value.dim() >= 1
-
-
-def gather_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                             groups: ExpertParallelGroups) -> dict[str, torch.Tensor]:
-    """Optimizer tensors ("state.<idx>.<name>") with expert shards all-gathered into full tensors. Collective."""
-    expert = _expert_indices(optimizer)
-    out = dict(tensors)
-    for key in sorted(tensors):  # the same order on every rank
-        _, idx, name = key.split(".", 2)
-        if int(idx) in expert and _is_shard(name, tensors[key]):
-            shard = tensors[key].contiguous()
-            parts = [torch.empty_like(shard) for _ in range(groups.ep_size)]
-            dist.all_gather(parts, shard, group=groups.ep_group)
-            out[key] = torch.cat(parts)
-    return out
-
-
-def shard_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                            groups: ExpertParallelGroups) -> dict[str, torch.Tensor]:
-    """The inverse of `gather_optimizer_tensors`: this rank's slice of full expert moments."""
-    expert = _expert_indices(optimizer)
-    out = dict(tensors)
-    for key, value in tensors.items():
-        if not key.startswith("state."):
-            continue
-        _, idx, name = key.split(".", 2)
-        if int(idx) in expert and _is_shard(name, value):
-            per_rank = value.shape[0] // groups.ep_size
-            out[key] = value[groups.ep_rank * per_rank:(groups.ep_rank + 1) * per_rank]
-    return out

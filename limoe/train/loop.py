@@ -15,7 +15,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +29,7 @@ from limoe.train.config import TrainConfig
 from limoe.train.data import DataPosition, eval_sets, make_batches, make_tokenizer
 from limoe.train.evaluation import held_out
 from limoe.train.logger import MetricsLogger, results_table, selection_score
+from limoe.train.materialise import build_for
 from limoe.train.optim import lr_at, make_optimizer, set_lr
 from limoe.train.signals import Interrupted, Signals
 from limoe.train.strategy import make_strategy
@@ -176,19 +176,16 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         distributed.barrier(world)
         tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
 
-    from limoe.model.registry import build_model
-
     model_cfg = cfg.model_config()
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{model_cfg.vocab_size} (data.vocab_size)")
-    model = build_model(model_cfg).to(device)
-    model.set_activation_checkpointing(cfg.activation_checkpointing)
     strategy = make_strategy(cfg, world, device)
-    strategy.shard(model)
+    model = build_for(strategy, model_cfg, device)  # no rank ever holds more than its share and one block
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
     optimizer = make_optimizer(model, cfg.optim)
     step, position, rng = 0, DataPosition(), None
-    if start_path is not None:  # checkpoints hold the single-process layout: the strategy takes this rank's share
+    if start_path is not None:  # either kind of checkpoint: the strategy takes this rank's share
         state, tensors = ckpt.read_state(start_path)
         strategy.load_full_state(model, optimizer, start_path, tensors, state["optimizer"])
         step, position = state["step"], DataPosition(**state["data"]["0"])
@@ -199,7 +196,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
     runner = strategy.runner(model, cfg.compile)
 
     batches = make_batches(cfg, tokenizer, world.rank, world.size, position)
-    zero_shot_set, retrieval_set = eval_sets(cfg) if world.main else (None, None)
+    zero_shot_set, retrieval_set = eval_sets(cfg) if world.main or strategy.collective_eval else (None, None)
     # Records after the resumed step are replayed: the file keeps them once.
     resumed_at = step if start_path else None
     logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at) if world.main else None
@@ -229,7 +226,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
 
     def keep_best(metrics: dict[str, float] | None) -> None:
         """Save this step and make it checkpoints/best when its held-out score beats every earlier one's
-        (collective: only rank 0 evaluates, and saving takes every rank)."""
+        (collective: saving takes every rank)."""
         nonlocal best_score
         score = selection_score(metrics) if metrics else None
         if distributed.any_flag(score is not None and (best_score is None or score > best_score), world, device):
@@ -241,17 +238,20 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
     signals = Signals()
 
     def evaluate_now() -> dict[str, float] | None:
-        """Held-out metrics on rank 0 ({} on the others); None when a signal interrupted the evaluation."""
-        evaluated = strategy.eval_model(model, lambda: build_model(model_cfg))  # collective
-        if not world.main:
+        """Held-out metrics on rank 0 ({} on the others); None when a signal interrupted the evaluation. When the
+        ranks evaluate together, a signal waits for the end: one rank stopping half-way would stall the others."""
+        if not (world.main or strategy.collective_eval):
             return {}
+        stoppable = contextlib.nullcontext() if strategy.collective_eval else signals.interruptible()
         try:
-            with signals.interruptible():
-                metrics, chance = held_out(evaluated, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
+            with stoppable:
+                metrics, chance = held_out(model, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
         except Interrupted:
             return None
         except NonFiniteEmbeddings as e:
             raise TrainingError(f"evaluation at step {step}: {e}") from None
+        if not world.main:
+            return {}
         result.chance.update(chance)
         logger.log("eval", step, metrics)
         return metrics

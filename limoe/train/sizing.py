@@ -67,14 +67,6 @@ class Estimate:
     def total_gib(self) -> float:
         return self.states_gib + self.activation_bytes / GIB
 
-    @property
-    def save_gib(self) -> float:
-        """Peak at a checkpoint save: FSDP writes every rank's shards as they are; expert parallelism without FSDP
-        gathers every expert's weights and AdamW moments on every rank (12 bytes per expert parameter) to write
-        the single-process layout; one process and DDP write the tensors they hold."""
-        gathered = self.expert_params * 12 if self.layout.expert_parallel > 1 and not self.layout.fsdp else 0
-        return self.states_gib + gathered / GIB
-
 
 def parameter_split(model: torch.nn.Module) -> tuple[int, int]:
     """(expert parameters, all other parameters) of a model, e.g. one built on the meta device."""
@@ -144,8 +136,8 @@ def estimate(model: str | ModelConfig, layout: Layout, batch_per_rank: int, chec
 def table(estimates: list[Estimate], budget_gib: float | None = None) -> str:
     """A markdown table of estimates, one row each."""
     head = ("| model | layout | batch / rank | params / rank | weights+grads+AdamW GiB | activations GiB | "
-            "training GiB | at a checkpoint save GiB |")
-    rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+            "training GiB |")
+    rows = [head, "|---|---|---:|---:|---:|---:|---:|"]
 
     def fits(gib: float) -> str:
         return "" if budget_gib is None else (" (fits)" if gib <= budget_gib else " (too big)")
@@ -153,8 +145,7 @@ def table(estimates: list[Estimate], budget_gib: float | None = None) -> str:
     for e in estimates:
         layout = f"{e.layout}, recompute" if e.recompute else str(e.layout)
         rows.append(f"| {e.model} | {layout} | {e.batch_per_rank} | {e.params / 1e9:.2f} B | {e.states_gib:.1f} | "
-                    f"{e.activation_bytes / GIB:.1f} | {e.total_gib:.1f}{fits(e.total_gib)} | "
-                    f"{e.save_gib:.1f}{fits(e.save_gib)} |")
+                    f"{e.activation_bytes / GIB:.1f} | {e.total_gib:.1f}{fits(e.total_gib)} |")
     return "\n".join(rows)
 
 

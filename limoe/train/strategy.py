@@ -1,7 +1,8 @@
 """How the ranks of a run hold and train the model: one `Strategy` the training loop calls, whatever the layout.
 
     strategy = make_strategy(cfg, world, device)
-    strategy.shard(model)                       # before the optimizer exists: swap or wrap the parameters
+    strategy.shard(model)                       # on the meta device: swap or wrap the parameters
+    strategy.load_part(block, full_state)       # fill this rank's share (limoe.train.materialise)
     runner = strategy.runner(model, compile)    # what the forward pass calls
     with strategy.accumulating(runner, last):   # a micro-batch's backward; gradients sync on the last
         ...backward()
@@ -9,18 +10,18 @@
     norm = strategy.clip_grad_norm(model, max_norm)
     strategy.save(run_dir, step, model, optimizer, ...)            # collective: writes a checkpoint
     strategy.load_full_state(model, optimizer, checkpoint, opt_tensors, opt_meta)
-    evaluated = strategy.eval_model(model, build)                  # collective: a whole model on rank 0
+    if world.main or strategy.collective_eval: evaluate(model)     # who evaluates
 
-Implementations: `Strategy` itself (one process), `DataParallel` (DDP, the default for several ranks),
-`limoe.train.expert_parallel.ExpertParallel` and `limoe.train.fsdp.Fsdp` (FSDP2, with or without expert
-parallelism). Checkpoints hold the single-process layout (gathered for rank 0 to write), except FSDP's, which
-every rank writes sharded (limoe.checkpoint_sharded); a run resumes from either kind under any strategy.
+Implementations: `Strategy` itself (one process), `DataParallel` (DDP, the default for several ranks), and the
+strategies whose ranks hold parts of the model (limoe.train.sharded): `limoe.train.expert_parallel.ExpertParallel`
+and `limoe.train.fsdp.Fsdp` (FSDP2, with or without expert parallelism). The first two write checkpoints in the
+single-process layout from rank 0; the sharded ones have every rank write its shards (limoe.checkpoint_sharded)
+and evaluate together. A run resumes from either kind of checkpoint under any strategy.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
 from torch import nn
@@ -33,12 +34,22 @@ from limoe.train.distributed import World
 class Strategy:
     """One process: the model as built, gradients as the backward left them."""
 
+    # False: rank 0 evaluates the model alone. True: every rank must run the evaluation (its layers' collectives
+    # need all of them), on the same data.
+    collective_eval = False
+
     def __init__(self, world: World, device: torch.device):
         self.world, self.device = world, device
-        self._eval_copy: nn.Module | None = None
 
     def shard(self, model: nn.Module) -> None:
         """Give this rank its share of `model`'s parameters (in place; the optimizer is built after)."""
+
+    def load_part(self, module: nn.Module, full: dict[str, torch.Tensor]) -> None:
+        """Copy single-process values `full` (some keys of `module.state_dict()`) into this rank's share of
+        `module`, a part of the model `shard` has shared out."""
+        own = module.state_dict()
+        for key, value in full.items():
+            own[key].copy_(value)
 
     def runner(self, model: nn.Module, compile: bool) -> nn.Module:
         return torch.compile(model) if compile else model
@@ -54,20 +65,12 @@ class Strategy:
         """Clip the global gradient norm (of the whole, unsharded model); returns it before clipping."""
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
-                   ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-        """Weights and optimizer tensors in the single-process layout, for rank 0 to write (collective).
-        None: the model's own `state_dict()` and the optimizer's own tensors are that layout already."""
-        return None, None
-
     def save(self, run_dir, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
              config_json: str, tokenizer, keep_last: int | None):
         """Write checkpoint `step` (collective); returns its folder on rank 0 (None elsewhere)."""
-        weights, opt_tensors = self.full_state(model, optimizer)
         if not self.world.main:
             return None
-        return ckpt.save_checkpoint(run_dir, step, model, optimizer, state, config_json, tokenizer, keep_last,
-                                    weights=weights, optimizer_tensors=opt_tensors)
+        return ckpt.save_checkpoint(run_dir, step, model, optimizer, state, config_json, tokenizer, keep_last)
 
     def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint,
                         opt_tensors: dict[str, torch.Tensor], opt_meta: dict) -> None:
@@ -75,24 +78,6 @@ class Strategy:
         weights, opt_tensors = sharded.full_tensors(checkpoint, opt_tensors)
         ckpt.load_weights(model, checkpoint, weights)
         ckpt.load_optimizer_state(optimizer, opt_tensors, opt_meta)
-
-    def eval_model(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
-        """A whole model for rank 0 to evaluate (None on the other ranks). Collective."""
-        return model
-
-    # -- for strategies whose ranks hold parts of the model ---------------------------------------------------
-    def _whole_copy(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
-        """Rank 0's single-process copy of a sharded model, loaded with the gathered weights (collective). Built
-        once, without touching the training RNG streams."""
-        weights, _ = self.full_state(model, None)
-        if not self.world.main:
-            return None
-        if self._eval_copy is None:
-            cuda = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
-                self._eval_copy = build().to(self.device)
-        self._eval_copy.load_state_dict(weights)
-        return self._eval_copy
 
 
 class DataParallel(Strategy):
