@@ -12,7 +12,6 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-
 from torch.distributed.tensor import Replicate, Shard
 
 from limoe.distributed import (ExpertParallelGroups, allreduce_gradients, device_mesh, expert_parallel_groups,

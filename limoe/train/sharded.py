@@ -25,6 +25,9 @@ from limoe.train.strategy import Strategy
 
 
 class ShardedStrategy(Strategy):
+    """The base of `ExpertParallel` and `Fsdp`: their checkpoints, their share of single-process tensors, and
+    evaluation by every rank."""
+
     collective_eval = True
 
     def __init__(self, world, device: torch.device, ep_size: int, num_experts: int):
