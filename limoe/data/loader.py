@@ -94,7 +94,7 @@ class StreamLoader:
         try:
             yield from batches
         except RuntimeError as e:
-            cause = str(e.__cause__ or e).strip()  # torch's cause names the signal that killed the worker
+            cause = str(e.__cause__ or e).strip().rstrip(".")  # torch's cause names the signal that killed it
             if "DataLoader worker" not in cause:
                 raise
             raise DataError(f"{cause} (out of memory? lower data.num_workers or data.batch_size)") from None

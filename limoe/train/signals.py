@@ -1,7 +1,7 @@
 """SIGINT/SIGTERM during training: the loop finishes its step, saves and exits; an evaluation stops at once.
 
 Schedulers (Slurm and most others) send SIGTERM to the whole process group before they kill it; loader workers
-ignore these signals (limoe.data.loader), so the trainer alone decides when to stop.
+ignore these signals (limoe.data.workers), so the trainer alone decides when to stop.
 """
 
 from __future__ import annotations
