@@ -42,6 +42,9 @@ def _drive(sig: str, target: str, phase: str, config) -> tuple[subprocess.Popen,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:  # a hang: take its whole group down, so nothing outlives the test run
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     finally:
         proc.kill()
     return proc, out, err

@@ -1,5 +1,5 @@
 """A run's model, built without the whole of it on any rank: the structure on the meta device, shared out by the
-strategy, allocated shard by shard on the device, then filled by replaying `build_model` on the CPU.
+strategy, allocated shard by shard on the device, then filled by replaying `build_model` in host memory.
 
 The replay is the same constructor with the same global RNG, so it draws the same numbers in the same order and
 every layout starts from exactly the weights one process builds with the same seed. It never holds more than the
