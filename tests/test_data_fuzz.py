@@ -436,9 +436,10 @@ def test_skip_counts_are_live_mid_epoch_with_workers(tmp_path):
     assert batches.skip_counts()["missing_file"] >= 16
     while batches.position.epoch == 1:
         next(it)
-    # Epochs 0 and 1 are over (each bad row once per pass) and epoch 2 is under way.
-    live = batches.dataset.skips.totals().get("missing_file", 0)
-    assert live > 0 and batches.skip_counts() == {"missing_file": 32 + live}
+    # Epochs 0 and 1 are over (each bad row once per pass: 32) and epoch 2 is under way, its workers still
+    # counting: one read (two reads could straddle a worker's update) holds both passes and a live part.
+    counts = batches.skip_counts()
+    assert set(counts) == {"missing_file"} and 32 < counts["missing_file"] <= 32 + 16
     assert set(REASONS) >= set(batches.skip_counts())
 
 
