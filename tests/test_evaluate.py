@@ -1,5 +1,7 @@
 """Evaluation metrics on hand-made embeddings with known answers, and the streaming glue on real models."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +153,37 @@ def test_non_finite_embeddings_are_refused_not_scored():
         retrieval_from_embeddings(broken, z_ND, torch.arange(4))  # NaN ties would count as hits: R@1 100%
     with pytest.raises(NonFiniteEmbeddings):
         zero_shot_from_embeddings([(broken, torch.arange(4))], z_ND)
+
+
+def test_contrastive_loss_on_fixed_batches_golden_case():
+    # Five pairs of orthogonal unit embeddings, batches of two: every batch's logits are [[s, 0], [0, s]], so each
+    # cross-entropy (over rows and over columns) is log(1 + e^-s); the fifth pair is the remainder, left out.
+    s = 3.0
+    z_ND = torch.eye(5)
+    loss = ev.contrastive_loss_from_embeddings(z_ND, z_ND.clone(), s, batch_size=2, seed=0)
+    assert loss == pytest.approx(math.log1p(math.exp(-s)), abs=1e-6)
+    # Fewer pairs than a batch: one batch of all of them (logits 3x3: log(1 + 2 e^-s)).
+    assert ev.contrastive_loss_from_embeddings(z_ND[:3], z_ND[:3], s, batch_size=8) == pytest.approx(
+        math.log1p(2 * math.exp(-s)), abs=1e-6)
+    # The batches are a fixed shuffle, not the global generator's: another global seed gives the same number.
+    g = torch.Generator().manual_seed(1)
+    image_ND = F.normalize(torch.randn(9, 4, generator=g), dim=-1)
+    text_ND = F.normalize(torch.randn(9, 4, generator=g), dim=-1)
+    torch.manual_seed(0)
+    first = ev.contrastive_loss_from_embeddings(image_ND, text_ND, s, batch_size=4)
+    torch.manual_seed(123)
+    assert ev.contrastive_loss_from_embeddings(image_ND, text_ND, s, batch_size=4) == first
+
+
+def test_contrastive_loss_matches_the_training_loss_on_one_batch():
+    from limoe.losses import clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    image_ND = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    text_ND = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(7))
+    want = clip_loss(image_ND[order], text_ND[order], torch.tensor(4.0))
+    assert ev.contrastive_loss_from_embeddings(image_ND, text_ND, 4.0, batch_size=6, seed=7) == pytest.approx(
+        float(want), rel=1e-6)
+    with pytest.raises(ValueError, match="one text per image"):
+        ev.contrastive_loss_from_embeddings(image_ND, text_ND[:5], 4.0)

@@ -89,7 +89,7 @@ def test_analytic_flops_match_a_flop_counter(name, monkeypatch):
 
     # Capacity exactly S*K/E slots per expert, so the expert batched matmuls do no empty-slot work; one pair per
     # routing group, so no padding example fills a group.
-    model = limoe.create_model(name, capacity_factor=1.0, group_size=1).eval()
+    model = limoe.create_model(name, capacity_factor=1.0, eval_capacity_factor=1.0, group_size=1).eval()
     c = model.config
     batch = 1  # the MAP probe projection is computed once per batch; one example makes it per pair
     monkeypatch.setattr(F, "scaled_dot_product_attention", _math_sdpa)

@@ -162,9 +162,9 @@ def test_slots_default_to_the_top1_capacity_of_a_training_group():
     base = get_config("limoe-tiny")
     joint = get_config("limoe-tiny", router="soft").moe_config()
     tokens = 8 * (base.num_patches + base.context_length)  # a group of 8 pairs: 16 patches + 16 positions each
-    assert joint.slots_per_expert == capacity(tokens, joint.num_experts, 1, 1.0) == 64
+    assert joint.num_experts == 8 and joint.slots_per_expert == capacity(tokens, 8, 1, 1.0) == 32  # 256 / 8
     split = get_config("limoe-tiny", router="soft", routing_groups="per_modality").moe_config()
-    assert split.slots_per_expert == capacity(8 * 16, 4, 1, 1.0) == 32
+    assert split.slots_per_expert == capacity(8 * 16, 8, 1, 1.0) == 16
     assert get_config("limoe-tiny", router="soft", slots_per_expert=5).moe_config().slots_per_expert == 5
 
 
@@ -220,7 +220,7 @@ def test_trains_resumes_and_evaluates(soft_run):
     assert json.loads((tmp / "run" / "config.json").read_text())["moe"]["router"] == "soft"
     model, _, _ = limoe.load_checkpoint(str(tmp / "run"))
     router = model.encoder.blocks[1].mlp.router
-    assert router.slots_per_expert == 64 and router.router_scale.item() != 1.0  # trained, saved and loaded
+    assert router.slots_per_expert == 32 and router.router_scale.item() != 1.0  # trained, saved and loaded
     metrics = evaluate_checkpoint(str(tmp / "run"))
     assert 0.0 <= metrics["zero_shot/top1"] <= 1.0
 

@@ -137,7 +137,7 @@ def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path, monkeypatc
     assert "disk full" in (tmp_path / "runs" / jobs[0].name / "error.log").read_text()
     assert results[1]["job"] == jobs[1].name and "error" not in results[1]
     assert "FAILED RuntimeError: disk full" in lines[0]
-    assert "zero-shot top-1 50.00%, 10-shot probe nan%" in lines[1]
+    assert "held-out top-1 50.00%, 10-shot probe nan%" in lines[1]
 
 
 def test_a_run_folder_of_another_configuration_is_refused(tmp_path):
@@ -204,6 +204,7 @@ def test_smoke_reproduction_writes_table_plots_and_report(smoke):
     for png in ("accuracy_vs_compute.png", "routing_success.png", "expert_specialisation.png"):
         assert (out / png).stat().st_size > 1000, png
     assert (out / "analysis" / "index.html").is_file()
+    assert "min / run (training / in all)" in md
 
 
 @pytest.mark.slow
@@ -212,6 +213,7 @@ def test_smoke_results_are_consistent(smoke):
     for r in summary["runs"]:
         assert r["train_flops"] == 3 * get_model_info(_config_of(r).model_config()).flops_per_pair * r["batch_size"] \
             * r["steps"]
+        assert r["run_seconds"] > r["train_seconds"] > 0  # a run's time counts its evaluation too
         m = r["metrics"]
         assert 0 <= m["zero_shot/top1"] <= m["zero_shot/top5"] <= 1
         assert 0 < m["linear_probe/10shot_balanced"] < 1 and 0 < m["linear_probe/10shot"] < 1
@@ -219,9 +221,13 @@ def test_smoke_results_are_consistent(smoke):
             for modality in ("image", "text"):
                 assert 0 <= r["train_routing_success"][modality] <= 1
                 assert 0 <= r["eval_routing"]["routing_success"][modality] <= 1
-                assert 1 <= r["eval_routing"]["effective_experts"][modality] <= 4 + 1e-9
+                experts = _config_of(r).model_config().moe_config().num_experts
+                assert 1 <= r["eval_routing"]["effective_experts"][modality] <= experts + 1e-9
             for layer in r["eval_routing"]["layers"]:
-                assert all(0 <= s <= 1 for s in layer["image_share"])
+                # An expert that got no token has no share (NaN; null in the JSON): with 8 experts and 4 tiny
+                # steps Soft MoE can leave one unused.
+                assert all(s is None or math.isnan(s) or 0 <= s <= 1 for s in layer["image_share"])
+                assert sum(s is not None and not math.isnan(s) for s in layer["image_share"]) >= 4
         else:
             assert "train_routing_success" not in r
 

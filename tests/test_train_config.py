@@ -45,7 +45,7 @@ def test_bad_overrides_name_the_key(item, message):
     ("data.source=csv", "needs data.train"),
     ("moe.capacity_factor=-1", "moe.capacity_factor must be > 0"),
     ("moe.expert_backend=triton", "moe.expert_backend must be one of"),
-    ("moe.k=5", "invalid model config: k must be in"),
+    ("moe.k=9", "invalid model config: moe.k must be in"),  # limoe-tiny has 8 experts
     ("optim.accumulation=3", "divisible by optim.accumulation"),
 ])
 def test_invalid_values_are_caught_by_validate(item, message):

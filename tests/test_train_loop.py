@@ -59,7 +59,8 @@ def test_metrics_file_logs_every_loss_term_and_routing(tmp_path, cache):
     final = [m for m in lines if m["kind"] == "final"][0]
     for key in ("zero_shot/top1", "zero_shot/top5", "retrieval/image_to_text/R@1", "train/routing_success/text"):
         assert 0.0 <= final[key] <= 1.0
-    assert "zero-shot top-1" in result.table() and "routing success text" in result.table()
+    assert "held-out concepts top-1" in result.table() and "routing success text" in result.table()
+    assert "held-out contrastive loss" in result.table()
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["steps"] == 4 and saved["model"] == "limoe-tiny"
     assert len(ckpt.list_checkpoints(tmp_path / "run")) == 2  # keep_last=2 of steps 3 and 4

@@ -165,10 +165,11 @@ class SampleStream(IterableDataset):
             self.skips.ok()
             yield target
 
-    def collect(self) -> list[tuple[torch.Tensor, Any]]:
-        """Whole pass in this process as a list (small eval sets, tests); warns/raises like a loader."""
+    def collect(self, convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[tuple[torch.Tensor, Any]]:
+        """Whole pass in this process as a list (small eval sets, tests, in-memory data); warns/raises like a
+        loader. `convert` maps each image as it is decoded (e.g. to uint8: the float images are never all held)."""
         self.skips.reset()
-        items = list(self)
+        items = [(convert(image), target) for image, target in self] if convert else list(self)
         self.check_pass()
         return items
 

@@ -9,6 +9,7 @@ See plan.py for what is trained, runner.py for how, report.py for what is writte
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import time
@@ -17,19 +18,21 @@ from typing import Any, Callable
 
 from limoe.reproduce.metrics import PROBE_DRAWS, PROBE_SHOTS, held_out_routing
 from limoe.reproduce.plan import SCALES, VARIANT_NAMES, VARIANTS, Job, Scale, plan_jobs
-from limoe.reproduce.report import (SPECIALIST_SHARE, markdown_table, plot_accuracy_vs_compute, plot_routing_success,
-                                    routing_table, style_table, summary_rows, sweep_table)
+from limoe.reproduce.report import (SEEN, SPECIALIST_SHARE, ZERO_SHOT, markdown_table, plot_accuracy_vs_compute,
+                                    plot_routing_success, routing_table, style_table, summary_rows, sweep_table)
 from limoe.reproduce.runner import run_jobs, write_json
 
 __all__ = ["SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
 
 
 def _best_limoe(results: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The first-seed run of the LIMoE variant with the best mean zero-shot top-1 at the base size."""
+    """The first-seed run of the LIMoE variant with the best mean seen-concept top-1 (without one, held-out-concept
+    top-1) at the base size."""
     rows = [r for r in summary_rows(results) if r["variant"].startswith("limoe")]
     if not rows:
         return None
-    best = max(rows, key=lambda r: r["zero-shot top-1 %"][0])
+    key = SEEN if any(not math.isnan(r[SEEN][0]) for r in rows) else ZERO_SHOT
+    best = max(rows, key=lambda r: -math.inf if math.isnan(r[key][0]) else r[key][0])
     runs = [r for r in results if r.get("variant") == best["variant"] and r.get("size") == "base"]
     return min(runs, key=lambda r: r["seed"])
 
@@ -37,12 +40,16 @@ def _best_limoe(results: list[dict[str, Any]]) -> dict[str, Any] | None:
 def _specialisation(best: dict[str, Any], out_dir: Path) -> Path:
     """The routing report (HTML + PNGs) of the best LIMoE run on the held-out pairs."""
     import limoe
+    from limoe import checkpoint as ckpt
     from limoe.analysis.report import write_report
 
     run_dir = out_dir / "runs" / best["job"]
     model, tokenizer, cfg = limoe.load_checkpoint(run_dir)
     analysis = held_out_routing(model, tokenizer, cfg)
-    write_report(analysis, out_dir / "analysis", metrics_path=run_dir / "metrics.jsonl")
+    checkpoint = ckpt.resolve(run_dir)
+    source = {"checkpoint": str(checkpoint), "step": ckpt.read_json(checkpoint / "state.json").get("step"),
+              "data": f"the held-out pairs of data.source={cfg.data.source}"}
+    write_report(analysis, out_dir / "analysis", metrics_path=run_dir / "metrics.jsonl", source=source)
     # The blog's specialisation bars, also beside results.md so the table and its pictures travel together.
     shutil.copyfile(out_dir / "analysis" / "modality_share.png", out_dir / "expert_specialisation.png")
     return out_dir / "analysis"
@@ -116,8 +123,11 @@ def _build_data(job: Job) -> None:
 def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job], command: str) -> str:
     parts = [f"# limoe reproduce: {scale.name} scale", "", f"`{command}`: {scale.description}.", "",
              f"{len(results)} runs; their training took {_train_minutes(results):.0f} min in "
-             f"all, and this invocation {minutes:.1f} min (finished runs are not trained again). Zero-shot: "
-             f"classify images of the held-out concepts by their names; retrieval: their image-caption pairs; "
+             f"all, and this invocation {minutes:.1f} min (finished runs are not trained again). Seen: classify "
+             f"unseen renderings of concepts trained on in other renderings by their names, among all of that "
+             f"test's concepts; held-out: the same for images of concepts never trained on, in any rendering; "
+             f"held-out loss: the contrastive loss on fixed batches of 128 of their image-caption pairs, "
+             f"which retrieval also ranks; "
              f"{PROBE_SHOTS}-shot probe: ridge regression on frozen image embeddings of the built-in OpenMoji "
              f"colour emoji (both splits) into Unicode subcategories "
              f"(animal-mammal, food-fruit, ...; one image per concept, balanced accuracy, mean of "
@@ -125,10 +135,10 @@ def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job
              "", markdown_table(results), ""]
     styles = style_table(results)
     if styles:
-        parts += ["## Zero-shot per style", "", "Top-1 % on each style's images of the held-out concepts, each "
-                  "scored against every held-out class (so styles compare with each other and with the pooled "
-                  "column above). A style left out of training (`data.corpus_styles`) is still tested here.", "",
-                  styles, ""]
+        parts += ["## Zero-shot per style", "", "Top-1 % on each style's images of the seen and of the held-out "
+                  "concepts, each scored against every class of its test (so styles compare with each other and "
+                  "with the pooled columns above). A style left out of training (`data.corpus_styles`) is still "
+                  "tested here.", "", styles, ""]
     parts += ["## Routing of the LIMoE variants", "",
               "Routing success: share of a modality's tokens whose top-1 expert had room (training steps of the "
               "second half; held-out pairs encoded as in training, in the model's routing groups, with eval "

@@ -25,7 +25,8 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
         "reproduce", help="LIMoE vs dense vs two-tower and the aux-loss / BPR ablation on the built-in data",
         description="Train the paper's comparison on the built-in data at matched compute and write results.md, "
                     f"results.json and plots. Finished runs are kept and skipped when rerun. Scales: {scales}.")
-    p.add_argument("--scale", default="cpu", choices=list(SCALES))
+    p.add_argument("--scale", default="cpu", choices=list(SCALES),
+                   help="smoke, cpu or gpu (default: cpu; each is described above)")
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce-<scale>)")
     p.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: the scale's)")
     p.add_argument("--variants", type=_names, help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}")

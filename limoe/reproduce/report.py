@@ -27,11 +27,13 @@ def _pyplot():
     return plt
 
 PROBE = f"linear_probe/{PROBE_SHOTS}shot_balanced"  # see metrics.probe_metrics
-ZERO_SHOT, PROBE_TITLE = "zero-shot top-1 %", f"{PROBE_SHOTS}-shot probe %"
+SEEN, ZERO_SHOT, PROBE_TITLE = "seen top-1 %", "held-out top-1 %", f"{PROBE_SHOTS}-shot probe %"
 # (column title, where the number lives in a result, scale, decimals)
 COLUMNS = (
+    (SEEN, ("metrics", "seen/top1"), 100, 2),
     (ZERO_SHOT, ("metrics", "zero_shot/top1"), 100, 2),
-    ("zero-shot top-5 %", ("metrics", "zero_shot/top5"), 100, 2),
+    ("held-out top-5 %", ("metrics", "zero_shot/top5"), 100, 2),
+    ("held-out loss", ("metrics", "retrieval/contrastive_loss"), 1, 3),
     ("R@1 img->txt %", ("metrics", "retrieval/image_to_text/R@1"), 100, 2),
     ("R@1 txt->img %", ("metrics", "retrieval/text_to_image/R@1"), 100, 2),
     (PROBE_TITLE, ("metrics", PROBE), 100, 1),
@@ -107,7 +109,9 @@ def summary_rows(results: list[dict[str, Any]], size: str = "base") -> list[dict
         row = {"variant": variant, "label": runs[0]["label"], "size": size, "seeds": [r["seed"] for r in runs],
                "routed": bool(runs[0].get("eval_routing")), "total_params": runs[0]["total_params"],
                "active_params": runs[0]["active_params"], "train_flops": runs[0]["train_flops"],
-               "train_seconds": statistics.fmean(r["train_seconds"] for r in runs)}
+               "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+               # Results of before run_seconds was recorded count their training time only.
+               "run_seconds": statistics.fmean(r.get("run_seconds", r["train_seconds"]) for r in runs)}
         for title, where, _, _ in COLUMNS:
             row[title] = mean_std([_get(r, where) for r in runs])
         for title, where, _, _ in ROUTING_COLUMNS:
@@ -127,31 +131,38 @@ def routing_table(results: list[dict[str, Any]]) -> str:
 
 
 def markdown_table(results: list[dict[str, Any]], size: str = "base") -> str:
-    header = ["variant", *(c[0] for c in COLUMNS), "params total / active", "train GFLOPs", "min / run"]
+    header = ["variant", *(c[0] for c in COLUMNS), "params total / active", "train GFLOPs",
+              "min / run (training / in all)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary_rows(results, size):
         cells = [_format(row[title], scale, dec, len(row["seeds"])) for title, _, scale, dec in COLUMNS]
+        minutes = f"{row['train_seconds'] / 60:.1f} / {row['run_seconds'] / 60:.1f}"
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {_params(row)}"
-                     f" | {row['train_flops'] / 1e9:,.0f} | {row['train_seconds'] / 60:.1f} |")
+                     f" | {row['train_flops'] / 1e9:,.0f} | {minutes} |")
     return "\n".join(lines)
 
 
-STYLE_KEY = "zero_shot/top1/"  # + style: a corpus run's zero-shot top-1 on one style's held-out images
+# + style: a corpus run's top-1 on one style's images
+STYLE_KEYS = (("seen", "seen/top1/"), ("held-out", "zero_shot/top1/"))
 
 
 def style_table(results: list[dict[str, Any]]) -> str | None:
-    """Zero-shot top-1 % on each style's held-out images (scored against every held-out class) per variant at
-    the base size, mean ± std over seeds; None when no run reports styles (not trained on the corpus)."""
-    styles = sorted({k.removeprefix(STYLE_KEY) for r in results if "error" not in r for k in r["metrics"]
-                     if k.startswith(STYLE_KEY)})
+    """Top-1 % on each style's images, seen concepts in unseen renderings and held-out concepts (each scored
+    against all of its test's classes), per variant at the base size, mean ± std over seeds; None when no run
+    reports styles (not trained on the corpus)."""
+    styles = sorted({k.removeprefix(key) for r in results if "error" not in r for k in r["metrics"]
+                     for _, key in STYLE_KEYS if k.startswith(key)})
     if not styles:
         return None
-    lines = ["| variant | " + " | ".join(styles) + " |", "|" + "---|" * (len(styles) + 1)]
+    lines = ["| variant | test | " + " | ".join(styles) + " |", "|" + "---|" * (len(styles) + 2)]
     for (_, size), runs in group(results).items():
-        if size == "base":
-            cells = [_format(mean_std([_get(r, ("metrics", STYLE_KEY + s)) for r in runs]), 100, 2, len(runs))
+        if size != "base":
+            continue
+        for test, key in STYLE_KEYS:
+            cells = [_format(mean_std([_get(r, ("metrics", key + s)) for r in runs]), 100, 2, len(runs))
                      for s in styles]
-            lines.append(f"| {runs[0]['label']} | " + " | ".join(cells) + " |")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {runs[0]['label']} | {test} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -163,13 +174,13 @@ def _sweep_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def sweep_table(results: list[dict[str, Any]]) -> str:
-    lines = [f"| model | size | params total / active | train GFLOPs | {ZERO_SHOT} | {PROBE_TITLE} | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| model | size | params total / active | train GFLOPs | {SEEN} | {ZERO_SHOT} | {PROBE_TITLE} | "
+             f"seeds |", "|---|---|---|---|---|---|---|---|"]
     for row in _sweep_rows(results):
         runs = len(row["seeds"])
         lines.append(f"| {row['label']} | {row['size']} | {_params(row)} | {row['train_flops'] / 1e9:,.0f}"
-                     f" | {_format(row[ZERO_SHOT], 100, 2, runs)} | {_format(row[PROBE_TITLE], 100, 1, runs)}"
-                     f" | {runs} |")
+                     f" | {_format(row[SEEN], 100, 2, runs)} | {_format(row[ZERO_SHOT], 100, 2, runs)}"
+                     f" | {_format(row[PROBE_TITLE], 100, 1, runs)} | {runs} |")
     return "\n".join(lines)
 
 
@@ -184,12 +195,15 @@ def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path 
     if not rows:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, (column, title) in zip(axes, ((ZERO_SHOT, "zero-shot top-1 (held-out concepts)"),
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (column, title) in zip(axes, ((SEEN, "top-1, seen concepts in unseen renderings"),
+                                          (ZERO_SHOT, "top-1, held-out concepts"),
                                           (PROBE_TITLE, f"{PROBE_SHOTS}-shot linear probe"))):
         for variant in sorted({row["variant"] for row in rows}):
             points = [row for row in rows if row["variant"] == variant]  # by training FLOPs
             colour = "#2ca02c" if variant.startswith("limoe") else "#7f7f7f"
+            if all(math.isnan(row[column][0]) for row in points):
+                continue
             ax.errorbar([row["train_flops"] for row in points], [100 * row[column][0] for row in points],
                         yerr=[100 * row[column][1] for row in points], marker="o", capsize=3, color=colour,
                         label=points[0]["label"])

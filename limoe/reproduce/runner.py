@@ -89,6 +89,7 @@ def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[
     from limoe.model.registry import get_model_info
     from limoe.train.loop import pick_device
 
+    start = time.perf_counter()
     run_dir = Path(out_dir) / "runs" / job.name
     result_path = run_dir / RESULT_FILE
     command = job.command()
@@ -117,6 +118,8 @@ def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[
     if job.variant.is_limoe:
         result["train_routing_success"] = record["train_routing_success"]
         result["eval_routing"] = routing_summary(held_out_routing(model, tokenizer, cfg))
+    # Training, the evaluations and the probe: what a run costs on the wall clock (train_seconds is the loop alone).
+    result["run_seconds"] = time.perf_counter() - start
     write_json(result_path, result)
     return result
 
@@ -146,9 +149,11 @@ def run_jobs(jobs: list[Job], out_dir: str | os.PathLike, parallel: int = 1, dev
             report(f"[{len(results)}/{len(jobs)}] {result['job']}: FAILED {result['error']} ({result['error_log']})")
             return
         m = {k: math.nan if v is None else v for k, v in result["metrics"].items()}
-        report(f"[{len(results)}/{len(jobs)}] {result['job']}: zero-shot top-1 {100 * m['zero_shot/top1']:.2f}%, "
+        seen = f"seen top-1 {100 * m['seen/top1']:.2f}%, " if "seen/top1" in m else ""
+        report(f"[{len(results)}/{len(jobs)}] {result['job']}: {seen}held-out top-1 {100 * m['zero_shot/top1']:.2f}%, "
                f"{PROBE_SHOTS}-shot probe {100 * m.get(f'linear_probe/{PROBE_SHOTS}shot_balanced', math.nan):.1f}%, "
-               f"{result['train_seconds']:.0f} s (elapsed {elapsed / 60:.1f} min)")
+               f"{result['train_seconds']:.0f} s training, {result.get('run_seconds', math.nan):.0f} s in all "
+               f"(elapsed {elapsed / 60:.1f} min)")
 
     if parallel <= 1:
         for job in jobs:

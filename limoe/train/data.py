@@ -28,7 +28,11 @@ def corpus_config(cfg: TrainConfig):
 
 
 def corpus_filter(cfg: TrainConfig) -> dict:
-    return dict(styles=cfg.data.corpus_styles, sources=cfg.data.corpus_sources)
+    """The corpus's rows and captions a run trains on (data.corpus_*)."""
+    from limoe.data.corpus.dataset import PLAIN
+
+    return dict(styles=cfg.data.corpus_styles, sources=cfg.data.corpus_sources, captions=cfg.data.corpus_captions,
+                templates=PLAIN if cfg.data.corpus_templates == "plain" else None)
 
 
 def image_config(cfg: TrainConfig) -> ImageConfig:
@@ -173,14 +177,17 @@ def make_batches(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_si
     return TrainBatches(cfg, tokenizer, rank, world_size, position)
 
 
-def held_out_zero_shot(cfg: TrainConfig, image: ImageConfig, **stream_kwargs):
-    """(dataset, class names, templates) of the held-out concepts of the run's built-in data: the corpus's (all
-    styles pooled, whatever data.corpus_styles trains on: a held-out style is then part of the test) for
-    data.source=corpus, else the built-in dataset's."""
+def held_out_zero_shot(cfg: TrainConfig, image: ImageConfig, split: str = "test", **stream_kwargs):
+    """(dataset, class names, templates) of the run's built-in data: the corpus's held-out concepts (split 'test':
+    all styles pooled, whatever data.corpus_styles trains on, so a held-out style is part of the test) or its
+    seen concepts in unseen renderings (split 'seen') for data.source=corpus, else the built-in dataset's
+    held-out concepts (it has no seen split: None)."""
     if cfg.data.source == "corpus":
         from limoe.data.corpus import corpus_zero_shot
 
-        return corpus_zero_shot("all", cfg=corpus_config(cfg), image=image, **stream_kwargs)
+        return corpus_zero_shot("all", cfg=corpus_config(cfg), image=image, split=split, **stream_kwargs)
+    if split == "seen":
+        return None
     from limoe.data import builtin_zero_shot
 
     return builtin_zero_shot(cfg=builtin_config(cfg), image=image, **stream_kwargs)
@@ -196,23 +203,27 @@ def held_out_pairs(cfg: TrainConfig, image: ImageConfig, **stream_kwargs):
 
 
 def eval_sets(cfg: TrainConfig):
-    """(zero-shot (dataset, class names, templates) or None, retrieval dataset or None), read whole by one rank."""
+    """The run's EvalSets (each configured part read whole by one rank): eval.zero_shot_dir and
+    eval.retrieval_csv replace the built-in data's held-out concepts and pairs; the corpus adds its seen split."""
     from limoe.data import ImageFolder
+    from limoe.train.evaluation import EvalSets
 
     image = ImageConfig(image_size=cfg.data.image_size)
     one = dict(rank=0, world_size=1)
-    zero_shot = retrieval = None
+    sets = EvalSets()
     builtin = cfg.data.source in ("builtin", "corpus")
     if cfg.eval.zero_shot:
         if cfg.eval.zero_shot_dir:
             root = cfg.eval.zero_shot_dir
             ds = ImageFolder(root, f"{root}/classnames.txt", f"{root}/templates.txt", image=image, **one)
-            zero_shot = (ds, ds.class_names, ds.templates)
+            sets.zero_shot = (ds, ds.class_names, ds.templates)
         elif builtin:
-            zero_shot = held_out_zero_shot(cfg, image, **one)
+            sets.zero_shot = held_out_zero_shot(cfg, image, **one)
+    if cfg.eval.seen and builtin:
+        sets.seen = held_out_zero_shot(cfg, image, split="seen", **one)
     if cfg.eval.retrieval:
         if cfg.eval.retrieval_csv:
-            retrieval = CsvPairs(cfg.eval.retrieval_csv, image=image, **one)
+            sets.retrieval = CsvPairs(cfg.eval.retrieval_csv, image=image, **one)
         elif builtin:
-            retrieval = held_out_pairs(cfg, image, **one)
-    return zero_shot, retrieval
+            sets.retrieval = held_out_pairs(cfg, image, **one)
+    return sets

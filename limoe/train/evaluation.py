@@ -1,8 +1,10 @@
-"""Held-out evaluation of a model during training and from `limoe eval`: zero-shot and retrieval."""
+"""Held-out evaluation of a model during training and from `limoe eval`: zero-shot classification of held-out
+concepts and of seen concepts in unseen renderings, retrieval, and the contrastive loss on fixed held-out batches."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -10,14 +12,24 @@ from limoe import evaluate
 from limoe.data import LoaderConfig, Tokenizer, make_loader
 
 
+@dataclass
+class EvalSets:
+    """What a run is evaluated on; each part is None when not configured. A zero-shot set is (dataset of (image,
+    class index), class names, templates)."""
+
+    zero_shot: tuple | None = None  # held-out concepts (or eval.zero_shot_dir)
+    seen: tuple | None = None       # seen concepts in unseen renderings (the corpus)
+    retrieval: Any = None           # (image, caption) pairs of held-out concepts (or eval.retrieval_csv)
+
+
 def tokenize_fn(tokenizer: Tokenizer):
     return lambda texts: tokenizer(list(texts)).ids_BL
 
 
 def zero_shot(model: nn.Module, tokenizer: Tokenizer, dataset, class_names: Sequence[str],
-              templates: Sequence[str], batch_size: int = 256) -> dict[str, float]:
-    """zero_shot/top1, /top5; a dataset with `parts()` (the corpus's: one per style) also gets each part's
-    zero_shot/top1/<part>, scored against the same classes (the pooled numbers are exactly the parts' sum)."""
+              templates: Sequence[str], batch_size: int = 256, prefix: str = "zero_shot") -> dict[str, float]:
+    """<prefix>/top1, /top5; a dataset with `parts()` (the corpus's: one per style) also gets each part's
+    <prefix>/top1/<part>, scored against the same classes (the pooled numbers are exactly the parts' sum)."""
     parts = dataset.parts() if hasattr(dataset, "parts") else {"": dataset}
     class_CD = evaluate.class_embeddings(model, list(class_names), tokenize_fn(tokenizer), list(templates))
     topk = (1, 5)
@@ -29,28 +41,41 @@ def zero_shot(model: nn.Module, tokenizer: Tokenizer, dataset, class_names: Sequ
         for k in topk:
             total_hits[k] += hits[k]
         if name and count:
-            out[f"zero_shot/top1/{name}"] = hits[1] / count
-    return {**{f"zero_shot/top{k}": total_hits[k] / max(total, 1) for k in topk}, **out}
+            out[f"{prefix}/top1/{name}"] = hits[1] / count
+    return {**{f"{prefix}/top{k}": total_hits[k] / max(total, 1) for k in topk}, **out}
 
 
-def retrieval(model: nn.Module, tokenizer: Tokenizer, dataset, batch_size: int = 256) -> dict[str, float]:
+def logit_scale(model: nn.Module) -> float:
+    scale = model.logit_scale.detach()
+    return float(getattr(scale, "full_tensor", lambda: scale)().exp())  # a DTensor under some layouts
+
+
+def retrieval(model: nn.Module, tokenizer: Tokenizer, dataset, batch_size: int = 256,
+              loss_batch: int = 128) -> dict[str, float]:
+    """Recall@k both ways, and (one caption per image) the contrastive loss on fixed batches of loss_batch pairs
+    (evaluate.contrastive_loss_from_embeddings, with the model's logit scale)."""
     loader = make_loader(dataset, LoaderConfig(batch_size=batch_size, num_workers=0))
-    result = evaluate.retrieval(model, loader, tokenize_fn(tokenizer))
-    return {f"retrieval/{k}": v for k, v in result.items()}
+    image_ND, text_MD, owner_M = evaluate.pair_embeddings(model, loader, tokenize_fn(tokenizer))
+    out = {f"retrieval/{k}": v for k, v in evaluate.retrieval_from_embeddings(image_ND, text_MD, owner_M).items()}
+    if image_ND.shape == text_MD.shape:
+        out["retrieval/contrastive_loss"] = evaluate.contrastive_loss_from_embeddings(
+            image_ND, text_MD, logit_scale(model), loss_batch)
+    return out
 
 
-def held_out(model: nn.Module, tokenizer: Tokenizer, zero_shot_set, retrieval_set,
-             batch_size: int = 256) -> tuple[dict[str, float], dict[str, float]]:
-    """(metrics, chance levels) on the evaluation sets that are configured (either may be None)."""
+def held_out(model: nn.Module, tokenizer: Tokenizer, sets: EvalSets, batch_size: int = 256,
+             loss_batch: int = 128) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics, chance levels) on the evaluation sets that are configured."""
     metrics, chance = {}, {}
-    if zero_shot_set is not None:
-        dataset, names, templates = zero_shot_set
-        metrics.update(zero_shot(model, tokenizer, dataset, names, templates, batch_size))
-        chance["zero_shot/top1"] = 1 / len(names)
-        chance["zero_shot/top5"] = min(1.0, 5 / len(names))
-    if retrieval_set is not None:
-        metrics.update(retrieval(model, tokenizer, retrieval_set, batch_size))
-        n = len(retrieval_set) if hasattr(retrieval_set, "__len__") else 0
+    for prefix, zero_shot_set in (("seen", sets.seen), ("zero_shot", sets.zero_shot)):
+        if zero_shot_set is not None:
+            dataset, names, templates = zero_shot_set
+            metrics.update(zero_shot(model, tokenizer, dataset, names, templates, batch_size, prefix))
+            chance[f"{prefix}/top1"] = 1 / len(names)
+            chance[f"{prefix}/top5"] = min(1.0, 5 / len(names))
+    if sets.retrieval is not None:
+        metrics.update(retrieval(model, tokenizer, sets.retrieval, batch_size, loss_batch))
+        n = len(sets.retrieval) if hasattr(sets.retrieval, "__len__") else 0
         if n:
             chance["retrieval/image_to_text/R@1"] = chance["retrieval/text_to_image/R@1"] = 1 / n
     return metrics, chance

@@ -13,11 +13,12 @@ from typing import Any
 class MetricsLogger:
     """Append one JSON object per log event to <run_dir>/metrics.jsonl; mirror scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False, resumed_at: int | None = None):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False, resumed_at: int | None = None,
+                 ends_at: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resumed_at is not None:
-            truncate_after(self.path, resumed_at)
+        if resumed_at is not None:  # ends_at: the resumed run's last step (its final evaluation is replayed there)
+            truncate_after(self.path, resumed_at, ends_at)
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
@@ -44,9 +45,12 @@ class MetricsLogger:
             self.tb.close()
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Drop the records a resumed run replays: everything after `step`, and the final evaluation at `step`
-    (resuming a finished run evaluates again). A line torn by a kill is dropped too."""
+def truncate_after(path: Path, step: int, ends_at: int | None = None) -> None:
+    """Drop the records a resumed run replays: everything after `step`, and the evaluation and final records at
+    `step` when the resumed run ends there (`ends_at == step`: a finished run resumed as it was only evaluates
+    again). A run resumed for more steps never evaluates `step` again: its records there are the only ones, the
+    last evaluation of the earlier invocation, and stay (as `ends_at=None`, unknown, keeps them: a record
+    repeated is better than one lost). A line torn by a kill is dropped too."""
     if not path.exists():
         return
     records = []
@@ -57,41 +61,53 @@ def truncate_after(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             records.append((record, line))
-    finished = any(r.get("kind") == "final" and r["step"] == step for r, _ in records)
-    kept = [line for r, line in records if not (finished and r["step"] == step and r.get("kind") in ("eval", "final"))]
+    replayed = ends_at == step
+    kept = [line for r, line in records if not (replayed and r["step"] == step and r.get("kind") in ("eval", "final"))]
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
 
 
 def results_table(metrics: dict[str, float], chance: dict[str, float] | None = None) -> str:
-    """The end-of-run table: zero-shot, retrieval and routing health, with chance levels where known."""
-    # The corpus's styles, each scored against every held-out class: the pooled top-1's chance is theirs too.
-    styles = sorted(k for k in metrics if k.startswith("zero_shot/top1/"))
-    chance = {**(chance or {}), **{k: (chance or {}).get("zero_shot/top1") for k in styles}}
+    """The end-of-run table: zero-shot (seen concepts in unseen renderings, then held-out concepts), the held-out
+    contrastive loss, retrieval and routing health, with chance levels where known; then top-1 per style."""
+    chance = chance or {}
     rows = [
-        ("zero-shot top-1", "zero_shot/top1"), ("zero-shot top-5", "zero_shot/top5"),
-        *((f"zero-shot top-1 {k.rsplit('/', 1)[1]}", k) for k in styles),
+        ("seen concepts top-1", "seen/top1"), ("seen concepts top-5", "seen/top5"),
+        ("held-out concepts top-1", "zero_shot/top1"), ("held-out concepts top-5", "zero_shot/top5"),
         ("retrieval image->text R@1", "retrieval/image_to_text/R@1"),
         ("retrieval text->image R@1", "retrieval/text_to_image/R@1"),
+        ("held-out contrastive loss", "retrieval/contrastive_loss"),
         ("routing success image", "train/routing_success/image"),
         ("routing success text", "train/routing_success/text"),
     ]
     lines = [f"{'metric':<28}{'value':>9}{'chance':>9}"]
     for label, key in rows:
-        if key in metrics:
+        if key.endswith("_loss") and key in metrics:  # a loss, not a share
+            lines.append(f"{label:<28}{metrics[key]:>9.3f}")
+        elif key in metrics:
             c = chance.get(key)
             lines.append(f"{label:<28}{100 * metrics[key]:>8.2f}%" + (f"{100 * c:>8.2f}%" if c else f"{'':>9}"))
+    # The corpus scores each style's images against all of a test's classes: the pooled top-1's chance is theirs.
+    tests = [(label, prefix) for label, prefix in (("seen", "seen"), ("held-out", "zero_shot"))
+             if any(k.startswith(f"{prefix}/top1/") for k in metrics)]
+    styles = sorted({k.rsplit("/", 1)[1] for _, prefix in tests for k in metrics if k.startswith(f"{prefix}/top1/")})
+    if styles:
+        lines += ["", f"{'top-1 by style':<28}" + "".join(f"{label:>10}" for label, _ in tests)]
+        for style in styles:
+            cells = (metrics.get(f"{prefix}/top1/{style}") for _, prefix in tests)
+            lines.append(f"{style:<28}" + "".join(f"{100 * v:>9.2f}%" if v is not None else f"{'-':>10}"
+                                                  for v in cells))
     return "\n".join(lines)
 
 
-EVAL_COLUMNS = (("zero-shot top-1", "zero_shot/top1"), ("top-5", "zero_shot/top5"),
+EVAL_COLUMNS = (("seen top-1", "seen/top1"), ("held-out top-1", "zero_shot/top1"), ("top-5", "zero_shot/top5"),
                 ("image->text R@1", "retrieval/image_to_text/R@1"), ("text->image R@1", "retrieval/text_to_image/R@1"))
 
 
-# What "best" means for a run's evaluations (the table's mark, checkpoints/best): zero-shot top-1 when the run
-# measures it, else image->text R@1.
-SELECTION_KEYS = ("zero_shot/top1", "retrieval/image_to_text/R@1")
+# What "best" means for a run's evaluations (the table's mark, checkpoints/best): the first of these the run
+# measures: seen concepts in unseen renderings (the corpus), held-out concepts, image->text R@1.
+SELECTION_KEYS = ("seen/top1", "zero_shot/top1", "retrieval/image_to_text/R@1")
 
 
 def selection_score(metrics: dict[str, Any]) -> float | None:
@@ -103,8 +119,8 @@ def selection_score(metrics: dict[str, Any]) -> float | None:
 
 
 def evaluations_table(metrics_path: str | Path) -> str | None:
-    """The held-out evaluations of a run, one row per step, the best marked (by zero-shot top-1, else
-    image->text R@1); None when the run logged none. A long run's best is often not its last."""
+    """The held-out evaluations of a run, one row per step, the best marked (by the first of SELECTION_KEYS it
+    has); None when the run logged none. A long run's best is often not its last."""
     from limoe.analysis.metrics_log import read_metrics
 
     if not Path(metrics_path).is_file():

@@ -196,10 +196,10 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
     runner = strategy.runner(model, cfg.compile)
 
     batches = make_batches(cfg, tokenizer, world.rank, world.size, position)
-    zero_shot_set, retrieval_set = eval_sets(cfg) if world.main or strategy.collective_eval else (None, None)
+    evaluation_sets = eval_sets(cfg) if world.main or strategy.collective_eval else None
     # Records after the resumed step are replayed: the file keeps them once.
     resumed_at = step if start_path else None
-    logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at) if world.main else None
+    logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at, cfg.steps) if world.main else None
     if logger is not None and tokenizer_skips:
         logger.log("data", step, {f"tokenizer_skipped/{reason}": n for reason, n in tokenizer_skips.items()})
     if rng is not None:
@@ -245,7 +245,7 @@ def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunR
         stoppable = contextlib.nullcontext() if strategy.collective_eval else signals.interruptible()
         try:
             with stoppable:
-                metrics, chance = held_out(model, tokenizer, zero_shot_set, retrieval_set, cfg.eval.batch_size)
+                metrics, chance = held_out(model, tokenizer, evaluation_sets, cfg.eval.batch_size, cfg.eval.loss_batch)
         except Interrupted:
             return None
         except NonFiniteEmbeddings as e:

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from limoe.data.corpus.build import CorpusConfig, build_corpus, read_rows
+from limoe.data.corpus.build import EVAL_FOLDERS, SPLITS, CorpusConfig, build_corpus, read_rows
 from limoe.data.image_folder import ImageFolder
 from limoe.data.sources import SOURCE_NAMES, STYLES
 from limoe.data.stats import DataError
@@ -24,7 +24,8 @@ from limoe.data.transforms import ImageConfig
 # The caption ends each template: captions such as "heart: love, emotion" read badly inside "a {} icon.".
 EMOJI = ("{}", "an emoji of {}.", "a picture of {}.")
 ICON = ("{}", "an icon of {}.", "a drawing of {}.")
-TEMPLATES = {"openmoji": EMOJI, "tabler": ICON, "fontawesome": ICON, "lucide": ICON}
+TEMPLATES = {**{name: ICON for name in SOURCE_NAMES}, "openmoji": EMOJI}
+PLAIN = {name: ("{}",) for name in SOURCE_NAMES}  # the caption alone
 
 
 def _check(kind: str, chosen: Sequence[str] | None, known: Sequence[str]) -> set[str] | None:
@@ -36,15 +37,24 @@ def _check(kind: str, chosen: Sequence[str] | None, known: Sequence[str]) -> set
     return set(chosen)
 
 
+CAPTION_KINDS = ("all", "names")
+
+
+def _is_name(caption: str, title: str) -> bool:
+    """A name or an alias, not a "name, category" or "name: tags" caption (sources.captions)."""
+    return not caption.startswith((f"{title}, ", f"{title}: "))
+
+
 class CorpusPairs(SampleStream):
     """(image [3,S,S], caption) of one split of a built corpus; `styles` / `sources` keep only those rows
-    (e.g. train on line and solid, keep colour for a held-out-style test)."""
+    (e.g. train on line and solid, keep colour for a held-out-style test); `captions="names"` draws training
+    captions from each image's name and aliases only, without its category and tag captions."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", styles: Sequence[str] | None = None,
                  sources: Sequence[str] | None = None, sample_captions: bool | None = None,
-                 templates: dict[str, Sequence[str]] | None = None, **stream_kwargs):
-        if split not in ("train", "test"):
-            raise DataError(f"corpus split must be 'train' or 'test', not {split!r}")
+                 templates: dict[str, Sequence[str]] | None = None, captions: str = "all", **stream_kwargs):
+        if split not in SPLITS:
+            raise DataError(f"corpus split must be one of {list(SPLITS)}, not {split!r}")
         root = Path(root)
         super().__init__(name=str(root / f"{split}.csv"), **stream_kwargs)
         keep_styles, keep_sources = _check("style", styles, STYLES), _check("source", sources, SOURCE_NAMES)
@@ -52,6 +62,11 @@ class CorpusPairs(SampleStream):
                 and (keep_sources is None or r["source"] in keep_sources)]
         if not rows:
             raise DataError(f"{self.name}: no rows of styles {styles} and sources {sources}")
+        if captions not in CAPTION_KINDS:
+            raise DataError(f"corpus captions must be one of {list(CAPTION_KINDS)}, not {captions!r}")
+        if captions == "names":
+            for r in rows:
+                r["captions"] = [c for c in r["captions"] if _is_name(c, r["title"])]
         self.paths = [str(root / r["filepath"]) for r in rows]
         self.titles = [r["title"] for r in rows]
         self.captions = [r["captions"] for r in rows]
@@ -113,14 +128,18 @@ class CorpusZeroShot(ImageFolder):
 
 
 def corpus_zero_shot(view: str = "all", image_size: int = 64, cfg: CorpusConfig | None = None,
-                     image: ImageConfig | None = None, **stream_kwargs) -> tuple[ImageFolder, list[str], list[str]]:
-    """(dataset of (image, class index), class names, templates) over the held-out concepts, in one style (its
-    own classes) or all styles pooled (view='all': a CorpusZeroShot, which also scores each style)."""
+                     image: ImageConfig | None = None, split: str = "test",
+                     **stream_kwargs) -> tuple[ImageFolder, list[str], list[str]]:
+    """(dataset of (image, class index), class names, templates) over the held-out concepts (split 'test') or the
+    unseen renderings of seen concepts (split 'seen'), in one style (its own classes) or all styles pooled
+    (view='all': a CorpusZeroShot, which also scores each style against all of the split's classes)."""
     if view not in ("all", *STYLES):
         raise DataError(f"corpus zero-shot view must be 'all' or one of {list(STYLES)}, not {view!r}")
-    zs = build_corpus(cfg) / "zeroshot" / view
+    if split not in EVAL_FOLDERS:
+        raise DataError(f"corpus zero-shot split must be one of {list(EVAL_FOLDERS)}, not {split!r}")
+    zs = build_corpus(cfg) / EVAL_FOLDERS[split] / view
     if not zs.is_dir():
-        raise DataError(f"{zs}: no held-out images in style {view!r} (too small a max_concepts?)")
+        raise DataError(f"{zs}: no {split} images in style {view!r} (too small a max_concepts?)")
     folder = CorpusZeroShot if view == "all" else ImageFolder
     ds = folder(zs, zs / "classnames.txt", zs / "templates.txt", image=image or ImageConfig(image_size=image_size),
                 **stream_kwargs)
@@ -128,6 +147,8 @@ def corpus_zero_shot(view: str = "all", image_size: int = 64, cfg: CorpusConfig 
 
 
 def corpus_captions(split: str = "train", cfg: CorpusConfig | None = None, styles: Sequence[str] | None = None,
-                    sources: Sequence[str] | None = None) -> list[str]:
+                    sources: Sequence[str] | None = None, captions: str = "all",
+                    templates: dict[str, Sequence[str]] | None = None) -> list[str]:
     """Every caption a training pass over the split can draw (for the tokenizer)."""
-    return list(CorpusPairs(build_corpus(cfg), split, styles, sources, sample_captions=True).caption_texts())
+    return list(CorpusPairs(build_corpus(cfg), split, styles, sources, sample_captions=True, captions=captions,
+                            templates=templates).caption_texts())

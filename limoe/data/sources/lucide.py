@@ -1,5 +1,6 @@
 """Lucide icons from the PyPI package `python-lucide`, which ships them in an SQLite database with their tags,
-categories and former names (aliases). All are 24 px stroke icons: one style, line."""
+categories and former names (aliases). All are 24 px stroke icons: style line, also rendered at the light and
+bold stroke weights (sources.STROKE_WEIGHTS)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sqlite3
 from collections import defaultdict
 from importlib import metadata
 
-from limoe.data.sources import Item, phrase, words
+from limoe.data.sources import Item, phrase, stroke_weights, words
 from limoe.extras import locate
 
 NAME = "lucide"
@@ -57,6 +58,7 @@ def items() -> list[Item]:
     for icon, svg in _query("SELECT name, svg FROM icons ORDER BY name"):
         name = words(icon)
         aliases = tuple(dict.fromkeys(a for a in map(words, extra["alias"][icon]) if a != name))
-        found.append(Item(NAME, "line", icon, name, aliases=aliases, tags=tuple(map(phrase, extra["tag"][icon])),
-                          categories=tuple(map(phrase, extra["category"][icon])), svg_text=svg))
+        found += stroke_weights(Item(NAME, "line", icon, name, aliases=aliases,
+                                     tags=tuple(map(phrase, extra["tag"][icon])),
+                                     categories=tuple(map(phrase, extra["category"][icon])), svg_text=svg))
     return found

@@ -1,4 +1,5 @@
-"""Tabler Icons from the PyPI package `pytablericons`: 24 px stroke icons (outline) and a filled subset.
+"""Tabler Icons from the PyPI package `pytablericons`: 24 px stroke icons (outline; also rendered at the light
+and bold stroke weights, sources.STROKE_WEIGHTS) and a filled subset.
 
 Each outline SVG starts with a comment holding its category and tags (`tags: [love, emotion, like]`); a
 filled icon has the metadata of the outline icon of the same name. Brand logos (`brand-*`) are left out, as in
@@ -11,7 +12,7 @@ import re
 from importlib import metadata
 from pathlib import Path
 
-from limoe.data.sources import Item, phrase, words
+from limoe.data.sources import Item, phrase, stroke_weights, words
 from limoe.extras import locate
 
 NAME = "tabler"
@@ -57,6 +58,7 @@ def items() -> list[Item]:
                 continue
             m = meta.get(path.stem) or header(path.read_text(encoding="utf-8"))
             category = phrase(str(m["category"])) if m.get("category") else None
-            found.append(Item(NAME, style, path.stem, words(path.stem), tags=tuple(m.get("tags", ())),
-                              categories=(category,) if category else (), svg_path=str(path)))
+            item = Item(NAME, style, path.stem, words(path.stem), tags=tuple(m.get("tags", ())),
+                        categories=(category,) if category else (), svg_path=str(path))
+            found += stroke_weights(item) if style == "line" else [item]
     return found
