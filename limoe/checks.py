@@ -7,7 +7,9 @@
 `check_fields(obj)` checks every field of a config dataclass (recursing into sections and keyed dicts) and raises a
 ConfigError whose one line names the dotted key, e.g. `optim.beta1 must be in [0, 1), got 1.5`. A field declared
 without a check is a programming error (TypeError), so a new field cannot slip past validation unchecked.
-Checks that involve several fields stay with the dataclass that owns them.
+Checks that involve several fields stay with the dataclass that owns them, which names its fields bare (`k must
+be in [1, num_experts=4]`) as it does not know the key users reach it by; `dotted(message, keys)` names them as
+typed in `--set` (`moe.k must be in [1, moe.num_experts=4]`) where that key is known.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -177,3 +180,17 @@ def check_fields(obj: Any, prefix: str = "", values: bool = True) -> None:
     """Check every field of config dataclass `obj`; `values=False` checks only the types (a file just read)."""
     for f in dataclasses.fields(obj):
         _check_of(type(obj), f)(prefix + f.metadata.get("key", f.name), getattr(obj, f.name), values)
+
+
+def dotted(message: str, keys: dict[str, str]) -> str:
+    """`message` with every bare field name of `keys` ("k") replaced by the key users type ("moe.k"); names
+    already dotted (moe.k) are left alone."""
+    if not keys:
+        return message
+    names = "|".join(sorted(map(re.escape, keys), key=len, reverse=True))  # the longest name first
+    return re.sub(rf"(?<![\w.'])({names})\b", lambda m: keys[m.group(1)], message)
+
+
+def field_keys(cls: type, prefix: str, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """Field name -> the dotted key users type for it, e.g. {"k": "moe.k", ...} for (MoeConfig, "moe.")."""
+    return {f.name: prefix + f.metadata.get("key", f.name) for f in dataclasses.fields(cls) if f.name not in exclude}

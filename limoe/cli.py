@@ -29,9 +29,11 @@ def _data(args: argparse.Namespace) -> int:
     if args.action == "build":
         print(build_builtin_dataset(cfg, force=args.force))
     elif args.action == "info":
+        import json
+
         folder = build_builtin_dataset(cfg)
-        print(f"built-in dataset: {folder}")
-        print((folder / "manifest.json").read_text())
+        print(f"built-in dataset: {folder}\n")
+        print(builtin_table(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))))
     else:  # style
         from limoe.data.styles import build_style
 
@@ -41,6 +43,21 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def builtin_table(manifest: dict) -> str:
+    """The built-in OpenMoji set's manifest as the corpus's info prints its own: counts per split, then where the
+    images come from and how they were built."""
+    splits = list(manifest.get("pairs", {}))
+    lines = [f"{'':<10}" + "".join(f"{s:>9}" for s in splits)]
+    for row in ("pairs", "concepts"):
+        lines.append(f"{row:<10}" + "".join(f"{manifest.get(row, {}).get(s, '-'):>9}" for s in splits))
+    config = manifest.get("config", {})
+    lines += ["", f"source: {manifest.get('source', '?')} ({manifest.get('license', '?')}), colour emoji only",
+              f"images: {config.get('raster_size', '?')} px; held-out share of concepts: "
+              f"{config.get('test_fraction', '?')}; concepts: {config.get('max_concepts') or 'all'}",
+              f"build: {manifest.get('build_seconds', '?')} s"]
+    return "\n".join(lines)
+
+
 def _export(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
     from limoe.checkpoint_sharded import export, is_sharded
@@ -48,7 +65,8 @@ def _export(args: argparse.Namespace) -> int:
     path = ckpt.resolve(args.checkpoint)
     if not is_sharded(path):
         raise UserError(f"{path} is a single-folder checkpoint already: copy it")
-    print(export(path, args.out))
+    out = export(path, args.out)
+    print(f"exported {path} (step {_step_of(path)}) as a single-folder checkpoint: {out}")
     return 0
 
 
@@ -129,8 +147,7 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     if result.metrics:
-        print(f"\nResults after {result.step} steps of {cfg.model} (held-out concepts; routing over the last "
-              f"{cfg.log_interval} training steps):")
+        print(f"\nResults after {result.step} steps of {cfg.model} ({results_scope(result.metrics, cfg)}):")
         print(result.table())
     _print_evaluations(cfg.run_dir)
     if result.skipped:
@@ -145,17 +162,34 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def results_scope(metrics: dict[str, float], cfg) -> str:
+    """What the end-of-run table measured: which evaluation ran, and the routing window (MoE models only)."""
+    parts = []
+    if any(k.startswith(("seen/", "zero_shot/", "retrieval/")) for k in metrics):
+        zero_shot = cfg.eval.zero_shot_dir or ("the held-out data" if cfg.data.source in ("builtin", "corpus")
+                                               else None)
+        parts.append(f"evaluated on {zero_shot or cfg.eval.retrieval_csv}")
+    else:
+        parts.append("nothing evaluated: no held-out data configured")
+    if any(k.startswith("train/routing_success/") for k in metrics):
+        parts.append(f"routing over the last {cfg.log_interval} training steps")
+    return "; ".join(parts)
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
     from limoe import checkpoint as ckpt
-    from limoe.jobs import evaluate_checkpoint, metrics_table
+    from limoe.jobs import evaluate_checkpoint, evaluation_plan, metrics_table, run_config
 
     path = ckpt.resolve(args.checkpoint)
-    step = ckpt.read_json(path / "state.json").get("step", "?")
+    plan = evaluation_plan(run_config(str(path)), args.zero_shot, args.retrieval, args.probe_train, args.probe_test,
+                           args.shots)
+    # Up front: the evaluation takes a while, and what it scores is worth knowing before the numbers come.
+    print(f"{_checkpoint_line(path)}: evaluating {plan}", flush=True)
     metrics = evaluate_checkpoint(str(path), args.zero_shot, args.class_names, args.templates, args.retrieval,
-                                  args.probe_train, args.probe_test, args.shots, args.batch_size, args.device)
-    print(f"checkpoint: {path} (step {step})")
+                                  args.probe_train, args.probe_test, args.shots, args.batch_size, args.device,
+                                  progress=_progress("eval"))
     print(metrics_table(metrics))
     _print_evaluations(ckpt.run_dir_of(path))
     if args.output:
@@ -165,10 +199,30 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step_of(path):
+    from limoe import checkpoint as ckpt
+
+    state = path / "state.json"
+    return ckpt.read_json(state).get("step", "?") if state.is_file() else "?"
+
+
+def _checkpoint_line(path) -> str:
+    """"checkpoint: PATH (step N)", the way every command names the checkpoint it used."""
+    return f"checkpoint: {path} (step {_step_of(path)})"
+
+
+def _progress(command: str):
+    """Progress lines of a long job, on stderr: stdout keeps only the results."""
+    return lambda line: print(f"limoe {command}: {line}", file=sys.stderr, flush=True)
+
+
 def _classify(args: argparse.Namespace) -> int:
+    from limoe import checkpoint as ckpt
     from limoe.jobs import classify
 
-    results = classify(args.checkpoint, args.images, args.labels, top=args.top, device=args.device)
+    path = ckpt.resolve(args.checkpoint)  # a run folder means its latest checkpoint: say which one answered
+    results = classify(str(path), args.images, args.labels, top=args.top, device=args.device)
+    print(_checkpoint_line(path), flush=True)
     for r in results:  # in the order given; an unreadable image is an error line among the predictions
         if "error" in r:
             fail(r["error"])
@@ -178,24 +232,25 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from limoe import checkpoint as ckpt
+    from limoe.jobs import embed, inputs_path, read_texts
 
-    from limoe.jobs import embed
-
-    texts = list(args.text or [])
-    if args.texts_file:
-        if not Path(args.texts_file).is_file():
-            return fail(f"texts file not found: {args.texts_file}")
-        texts += [t for t in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if t.strip()]
-    path, shape = embed(args.checkpoint, args.output, images=args.images or [], texts=texts, device=args.device)
-    print(f"wrote {path}: {shape[0]} embeddings of dimension {shape[1]}")
+    texts = list(args.text or []) + (read_texts(args.texts_file) if args.texts_file else [])
+    checkpoint = ckpt.resolve(args.checkpoint)
+    path, shape = embed(str(checkpoint), args.output, images=args.images or [], texts=texts, device=args.device)
+    kind = "image" if args.images else "text"
+    where = inputs_path(path) if path.endswith(".npy") else "its metadata ('items')"
+    print(_checkpoint_line(checkpoint))
+    print(f"wrote {path}: {shape[0]} {kind} embeddings of dimension {shape[1]}, L2-normalised (unit length: a dot "
+          f"product is the cosine similarity); row i is input i, the inputs listed in {where}")
     return 0
 
 
 def _add_job_parsers(sub) -> None:
-    train = sub.add_parser("train", help="train (default: a tiny LIMoE on the built-in data, CPU) and evaluate",
+    train = sub.add_parser("train", help="train (default: a tiny LIMoE on the built-in corpus, CPU) and evaluate",
                            description="Train a contrastive model, evaluate it on held-out data and print results. "
-                                       "With no arguments: the default tiny LIMoE on the built-in OpenMoji data.")
+                                       "With no arguments: the default tiny LIMoE on the built-in corpus of emoji "
+                                       "and icons.")
     train.add_argument("--preset", default="default", help="named training preset: default, quick, limoe-b16")
     train.add_argument("--config", help="a config.json of an earlier run (instead of a preset)")
     train.add_argument("--model", help="model preset, e.g. limoe-tiny, dense-tiny, limoe-b16")
@@ -214,7 +269,11 @@ def _add_job_parsers(sub) -> None:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="zero-shot, retrieval and k-shot linear probe of a checkpoint")
+    ev = sub.add_parser("eval", help="zero-shot, retrieval and k-shot linear probe of a checkpoint",
+                        description="Evaluate a checkpoint. By default on the held-out data of the built-in corpus or "
+                                    "OpenMoji set the run trained on; a run trained on your own data (data.source "
+                                    "csv or wds) needs --zero-shot and/or --retrieval. The first line names the "
+                                    "checkpoint and the data, progress goes to stderr.")
     ev.add_argument("checkpoint", help="checkpoint folder (checkpoints/step_N) or run folder (its latest checkpoint)")
     ev.add_argument("--zero-shot", metavar="DIR", help="image folder, one sub-folder per class "
                                                        "(default: the held-out concepts of the run's built-in "
@@ -225,29 +284,35 @@ def _add_job_parsers(sub) -> None:
                                                       "run's built-in data or corpus)")
     ev.add_argument("--probe-train", metavar="DIR", help="image folder to pick the k shots per class from")
     ev.add_argument("--probe-test", metavar="DIR", help="image folder to test the linear probe on")
-    ev.add_argument("--shots", type=int, default=10)
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--shots", type=int, default=10, help="labelled images per class the linear probe learns from "
+                                                          "(default: 10)")
+    ev.add_argument("--batch-size", type=int, default=256, help="images or pairs per forward pass (default: 256)")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
     ev.add_argument("--output", "-o", help="write the metrics as JSON here")
     ev.set_defaults(func=_eval)
 
     checkpoint_help = "checkpoint folder (checkpoints/step_N) or run folder (its latest checkpoint)"
     cl = sub.add_parser("classify", help="zero-shot labels for your own images")
     cl.add_argument("checkpoint", help=checkpoint_help)
-    cl.add_argument("images", nargs="+", metavar="IMAGE")
+    cl.add_argument("images", nargs="+", metavar="IMAGE", help="image files to label (any format PIL reads)")
     cl.add_argument("--labels", required=True, help='comma-separated labels ("cat,dog") or @file, one per line')
     cl.add_argument("--top", type=int, default=3, help="labels shown per image, most probable first (default: 3)")
-    cl.add_argument("--device", default="cpu")
+    cl.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
     cl.set_defaults(func=_classify)
 
-    em = sub.add_parser("embed", help="image or text embeddings to .npy / .safetensors")
+    em = sub.add_parser("embed", help="L2-normalised image or text embeddings to .npy / .safetensors",
+                        description="Embed images or texts with a checkpoint: an [N, D] float32 array of L2-normalised "
+                                    "embeddings (unit length, so a dot product is the cosine similarity), row i for "
+                                    "input i in the order given. The inputs go with it: in a .safetensors file's "
+                                    "metadata ('kind', 'items'), or for .npy in OUT.inputs.json beside it.")
     em.add_argument("checkpoint", help=checkpoint_help)
-    em.add_argument("--images", nargs="+", metavar="IMAGE")
+    em.add_argument("--images", nargs="+", metavar="IMAGE", help="image files to embed, one row each")
     em.add_argument("--text", nargs="+", action="extend", metavar="TEXT",
-                    help="texts to embed: --text 'a cat' 'a dog' (repeatable)")
-    em.add_argument("--texts-file", help="a file with one text per line")
+                    help="texts to embed: --text 'a cat' 'a dog' (repeatable); an empty text is refused")
+    em.add_argument("--texts-file", help="a UTF-8 file with one text per line (after any --text); a blank line is "
+                                         "refused with its line number, blank lines at the end are ignored")
     em.add_argument("--output", "-o", required=True, help="output .npy or .safetensors")
-    em.add_argument("--device", default="cpu")
+    em.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
     em.set_defaults(func=_embed)
 
 
@@ -274,14 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build or inspect the built-in image-text datasets (OpenMoji; the corpus)")
     data.add_argument("action", choices=["build", "info", "style"],
                       help="build: build now (else built on first use); info: print its manifest (the corpus: "
-                           "pairs per source, style and split); style: add another codepoint-named emoji set "
-                           "from --images to the built-in dataset")
+                           "pairs per source, style and split: train, held-out concepts, seen concepts); style: add "
+                           "another codepoint-named emoji set from --images to the built-in dataset")
     data.add_argument("--dataset", choices=["builtin", "corpus"], default=None,
-                      help="corpus: emoji and icons in four styles, the default run's data (default; style: "
+                      help="corpus: emoji and icons in eleven styles, the default run's data (default; style: "
                            "builtin); builtin: OpenMoji colour emoji")
     data.add_argument("--size", type=int, default=64, help="render size in pixels (default: 64)")
     data.add_argument("--test-fraction", type=float, default=None,
-                      help="share of concepts held out (default: 0.2 builtin, 0.15 corpus)")
+                      help="share of concepts held out (default: 0.2 builtin, 0.1 corpus)")
     data.add_argument("--max-concepts", type=int, default=None, help="a small subset of concepts (quick builds)")
     data.add_argument("--force", action="store_true", help="rebuild even if cached")
     data.add_argument("--images", help="style: folder of images named by codepoints")
@@ -297,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="route two-modality tokens through a MoE layer and report routing health")
     demo.add_argument("--tokens", type=int, default=2048, help="tokens per step (default: 2048)")
     demo.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the toy tokens, the layers' initial weights and the router noise (default: 0)")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -108,65 +109,193 @@ def classify(checkpoint: str, images: Sequence[str], labels: str | Sequence[str]
 
 
 # -- eval -----------------------------------------------------------------------------------------------------
+BUILT_IN_DATA = {"corpus": "the built-in corpus", "builtin": "the built-in OpenMoji set"}
+
+
+def run_config(checkpoint: str):
+    """The TrainConfig a checkpoint was trained with (its config.json), without loading any weights."""
+    from limoe import checkpoint as ckpt
+    from limoe.train.config import TrainConfig
+
+    try:
+        file = ckpt.resolve(checkpoint) / "config.json"
+        data = ckpt.read_json(file)
+    except CheckpointError as e:
+        raise JobError(str(e)) from None
+    try:
+        return TrainConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise JobError(f"{file}: unreadable config ({e})") from None
+
+
+def evaluation_plan(config, zero_shot_dir: str | None = None, retrieval_csv: str | None = None,
+                    probe_train: str | None = None, probe_test: str | None = None, shots: int = 10) -> str:
+    """What `limoe eval` scores, in words; a JobError, before anything is loaded, for what cannot be scored. A run
+    trained on the user's own data (csv, wds) has no held-out set limoe knows of: without --zero-shot,
+    --retrieval or a probe it is refused, never scored on built-in data."""
+    if (probe_train or probe_test) and not (probe_train and probe_test):
+        raise JobError("the linear probe needs both --probe-train and --probe-test image folders")
+    if zero_shot_dir and not Path(zero_shot_dir).is_dir():
+        raise JobError(f"zero-shot folder not found: {zero_shot_dir}")
+    probe = (probe_train, probe_test) if probe_train else None
+    built_in = BUILT_IN_DATA.get(config.data.source)
+    if not (built_in or zero_shot_dir or retrieval_csv or probe):
+        own = [f"--zero-shot {config.eval.zero_shot_dir}" if config.eval.zero_shot_dir else "",
+               f"--retrieval {config.eval.retrieval_csv}" if config.eval.retrieval_csv else ""]
+        hint = f" (its training evaluated on {' '.join(filter(None, own))})" if any(own) else ""
+        raise JobError(f"this run trained on data.source={config.data.source} ({config.data.train}), which has no "
+                       f"held-out set limoe knows: pass --zero-shot DIR (image folder, one sub-folder per class) "
+                       f"and/or --retrieval pairs.csv{hint}")
+    parts = []
+    if zero_shot_dir:
+        parts.append(f"zero-shot on {zero_shot_dir}")
+    elif built_in:
+        seen = " and its seen concepts in unseen renderings" if config.data.source == "corpus" else ""
+        parts.append(f"zero-shot on the held-out concepts of {built_in}{seen}")
+    if retrieval_csv:
+        parts.append(f"retrieval on {retrieval_csv}")
+    elif built_in:
+        parts.append(f"retrieval on the test pairs of {built_in}")
+    if probe:
+        parts.append(f"a {shots}-shot linear probe ({probe[0]} -> {probe[1]})")
+    return ", ".join(parts)
+
+
+class Metrics(dict):
+    """Metric name -> value (what `-o` writes), with the chance level of the metrics that have one."""
+
+    def __init__(self, values=(), chance: dict[str, float] | None = None):
+        super().__init__(values)
+        self.chance = dict(chance or {})
+
+
+def _size(dataset, what: str) -> str:
+    return f"{len(dataset):,} {what}" if hasattr(dataset, "__len__") else what
+
+
+def _score(model, tokenizer, sets, batch_size: int, loss_batch: int, progress) -> Metrics:
+    """evaluation.held_out one set at a time, so that each set gets a line before its (long) pass."""
+    from limoe.train import evaluation
+
+    parts = [("seen", "seen concepts in unseen renderings", sets.seen),
+             ("zero_shot", "zero-shot", sets.zero_shot), ("retrieval", "retrieval", sets.retrieval)]
+    parts = [(field, label, part) for field, label, part in parts if part is not None]
+    out = Metrics()
+    for i, (field, label, part) in enumerate(parts, 1):
+        if field == "retrieval":
+            progress(f"[{i}/{len(parts)}] {label}: {_size(part, 'pairs')}")
+        else:
+            progress(f"[{i}/{len(parts)}] {label}: {_size(part[0], 'images')} of {len(part[1]):,} classes")
+        metrics, chance = evaluation.held_out(model, tokenizer, evaluation.EvalSets(**{field: part}), batch_size,
+                                              loss_batch)
+        out.update(metrics)
+        out.chance.update(chance)
+    return out
+
+
 def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class_names: str | None = None,
                         templates: str | None = None, retrieval_csv: str | None = None,
                         probe_train: str | None = None, probe_test: str | None = None, shots: int = 10,
-                        batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
+                        batch_size: int = 256, device: str = "cpu",
+                        progress: Callable[[str], None] | None = None) -> Metrics:
     """Zero-shot on an image folder (default: the held-out concepts of the run's corpus or built-in data),
     retrieval on a CSV of pairs (default: their test split), and a k-shot linear probe when two image folders
-    are given."""
+    are given. A run trained on its own data (csv, wds) needs the folder or the CSV (evaluation_plan).
+    `progress` gets a line as each part starts (the command line prints them to stderr)."""
     from limoe import evaluate
     from limoe.data import CsvPairs, ImageConfig, ImageFolder, LoaderConfig, make_loader
     from limoe.train import evaluation
     from limoe.train.data import held_out_pairs, held_out_zero_shot
 
+    progress = progress or (lambda line: None)
+    evaluation_plan(run_config(checkpoint), zero_shot_dir, retrieval_csv, probe_train, probe_test, shots)
     model, tokenizer, config = _load(checkpoint, device)
+    built_in = config.data.source in BUILT_IN_DATA
     image = ImageConfig(image_size=model.config.image_size)
     one = dict(rank=0, world_size=1)
-    metrics: dict[str, float] = {}
+    sets = evaluation.EvalSets()
+    start = time.perf_counter()
     try:
+        progress("reading the evaluation data")
         if zero_shot_dir:
             root = Path(zero_shot_dir)
-            if not root.is_dir():
-                raise JobError(f"zero-shot folder not found: {root}")
             names_file = class_names or (root / "classnames.txt" if (root / "classnames.txt").is_file() else None)
             templates_file = templates or (root / "templates.txt" if (root / "templates.txt").is_file() else None)
             ds = ImageFolder(root, names_file, templates_file, image=image, **one)
-            zs = (ds, ds.class_names, ds.templates)
-        else:
-            zs = held_out_zero_shot(config, image, **one)  # the run's corpus, else the built-in dataset
-        metrics.update(evaluation.zero_shot(model, tokenizer, *zs, batch_size=batch_size))
+            sets.zero_shot = (ds, ds.class_names, ds.templates)
+        elif built_in:  # the run's corpus (held-out concepts, and seen concepts in unseen renderings), or built-in set
+            sets.zero_shot = held_out_zero_shot(config, image, **one)
+            sets.seen = held_out_zero_shot(config, image, split="seen", **one)
         if retrieval_csv:
-            pairs = CsvPairs(retrieval_csv, image=image, **one)
-        else:
-            pairs = held_out_pairs(config, image, **one)
-        metrics.update(evaluation.retrieval(model, tokenizer, pairs, batch_size))
-        if probe_train or probe_test:
-            if not (probe_train and probe_test):
-                raise JobError("the linear probe needs both --probe-train and --probe-test image folders")
+            sets.retrieval = CsvPairs(retrieval_csv, image=image, **one)
+        elif built_in:
+            sets.retrieval = held_out_pairs(config, image, **one)
+        metrics = _score(model, tokenizer, sets, batch_size, config.eval.loss_batch, progress)
+        if probe_train:
             train_ds = ImageFolder(probe_train, image=image, **one)
             test_ds = ImageFolder(probe_test, image=image, **one)
+            progress(f"linear probe: {shots} shots of {len(train_ds.class_names):,} classes, tested on "
+                     f"{_size(test_ds, 'images')}")
             loader = LoaderConfig(batch_size=batch_size, num_workers=0)
-            probe = evaluate.few_shot_linear_probe(model, make_loader(train_ds, loader), make_loader(test_ds, loader),
-                                                   num_classes=len(train_ds.class_names), shots=shots)
-            metrics[f"linear_probe/{shots}shot_accuracy"] = probe["accuracy"]
+            result = evaluate.few_shot_linear_probe(model, make_loader(train_ds, loader), make_loader(test_ds, loader),
+                                                    num_classes=len(train_ds.class_names), shots=shots)
+            metrics[f"linear_probe/{shots}shot_accuracy"] = result["accuracy"]
     except (FileNotFoundError, KeyError, ValueError) as e:  # incl. NoValidSamplesError, JobError
         raise JobError(str(e).strip("'\"")) from None
+    progress(f"evaluated in {time.perf_counter() - start:.0f} s")
     return metrics
 
 
-def metrics_table(metrics: dict[str, float]) -> str:
+def metrics_table(metrics: dict[str, float], chance: dict[str, float] | None = None) -> str:
+    """One row per metric: shares as percentages (with their chance level where known), losses as numbers."""
+    chance = getattr(metrics, "chance", {}) if chance is None else chance
+    if not metrics:
+        return "no metrics"
     width = max(len(k) for k in metrics) + 2
-    return "\n".join([f"{'metric':<{width}}{'value':>9}"] +
-                     [f"{k:<{width}}{100 * v:>8.2f}%" for k, v in metrics.items()])
+    lines = [f"{'metric':<{width}}{'value':>9}{'chance':>9}"]
+    for key, value in metrics.items():
+        if key.endswith("loss"):  # the held-out contrastive loss: nats, not a share
+            lines.append(f"{key:<{width}}{value:>9.3f}")
+        else:
+            c = chance.get(key)
+            lines.append(f"{key:<{width}}{100 * value:>8.2f}%" + (f"{100 * c:>8.2f}%" if c else ""))
+    return "\n".join(lines)
 
 
 # -- embed ----------------------------------------------------------------------------------------------------
+def read_texts(path: str) -> list[str]:
+    """The texts of a file, one per line, row i of the output being line i + 1. A blank line is refused (naming
+    it), so that rows never shift against lines; blank lines at the end of the file are ignored."""
+    if not os.path.isfile(path):
+        raise JobError(f"texts file not found: {path}")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise JobError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    blank = [i for i, line in enumerate(lines, 1) if not line.strip()]
+    if blank:
+        more = f" (and {len(blank) - 1} more)" if len(blank) > 1 else ""
+        raise JobError(f"{path}: line {blank[0]} is blank{more}: every line is one text to embed (remove it)")
+    return lines
+
+
+def inputs_path(output: str) -> str:
+    """Where a .npy output's inputs are listed (a .safetensors output keeps them in its metadata)."""
+    return str(Path(output).with_suffix(".inputs.json"))
+
+
 def embed(checkpoint: str, output: str, images: Sequence[str] = (), texts: Sequence[str] = (),
           batch_size: int = 256, device: str = "cpu") -> tuple[str, tuple[int, ...]]:
-    """Normalised image or text embeddings [N, D] to a .npy or .safetensors file (key "embeddings")."""
+    """L2-normalised image or text embeddings [N, D] (row i: input i) to a .npy or .safetensors file (key
+    "embeddings"). The inputs in row order go with them: in the safetensors metadata ("kind", "items"), or for
+    .npy in inputs_path(output). An empty text is refused: its embedding would be the padding's alone."""
     if bool(images) == bool(texts):
         raise JobError("give either images or texts to embed (not both, not neither)")
+    empty = [i for i, text in enumerate(texts, 1) if not text.strip()]
+    if empty:
+        raise JobError(f"text {empty[0]} of {len(texts)} is empty: give only non-empty texts")
     suffix = Path(output).suffix
     if suffix not in (".npy", ".safetensors"):
         raise JobError(f"output must end in .npy or .safetensors, got {output!r}")
@@ -183,13 +312,17 @@ def embed(checkpoint: str, output: str, images: Sequence[str] = (), texts: Seque
     with _finite_or_job_error():
         z_ND = check_finite(torch.cat(chunks).float().contiguous(), "embeddings")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
+    inputs = {"kind": "image" if images else "text", "normalized": "l2", "checkpoint": str(checkpoint),
+              "items": list(images or texts)}
     if suffix == ".npy":
         import numpy as np
 
         np.save(output, z_ND.numpy())
+        Path(inputs_path(output)).write_text(json.dumps(inputs, indent=1, ensure_ascii=False) + "\n",
+                                             encoding="utf-8")
     else:
         from safetensors.torch import save_file
 
-        save_file({"embeddings": z_ND}, output, metadata={"kind": "image" if images else "text",
-                                                          "items": json.dumps(list(images or texts))})
+        save_file({"embeddings": z_ND}, output, metadata={k: v if isinstance(v, str) else json.dumps(v)
+                                                          for k, v in inputs.items()})
     return output, tuple(z_ND.shape)

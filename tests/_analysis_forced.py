@@ -63,3 +63,17 @@ def force_routing(model, monkeypatch, image_expert: int = 0, text_expert: int = 
 def images(n: int, size: int = 32, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return list(torch.randn(n, 3, size, size, generator=gen))
+
+
+WORDS = ["red", "blue", "circle", "square"]
+
+
+def small_moe_analysis():
+    """analyze_routing of an untrained 4-expert limoe-tiny over 8 pairs of four words: a report's worth of data."""
+    import limoe
+    from limoe.analysis import AnalysisConfig, analyze_routing
+
+    torch.manual_seed(0)
+    model = limoe.create_model("limoe-tiny", num_experts=4, vocab_size=8)
+    captions = ["red circle", "blue square", "red square", "blue circle"] * 2
+    return analyze_routing(model, WordTokenizer(WORDS), zip(images(8), captions), AnalysisConfig(batch_size=4))

@@ -8,14 +8,13 @@ import torch
 from PIL import Image
 
 import limoe
-from limoe.analysis import AnalysisConfig, analyze_routing
+from limoe.analysis import analyze_routing
 from limoe.analysis.cli import add_analyze_parser
 from limoe.analysis.metrics_log import find_metrics, read_metrics
 from limoe.analysis.report import write_report
+from limoe.checkpoint import FILES
 from limoe.train.config import DataConfig, TrainConfig
-from _analysis_forced import WordTokenizer, images
-
-WORDS = ["red", "blue", "circle", "square"]
+from _analysis_forced import WORDS, WordTokenizer, images, small_moe_analysis
 MOE_PLOTS = ["modality_share.png", "routing_success.png", "expert_usage.png", "token_maps.png",
              "expert_patches.png"]
 
@@ -30,10 +29,7 @@ def write_metrics(path, steps=20, torn=False):
 
 @pytest.fixture(scope="module")
 def moe_analysis():
-    torch.manual_seed(0)
-    model = limoe.create_model("limoe-tiny", num_experts=4, vocab_size=8)
-    captions = ["red circle", "blue square", "red square", "blue circle"] * 2
-    return analyze_routing(model, WordTokenizer(WORDS), zip(images(8), captions), AnalysisConfig(batch_size=4))
+    return small_moe_analysis()
 
 
 def test_report_has_every_plot_table_and_number(tmp_path, moe_analysis):
@@ -107,7 +103,9 @@ def csv_pairs(tmp_path, n=6):
 def fake_checkpoint(tmp_path, monkeypatch, name="limoe-tiny"):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "model.pt").write_bytes(b"")  # the loader below ignores it; the CLI only checks that it exists
+    for file in FILES:  # the loader below ignores them; the CLI only checks that they exist
+        (run / file).write_bytes(b"")
+    (run / "state.json").write_text('{"step": 20}')
     write_metrics(run / "metrics.jsonl")
     torch.manual_seed(0)
     model = limoe.create_model(name, num_experts=4, vocab_size=8)
@@ -115,7 +113,7 @@ def fake_checkpoint(tmp_path, monkeypatch, name="limoe-tiny"):
     run_config = TrainConfig(model=name, data=DataConfig(source="csv", train="pairs.csv"))  # not a built-in set
     monkeypatch.setattr(limoe, "load_checkpoint", lambda path: loaded.append(path) or
                         (model, WordTokenizer(WORDS), run_config), raising=False)
-    return run / "model.pt", loaded
+    return run / "model.safetensors", loaded
 
 
 def test_cli_writes_report_next_to_the_run(tmp_path, monkeypatch, capsys):

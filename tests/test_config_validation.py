@@ -14,7 +14,7 @@ from functools import reduce
 import pytest
 import torch
 
-from limoe.checks import Check
+from limoe.checks import Check, dotted
 from limoe.cli import main
 from limoe.model.config import MOE_KEYS, ModelConfig
 from limoe.moe.layer import MoeConfig
@@ -268,3 +268,27 @@ def test_cli_refuses_an_unavailable_device_in_one_line(tmp_path, capsys, cuda_de
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("limoe: error: device is 'cuda' but"), err
     assert not (tmp_path / "run").exists()
+
+
+# -- checks across fields name the keys users type (moe.k), not the bare fields (k) ------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["moe.k=9"], "moe.k must be in [1, moe.num_experts=8], got 9"),
+    (["model.heads=5"], "model.width=64 must be divisible by model.heads=5"),
+    (["data.image_size=30"], "data.image_size=30 must be divisible by model.patch_size=8"),
+    (["model.image_size=30"], "model.image_size=30 must be divisible by model.patch_size=8"),
+    (["moe.global_entropy_min_experts=[9,1]"], "moe.global_entropy_min_experts values must be in [1, "
+                                               "moe.num_experts=8]"),
+])
+def test_cross_field_errors_name_the_keys_users_type(overrides, message):
+    cfg = get_preset("default")
+    apply_overrides(cfg, overrides)
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert message in str(e.value)
+
+
+def test_dotted_names_bare_fields_only():
+    keys = {"k": "moe.k", "num_experts": "moe.num_experts", "depth": "model.depth"}
+    assert dotted("k must be in [1, num_experts=4], got 9", keys) == "moe.k must be in [1, moe.num_experts=4], got 9"
+    assert dotted("moe.k=2 ...: leave k at 1", keys) == "moe.k=2 ...: leave moe.k at 1"  # dotted already: kept
+    assert dotted("'every:n' (n <= depth // 2), keys 'k'", keys) == "'every:n' (n <= model.depth // 2), keys 'k'"

@@ -44,7 +44,8 @@ def test_load_checkpoint_api(run):
 
 def test_classify_prints_labels_per_image(run, images, capsys):
     assert main(["classify", str(run[0]), *images, "--labels", "cat, dog,thumbs up", "--top", "2"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header == f"checkpoint: {run[0]} (step 3)"  # which checkpoint answered
     assert len(lines) == 2 and lines[0].startswith(images[0]) and lines[0].count("%") == 2
 
 
@@ -147,7 +148,7 @@ def test_classify_reports_an_unreadable_image_and_classifies_the_rest(run, image
     corrupt.write_bytes(b"\x89PNG not really")
     assert main(["classify", str(run[0]), images[0], str(corrupt), images[1], "--labels", "cat,dog"]) == 2
     captured = capsys.readouterr()
-    out = captured.out.strip().splitlines()
+    out = captured.out.strip().splitlines()[1:]  # after the checkpoint's line
     assert [line.split(":")[0] for line in out] == [images[0], images[1]]
     _one_error_line_in(captured.err, f"cannot read image {corrupt}")
 
@@ -160,7 +161,8 @@ def _one_error_line_in(err: str, contains: str) -> None:
 def test_eval_says_which_checkpoint_and_step(run, capsys):
     assert main(["eval", str(run[0].parent.parent)]) == 0  # a run folder: its latest (an earlier test extends it)
     first = capsys.readouterr().out.splitlines()[0]
-    match = re.fullmatch(rf"checkpoint: {re.escape(str(run[0].parent))}/step_(\d+) \(step (\d+)\)", first)
+    folder = re.escape(str(run[0].parent))
+    match = re.fullmatch(rf"checkpoint: {folder}/step_(\d+) \(step (\d+)\): evaluating .+", first)
     assert match and int(match[1]) == int(match[2]) >= 3, first  # the folder's step is the state's
 
 
@@ -180,11 +182,14 @@ def test_train_says_where_it_goes_first_and_lists_its_evaluations_at_the_end(run
 def test_data_info_says_where_the_data_is(tmp_path, monkeypatch, capsys):
     import limoe.data
 
-    (tmp_path / "manifest.json").write_text('{"pairs": 3}')
+    (tmp_path / "manifest.json").write_text(json.dumps({"pairs": {"train": 39, "test": 23},
+                                                        "concepts": {"train": 34, "test": 6}}))
     monkeypatch.setattr(limoe.data, "build_builtin_dataset", lambda cfg, force=False: tmp_path)
     assert main(["data", "info", "--dataset", "builtin"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == f"built-in dataset: {tmp_path}" and '"pairs": 3' in out
+    assert out.splitlines()[0] == f"built-in dataset: {tmp_path}"
+    assert [line.split() for line in out.splitlines()[2:5]] == [["train", "test"], ["pairs", "39", "23"],
+                                                               ["concepts", "34", "6"]]  # a table, not JSON
 
 
 def _pairs_csv(folder, n):
@@ -213,4 +218,6 @@ def test_train_data_that_cannot_give_a_batch_is_one_line(tmp_path, capsys, case)
 def test_eval_on_data_without_a_valid_sample_is_one_line(run, tmp_path, capsys):
     (tmp_path / "bad.csv").write_text(f"filepath,title\n{tmp_path}/gone.png,a picture that is not there\n")
     assert main(["eval", str(run[0]), "--retrieval", str(tmp_path / "bad.csv")]) == 2
-    _one_error_line(capsys, "no valid samples")
+    err = capsys.readouterr().err.strip().splitlines()
+    progress = [line for line in err if line.startswith("limoe eval: ")]  # the sets scored before the bad one
+    _one_error_line_in("\n".join(line for line in err if line not in progress), "no valid samples")

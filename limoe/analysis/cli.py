@@ -78,6 +78,29 @@ def load_pairs(spec: str, image_size: int, seed: int = 0, run_config=None):
                     f".tar shards, got {spec!r}")
 
 
+def describe_data(spec: str, pairs, run_config=None) -> str:
+    """The pairs a --data value stands for, in words, with the file they come from where there is one."""
+    split = "training" if spec.endswith(":train") else "test"
+    if spec == "held-out":
+        built_in = "corpus" if run_config.data.source == "corpus" else "built-in OpenMoji set"
+        words = f"held-out pairs (the test split of the run's {built_in})"
+    elif spec.startswith("corpus"):
+        words = f"the built-in corpus's {split} split"
+    elif spec.startswith("builtin"):
+        words = f"the built-in OpenMoji set's {split} split"
+    else:
+        return spec
+    name = getattr(pairs, "name", None)
+    return f"{words}, {name}" if name else words
+
+
+def _step_of(checkpoint: Path):
+    """The checkpoint's training step (its state.json)."""
+    from limoe import checkpoint as ckpt
+
+    return ckpt.read_json(checkpoint / "state.json").get("step")
+
+
 def _checkpoint_folder(path: str) -> Path:
     """A file inside a checkpoint folder (e.g. its model.safetensors) stands for the folder."""
     return Path(path).parent if Path(path).is_file() else Path(path)
@@ -91,7 +114,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     from limoe.analysis.report import write_report
     from limoe.analysis.routing_stats import AnalysisConfig, analyze_routing
 
-    checkpoint = _checkpoint_folder(args.checkpoint)
+    from limoe import checkpoint as ckpt
+
+    checkpoint = ckpt.resolve(_checkpoint_folder(args.checkpoint))  # a run folder: its latest, named as such below
     model, tokenizer, run_config = limoe.load_checkpoint(checkpoint)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -103,12 +128,15 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise UserError(f"--layer must be in [-{len(analysis.layers)}, {len(analysis.layers)}), got {args.layer}")
 
     metrics = args.metrics or find_metrics(checkpoint)
+    source = {"checkpoint": str(checkpoint), "step": _step_of(checkpoint),
+              "data": describe_data(args.data, pairs, run_config), "sample_seed": args.seed}
     out = args.out or (None if args.json else checkpoint / "analysis")
     if out is not None:
-        index = write_report(analysis, out, metrics_path=metrics, layer=args.layer if analysis.layers else None)
+        index = write_report(analysis, out, metrics_path=metrics, layer=args.layer if analysis.layers else None,
+                             source=source)
         print(f"limoe analyze: report written to {index}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        data = analysis.to_json()
+        data = {"source": source, **analysis.to_json()}
         data["metrics_path"] = str(metrics) if metrics else None
         print(json.dumps(data))
     return 0

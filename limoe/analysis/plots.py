@@ -23,6 +23,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from limoe.analysis.routing_stats import RoutingAnalysis  # noqa: E402
 from limoe.analysis.style import IMAGE_COLOUR, TEXT_COLOUR  # noqa: E402
 DPI = 100
+MAIN_LOSSES = ("contrastive_loss", "total_loss")  # the training objective; every other *_loss is an aux term
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -72,9 +73,10 @@ def plot_modality_share(analysis: RoutingAnalysis, path: str | os.PathLike) -> P
         ax.set_xlabel("expert", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
     axes.flat[0].set_ylabel("share of processed tokens", fontsize=8)
-    axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.suptitle("Image (red) vs text (blue) tokens per expert; % = image share", fontsize=10, y=1.02)
     fig.tight_layout()
+    # Outside every panel: inside one it covers that layer's bars (every bar reaches 1 when its expert worked).
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.98))
     return _save(fig, path)
 
 
@@ -95,7 +97,7 @@ def plot_routing_success(analysis: RoutingAnalysis, path: str | os.PathLike) -> 
     ax.set_xticks(x, [lr.ref.name for lr in layers], fontsize=8, rotation=30 if len(layers) > 6 else 0)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("routing success (top-1 kept)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over one
     ax.set_title("Routing success per modality and layer", fontsize=10)
     return _save(fig, path)
 
@@ -180,9 +182,12 @@ def plot_expert_patches(analysis: RoutingAnalysis, layer: int, path: str | os.Pa
 
 
 def plot_training_curves(rows: list[dict], path: str | os.PathLike) -> Path | None:
-    """Routing success and aux losses over the training steps of a metrics log; None if it has neither.
+    """Routing success, the contrastive (and total) loss, and the aux losses over the training steps of a metrics
+    log, each in a panel of its own; None if it has none of them.
 
-    Image series are red and text series blue as in every other plot (a second series of the same modality gets
+    The aux losses are two orders of magnitude below the contrastive loss and some are exactly 0 (a global
+    entropy loss under its threshold), so on the contrastive loss's axis they would be a flat line at 0. Image
+    series are red and text series blue as in every other plot (a second series of the same modality gets
     another line style); a key needs two logged points to be a line, so the legend lists only what is drawn.
     """
     def series(wanted) -> list[str]:
@@ -194,11 +199,13 @@ def plot_training_curves(rows: list[dict], path: str | os.PathLike) -> Path | No
         return sorted(k for k, n in counts.items() if n >= 2)
 
     success = series(lambda k: "routing_success" in k)
-    losses = series(lambda k: k.endswith("_loss"))
-    if not rows or not (success or losses):
+    main = series(lambda k: k in MAIN_LOSSES)
+    aux = series(lambda k: k.endswith("_loss") and k not in MAIN_LOSSES)
+    if not rows or not (success or main or aux):
         return None
     steps = [r.get("step", i) for i, r in enumerate(rows)]
-    panels = [(keys, title) for keys, title in ((success, "routing success"), (losses, "loss terms")) if keys]
+    panels = [(keys, title) for keys, title in ((success, "routing success"), (main, "contrastive and total loss"),
+                                                (aux, "aux losses (weighted)")) if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 3.6), squeeze=False)
     for ax, (keys, title) in zip(axes.flat, panels):
         drawn: dict[str | None, int] = {}
@@ -209,8 +216,7 @@ def plot_training_curves(rows: list[dict], path: str | os.PathLike) -> Path | No
             colour = {"image": IMAGE_COLOUR, "text": TEXT_COLOUR}.get(modality, plt.get_cmap("tab10")(i % 10))
             drawn[modality] = drawn.get(modality, -1) + 1
             ax.plot(xs, ys, label=key, lw=1.2, color=colour, linestyle=("-", "--", ":", "-.")[drawn[modality] % 4])
-        if title == "loss terms" and all(r.get(k, 1) > 0 for r in rows for k in keys
-                                         if isinstance(r.get(k), (int, float))):
+        if "loss" in title and all(r.get(k, 1) > 0 for r in rows for k in keys if isinstance(r.get(k), (int, float))):
             ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(title, fontsize=10)

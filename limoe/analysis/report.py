@@ -85,16 +85,30 @@ def _layer_section(layer: dict) -> str:
     return f'<h3 id="{html.escape(layer["name"].replace(" ", "-"))}">{html.escape(layer["name"])}</h3>{experts}{losses}'
 
 
+def _origin(source: dict[str, Any]) -> str:
+    """"Checkpoint C (step N) on DATA: " for the report's first sentence; empty when the caller did not say."""
+    parts = []
+    if source.get("checkpoint"):
+        step = f" (step {source['step']})" if source.get("step") is not None else ""
+        parts.append(f"Checkpoint {source['checkpoint']}{step}")
+    if source.get("data"):
+        parts.append(f"{'on' if parts else 'On'} {source['data']}")
+    return " ".join(parts) + ": " if parts else ""
+
+
 def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_path: str | os.PathLike | None = None,
-                 layer: int | None = None, title: str = "LIMoE routing analysis") -> Path:
+                 layer: int | None = None, title: str = "LIMoE routing analysis",
+                 source: dict[str, Any] | None = None) -> Path:
     """Write the report folder; returns the path of index.html.
 
     `layer` picks the MoE layer (index into analysis.layers; default the last) for the token-to-expert maps and
     typical patches. `metrics_path` (a metrics.jsonl) adds routing success and aux losses over training steps.
+    `source` says what was analysed ({"checkpoint", "step", "data"}): a report read later, or copied elsewhere,
+    must say which model and which pairs its numbers are of.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = analysis.to_json()
+    data = {"source": dict(source or {}), **analysis.to_json()}
     parts: list[str] = []
     notes: list[str] = []
 
@@ -144,8 +158,9 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
         if plots.plot_training_curves(rows, out / "training_curves.png") is not None:
             data["training_curves"] = {"file": "training_curves.png", "steps": len(rows), "skipped_lines": skipped}
             parts += ["<h2>Over training</h2>",
-                      _figure("training_curves.png", f"Routing success and loss terms over {len(rows)} logged "
-                                                     "steps of the run's metrics log.")]
+                      _figure("training_curves.png", f"Routing success, the contrastive loss and the aux losses, "
+                                                     f"each on an axis of its own, over {len(rows)} logged steps "
+                                                     "of the run's metrics log.")]
         else:
             notes.append("The metrics log has no routing success or loss keys: no training curves.")
     else:
@@ -153,7 +168,8 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
 
     (out / "report.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     passes = "as pairs (as in training)" if analysis.pairs else "in separate image and text passes"
-    meta = (f"{analysis.num_pairs} image-text pairs encoded {passes}, batches of {analysis.batch_size}, "
+    origin = _origin(data["source"])
+    meta = (f"{origin}{analysis.num_pairs} image-text pairs encoded {passes}, batches of {analysis.batch_size}, "
             f"{'train' if analysis.train_routing else 'eval'}-mode routing, model kind {analysis.model_kind}, "
             f"{len(analysis.layers)} MoE layers, {analysis.image_size} px images in {analysis.patch_size} px patches")
     page = "\n".join([
@@ -162,7 +178,8 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
         f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(meta)}. Every number: "
                                            '<a href="report.json">report.json</a>.</p>',
         *(f'<p class="note">{n}</p>' for n in notes),
-        _table(["setting", "value"], [["model kind", analysis.model_kind], ["pairs", analysis.num_pairs],
+        _table(["setting", "value"], [*([k, v] for k, v in data["source"].items()),
+                                      ["model kind", analysis.model_kind], ["pairs", analysis.num_pairs],
                                       ["batch size", analysis.batch_size],
                                       ["encoded", "pairs" if analysis.pairs else "separate passes"],
                                       ["routing", "train" if analysis.train_routing else "eval"],

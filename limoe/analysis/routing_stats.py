@@ -141,8 +141,8 @@ class RoutingAnalysis:
         s = lr.stats
         mods = list(s.modalities)
         per_modality = {
-            m: {"tokens": s.tokens_M[j].item(), "top1_kept": s.top1_kept_M[j].item(),
-                "dropped": s.dropped_M[j].item(), "routing_success": s.routing_success_M[j].item(),
+            m: {"tokens": _count(s.tokens_M[j]), "top1_kept": _count(s.top1_kept_M[j]),
+                "dropped": _count(s.dropped_M[j]), "routing_success": s.routing_success_M[j].item(),
                 "dropped_fraction": s.dropped_fraction_M[j].item(), "mean_entropy": s.mean_entropy_M[j].item()}
             for j, m in enumerate(mods)
         }
@@ -150,8 +150,8 @@ class RoutingAnalysis:
         for e in range(lr.ref.num_experts):
             experts.append({
                 "expert": e,
-                "processed": {m: s.processed_ME[j, e].item() for j, m in enumerate(mods)},
-                "routed": {m: s.routed_ME[j, e].item() for j, m in enumerate(mods)},
+                "processed": {m: _count(s.processed_ME[j, e]) for j, m in enumerate(mods)},
+                "routed": {m: _count(s.routed_ME[j, e]) for j, m in enumerate(mods)},
                 "share": {m: s.modality_share_ME[j, e].item() for j, m in enumerate(mods)},
                 "load": s.expert_load_E[e].item(),
                 "top_tokens": [{"token": t, "count": c, "share": sh} for t, c, sh in self.top_tokens_of(i, e)],
@@ -160,6 +160,12 @@ class RoutingAnalysis:
         return {"name": lr.ref.name, "encoder": lr.ref.encoder, "block": lr.ref.block,
                 "num_experts": lr.ref.num_experts, "k": lr.ref.k, "passes": list(lr.ref.passes),
                 "modality": per_modality, "aux_losses": lr.aux_losses, "experts": experts}
+
+
+def _count(t: torch.Tensor) -> int | float:
+    """A count MoeStats sums in floating point, as the integer it is (9, not 9.0: the report prints it as such)."""
+    value = t.item()
+    return int(value) if float(value).is_integer() else value
 
 
 def _clean(x: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -25,14 +26,43 @@ def no_field_limit():
         csv.field_size_limit(old)
 
 
+class _Lines:
+    """A file's lines for csv.reader, numbered, keeping the lines of the row being read so that all but its first
+    can be read again: a row that ran on past an unclosed quote swallowed rows of their own."""
+
+    def __init__(self, f):
+        self.f = f
+        self.read = 0  # lines read from the file
+        self.row: list[tuple[int, str]] = []  # (line number, line) of the row being read
+        self.again: list[tuple[int, str]] = []  # lines to hand out again, the next one last
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.again:
+            number, line = self.again.pop()
+        else:
+            line = next(self.f)
+            self.read += 1
+            number = self.read
+        self.row.append((number, line))
+        return line
+
+    def reread_after_first(self) -> None:
+        self.again.extend(reversed(self.row[1:]))
+
+
 def read_rows(f, sep: str, path: str) -> tuple[list[str], list[list[str] | None]]:
     """(header, rows) of a CSV/TSV; a row with broken quoting is None (counted as 'bad_row' when read).
 
     strict quoting makes a stray quote an error for that row alone (the reader resumes at the next line)
-    instead of silently merging fields; a quote never closed swallows the rest of the file as one bad row.
-    Blank lines are not rows.
+    instead of silently merging fields. A quote never closed would swallow the following lines into that bad row,
+    up to the next quote or the end of the file: the row alone is bad, reading goes on with the line after its
+    first, and a warning names the file and the line. Blank lines are not rows.
     """
-    reader = csv.reader(f, delimiter=sep, strict=True)
+    lines = _Lines(f)
+    reader = csv.reader(lines, delimiter=sep, strict=True)
     try:
         header = next(reader, None)
     except csv.Error as e:
@@ -41,12 +71,20 @@ def read_rows(f, sep: str, path: str) -> tuple[list[str], list[list[str] | None]
         raise DataError(f"{path}: empty file, no header row (expected columns such as filepath,title)")
     rows: list[list[str] | None] = []
     while True:
+        lines.row = []
         try:
             row = next(reader)
         except StopIteration:
             return header, rows
-        except csv.Error:
+        except csv.Error as e:
             rows.append(None)
+            if len(lines.row) > 1:  # a quoted field ran on past its own line, over rows of their own
+                start = lines.row[0][0]
+                until = "the end of the file" if "unexpected end of data" in str(e) else f"line {lines.row[-1][0]}"
+                warnings.warn(f"{path}: line {start}: a quoted field opened on this line runs on to {until} (a quote "
+                              f"never closed?); that row is skipped (bad_row) and reading goes on at line "
+                              f"{start + 1}", stacklevel=3)
+                lines.reread_after_first()
             continue
         if row:
             rows.append(row)

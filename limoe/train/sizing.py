@@ -133,10 +133,25 @@ def estimate(model: str | ModelConfig, layout: Layout, batch_per_rank: int, chec
                     activation_bytes(built, batch_per_rank, checkpointing, bf16), expert, checkpointing)
 
 
+def count(n: float) -> str:
+    """A parameter count with the unit that keeps it readable: 590 K, 125.8 M, 5.59 B."""
+    for unit, size, digits in (("B", 1e9, 2), ("M", 1e6, 1), ("K", 1e3, 0)):
+        if n >= size:
+            return f"{n / size:.{digits}f} {unit}"
+    return f"{n:.0f}"
+
+
+def size(nbytes: float) -> str:
+    """Bytes in the binary unit that keeps them readable (a tiny model's states are KiB, an H/14's GiB)."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale * 1000 / 1024:  # 1.0 GiB rather than 1003.1 MiB
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 def table(estimates: list[Estimate], budget_gib: float | None = None) -> str:
     """A markdown table of estimates, one row each."""
-    head = ("| model | layout | batch / rank | params / rank | weights+grads+AdamW GiB | activations GiB | "
-            "training GiB |")
+    head = "| model | layout | batch / rank | params / rank | weights+grads+AdamW | activations | training |"
     rows = [head, "|---|---|---:|---:|---:|---:|---:|"]
 
     def fits(gib: float) -> str:
@@ -144,8 +159,8 @@ def table(estimates: list[Estimate], budget_gib: float | None = None) -> str:
 
     for e in estimates:
         layout = f"{e.layout}, recompute" if e.recompute else str(e.layout)
-        rows.append(f"| {e.model} | {layout} | {e.batch_per_rank} | {e.params / 1e9:.2f} B | {e.states_gib:.1f} | "
-                    f"{e.activation_bytes / GIB:.1f} | {e.total_gib:.1f}{fits(e.total_gib)} |")
+        rows.append(f"| {e.model} | {layout} | {e.batch_per_rank} | {count(e.params)} | {size(e.states_gib * GIB)} | "
+                    f"{size(e.activation_bytes)} | {size(e.total_gib * GIB)}{fits(e.total_gib)} |")
     return "\n".join(rows)
 
 
@@ -158,7 +173,8 @@ def add_memory_parser(sub) -> None:
     p.add_argument("--expert-parallel", type=int, default=1, help="EP size P (default: 1)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (dist.fsdp=true)")
     p.add_argument("--batch-per-rank", type=int, default=16, help="pairs per rank and micro-batch (default: 16)")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward, keeping only its input (activation_checkpointing=true)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activations' (default: bf16)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU to compare with (default: 80)")
     p.set_defaults(func=_memory)
