@@ -21,7 +21,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-# The main job: train the default tiny LIMoE on the built-in corpus (CPU, under 3 minutes) and evaluate it.
+# The main job: train the default tiny LIMoE on the built-in corpus (CPU, about 5 minutes) and evaluate it.
 demo: install
 	$(VENV)/bin/limoe train
 
