@@ -324,6 +324,12 @@ def write_metrics(path: str | os.PathLike, metrics: dict[str, float]) -> None:
 
 
 # -- reading --------------------------------------------------------------------------------------------------
+def step_of(checkpoint: str | os.PathLike) -> int | None:
+    """The training step of a checkpoint folder (its state.json), None when it has none (a sharded export...)."""
+    state = Path(checkpoint) / "state.json"
+    return read_json(state).get("step") if state.is_file() else None
+
+
 def read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))

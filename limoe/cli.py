@@ -66,7 +66,7 @@ def _export(args: argparse.Namespace) -> int:
     if not is_sharded(path):
         raise UserError(f"{path} is a single-folder checkpoint already: copy it")
     out = export(path, args.out)
-    print(f"exported {path} (step {_step_of(path)}) as a single-folder checkpoint: {out}")
+    print(f"exported {path} (step {ckpt.step_of(path)}) as a single-folder checkpoint: {out}")
     return 0
 
 
@@ -199,16 +199,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _step_of(path):
-    from limoe import checkpoint as ckpt
-
-    state = path / "state.json"
-    return ckpt.read_json(state).get("step", "?") if state.is_file() else "?"
-
-
 def _checkpoint_line(path) -> str:
     """"checkpoint: PATH (step N)", the way every command names the checkpoint it used."""
-    return f"checkpoint: {path} (step {_step_of(path)})"
+    from limoe import checkpoint as ckpt
+
+    step = ckpt.step_of(path)
+    return f"checkpoint: {path} (step {'?' if step is None else step})"
 
 
 def _progress(command: str):

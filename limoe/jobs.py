@@ -169,30 +169,6 @@ class Metrics(dict):
         self.chance = dict(chance or {})
 
 
-def _size(dataset, what: str) -> str:
-    return f"{len(dataset):,} {what}" if hasattr(dataset, "__len__") else what
-
-
-def _score(model, tokenizer, sets, batch_size: int, loss_batch: int, progress) -> Metrics:
-    """evaluation.held_out one set at a time, so that each set gets a line before its (long) pass."""
-    from limoe.train import evaluation
-
-    parts = [("seen", "seen concepts in unseen renderings", sets.seen),
-             ("zero_shot", "zero-shot", sets.zero_shot), ("retrieval", "retrieval", sets.retrieval)]
-    parts = [(field, label, part) for field, label, part in parts if part is not None]
-    out = Metrics()
-    for i, (field, label, part) in enumerate(parts, 1):
-        if field == "retrieval":
-            progress(f"[{i}/{len(parts)}] {label}: {_size(part, 'pairs')}")
-        else:
-            progress(f"[{i}/{len(parts)}] {label}: {_size(part[0], 'images')} of {len(part[1]):,} classes")
-        metrics, chance = evaluation.held_out(model, tokenizer, evaluation.EvalSets(**{field: part}), batch_size,
-                                              loss_batch)
-        out.update(metrics)
-        out.chance.update(chance)
-    return out
-
-
 def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class_names: str | None = None,
                         templates: str | None = None, retrieval_csv: str | None = None,
                         probe_train: str | None = None, probe_test: str | None = None, shots: int = 10,
@@ -230,12 +206,13 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
             sets.retrieval = CsvPairs(retrieval_csv, image=image, **one)
         elif built_in:
             sets.retrieval = held_out_pairs(config, image, **one)
-        metrics = _score(model, tokenizer, sets, batch_size, config.eval.loss_batch, progress)
+        metrics = Metrics(*evaluation.held_out(model, tokenizer, sets, batch_size, config.eval.loss_batch,
+                                               progress))
         if probe_train:
             train_ds = ImageFolder(probe_train, image=image, **one)
             test_ds = ImageFolder(probe_test, image=image, **one)
             progress(f"linear probe: {shots} shots of {len(train_ds.class_names):,} classes, tested on "
-                     f"{_size(test_ds, 'images')}")
+                     f"{evaluation.sized(test_ds, 'images')}")
             loader = LoaderConfig(batch_size=batch_size, num_workers=0)
             result = evaluate.few_shot_linear_probe(model, make_loader(train_ds, loader), make_loader(test_ds, loader),
                                                     num_classes=len(train_ds.class_names), shots=shots)
@@ -248,18 +225,14 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
 
 def metrics_table(metrics: dict[str, float], chance: dict[str, float] | None = None) -> str:
     """One row per metric: shares as percentages (with their chance level where known), losses as numbers."""
+    from limoe.train.logger import metric_row
+
     chance = getattr(metrics, "chance", {}) if chance is None else chance
     if not metrics:
         return "no metrics"
     width = max(len(k) for k in metrics) + 2
-    lines = [f"{'metric':<{width}}{'value':>9}{'chance':>9}"]
-    for key, value in metrics.items():
-        if key.endswith("loss"):  # the held-out contrastive loss: nats, not a share
-            lines.append(f"{key:<{width}}{value:>9.3f}")
-        else:
-            c = chance.get(key)
-            lines.append(f"{key:<{width}}{100 * value:>8.2f}%" + (f"{100 * c:>8.2f}%" if c else ""))
-    return "\n".join(lines)
+    rows = (metric_row(key, key, value, chance.get(key), width) for key, value in metrics.items())
+    return "\n".join([f"{'metric':<{width}}{'value':>9}{'chance':>9}", *rows])
 
 
 # -- embed ----------------------------------------------------------------------------------------------------

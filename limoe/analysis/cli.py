@@ -94,13 +94,6 @@ def describe_data(spec: str, pairs, run_config=None) -> str:
     return f"{words}, {name}" if name else words
 
 
-def _step_of(checkpoint: Path):
-    """The checkpoint's training step (its state.json)."""
-    from limoe import checkpoint as ckpt
-
-    return ckpt.read_json(checkpoint / "state.json").get("step")
-
-
 def _checkpoint_folder(path: str) -> Path:
     """A file inside a checkpoint folder (e.g. its model.safetensors) stands for the folder."""
     return Path(path).parent if Path(path).is_file() else Path(path)
@@ -128,7 +121,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise UserError(f"--layer must be in [-{len(analysis.layers)}, {len(analysis.layers)}), got {args.layer}")
 
     metrics = args.metrics or find_metrics(checkpoint)
-    source = {"checkpoint": str(checkpoint), "step": _step_of(checkpoint),
+    source = {"checkpoint": str(checkpoint), "step": ckpt.step_of(checkpoint),
               "data": describe_data(args.data, pairs, run_config), "sample_seed": args.seed}
     out = args.out or (None if args.json else checkpoint / "analysis")
     if out is not None:

@@ -47,7 +47,7 @@ def _specialisation(best: dict[str, Any], out_dir: Path) -> Path:
     model, tokenizer, cfg = limoe.load_checkpoint(run_dir)
     analysis = held_out_routing(model, tokenizer, cfg)
     checkpoint = ckpt.resolve(run_dir)
-    source = {"checkpoint": str(checkpoint), "step": ckpt.read_json(checkpoint / "state.json").get("step"),
+    source = {"checkpoint": str(checkpoint), "step": ckpt.step_of(checkpoint),
               "data": f"the held-out pairs of data.source={cfg.data.source}"}
     write_report(analysis, out_dir / "analysis", metrics_path=run_dir / "metrics.jsonl", source=source)
     # The blog's specialisation bars, also beside results.md so the table and its pictures travel together.

@@ -4,7 +4,7 @@ concepts and of seen concepts in unseen renderings, retrieval, and the contrasti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -63,17 +63,30 @@ def retrieval(model: nn.Module, tokenizer: Tokenizer, dataset, batch_size: int =
     return out
 
 
+def sized(dataset, what: str) -> str:
+    """"1,234 images" (or just "images" for a stream of unknown length)."""
+    return f"{len(dataset):,} {what}" if hasattr(dataset, "__len__") else what
+
+
 def held_out(model: nn.Module, tokenizer: Tokenizer, sets: EvalSets, batch_size: int = 256,
-             loss_batch: int = 128) -> tuple[dict[str, float], dict[str, float]]:
-    """(metrics, chance levels) on the evaluation sets that are configured."""
+             loss_batch: int = 128, progress: Callable[[str], None] | None = None
+             ) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics, chance levels) on the evaluation sets that are configured; `progress` gets a line as each set's
+    (long) pass starts."""
     metrics, chance = {}, {}
-    for prefix, zero_shot_set in (("seen", sets.seen), ("zero_shot", sets.zero_shot)):
-        if zero_shot_set is not None:
-            dataset, names, templates = zero_shot_set
-            metrics.update(zero_shot(model, tokenizer, dataset, names, templates, batch_size, prefix))
-            chance[f"{prefix}/top1"] = 1 / len(names)
-            chance[f"{prefix}/top5"] = min(1.0, 5 / len(names))
+    zero_shot_sets = [(prefix, label, part) for prefix, label, part in (
+        ("seen", "seen concepts in unseen renderings", sets.seen), ("zero_shot", "zero-shot", sets.zero_shot))
+        if part is not None]
+    count = len(zero_shot_sets) + (sets.retrieval is not None)
+    for i, (prefix, label, (dataset, names, templates)) in enumerate(zero_shot_sets, 1):
+        if progress:
+            progress(f"[{i}/{count}] {label}: {sized(dataset, 'images')} of {len(names):,} classes")
+        metrics.update(zero_shot(model, tokenizer, dataset, names, templates, batch_size, prefix))
+        chance[f"{prefix}/top1"] = 1 / len(names)
+        chance[f"{prefix}/top5"] = min(1.0, 5 / len(names))
     if sets.retrieval is not None:
+        if progress:
+            progress(f"[{count}/{count}] retrieval: {sized(sets.retrieval, 'pairs')}")
         metrics.update(retrieval(model, tokenizer, sets.retrieval, batch_size, loss_batch))
         n = len(sets.retrieval) if hasattr(sets.retrieval, "__len__") else 0
         if n:

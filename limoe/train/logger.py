@@ -68,6 +68,13 @@ def truncate_after(path: Path, step: int, ends_at: int | None = None) -> None:
     os.replace(tmp, path)
 
 
+def metric_row(label: str, key: str, value: float, chance: float | None = None, width: int = 28) -> str:
+    """One row of a metrics table: a loss as a number (nats), a share as a percentage with its chance level."""
+    if key.endswith("loss"):
+        return f"{label:<{width}}{value:>9.3f}"
+    return f"{label:<{width}}{100 * value:>8.2f}%" + (f"{100 * chance:>8.2f}%" if chance else "")
+
+
 def results_table(metrics: dict[str, float], chance: dict[str, float] | None = None) -> str:
     """The end-of-run table: zero-shot (seen concepts in unseen renderings, then held-out concepts), the held-out
     contrastive loss, retrieval and routing health, with chance levels where known; then top-1 per style."""
@@ -82,12 +89,7 @@ def results_table(metrics: dict[str, float], chance: dict[str, float] | None = N
         ("routing success text", "train/routing_success/text"),
     ]
     lines = [f"{'metric':<28}{'value':>9}{'chance':>9}"]
-    for label, key in rows:
-        if key.endswith("_loss") and key in metrics:  # a loss, not a share
-            lines.append(f"{label:<28}{metrics[key]:>9.3f}")
-        elif key in metrics:
-            c = chance.get(key)
-            lines.append(f"{label:<28}{100 * metrics[key]:>8.2f}%" + (f"{100 * c:>8.2f}%" if c else f"{'':>9}"))
+    lines += [metric_row(label, key, metrics[key], chance.get(key)) for label, key in rows if key in metrics]
     # The corpus scores each style's images against all of a test's classes: the pooled top-1's chance is theirs.
     tests = [(label, prefix) for label, prefix in (("seen", "seen"), ("held-out", "zero_shot"))
              if any(k.startswith(f"{prefix}/top1/") for k in metrics)]
