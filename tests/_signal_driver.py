@@ -1,7 +1,7 @@
 """`limoe train --config CONFIG` with SIGNAL sent to TARGET (main | group) from inside PHASE, for
 tests/test_train_signals.py. Phases: step (the 3rd forward), data (a loader worker, then it stalls, so the
 trainer is waiting for data, while the other worker is still starting), eval (the first evaluation; the config
-makes it periodic or final). Two more phases send no signal: crash (the 3rd forward raises) and worker-dies (a
+makes it periodic or final), decode (inside the decoding of an image during the first evaluation). Two more phases send no signal: crash (the 3rd forward raises) and worker-dies (a
 loader worker is killed, as by the kernel's out-of-memory killer).
 
 usage: python _signal_driver.py SIGNAL TARGET PHASE CONFIG
@@ -54,6 +54,22 @@ elif phase == "step":
     loop.compute_losses = once(loop.compute_losses)
 elif phase == "eval":
     loop.held_out = once(loop.held_out)
+elif phase == "decode":
+    from PIL import Image
+
+    real_held_out, real_open, evaluating = loop.held_out, Image.open, []
+
+    def marking_held_out(*args, **kwargs):
+        evaluating.append(1)
+        return real_held_out(*args, **kwargs)
+
+    def signalling_open(*args, **kwargs):
+        if evaluating == [1]:
+            evaluating.append(1)
+            send()  # the handler runs at the next bytecode: here, inside the decoder's `try`
+        return real_open(*args, **kwargs)
+
+    loop.held_out, Image.open = marking_held_out, signalling_open
 elif phase in ("data", "worker-dies"):
     real_iter, real_init = stream.SampleStream.__iter__, loader.init_worker
 

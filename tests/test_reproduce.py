@@ -173,6 +173,18 @@ def test_a_finished_result_in_a_moved_folder_is_reused(tmp_path):
     assert runner.run_job(job, tmp_path) == stored
 
 
+def test_a_changed_plan_is_refused_before_anything_trains_or_is_written(tmp_path):
+    job, other = plan_jobs(SCALES["smoke"], variants=("limoe-plain", "limoe-vmoe"), seeds=(0,), sweep=False)
+    run_dir = tmp_path / "runs" / job.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(other.config(str(run_dir)).to_json())
+    (tmp_path / "results.md").write_text("the last reproduction's table")
+    with pytest.raises(ValueError, match=f"holds runs of another configuration .*: {job.name}; move them away"):
+        reproduce("smoke", tmp_path, report=lambda line: None)
+    assert (tmp_path / "results.md").read_text() == "the last reproduction's table"
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [job.name]
+
+
 def test_study_overrides_reach_every_run_but_not_the_variant_switches():
     jobs = plan_jobs(SCALES["cpu"], overrides=("moe.num_experts=16", "loss.importance=0.5"), sweep=False)
     assert len(jobs) == len(VARIANT_NAMES) * len(SCALES["cpu"].seeds)
@@ -244,6 +256,24 @@ def test_smoke_rerun_skips_finished_runs(smoke, monkeypatch):
     assert [r["job"] for r in again["runs"]] == [r["job"] for r in summary["runs"]]
     assert again["runs"][0]["metrics"]["zero_shot/top1"] == summary["runs"][0]["metrics"]["zero_shot/top1"]
     assert not math.isnan(again["minutes"])
+
+
+@pytest.mark.slow
+def test_a_damaged_result_is_made_again_from_the_checkpoint(smoke, monkeypatch, capsys):
+    out, summary, _ = smoke
+    first = summary["runs"][0]
+    job = next(j for j in plan_jobs(SCALES["smoke"]) if j.name == first["job"])
+    result_file = out / "runs" / job.name / runner.RESULT_FILE
+    result_file.write_text(result_file.read_text()[:100])  # cut short, as by a full disk
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("limoe.train.train", no_training)
+    again = runner.run_job(job, out)
+    assert f"{result_file} is unreadable" in capsys.readouterr().err
+    assert again["metrics"]["zero_shot/top1"] == first["metrics"]["zero_shot/top1"]
+    assert json.loads(result_file.read_text())["job"] == job.name
 
 
 def _config_of(result):

@@ -2,6 +2,7 @@
 the trainer exits with one line and 128 + the signal number, leaves a checkpoint the run resumes from, and no
 data-loader worker outlives it."""
 
+import json
 import os
 import signal
 import subprocess
@@ -87,3 +88,20 @@ def test_failure_with_streaming_workers_exits(tmp_path, cache, phase):
         assert proc.returncode == 2 and "Traceback" not in err, (out, err)
         assert "is killed by signal: Killed" in err and "lower data.num_workers" in err, err
     assert _group_gone(proc.pid), "a process of the trainer's group outlived it"
+
+
+@pytest.mark.slow
+def test_signal_inside_an_image_decode_stops_the_evaluation(tmp_path, cache):
+    """The signal's exception raised inside the decoder's catch-all must not become a "corrupt image": the
+    evaluation stops, and neither its metrics nor a skip are recorded."""
+    cfg = tiny_config(tmp_path, cache, steps=8, checkpoint_interval=0)
+    cfg.data.in_memory = False  # evaluation images are decoded as they are read, in the trainer itself
+    cfg.eval.interval = 2
+    config = tmp_path / "config.json"
+    config.write_text(cfg.to_json())
+    proc, out, err = _drive("SIGTERM", "main", "decode", config)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, (out, err)
+    assert ckpt.read_state(ckpt.resolve("latest", cfg.run_dir))[0]["step"] == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records and not [r for r in records if r.get("kind") == "eval"], records
+    assert "corrupt" not in out + err and "skipped" not in out + err, (out, err)

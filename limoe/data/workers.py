@@ -47,8 +47,8 @@ def holding_stop_signals():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies.
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """Linux: have the kernel send this process `sig` (SIGKILL) when its parent dies.
 
     A worker blocked writing a batch to a full pipe never notices that the trainer was killed (kill -9,
     out of memory) and would live on, holding memory; the death signal ends it. The kernel sends it when
@@ -60,11 +60,11 @@ def die_with_parent(parent_pid: int) -> None:
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):  # no prctl (e.g. another libc): keep the old behaviour
         return
     if os.getppid() != parent_pid:  # the parent died before the signal was armed: nobody would send it
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
 
 
 def _exit_on_sigterm_from(parent_pid: int) -> None:

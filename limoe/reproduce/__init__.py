@@ -20,7 +20,8 @@ from limoe.reproduce.metrics import PROBE_DRAWS, PROBE_SHOTS, held_out_routing
 from limoe.reproduce.plan import SCALES, VARIANT_NAMES, VARIANTS, Job, Scale, plan_jobs
 from limoe.reproduce.report import (SEEN, SPECIALIST_SHARE, ZERO_SHOT, markdown_table, plot_accuracy_vs_compute,
                                     plot_routing_success, routing_table, style_table, summary_rows, sweep_table)
-from limoe.reproduce.runner import run_jobs, write_json
+from limoe.locks import folder_lock
+from limoe.reproduce.runner import check_run_folders, run_jobs, write_json
 
 __all__ = ["SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
 
@@ -71,9 +72,15 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
     jobs = plan_jobs(scale, variants, seeds, tuple(overrides), sweep)
     for job in jobs:  # every config is checked before anything trains
         job.config(str(out_dir / "runs" / job.name))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir, "limoe reproduce"):  # a second reproduction here would train every run again
+        check_run_folders(jobs, out_dir)
+        return _reproduce(scale, jobs, out_dir, seeds, variants, parallel or scale.parallel, device, overrides,
+                          sweep, report)
+
+
+def _reproduce(scale: Scale, jobs: list[Job], out_dir: Path, seeds, variants, parallel: int, device: str,
+               overrides: tuple[str, ...], sweep: bool, report: Callable[[str], None]) -> dict[str, Any]:
     _build_data(jobs[0])
-    parallel = parallel or scale.parallel
     report(f"limoe reproduce: {scale.name} scale ({scale.description}): {len(jobs)} runs, {parallel} at a time "
            f"-> {out_dir}")
     start = time.perf_counter()

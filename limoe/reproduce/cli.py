@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -40,8 +41,8 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
+    from limoe.errors import UserError
     from limoe.reproduce import reproduce
-    from limoe.train import ConfigError
 
     if args.parallel is not None and args.parallel < 1:
         print(f"limoe: error: --parallel must be >= 1, got {args.parallel}", file=sys.stderr)
@@ -50,11 +51,11 @@ def run_reproduce(args: argparse.Namespace) -> int:
         summary = reproduce(args.scale, args.out or f"runs/reproduce-{args.scale}", seeds=args.seeds,
                             variants=args.variants, parallel=args.parallel, device=args.device,
                             overrides=tuple(args.set), sweep=not args.no_sweep)
-    except (ConfigError, ValueError) as e:
+    except (UserError, ValueError) as e:
         print(f"limoe: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # Ctrl-C, or Stopped: a signal the runs stopped for
         print(f"limoe: interrupted{f' ({e})' if str(e) else ''}; the same command continues where this stopped",
               file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     return 1 if summary["failed"] else 0

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,14 @@ from typing import Any, Callable
 from limoe.reproduce.metrics import (PROBE_SHOTS, held_out_routing, probe_metrics, routing_summary,
                                     train_routing_success)
 from limoe.reproduce.plan import Job
+
+class Stopped(KeyboardInterrupt):
+    """A signal stopped the reproduction; every interrupted run kept a checkpoint, so a rerun continues."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
 
 RESULT_FILE = "result.json"  # the evaluated result of a job
 TRAIN_FILE = "train.json"  # what training alone produced (time, routing during training)
@@ -54,15 +63,16 @@ def _train_once(job: Job, cfg, run_dir: Path) -> tuple[Path, dict[str, float], d
     if (run_dir / "config.json").is_file() and not _same_config(run_dir, cfg):
         raise ValueError(f"{run_dir} holds a run of another configuration (an older plan?); move it away or "
                          f"use another --out")
-    if record_path.is_file() and checkpoints:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
+    record = _read_json(record_path) if checkpoints else None
+    if record is not None:
         state, _ = ckpt.read_state(checkpoints[-1])
         if record.get("command") == job.command() and state["step"] == cfg.steps and state.get("metrics"):
             return checkpoints[-1], state["metrics"], record
     start = time.perf_counter()
     run = train(cfg, resume="latest" if checkpoints else None, progress=False)
     if run.interrupted:
-        raise KeyboardInterrupt(f"{job.name} stopped by {run.interrupted}; its checkpoint resumes it")
+        raise Stopped(signal.Signals[run.interrupted], f"{job.name} stopped by {run.interrupted}; its checkpoint "
+                      f"resumes it")
     record = {"command": job.command(), "seconds": time.perf_counter() - start, "resumed": bool(checkpoints),
               "chance": run.chance, "train_routing_success": train_routing_success(run_dir, cfg.steps)}
     write_json(record_path, record)
@@ -95,8 +105,8 @@ def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[
     command = job.command()
     cfg = job.config(str(run_dir))
     cfg.device = device
-    if result_path.is_file():
-        done = json.loads(result_path.read_text(encoding="utf-8"))
+    done = _read_json(result_path)
+    if done is not None:
         # The whole config, not just the command: a changed default (e.g. the data) changes the run.
         if (done.get("command") == command and done.get("eval_version") == EVAL_VERSION
                 and _same_config(run_dir, cfg)):
@@ -122,6 +132,32 @@ def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[
     result["run_seconds"] = time.perf_counter() - start
     write_json(result_path, result)
     return result
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A record this runner wrote, or None when it is missing or damaged (a disk filled up, an editor): both
+    records are derived from the run's checkpoints, so a damaged one is made again, not a failure every rerun."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        print(f"limoe reproduce: {path} is unreadable ({e}); making it again", file=sys.stderr, flush=True)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_run_folders(jobs: list[Job], out_dir: str | os.PathLike) -> None:
+    """Refuse, before anything trains, run folders that hold a run of another configuration (an older plan)."""
+    clashes = []
+    for job in jobs:
+        run_dir = Path(out_dir) / "runs" / job.name
+        if (run_dir / "config.json").is_file() and not _same_config(run_dir, job.config(str(run_dir))):
+            clashes.append(job.name)
+    if clashes:
+        raise ValueError(f"{Path(out_dir) / 'runs'} holds runs of another configuration (an older plan?): "
+                         f"{', '.join(clashes[:4])}{' ...' if len(clashes) > 4 else ''}; move them away or use "
+                         f"another --out")
 
 
 def _run_logged(job: Job, out_dir: str, device: str) -> dict[str, Any]:
@@ -159,9 +195,84 @@ def run_jobs(jobs: list[Job], out_dir: str | os.PathLike, parallel: int = 1, dev
         for job in jobs:
             done(_run_logged(job, out_dir, device))
     else:
-        with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_run_logged, job, out_dir, device) for job in jobs]
-            for future in as_completed(futures):
-                done(future.result())
+        _run_in_processes(jobs, out_dir, parallel, device, done)
     sys.stdout.flush()
     return [results[job.name] for job in jobs]
+
+
+def _job_process(job: Job, out_dir: str, device: str, parent_pid: int, conn) -> None:
+    """One job in a spawned process of its own; its result, failure or interruption goes back through `conn`."""
+    from limoe.data.workers import STOP_SIGNALS, die_with_parent
+
+    # If `limoe reproduce` dies (kill -9), the run saves a checkpoint and stops instead of training on, orphaned.
+    die_with_parent(parent_pid, signal.SIGTERM)
+    try:
+        # Started with the stop signals blocked (see _run_in_processes): one that came meanwhile arrives here.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        result = _run_logged(job, out_dir, device)
+    except KeyboardInterrupt as e:  # a signal outside training, or training's own stop (Stopped)
+        result = {"job": job.name, "interrupted": str(e)}
+    conn.send(result)
+    conn.close()
+
+
+def _run_in_processes(jobs: list[Job], out_dir: str, parallel: int, device: str,
+                      done: Callable[[dict[str, Any]], None]) -> None:
+    """Each job in a spawned process of its own, `parallel` at a time (a fresh process per run: no memory or
+    state carried from run to run).
+
+    SIGINT or SIGTERM stops it: no queued run starts, the running ones get SIGTERM (each saves a checkpoint at
+    the end of its step and exits), and this waits for them, then raises Stopped. A second Ctrl-C kills them
+    without waiting. Nothing outlives `limoe reproduce`."""
+    from multiprocessing.connection import wait
+
+    from limoe.data.workers import holding_stop_signals
+
+    ctx = get_context("spawn")
+    queue = list(jobs)
+    running: dict[Any, tuple[Job, Any]] = {}  # the parent's end of a job's pipe -> (job, its process)
+    stop: list[int] = []
+
+    def on_signal(signum, frame):
+        if stop and signum == signal.SIGINT:
+            for _, process in running.values():
+                process.kill()
+        stop.append(signum)
+        for _, process in running.values():  # the group's Ctrl-C reached them too; a trainer stops once
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may take signals
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        while running or (queue and not stop):
+            while queue and len(running) < parallel and not stop:
+                job = queue.pop(0)
+                receive, send = ctx.Pipe(duplex=False)
+                process = ctx.Process(target=_job_process, args=(job, out_dir, device, os.getpid(), send),
+                                      name=f"limoe-reproduce-{job.name}")
+                with holding_stop_signals():  # a Ctrl-C while Python starts up in the child: no traceback
+                    process.start()
+                send.close()  # the child holds the other end: its exit, however it happens, ends the pipe
+                running[receive] = (job, process)
+            for receive in wait(list(running), timeout=1.0):  # signals are handled between waits
+                job, process = running.pop(receive)
+                try:
+                    result = receive.recv()
+                except EOFError:  # died without a word: killed (out of memory, a signal)
+                    result = {"job": job.name, "interrupted": "killed"} if stop else {
+                        "job": job.name, "error": f"its process died (exit code {process.exitcode})",
+                        "error_log": "no log: the process was killed"}
+                process.join()
+                if "interrupted" not in result:
+                    done(result)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for _, process in running.values():  # only left on an error of this loop itself
+            process.kill()
+            process.join()
+    if stop:
+        name = signal.Signals(stop[0]).name
+        raise Stopped(stop[0], f"{name} received; unfinished runs kept their checkpoints")

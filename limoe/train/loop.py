@@ -22,6 +22,7 @@ from torch import nn
 from limoe import checkpoint as ckpt
 from limoe.errors import UserError
 from limoe.evaluate import NonFiniteEmbeddings
+from limoe.locks import folder_lock
 from limoe.losses import compute_losses
 from limoe.moe.stats import MoeStats
 from limoe.train import distributed
@@ -106,7 +107,11 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     if world.size > 1 and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     try:
-        return _train(cfg, resume, stop_after, progress, device, world, fork)
+        cfg.check_world(world.size)  # before anything is written
+        run_dir = _run_dir(cfg, resume, world)
+        # Rank 0 writes the run's files: it alone holds the folder, against a second run started on it.
+        with folder_lock(run_dir, "limoe train") if world.main else contextlib.nullcontext():
+            return _train(cfg, run_dir, resume, stop_after, progress, device, world, fork)
     except OSError as e:  # a read-only or full disk, a file where a folder should be: one line, not a traceback
         raise TrainingError(f"{e.filename or cfg.run_dir}: {e.strerror or e}") from None
     finally:
@@ -115,7 +120,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
 
 
 def _run_dir(cfg: TrainConfig, resume: str | None, world) -> Path:
-    """The run's folder: a new dated one unless given; a fresh run never writes into an earlier run's."""
+    """The run's folder: a new dated one unless given."""
     if not cfg.run_dir:
         if resume == "latest":
             raise TrainingError("--resume latest needs --run-dir (the run to resume)")
@@ -127,11 +132,7 @@ def _run_dir(cfg: TrainConfig, resume: str | None, world) -> Path:
             dist.broadcast_object_list(box, src=0)
             stamp = box[0]
         cfg.run_dir = str(Path("runs") / f"{cfg.model}-{stamp}")
-    run_dir = Path(cfg.run_dir)
-    if not resume and ckpt.list_checkpoints(run_dir):
-        raise TrainingError(f"{run_dir} already has checkpoints: pass --resume latest to continue it, or "
-                            f"another --run-dir")
-    return run_dir
+    return Path(cfg.run_dir)
 
 
 def _check_resumable(start: Path, run_dir: Path, cfg: TrainConfig) -> None:
@@ -148,9 +149,10 @@ def _check_resumable(start: Path, run_dir: Path, cfg: TrainConfig) -> None:
         raise TrainingError(f"{start} was trained as another model ({detail}): pass --fork to start from it anyway")
 
 
-def _train(cfg, resume, stop_after, progress, device, world, fork=False) -> RunResult:
-    cfg.check_world(world.size)  # before anything is written
-    run_dir = _run_dir(cfg, resume, world)
+def _train(cfg, run_dir: Path, resume, stop_after, progress, device, world, fork=False) -> RunResult:
+    if not resume and ckpt.list_checkpoints(run_dir):  # a fresh run never writes into an earlier run's folder
+        raise TrainingError(f"{run_dir} already has checkpoints: pass --resume latest to continue it, or "
+                            f"another --run-dir")
     start_path = ckpt.resolve(resume, run_dir) if resume else None
     if start_path is not None and not fork:
         _check_resumable(start_path, run_dir, cfg)

@@ -11,8 +11,12 @@ import signal
 from typing import Any
 
 
-class Interrupted(Exception):
-    """A signal arrived inside an interruptible phase (an evaluation, whose work needs no saving)."""
+class Interrupted(BaseException):
+    """A signal arrived inside an interruptible phase (an evaluation, whose work needs no saving).
+
+    A BaseException, like KeyboardInterrupt: the handler raises it wherever the main thread is, and code that
+    turns a bad sample's `Exception` into a counted skip (an image decoder) must not turn a signal into one.
+    """
 
 
 class Signals:
