@@ -136,13 +136,20 @@ def export(path: str | Path, out: str | Path) -> Path:
         raise ckpt.CheckpointError(f"{out} exists: export writes a new folder")
     weights, optimizer = read_full(path)
     state, rng = ckpt.read_state(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    except OSError as e:  # named as the user gave it, not as the temporary folder beside it
+        raise ckpt.CheckpointError(f"cannot write {out}: {e.strerror}") from None
     try:
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
         save_file({**rng, **optimizer}, tmp / "optimizer.safetensors")
         for name in ("state.json", "config.json", "model.json", "tokenizer.json"):
             shutil.copyfile(path / name, tmp / name)
         tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ckpt.CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

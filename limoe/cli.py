@@ -1,16 +1,18 @@
 """The `limoe` command line: one sub-command per job.
 
 Every user mistake (a UserError from any module, a missing file) is one line `limoe: error: ...` and exit 2;
-an interruption is exit 130.
+an interruption is one line and exit 130 (Ctrl-C) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
-from limoe.errors import UserError
+from limoe.errors import Terminated, UserError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -61,7 +63,9 @@ def builtin_table(manifest: dict) -> str:
 def _export(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
     from limoe.checkpoint_sharded import export, is_sharded
+    from limoe.outputs import check_output_folder
 
+    check_output_folder(args.out, "export to", new=True)
     path = ckpt.resolve(args.checkpoint)
     if not is_sharded(path):
         raise UserError(f"{path} is a single-folder checkpoint already: copy it")
@@ -88,6 +92,16 @@ def _corpus(args: argparse.Namespace) -> int:
         print(f"corpus: {folder}\n")
         print(pairs_table(json.loads((folder / "manifest.json").read_text(encoding="utf-8"))))
     return 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def fail(message: str) -> int:
@@ -139,9 +153,9 @@ def _train(args: argparse.Namespace) -> int:
         apply_overrides(cfg, args.set or [])
         cfg.validate()
         result = train(cfg, resume=args.resume, progress=not args.no_progress, fork=args.fork)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        print("\nlimoe: interrupted: stopped without saving", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or a signal before training started
+        print(f"\nlimoe: {_stopped_by(e)}: stopped without saving", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     if result.interrupted:
         return 130 if result.interrupted == "SIGINT" else 143
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
@@ -181,8 +195,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     from limoe import checkpoint as ckpt
     from limoe.jobs import evaluate_checkpoint, evaluation_plan, metrics_table, run_config
+    from limoe.outputs import check_output_file
 
     path = ckpt.resolve(args.checkpoint)
+    if args.output:
+        check_output_file(args.output)
     plan = evaluation_plan(run_config(str(path)), args.zero_shot, args.retrieval, args.probe_train, args.probe_test,
                            args.shots)
     # Up front: the evaluation takes a while, and what it scores is worth knowing before the numbers come.
@@ -230,7 +247,9 @@ def _classify(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
     from limoe.jobs import embed, inputs_path, read_texts
+    from limoe.outputs import check_output_file
 
+    check_output_file(args.output)
     texts = list(args.text or []) + (read_texts(args.texts_file) if args.texts_file else [])
     checkpoint = ckpt.resolve(args.checkpoint)
     path, shape = embed(str(checkpoint), args.output, images=args.images or [], texts=texts, device=args.device)
@@ -280,9 +299,11 @@ def _add_job_parsers(sub) -> None:
                                                       "run's built-in data or corpus)")
     ev.add_argument("--probe-train", metavar="DIR", help="image folder to pick the k shots per class from")
     ev.add_argument("--probe-test", metavar="DIR", help="image folder to test the linear probe on")
-    ev.add_argument("--shots", type=int, default=10, help="labelled images per class the linear probe learns from "
+    ev.add_argument("--shots", type=positive_int, default=10,
+                    help="labelled images per class the linear probe learns from "
                                                           "(default: 10)")
-    ev.add_argument("--batch-size", type=int, default=256, help="images or pairs per forward pass (default: 256)")
+    ev.add_argument("--batch-size", type=positive_int, default=256,
+                    help="images or pairs per forward pass (default: 256)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
     ev.add_argument("--output", "-o", help="write the metrics as JSON here")
     ev.set_defaults(func=_eval)
@@ -292,7 +313,8 @@ def _add_job_parsers(sub) -> None:
     cl.add_argument("checkpoint", help=checkpoint_help)
     cl.add_argument("images", nargs="+", metavar="IMAGE", help="image files to label (any format PIL reads)")
     cl.add_argument("--labels", required=True, help='comma-separated labels ("cat,dog") or @file, one per line')
-    cl.add_argument("--top", type=int, default=3, help="labels shown per image, most probable first (default: 3)")
+    cl.add_argument("--top", type=positive_int, default=3,
+                    help="labels shown per image, most probable first (default: 3)")
     cl.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
     cl.set_defaults(func=_classify)
 
@@ -370,15 +392,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # SIGTERM (a scheduler, `kill`) gets a line and exit 143 in every phase; training replaces this handler with
+    # its own, which saves a checkpoint first.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return args.func(args)
     except UserError as e:
         return fail(str(e))
     except FileNotFoundError as e:
         return fail(f"not found: {e.filename}" if e.filename else str(e))
-    except KeyboardInterrupt:
-        print("\nlimoe: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # a full disk or a permission found only while writing: the path and the reason
+        return fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    except KeyboardInterrupt as e:
+        print(f"\nlimoe: {_stopped_by(e)}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _stopped_by(e: KeyboardInterrupt) -> str:
+    return "SIGTERM received" if isinstance(e, Terminated) else "interrupted"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ themselves and work on hand-made embeddings.
 from __future__ import annotations
 
 import contextlib
+import string
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -49,6 +50,15 @@ def _pair(batch: Any, second: str) -> tuple[Any, Any]:
     return images, targets
 
 
+def is_template(text: str) -> bool:
+    """A prompt template: exactly one '{}' where the class name goes (literal braces doubled: '{{', '}}')."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError:  # a lone '{' or '}'
+        return False
+    return fields == [""]
+
+
 def _topk_hits(scores_NC: torch.Tensor, labels_N: torch.Tensor, topk: Sequence[int]) -> dict[int, int]:
     k_max = min(max(topk), scores_NC.shape[1])
     hit_NK = scores_NC.topk(k_max, dim=1).indices == labels_N[:, None]
@@ -59,6 +69,10 @@ def _topk_hits(scores_NC: torch.Tensor, labels_N: torch.Tensor, topk: Sequence[i
 def class_embeddings(model: nn.Module, classnames: Sequence[str], tokenize: Tokenize,
                      templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 256) -> torch.Tensor:
     """[C, D]: per class, the normalised mean of the normalised text embeddings of its prompts."""
+    bad = [t for t in templates if not is_template(t)]
+    if bad or not templates:
+        raise ValueError(f"every prompt template needs exactly one '{{}}' for the class name (other braces "
+                         f"doubled); bad: {list(bad[:3])}")
     per_chunk = max(1, batch_size // len(templates))
     out = []
     with _eval_mode(model) as device:

@@ -65,7 +65,10 @@ def parse_labels(labels: str | Sequence[str]) -> list[str]:
             path = labels[1:]
             if not os.path.isfile(path):
                 raise JobError(f"labels file not found: {path}")
-            items = Path(path).read_text(encoding="utf-8").splitlines()
+            try:
+                items = Path(path).read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as e:
+                raise JobError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         else:
             items = labels.split(",")
     else:

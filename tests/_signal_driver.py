@@ -1,5 +1,5 @@
 """`limoe train --config CONFIG` with SIGNAL sent to TARGET (main | group) from inside PHASE, for
-tests/test_train_signals.py. Phases: step (the 3rd forward), data (a loader worker, then it stalls, so the
+tests/test_train_signals.py. Phases: setup (before training starts), step (the 3rd forward), data (a loader worker, then it stalls, so the
 trainer is waiting for data, while the other worker is still starting), eval (the first evaluation; the config
 makes it periodic or final), decode (inside the decoding of an image during the first evaluation). Two more phases send no signal: crash (the 3rd forward raises) and worker-dies (a
 loader worker is killed, as by the kernel's out-of-memory killer).
@@ -50,6 +50,8 @@ if phase == "crash":
 
     crash.calls, real_losses = 0, loop.compute_losses
     loop.compute_losses = crash
+elif phase == "setup":  # before the loop takes the signals over: while the tokenizer trains
+    loop.make_tokenizer = once(loop.make_tokenizer)
 elif phase == "step":
     loop.compute_losses = once(loop.compute_losses)
 elif phase == "eval":

@@ -140,3 +140,50 @@ def test_every_option_of_these_commands_says_what_it_does():
                     if action.help is None and not isinstance(action, argparse._HelpAction)]
     assert undocumented == []
     assert "OpenMoji" not in commands["train"].description  # the default run trains on the corpus
+
+
+def test_outputs_are_checked_before_the_work(run, tmp_path, capsys):
+    checkpoint, _ = run
+    missing = tmp_path / "no-such-folder" / "m.json"
+    for argv, says in ((["eval", str(checkpoint), "-o", str(missing)], "does not exist"),
+                       (["eval", str(checkpoint), "-o", str(tmp_path)], "is a folder"),
+                       (["embed", str(checkpoint), "--text", "a cat", "-o", str(tmp_path)], "is a folder"),
+                       (["embed", str(checkpoint), "--text", "a cat", "-o", str(missing)], "does not exist"),
+                       (["analyze", str(checkpoint), "--out", str(tmp_path / "texts.txt" / "report")], "is a file"),
+                       (["export", str(checkpoint), str(tmp_path)], "exists")):
+        (tmp_path / "texts.txt").write_text("x\n")
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        _one_error_line(captured.err, says)
+        assert "evaluating" not in captured.out  # refused before the work, not after it
+
+
+def test_a_write_error_after_the_work_is_one_line(run, tmp_path, capsys, monkeypatch):
+    checkpoint, _ = run
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "z.npy"))
+
+    monkeypatch.setattr("limoe.jobs.embed", full_disk)
+    assert main(["embed", str(checkpoint), "--text", "a cat", "-o", str(tmp_path / "z.npy")]) == 2
+    _one_error_line(capsys.readouterr().err, f"{tmp_path / 'z.npy'}: No space left on device")
+
+
+def test_small_inputs_of_classify_and_eval_are_one_line(run, tmp_path, capsys):
+    checkpoint, cfg = run
+    image = sorted((dataset_dir(builtin_config(cfg)) / "images").iterdir())[0]
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("cat\ndog\n".encode("utf-16"))
+    assert main(["classify", str(checkpoint), str(image), "--labels", f"@{labels}"]) == 2
+    _one_error_line(capsys.readouterr().err, f"{labels}: not UTF-8 text")
+    for top in ("0", "-1"):
+        with pytest.raises(SystemExit) as stop:
+            main(["classify", str(checkpoint), str(image), "--labels", "cat,dog", "--top", top])
+        assert stop.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    zero_shot = dataset_dir(builtin_config(cfg)) / "zeroshot"
+    templates = tmp_path / "templates.txt"
+    for bad in ("a {} of {}", "a {name}", "a { b"):
+        templates.write_text(f"a photo of a {{}}.\n{bad}\n")
+        assert main(["eval", str(checkpoint), "--zero-shot", str(zero_shot), "--templates", str(templates)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line "reading the data"
+        assert error.startswith("limoe: error:") and "exactly one '{}'" in error and bad in error, error

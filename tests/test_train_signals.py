@@ -105,3 +105,16 @@ def test_signal_inside_an_image_decode_stops_the_evaluation(tmp_path, cache):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records and not [r for r in records if r.get("kind") == "eval"], records
     assert "corrupt" not in out + err and "skipped" not in out + err, (out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_training_starts_is_one_line(tmp_path, cache, sig):
+    cfg = tiny_config(tmp_path, cache, steps=8)
+    config = tmp_path / "config.json"
+    config.write_text(cfg.to_json())
+    proc, out, err = _drive(sig.name, "main", "setup", config)
+    assert proc.returncode == 128 + sig and "Traceback" not in err, (out, err)
+    said = "interrupted" if sig == signal.SIGINT else "SIGTERM received"
+    assert err.strip().splitlines()[-1] == f"limoe: {said}: stopped without saving", err
+    assert _group_gone(proc.pid)

@@ -108,8 +108,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     from limoe.analysis.routing_stats import AnalysisConfig, analyze_routing
 
     from limoe import checkpoint as ckpt
+    from limoe.outputs import check_output_folder
 
     checkpoint = ckpt.resolve(_checkpoint_folder(args.checkpoint))  # a run folder: its latest, named as such below
+    out = args.out or (None if args.json else checkpoint / "analysis")
+    if out is not None:  # before the analysis, which takes a while
+        check_output_folder(out)
     model, tokenizer, run_config = limoe.load_checkpoint(checkpoint)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -123,7 +127,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     metrics = args.metrics or find_metrics(checkpoint)
     source = {"checkpoint": str(checkpoint), "step": ckpt.step_of(checkpoint),
               "data": describe_data(args.data, pairs, run_config), "sample_seed": args.seed}
-    out = args.out or (None if args.json else checkpoint / "analysis")
     if out is not None:
         index = write_report(analysis, out, metrics_path=metrics, layer=args.layer if analysis.layers else None,
                              source=source)

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from limoe.data.stats import DataError, DataNotFoundError
+from limoe.evaluate import is_template
 from limoe.data.stream import Record, SampleStream, deal_indices, read_file
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "{}")
@@ -46,9 +47,10 @@ def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
 
 def read_templates(path: str | os.PathLike) -> list[str]:
     templates = read_lines(path)
-    bad = [t for t in templates if "{}" not in t]
+    bad = [t for t in templates if not is_template(t)]
     if bad or not templates:
-        raise DataError(f"{path}: every prompt template needs a '{{}}' for the class name; bad: {bad[:3]}")
+        raise DataError(f"{path}: every prompt template needs exactly one '{{}}' for the class name (other braces "
+                        f"doubled); bad: {bad[:3]}")
     return templates
 
 
