@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from limoe.data import openmoji
+from limoe.data.cache import is_built, write_atomically
 from limoe.extras import require
 from limoe.data.concepts import class_name, group_concepts, held_out
 from limoe.data.csv_dataset import CsvPairs, write_csv
@@ -173,30 +173,11 @@ def map_in_processes(fn: Callable, jobs: list, workers: int | None = None) -> li
         return pool.map(fn, jobs, chunksize=64)
 
 
-def write_atomically(final: Path, write: Callable[[Path], dict], force: bool = False) -> dict:
-    """Run `write(folder)` on a folder beside `final`, then rename it into place: a crash or a concurrent build
-    never leaves half a dataset (when two builds race, the first to finish wins: they are identical)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        manifest = write(tmp)
-        if force and final.exists():
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
 def build_builtin_dataset(cfg: BuiltinConfig | None = None, force: bool = False, quiet: bool = False) -> Path:
     """Build (once) and return the dataset folder; later calls return at once from the cache."""
     cfg = cfg or BuiltinConfig()
     final = dataset_dir(cfg)
-    if (final / "manifest.json").is_file() and not force:
+    if not force and is_built(final):
         return final
     t0 = time.perf_counter()
     p = plan(cfg)

@@ -25,11 +25,13 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from limoe.data.builtin import _link_or_copy, cache_root, write_atomically
+from limoe.data.builtin import _link_or_copy, cache_root
+from limoe.data.cache import is_built, write_atomically
 from limoe.data.corpus.render import MIN_COVERAGE, render_all
 from limoe.data.corpus.split import Split, seen_renderings, split_items
 from limoe.data.csv_dataset import no_field_limit
 from limoe.data.sources import SOURCE_NAMES, STYLES, Item, captions, fontawesome, lucide, openmoji, packs, tabler
+from limoe.data.stats import DataError
 
 BUILD_VERSION = 2  # bump when the build's output changes (naming, split rule, captions...)
 MODULES = {m.NAME: m for m in (openmoji, tabler, fontawesome, lucide, packs.phosphor, packs.material, packs.mdi,
@@ -186,7 +188,7 @@ def build_corpus(cfg: CorpusConfig | None = None, force: bool = False, quiet: bo
     """Build (once) and return the corpus folder; later calls return at once from the cache."""
     cfg = cfg or CorpusConfig()
     final = corpus_dir(cfg)
-    if (final / "manifest.json").is_file() and not force:
+    if not force and is_built(final):
         return final
     t0 = time.perf_counter()
     s = split_items(all_items(), cfg.test_fraction, cfg.max_concepts)
@@ -209,8 +211,13 @@ def read_rows(root: Path, split: str) -> list[dict]:
     """The rows of train.csv / test.csv as dicts, captions decoded to lists."""
     import csv
 
-    with open(root / f"{split}.csv", newline="", encoding="utf-8") as f, no_field_limit():
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["captions"] = json.loads(r["captions"])
+    path = root / f"{split}.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f, no_field_limit():
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            r["captions"] = json.loads(r["captions"])
+    except (csv.Error, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:  # changed since it was built
+        raise DataError(f"{path} is damaged ({type(e).__name__}: {e}); rebuild the corpus: limoe data build "
+                        f"--dataset corpus --force") from None
     return rows
