@@ -463,4 +463,40 @@ def test_memory_batches_report_their_decoding_skips(tmp_path):
 def test_every_reason_is_a_known_reason():
     with pytest.raises(AssertionError):
         SkipError("not_a_reason")
-    assert len(set(REASONS)) == len(REASONS) and REASONS[-1] == "bad_row"
+    assert len(set(REASONS)) == len(REASONS)
+    # A reason's index is its slot in the shared counters: new reasons come after the old ones, which keep theirs.
+    assert REASONS[:10] == ("missing_file", "empty_file", "not_an_image", "corrupt_image", "oversized_image",
+                            "empty_caption", "bad_encoding", "bad_shard", "incomplete_sample", "bad_row")
+
+
+def test_paths_that_name_no_image_file_are_counted_skips_not_hangs(tmp_path):
+    """A FIFO (open() would wait for a writer forever), a device (/dev/zero reads forever), a symlink loop, a
+    folder and a file too large to be an image: each one sample skipped under its reason, and the run goes on."""
+    import os
+    import signal
+
+    from limoe.data import stream
+
+    png_file(tmp_path / "img.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    os.symlink(tmp_path / "loop-b.png", tmp_path / "loop-a.png")
+    os.symlink(tmp_path / "loop-a.png", tmp_path / "loop-b.png")
+    (tmp_path / "folder.png").mkdir()
+    with open(tmp_path / "huge.png", "wb") as f:  # sparse: no disk space used
+        f.truncate(stream.MAX_FILE_BYTES + 1)
+    rows = ["img.png", "fifo.png", "/dev/zero", "loop-a.png", "folder.png", "huge.png"]
+    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "".join(f"{r},caption {i}\n" for i, r in enumerate(rows)))
+
+    def hung(signum, frame):
+        raise TimeoutError("reading the samples hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        ds = CsvPairs(tmp_path / "pairs.csv", image=ImageConfig(image_size=4))
+        items = ds.collect()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [c for _, c in items] == ["caption 0"]
+    assert ds.skips.totals() == {"not_a_file": 3, "missing_file": 1, "oversized_file": 1}

@@ -71,3 +71,33 @@ def test_memory_command_prints_the_table_and_refuses_bad_layouts(capsys):
     assert main(["memory", "--model", "dense-b16", "--expert-parallel", "2", "--ranks", "2"]) == 2
     assert "no" in capsys.readouterr().err
     assert main(["memory", "--model", "limoe-x99"]) == 2
+
+
+@pytest.mark.parametrize("override", ["model.depth=100000", "data.image_size=100000", "moe.num_experts=1000000",
+                                      "data.vocab_size=1000000000", "data.context_length=100000000"])
+def test_an_impossible_size_is_refused_at_once_before_anything_is_written(tmp_path, override):
+    """These hung in the model build, aborted in the tokenizer's allocator or ignored signals while allocating."""
+    import time
+
+    from limoe.train import TrainingError, train
+
+    cfg = tiny_config(tmp_path)
+    apply_overrides(cfg, [override])
+    start = time.perf_counter()
+    with pytest.raises(TrainingError, match=r"limoe-tiny: the model cannot fit: .* parameters need .* against "):
+        train(cfg, progress=False)
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_fit_check_passes_every_preset_that_trains_here(tmp_path):
+    import torch
+
+    from limoe.train.sizing import check_fits
+
+    for model in ("limoe-tiny", "dense-tiny", "two-tower-tiny", "limoe-s32"):
+        check_fits(get_config(model), Layout(), 128, torch.device("cpu"))
+    # A model only many ranks hold: refused on one, accepted when FSDP and EP share it out over 64.
+    with pytest.raises(ValueError, match="cannot fit"):
+        check_fits(get_config("limoe-h14"), Layout(), 1, torch.device("cpu"))
+    check_fits(get_config("limoe-h14"), Layout(64, 8, fsdp=True), 1, torch.device("cpu"))

@@ -24,6 +24,8 @@ REASONS: tuple[str, ...] = (
     "bad_shard",         # a tar shard that is truncated or unreadable part-way
     "incomplete_sample", # a shard sample that lacks an image or a caption
     "bad_row",           # a CSV/TSV row with the wrong number of fields or broken quoting
+    "not_a_file",        # a path that names no regular file (a FIFO, a device), a symlink loop, no permission
+    "oversized_file",    # a file larger than stream.MAX_FILE_BYTES
 )
 
 

@@ -7,6 +7,8 @@ permutation of their indices round-robin, so across all parts every sample is re
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -174,14 +176,34 @@ class SampleStream(IterableDataset):
         return items
 
 
+MAX_FILE_BYTES = 256 << 20  # larger than any image worth training on; /dev/zero or a stray video is not read
+
+
 def read_file(path: str) -> Callable[[], bytes]:
-    """A deferred read of `path` (runs in the worker) that maps a missing path to a counted skip."""
+    """A deferred read of `path` (runs in the worker). Whatever the path names, the result is its bytes or a
+    counted skip: missing, a folder, a FIFO (opened without waiting for a writer, which would hang the run), a
+    device, a symlink loop, no permission, or a file too large to be an image."""
 
     def read() -> bytes:
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise SkipError("missing_file", path) from None
+        except OSError as e:  # ELOOP, EACCES, ...
+            raise SkipError("not_a_file", f"{path}: {e.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise SkipError("missing_file", f"{path} is a folder")
+            if not stat.S_ISREG(info.st_mode):
+                raise SkipError("not_a_file", path)
+            if info.st_size > MAX_FILE_BYTES:
+                raise SkipError("oversized_file", f"{path}: {info.st_size} bytes")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read()
+        except OSError as e:  # an I/O error part-way
+            raise SkipError("not_a_file", f"{path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
 
     return read

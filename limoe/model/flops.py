@@ -30,12 +30,12 @@ class ModelInfo:
         return self.image_flops + self.text_flops
 
 
-def _mlp(d: int, h: int) -> int:
+def mlp_params(d: int, h: int) -> int:
     return 2 * d * h + h + d
 
 
 def _map_head(d: int, h: int) -> int:
-    return d + 4 * d * d + 4 * d + 2 * d + _mlp(d, h)  # probe, q/kv/out, norm, MLP
+    return d + 4 * d * d + 4 * d + 2 * d + mlp_params(d, h)  # probe, q/kv/out, norm, MLP
 
 
 def _encoder_flops(c: ModelConfig, tokens: int, mlps: float, router_flops: int, num_moe: int) -> int:
@@ -72,7 +72,8 @@ def model_info(c: ModelConfig) -> ModelInfo:
     mlps, router_flops, router_params = _router(c, moe) if moe else (1, 0, 0)
 
     block = 2 * 2 * d + 4 * d * d + 4 * d  # two norms, attention
-    encoder = c.depth * block + (c.depth - num_moe) * _mlp(d, h) + num_moe * (router_params + num_experts * _mlp(d, h))
+    encoder = (c.depth * block + (c.depth - num_moe) * mlp_params(d, h)
+               + num_moe * (router_params + num_experts * mlp_params(d, h)))
     encoder += 2 * d  # final norm
     towers = 2 if c.kind == "two_tower" else 1
     patch = c.in_channels * c.patch_size ** 2 * d + d + c.num_patches * d
@@ -80,7 +81,7 @@ def model_info(c: ModelConfig) -> ModelInfo:
     pools = sum(_map_head(d, h) for kind in (c.image_pool, c.text_pool) if kind == "map")
     total = towers * encoder + patch + text + pools + 2 * d * c.output_dim + 1 + (c.logit_bias_init is not None)
     # A token visits one tower, and K of the E experts of each of its tower's MoE layers.
-    active = total - (towers - 1) * encoder - num_moe * (num_experts - k) * _mlp(d, h)
+    active = total - (towers - 1) * encoder - num_moe * (num_experts - k) * mlp_params(d, h)
 
     n, t = c.num_patches, c.context_length
     image_flops = (2 * n * c.in_channels * c.patch_size ** 2 * d + _encoder_flops(c, n, mlps, router_flops, num_moe)

@@ -108,6 +108,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         device = torch.device("cuda", world.local_rank)
     try:
         cfg.check_world(world.size)  # before anything is written
+        _check_fits(cfg, world.size, device)
         run_dir = _run_dir(cfg, resume, world)
         # Rank 0 writes the run's files: it alone holds the folder, against a second run started on it.
         with folder_lock(run_dir, "limoe train") if world.main else contextlib.nullcontext():
@@ -117,6 +118,19 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     finally:
         distributed.shutdown(world)
         torch.set_num_threads(threads)
+
+
+def _check_fits(cfg: TrainConfig, ranks: int, device: torch.device) -> None:
+    """An impossible size is refused before the tokenizer trains or the model is built (either could take the
+    machine down first)."""
+    from limoe.train.sizing import Layout, check_fits
+
+    micro_batch = cfg.data.batch_size // (ranks * cfg.optim.accumulation)
+    layout = Layout(ranks, cfg.dist.expert_parallel, cfg.dist.fsdp)
+    try:
+        check_fits(cfg.model_config(), layout, micro_batch, device, cfg.activation_checkpointing)
+    except ValueError as e:
+        raise TrainingError(f"{cfg.model}: {e}") from None
 
 
 def _run_dir(cfg: TrainConfig, resume: str | None, world) -> Path:

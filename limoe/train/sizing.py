@@ -14,12 +14,14 @@ all-gathered unit, EP's [E, C, d] exchange buffers).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 from limoe.distributed import check_expert_parallel
 from limoe.model.config import ModelConfig
+from limoe.model.flops import mlp_params, model_info
 from limoe.moe.layer import MoeMlp
 
 GIB = 2**30
@@ -133,6 +135,43 @@ def estimate(model: str | ModelConfig, layout: Layout, batch_per_rank: int, chec
                     activation_bytes(built, batch_per_rank, checkpointing, bf16), expert, checkpointing)
 
 
+def physical_memory(device: torch.device) -> int | None:
+    """Bytes of memory a training process on `device` can have at most: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+        return None
+
+
+def check_fits(config: ModelConfig, layout: Layout, micro_batch: int, device: torch.device,
+               checkpointing: bool = False) -> None:
+    """Refuse, in a second and before anything is built, a model that cannot fit: 16 bytes per parameter of this
+    rank's share, plus a lower bound of a step's activations (each block keeps at least its input and, without
+    checkpointing, its MLP's hidden layer). Analytic, so even absurd sizes (depth 100,000, a billion-token
+    vocabulary) are refused at once instead of hanging in the build or aborting in an allocator."""
+    memory = physical_memory(device)
+    if memory is None:
+        return
+    info = model_info(config)
+    towers = 2 if config.kind == "two_tower" else 1
+    experts = config.moe_config().num_experts if config.moe_layer_ids else 0
+    expert = towers * len(config.moe_layer_ids) * experts * mlp_params(config.width, config.mlp_dim)
+    params = layout.params_per_rank(expert, info.total_params - expert)
+    states = params * BYTES_PER_PARAM
+    tokens = config.num_patches + config.context_length  # per pair, one pass of each through the blocks
+    per_token = config.width * (1 if checkpointing else 2) + (0 if checkpointing else config.mlp_dim)
+    activations = micro_batch * tokens * config.depth * per_token * (2 if device.type == "cuda" else 4)
+    if states + activations > memory:
+        where = "GPU" if device.type == "cuda" else "this machine's RAM"
+        raise ValueError(f"the model cannot fit: {count(params)} parameters need {size(states)} for weights, "
+                         f"gradients and AdamW, and a micro-batch of {micro_batch} pairs at least "
+                         f"{size(activations)} of activations, against {size(memory)} of {where} (width "
+                         f"{config.width}, depth {config.depth}, {config.num_patches} patches, context "
+                         f"{config.context_length}, vocabulary {config.vocab_size}; `limoe memory` sizes presets)")
+
+
 def count(n: float) -> str:
     """A parameter count with the unit that keeps it readable: 590 K, 125.8 M, 5.59 B."""
     for unit, size, digits in (("B", 1e9, 2), ("M", 1e6, 1), ("K", 1e3, 0)):
@@ -143,7 +182,7 @@ def count(n: float) -> str:
 
 def size(nbytes: float) -> str:
     """Bytes in the binary unit that keeps them readable (a tiny model's states are KiB, an H/14's GiB)."""
-    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, scale in (("TiB", 2**40), ("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale * 1000 / 1024:  # 1.0 GiB rather than 1003.1 MiB
             return f"{nbytes / scale:.1f} {unit}"
     return f"{nbytes:.0f} B"
