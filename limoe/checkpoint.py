@@ -364,7 +364,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The weights in the single-process layout, from either kind of checkpoint (sharded: read whole, here)."""
     from limoe.checkpoint_sharded import is_sharded, read_full
 
-    return read_full(path)[0] if is_sharded(path) else _read_tensors(Path(path) / "model.safetensors")
+    return read_full(path, optimizer=False)[0] if is_sharded(path) else _read_tensors(Path(path) / "model.safetensors")
 
 
 def read_tokenizer(path: str | os.PathLike):
@@ -400,11 +400,16 @@ def checked_weights(model: nn.Module, path: str | os.PathLike,
                        f"{tuple(own[shapes[0]].shape)}")
         raise CheckpointError(f"{file}: incompatible with this model ({detail})")
     # NaN/inf weights give a model whose scores are all equal: evaluation would report nonsense, not fail.
-    broken = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    broken = non_finite(weights)
     if broken:
         raise CheckpointError(f"{file}: non-finite values in {len(broken)} tensors (first: {broken[0]}); "
                               f"the checkpoint is unusable")
     return weights
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of floating-point tensors holding a NaN or an infinity (a damaged file, or a run that diverged)."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def read_model_config(path: str | os.PathLike):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,12 +29,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from limoe import checkpoint as ckpt
 
 FOLDER = "sharded"
 INDEX = f"{FOLDER}/index.json"
 FILES = (INDEX, "optimizer.safetensors", "state.json", "config.json", "model.json", "tokenizer.json")
+# What DCP raises: its CheckpointException (every rank's error, and a BaseException, so `except Exception` misses
+# it) or an OSError of the storage.
+DCP_ERRORS = (Exception, CheckpointException)
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -65,6 +70,12 @@ def save(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], optim
             ckpt.swap_in(tmp, final)
             if keep_last:
                 ckpt.prune(run_dir, keep_last)
+    except DCP_ERRORS as e:  # a full disk, a vanished folder: one line on each rank, not every rank's traceback
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, ckpt.CheckpointError):
+            raise
+        raise ckpt.CheckpointError(f"cannot save {final}: {first_line(e)}") from None
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -73,31 +84,40 @@ def save(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], optim
     return final
 
 
-def read_full(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def read_full(path: str | Path, optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(weights, optimizer tensors "state.<idx>.<name>") of a sharded checkpoint in the single-process layout,
-    read in this process alone (no collectives)."""
+    read in this process alone (no collectives). `optimizer=False` reads the weights alone (eval, embed...)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     folder = Path(path) / FOLDER
+    order = None
+    if optimizer:
+        names = ckpt.read_json(Path(path) / "state.json").get("optimizer_params")
+        if not isinstance(names, list):
+            raise ckpt.CheckpointError(f"{Path(path) / 'state.json'}: no optimizer_params (the optimizer's "
+                                       f"parameter order): the optimizer state cannot be placed")
+        order = {name: i for i, name in enumerate(names)}
     try:
         metadata = reader(path).read_metadata()
         full = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
-                for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)}
+                for key, meta in metadata.state_dict_metadata.items()
+                if isinstance(meta, TensorStorageMetadata) and (optimizer or key.startswith("model."))}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(full, storage_reader=reader(path), no_dist=True)
     except ckpt.CheckpointError:
         raise
-    except Exception as e:  # DCP raises its own CheckpointException, or OSError, on damaged or missing files
+    except DCP_ERRORS as e:  # on damaged or missing files
         raise ckpt.CheckpointError(f"{folder}: cannot read the sharded checkpoint ({first_line(e)})") from None
     weights = {key[len("model."):]: value for key, value in full.items() if key.startswith("model.")}
-    order = {name: i for i, name in enumerate(ckpt.read_json(Path(path) / "state.json").get("optimizer_params", []))}
-    optimizer = {}
+    moments = {}
     for key, value in full.items():
         if key.startswith("optim."):
             name, _, slot = key[len("optim."):].rpartition(".")
-            optimizer[f"state.{order[name]}.{slot}"] = value
-    return weights, optimizer
+            if name not in order:
+                raise ckpt.CheckpointError(f"{Path(path) / 'state.json'}: optimizer_params lacks {name}")
+            moments[f"state.{order[name]}.{slot}"] = value
+    return weights, moments
 
 
 def reader(path: str | Path) -> HuggingFaceStorageReader:
@@ -107,7 +127,25 @@ def reader(path: str | Path) -> HuggingFaceStorageReader:
     missing = [f for f in files if not (folder / f).is_file()]
     if missing or not files:
         raise ckpt.CheckpointError(f"{folder}: incomplete sharded checkpoint (missing {', '.join(missing) or 'files'})")
+    for name in files:  # before DCP, which logs a traceback of its own on every rank for a damaged file
+        _check_shard(folder / name)
     return HuggingFaceStorageReader(str(folder))
+
+
+def _check_shard(file: Path) -> None:
+    """A safetensors shard whose header parses and whose size covers every tensor the header names."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if 8 + length > size:
+                raise ValueError(f"a {length}-byte header in {size} bytes: truncated")
+            header = json.loads(f.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ckpt.CheckpointError(f"{file}: damaged shard ({e})") from None
+    if size < 8 + length + end:
+        raise ckpt.CheckpointError(f"{file}: damaged shard (truncated: {size} of {8 + length + end} bytes)")
 
 
 def first_line(e: Exception) -> str:
@@ -135,6 +173,10 @@ def export(path: str | Path, out: str | Path) -> Path:
     if out.exists():
         raise ckpt.CheckpointError(f"{out} exists: export writes a new folder")
     weights, optimizer = read_full(path)
+    broken = ckpt.non_finite({**weights, **optimizer})
+    if broken:  # a damaged shard, exported, would pass its damage on as an undamaged-looking checkpoint
+        raise ckpt.CheckpointError(f"{path / FOLDER}: non-finite values in {len(broken)} tensors (first: "
+                                   f"{broken[0]}); the checkpoint is unusable")
     state, rng = ckpt.read_state(path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

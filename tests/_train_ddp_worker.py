@@ -181,3 +181,21 @@ def tracked_run(rank: int, world: int, port: int, config_json: str, out_dir: str
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def cli_rank(rank: int, world: int, port: int, argv: list, out_dir: str) -> None:
+    """`limoe ARGV` on one rank of a gloo group, as under torchrun: its exit code and stderr go to rank<r>.json."""
+    import contextlib
+    import io
+
+    _init(rank, world, port)
+    from limoe.cli import main
+
+    err, code = io.StringIO(), None
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"code": code, "err": err.getvalue()}, f)
+        dist.destroy_process_group()

@@ -133,6 +133,20 @@ def _check_fits(cfg: TrainConfig, ranks: int, device: torch.device) -> None:
         raise TrainingError(f"{cfg.model}: {e}") from None
 
 
+def _check_finite(model: nn.Module, optimizer, start: Path, world, device: torch.device) -> None:
+    """A resumed state with a NaN or an infinity (a damaged shard) would train until the loss is NaN, then name
+    this checkpoint the last good one: refused on every rank (each checks its own share)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 - a DTensor's own share
+    tensors = {**{f"model.{k}": local(v) for k, v in model.state_dict().items()},
+               **{f"optimizer.{i}.{slot}": local(v) for i, per_param in enumerate(optimizer.state.values())
+                  for slot, v in per_param.items()}}
+    broken = ckpt.non_finite(tensors)
+    if distributed.any_flag(bool(broken), world, device):
+        which = f" (first: {broken[0]})" if broken else " (on another rank)"
+        raise TrainingError(f"{start}: non-finite values in the saved weights or optimizer state{which}; the "
+                            f"checkpoint is damaged: resume from an earlier one with --resume PATH")
+
+
 def _run_dir(cfg: TrainConfig, resume: str | None, world) -> Path:
     """The run's folder: a new dated one unless given."""
     if not cfg.run_dir:
@@ -204,6 +218,7 @@ def _train(cfg, run_dir: Path, resume, stop_after, progress, device, world, fork
     if start_path is not None:  # either kind of checkpoint: the strategy takes this rank's share
         state, tensors = ckpt.read_state(start_path)
         strategy.load_full_state(model, optimizer, start_path, tensors, state["optimizer"])
+        _check_finite(model, optimizer, start_path, world, device)
         step, position = state["step"], DataPosition(**state["data"]["0"])
         # Rank 0's generators are restored on every rank: all ranks start from the same seed and draw the
         # same shapes, so in a straight run their states are identical too.

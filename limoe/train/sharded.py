@@ -100,7 +100,7 @@ class ShardedStrategy(Strategy):
             dcp.load(tensors, storage_reader=sharded.reader(checkpoint))
         except ckpt.CheckpointError:
             raise
-        except Exception as e:  # DCP's CheckpointException wraps every rank's error
+        except sharded.DCP_ERRORS as e:  # DCP's CheckpointException wraps every rank's error
             raise ckpt.CheckpointError(f"{checkpoint}: cannot load the sharded checkpoint "
                                        f"({sharded.first_line(e)})") from None
         own = model.state_dict()
