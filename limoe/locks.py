@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -44,6 +45,11 @@ def folder_lock(folder: str | os.PathLike, holder: str) -> Iterator[None]:
             other = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             raise FolderInUse(f"{folder} is in use by {other}; wait for it to finish, or use another folder") \
                 from None
+        except OSError as e:  # a file system without locks (some network mounts): work unlocked, and say so
+            warnings.warn(f"{folder}: cannot lock ({e.strerror}); a second process could work in it at once",
+                          stacklevel=3)
+            yield
+            return
         os.ftruncate(fd, 0)
         os.write(fd, f"{holder} (pid {os.getpid()})\n".encode())
         yield

@@ -58,3 +58,17 @@ def test_reproduce_refuses_an_output_folder_in_use(tmp_path, capsys):
         assert main(["reproduce", "--scale", "smoke", "--out", str(tmp_path)]) == 2
     assert "is in use by limoe reproduce (pid" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_system_without_locks_works_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+
+    from limoe import locks
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .No locks available."):
+        with folder_lock(tmp_path, "limoe train"):
+            pass
