@@ -19,6 +19,8 @@ from limoe.data import loader, stream
 from limoe.train import loop
 
 sig, target, phase, config = signal.Signals[sys.argv[1]], sys.argv[2], sys.argv[3], sys.argv[4]
+# As from a terminal: a test run in the background (`pytest &`) hands its children SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 trainer = os.getpid()
 
 

@@ -110,9 +110,12 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         cfg.check_world(world.size)  # before anything is written
         _check_fits(cfg, world.size, device)
         run_dir = _run_dir(cfg, resume, world)
+        start_path = ckpt.resolve(resume, run_dir) if resume else None
+        if start_path is not None and not fork:  # refused before the folder is made (and locked)
+            _check_resumable(start_path, run_dir, cfg)
         # Rank 0 writes the run's files: it alone holds the folder, against a second run started on it.
         with folder_lock(run_dir, "limoe train") if world.main else contextlib.nullcontext():
-            return _train(cfg, run_dir, resume, stop_after, progress, device, world, fork)
+            return _train(cfg, run_dir, start_path, stop_after, progress, device, world, fork)
     except OSError as e:  # a read-only or full disk, a file where a folder should be: one line, not a traceback
         raise TrainingError(f"{e.filename or cfg.run_dir}: {e.strerror or e}") from None
     finally:
@@ -177,13 +180,11 @@ def _check_resumable(start: Path, run_dir: Path, cfg: TrainConfig) -> None:
         raise TrainingError(f"{start} was trained as another model ({detail}): pass --fork to start from it anyway")
 
 
-def _train(cfg, run_dir: Path, resume, stop_after, progress, device, world, fork=False) -> RunResult:
-    if not resume and ckpt.list_checkpoints(run_dir):  # a fresh run never writes into an earlier run's folder
+def _train(cfg, run_dir: Path, start_path: Path | None, stop_after, progress, device, world,
+           fork=False) -> RunResult:
+    if start_path is None and ckpt.list_checkpoints(run_dir):  # a fresh run never writes into an earlier run's
         raise TrainingError(f"{run_dir} already has checkpoints: pass --resume latest to continue it, or "
                             f"another --run-dir")
-    start_path = ckpt.resolve(resume, run_dir) if resume else None
-    if start_path is not None and not fork:
-        _check_resumable(start_path, run_dir, cfg)
     torch.manual_seed(cfg.seed)
 
     tokenizer_skips: dict[str, int] = {}
