@@ -5,8 +5,9 @@ A sharded checkpoint is the usual folder (limoe.checkpoint) with `sharded/` in p
 the optimizer tensors: a safetensors file per rank holding its pieces, each file's header naming every piece's
 offset in its global tensor (DCP's safetensors storage: nothing is pickled, so reading a checkpoint never runs
 code from it, unlike DCP's default format), and `index.json`, which rank 0 writes last and which lists them.
-`optimizer.safetensors` keeps rank 0's RNG state. DCP keys: "model.<state-dict key>" (the single-process keys) and "optim.<parameter name>.<name>"
-(AdamW's step and moments); `state.json` lists the parameter names in the optimizer's order.
+`optimizer.safetensors` keeps rank 0's RNG state. DCP keys: "model.<state-dict key>" (the single-process keys)
+and "optim.<parameter name>.<name>" (AdamW's step and moments); `state.json` lists the parameter names in the
+optimizer's order.
 
 Each tensor is stored with its global shape and this rank's offset, so the checkpoint loads under any layout:
 another number of ranks, with or without expert parallelism or FSDP (DCP reshards on load), and in one process,

@@ -300,8 +300,7 @@ def _add_job_parsers(sub) -> None:
     ev.add_argument("--probe-train", metavar="DIR", help="image folder to pick the k shots per class from")
     ev.add_argument("--probe-test", metavar="DIR", help="image folder to test the linear probe on")
     ev.add_argument("--shots", type=positive_int, default=10,
-                    help="labelled images per class the linear probe learns from "
-                                                          "(default: 10)")
+                    help="labelled images per class the linear probe learns from (default: 10)")
     ev.add_argument("--batch-size", type=positive_int, default=256,
                     help="images or pairs per forward pass (default: 256)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")

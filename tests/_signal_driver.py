@@ -1,8 +1,9 @@
 """`limoe train --config CONFIG` with SIGNAL sent to TARGET (main | group) from inside PHASE, for
-tests/test_train_signals.py. Phases: setup (before training starts), step (the 3rd forward), data (a loader worker, then it stalls, so the
-trainer is waiting for data, while the other worker is still starting), eval (the first evaluation; the config
-makes it periodic or final), decode (inside the decoding of an image during the first evaluation). Two more phases send no signal: crash (the 3rd forward raises) and worker-dies (a
-loader worker is killed, as by the kernel's out-of-memory killer).
+tests/test_train_signals.py. Phases: setup (before training starts), step (the 3rd forward), data (a loader
+worker, then it stalls, so the trainer is waiting for data, while the other worker is still starting), eval (the
+first evaluation; the config makes it periodic or final), decode (inside the decoding of an image during the
+first evaluation). Two more phases send no signal: crash (the 3rd forward raises) and worker-dies (a loader
+worker is killed, as by the kernel's out-of-memory killer).
 
 usage: python _signal_driver.py SIGNAL TARGET PHASE CONFIG
 """

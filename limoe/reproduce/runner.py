@@ -265,6 +265,9 @@ def _run_in_processes(jobs: list[Job], out_dir: str, parallel: int, device: str,
                         "job": job.name, "error": f"its process died (exit code {process.exitcode})",
                         "error_log": "no log: the process was killed"}
                 process.join()
+                if "interrupted" in result and not stop:  # a signal sent to that run alone: it failed
+                    result = {"job": job.name, "error": f"stopped by a signal ({result['interrupted']})",
+                              "error_log": "no log: its checkpoint resumes it"}
                 if "interrupted" not in result:
                     done(result)
     finally:
