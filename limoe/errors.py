@@ -4,6 +4,8 @@ Each module keeps its own error class (ConfigError, CheckpointError, DataError, 
 kind; they all derive from UserError, so the command line needs to know only this one.
 """
 
+import signal
+
 
 class UserError(Exception):
     """A mistake in the user's input (a config, a path, a file, an argument); the message is one line."""
@@ -13,4 +15,4 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM where no job handles it yet (training installs its own handler): the command stops with one line and
     exit 143 instead of dying silently. A KeyboardInterrupt, so it unwinds like Ctrl-C."""
 
-    signum = 15  # signal.SIGTERM
+    signum = signal.SIGTERM

@@ -65,10 +65,9 @@ def parse_labels(labels: str | Sequence[str]) -> list[str]:
             path = labels[1:]
             if not os.path.isfile(path):
                 raise JobError(f"labels file not found: {path}")
-            try:
-                items = Path(path).read_text(encoding="utf-8").splitlines()
-            except UnicodeDecodeError as e:
-                raise JobError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            from limoe.data.image_folder import read_lines
+
+            items = read_lines(path)  # UTF-8 (a BOM dropped), or one line saying why not
         else:
             items = labels.split(",")
     else:

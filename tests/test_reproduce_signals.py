@@ -13,6 +13,8 @@ import pytest
 from limoe import checkpoint as ckpt
 from limoe.reproduce import SCALES, plan_jobs, reproduce
 
+from _processes import group_gone
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--scale", "smoke", "--parallel", "2", "--variants", "dense,two-tower", "--seeds", "0,1", "--no-sweep",
         "--set", "steps=400"]  # the smoke preset saves every 10 steps
@@ -38,18 +40,6 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None
         time.sleep(0.1)
 
 
-def _group_gone(pgid: int, timeout: float = 30.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    os.killpg(pgid, signal.SIGKILL)
-    return False
-
-
 def _saved_steps(out: Path) -> list[int]:
     return [ckpt.step_of(c[-1]) if (c := ckpt.list_checkpoints(out / "runs" / job.name)) else 0 for job in RUNNING]
 
@@ -64,7 +54,7 @@ def test_a_signal_while_runs_train(tmp_path, sig, target):
     seen = _saved_steps(out)
     (os.killpg if target == "group" else os.kill)(proc.pid, sig)
     proc.wait(timeout=60)
-    assert _group_gone(proc.pid), "a process of the reproduction outlived it"
+    assert group_gone(proc.pid), "a process of the reproduction outlived it"
     err = (tmp_path / "log" / "err").read_text()
     saved = _saved_steps(out)
     # Each run saved where it stopped (also when the reproduction itself was killed: its runs got SIGTERM).
@@ -89,6 +79,6 @@ def test_a_signal_while_runs_start(tmp_path):
     _wait_for(lambda: "limoe reproduce:" in (tmp_path / "log" / "out").read_text(), proc)
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=60)
-    assert _group_gone(proc.pid)
+    assert group_gone(proc.pid)
     err = (tmp_path / "log" / "err").read_text()
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err

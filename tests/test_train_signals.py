@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from limoe import checkpoint as ckpt
 from limoe.train import train
 
+from _processes import group_gone
 from _train_utils import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,17 +22,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("builtin")
-
-
-def _group_gone(pgid: int, timeout: float = 10.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _drive(sig: str, target: str, phase: str, config) -> tuple[subprocess.Popen, str, str]:
@@ -64,7 +53,7 @@ def test_signal_matrix(tmp_path, cache, sig, target, phase):
     proc, out, err = _drive(sig.name, target, "eval" if phase == "final" else phase, config)
     assert proc.returncode == 128 + sig, (out, err)
     assert "Traceback" not in err and f"{sig.name} received" in out, (out, err)
-    assert _group_gone(proc.pid), "a process of the trainer's group outlived it"
+    assert group_gone(proc.pid, timeout=10), "a process of the trainer's group outlived it"
     saved = ckpt.resolve("latest", cfg.run_dir)
     state, _ = ckpt.read_state(saved)
     assert state["step"] == (8 if phase == "final" else 2 if phase == "eval" else state["step"]) >= 1
@@ -87,7 +76,7 @@ def test_failure_with_streaming_workers_exits(tmp_path, cache, phase):
     else:
         assert proc.returncode == 2 and "Traceback" not in err, (out, err)
         assert "is killed by signal: Killed" in err and "lower data.num_workers" in err, err
-    assert _group_gone(proc.pid), "a process of the trainer's group outlived it"
+    assert group_gone(proc.pid, timeout=10), "a process of the trainer's group outlived it"
 
 
 @pytest.mark.slow
@@ -117,4 +106,4 @@ def test_a_signal_before_training_starts_is_one_line(tmp_path, cache, sig):
     assert proc.returncode == 128 + sig and "Traceback" not in err, (out, err)
     said = "interrupted" if sig == signal.SIGINT else "SIGTERM received"
     assert err.strip().splitlines()[-1] == f"limoe: {said}: stopped without saving", err
-    assert _group_gone(proc.pid)
+    assert group_gone(proc.pid, timeout=10)

@@ -139,7 +139,8 @@ def _check_fits(cfg: TrainConfig, ranks: int, device: torch.device) -> None:
 def _check_finite(model: nn.Module, optimizer, start: Path, world, device: torch.device) -> None:
     """A resumed state with a NaN or an infinity (a damaged shard) would train until the loss is NaN, then name
     this checkpoint the last good one: refused on every rank (each checks its own share)."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 - a DTensor's own share
+    from limoe.train.sharded import local  # a DTensor's own share
+
     tensors = {**{f"model.{k}": local(v) for k, v in model.state_dict().items()},
                **{f"optimizer.{i}.{slot}": local(v) for i, per_param in enumerate(optimizer.state.values())
                   for slot, v in per_param.items()}}
