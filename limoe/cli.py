@@ -94,6 +94,16 @@ def _corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -206,7 +216,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{_checkpoint_line(path)}: evaluating {plan}", flush=True)
     metrics = evaluate_checkpoint(str(path), args.zero_shot, args.class_names, args.templates, args.retrieval,
                                   args.probe_train, args.probe_test, args.shots, args.batch_size, args.device,
-                                  progress=_progress("eval"))
+                                  progress=_progress("eval"), capacity_factor=args.capacity_factor)
     print(metrics_table(metrics))
     _print_evaluations(ckpt.run_dir_of(path))
     if args.output:
@@ -304,6 +314,9 @@ def _add_job_parsers(sub) -> None:
     ev.add_argument("--batch-size", type=positive_int, default=256,
                     help="images or pairs per forward pass (default: 256)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    ev.add_argument("--capacity-factor", type=positive_float, metavar="F",
+                    help="evaluate every MoE layer with capacity factor F: how many tokens it may drop "
+                         "(default: the model's moe.eval_capacity_factor; E or more drops nothing)")
     ev.add_argument("--output", "-o", help="write the metrics as JSON here")
     ev.set_defaults(func=_eval)
 

@@ -175,11 +175,13 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
                         templates: str | None = None, retrieval_csv: str | None = None,
                         probe_train: str | None = None, probe_test: str | None = None, shots: int = 10,
                         batch_size: int = 256, device: str = "cpu",
-                        progress: Callable[[str], None] | None = None) -> Metrics:
+                        progress: Callable[[str], None] | None = None,
+                        capacity_factor: float | None = None) -> Metrics:
     """Zero-shot on an image folder (default: the held-out concepts of the run's corpus or built-in data),
     retrieval on a CSV of pairs (default: their test split), and a k-shot linear probe when two image folders
     are given. A run trained on its own data (csv, wds) needs the folder or the CSV (evaluation_plan).
-    `progress` gets a line as each part starts (the command line prints them to stderr)."""
+    `progress` gets a line as each part starts (the command line prints them to stderr); `capacity_factor`
+    replaces the MoE layers' evaluation capacity factor."""
     from limoe import evaluate
     from limoe.data import CsvPairs, ImageConfig, ImageFolder, LoaderConfig, make_loader
     from limoe.train import evaluation
@@ -188,6 +190,13 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
     progress = progress or (lambda line: None)
     evaluation_plan(run_config(checkpoint), zero_shot_dir, retrieval_csv, probe_train, probe_test, shots)
     model, tokenizer, config = _load(checkpoint, device)
+    if capacity_factor is not None:
+        from limoe.moe.layer import set_eval_capacity_factor
+
+        try:
+            set_eval_capacity_factor(model, capacity_factor)
+        except ValueError as e:
+            raise JobError(f"--capacity-factor: {e}") from None
     built_in = config.data.source in BUILT_IN_DATA
     image = ImageConfig(image_size=model.config.image_size)
     one = dict(rank=0, world_size=1)

@@ -6,6 +6,12 @@ difference from the first group (seed i against seed i), so that a gap can be re
 
 A run is a `limoe train` run folder; its metrics are the `final` record of its metrics.jsonl (a run that has not
 finished is one error line). Percent metrics (top-k, R@k, routing success) print x100.
+
+`--train-keys` adds columns from the training records of the run's second half: the mean of a key, or, written
+`KEY>0`, the share (%) of those steps where it is positive (e.g. whether a thresholded loss binds):
+
+    python scripts/runs_table.py "(f)=runs/f-s0,runs/f-s1" \
+        --train-keys "routing/router_entropy/text,aux/global_entropy/text>0"
 """
 
 from __future__ import annotations
@@ -36,7 +42,24 @@ def run_seconds(run: str) -> float:
     return max(times) - min(times)
 
 
+def train_means(run: str, keys: list[str]) -> dict[str, float]:
+    """Per `keys` entry: the mean over the logged training steps of the second half (`KEY>0`: the share of them
+    where KEY is positive); a key no record holds is left out."""
+    rows, _ = read_metrics(Path(run) / METRICS_FILE, kind="train")
+    last = max((r["step"] for r in rows), default=0)
+    rows = [r for r in rows if r["step"] > last / 2]
+    out = {}
+    for key in keys:
+        name, positive, _ = key.partition(">0")
+        values = [r[name] for r in rows if isinstance(r.get(name), (int, float))]
+        if values:
+            out[f"train:{key}"] = statistics.fmean(v > 0 for v in values) if positive else statistics.fmean(values)
+    return out
+
+
 def _scale(key: str) -> float:
+    if key.startswith("train:"):
+        return 100.0 if key.endswith(">0") or "routing_success" in key else 1.0
     return 1.0 if key.endswith("loss") or key == "seconds" else 100.0
 
 
@@ -66,15 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("groups", nargs="+", metavar="LABEL=RUN[,RUN...]", help="a row: its label and run folders")
     parser.add_argument("--keys", default=",".join(DEFAULT_KEYS), help="comma-separated metrics of the final record")
     parser.add_argument("--seconds", action="store_true", help="add each run's wall-clock seconds as a column")
+    parser.add_argument("--train-keys", default="",
+                        help="comma-separated keys of the training records, averaged over the second half "
+                             "(KEY>0: the share of its steps where KEY is positive)")
     args = parser.parse_args(argv)
     keys = [k for k in args.keys.split(",") if k]
+    train_keys = [k for k in args.train_keys.split(",") if k]
     groups = {}
     for group in args.groups:
         label, sep, runs = group.partition("=")
         if not sep or not runs:
             parser.error(f"{group!r}: expected LABEL=RUN[,RUN...]")
-        groups[label] = [{**final_metrics(r), "seconds": run_seconds(r)} for r in runs.split(",")]
-    print(table(groups, keys + (["seconds"] if args.seconds else [])))
+        groups[label] = [{**final_metrics(r), **train_means(r, train_keys), "seconds": run_seconds(r)}
+                         for r in runs.split(",")]
+    print(table(groups, keys + [f"train:{k}" for k in train_keys] + (["seconds"] if args.seconds else [])))
 
 
 if __name__ == "__main__":

@@ -187,3 +187,21 @@ def test_small_inputs_of_classify_and_eval_are_one_line(run, tmp_path, capsys):
         assert main(["eval", str(checkpoint), "--zero-shot", str(zero_shot), "--templates", str(templates)]) == 2
         error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line "reading the data"
         assert error.startswith("limoe: error:") and "exactly one '{}'" in error and bad in error, error
+
+
+def test_eval_capacity_factor_sets_every_moe_layer_and_refuses_what_it_cannot_mean(run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    checkpoint, _ = run
+    seen = []
+    from limoe.moe import layer as moe_layer
+
+    real = moe_layer.set_eval_capacity_factor
+    monkeypatch.setattr(moe_layer, "set_eval_capacity_factor", lambda model, f: seen.append(real(model, f)))
+    assert main(["eval", str(checkpoint), "--capacity-factor", "8", "-o", str(tmp_path / "m.json")]) == 0
+    assert seen == [2]  # limoe-tiny: MoE in blocks 1 and 3
+    assert json.loads((tmp_path / "m.json").read_text())["zero_shot/top1"] >= 0
+    capsys.readouterr()
+    for bad in ("0", "-1", "inf", "x"):
+        with pytest.raises(SystemExit):
+            main(["eval", str(checkpoint), "--capacity-factor", bad])
+        assert "--capacity-factor" in capsys.readouterr().err

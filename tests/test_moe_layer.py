@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from limoe.moe import MoeConfig, MoeMlp
+from limoe.moe.layer import set_eval_capacity_factor
 from limoe.moe.reference import moe_loop, moe_onehot_einsum, route_loop
 
 
@@ -124,6 +125,24 @@ def test_train_and_eval_capacity_factors_are_separate():
     assert layer.capacity_for(64) == 16
     assert layer.eval().capacity_for(64) == 32
     assert make_layer(capacity_factor=1.5).eval().capacity_for(64) == 24  # None follows the train factor
+
+
+def test_set_eval_capacity_factor_changes_evaluation_drops_only():
+    layer = make_layer(capacity_factor=1.0, eval_capacity_factor=0.5)
+    model = torch.nn.Sequential(layer)
+    x_Sd = torch.randn(64, 12)
+    dropped = lambda: layer.eval()(x_Sd)[1].stats.dropped_M.sum().item()
+    assert dropped() > 0  # 4 experts x 8 slots for 64 tokens
+    assert set_eval_capacity_factor(model, 4.0) == 1
+    assert layer.eval().capacity_for(64) == 64 and dropped() == 0  # factor E: room for every token
+    assert layer.train().capacity_for(64) == 16  # training's factor is untouched
+    assert layer.router.config is layer.config
+    with pytest.raises(ValueError, match="no MoE layers"):
+        set_eval_capacity_factor(torch.nn.Linear(2, 2), 2.0)
+    with pytest.raises(ValueError, match="drop nothing"):
+        set_eval_capacity_factor(make_layer(router="soft", slots_per_expert=2), 2.0)
+    with pytest.raises(ValueError, match="> 0"):
+        set_eval_capacity_factor(model, 0.0)
 
 
 def test_gradients_reach_every_parameter():

@@ -13,6 +13,8 @@ from limoe.evaluate import k_shot_split
 from limoe.model.registry import get_model_info
 from limoe.reproduce import SCALES, VARIANT_NAMES, plan_jobs, reproduce
 from limoe.reproduce import runner
+from limoe.reproduce.plan import ABLATIONS, FULL, plan_ablations
+from limoe.reproduce.report import paired_table
 from limoe.reproduce.metrics import effective_experts
 from limoe.train import apply_overrides, get_preset
 
@@ -87,6 +89,50 @@ def test_variants_switch_exactly_the_aux_losses_and_bpr():
     base = {k: v for k, v in configs["dense"].to_dict().items() if k not in ("model", "loss", "moe")}
     for cfg in configs.values():
         assert {k: v for k, v in cfg.to_dict().items() if k not in ("model", "loss", "moe")} == base
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("local_entropy", "global_entropy"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_each_ablation_changes_exactly_its_own_factor_of_the_full_recipe():
+    jobs = plan_ablations(SCALES["cpu"])
+    assert len(jobs) == (1 + len(ABLATIONS)) * len(SCALES["cpu"].seeds)
+    full = {j.seed: j for j in plan_jobs(SCALES["cpu"], variants=(FULL,), sweep=False)}
+    expected = {"f-capacity-2": {"moe.capacity_factor"}, "f-no-noise": {"moe.noise_std"},
+                "f-independent-experts": {"moe.expert_init"},
+                "f-entropy-x3": {"loss.local_entropy", "loss.global_entropy"},
+                "f-global-threshold-8": {"moe.global_entropy_min_experts"}}
+    assert set(expected) == {v.name for v in ABLATIONS}
+    for job in jobs:
+        reference = full[job.seed]
+        if job.variant.name == FULL:  # the paper study's (f) itself: same name, so one folder serves both
+            assert job.name == reference.name and job.command() == reference.command()
+            continue
+        mine, theirs = _flat(job.config("").to_dict()), _flat(reference.config("").to_dict())
+        assert {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)} == \
+            expected[job.variant.name], job.name
+
+
+def test_paired_table_by_hand():
+    def result(variant, seed, seen, label="x"):
+        return {"variant": variant, "size": "base", "seed": seed, "label": label,
+                "metrics": {"seen/top1": seen, "zero_shot/top1": 0.1, "zero_shot/top5": 0.2,
+                            "retrieval/contrastive_loss": 4.0}}
+
+    results = [result(FULL, 0, 0.30), result(FULL, 1, 0.32), result("limoe-vmoe", 0, 0.25, "(d)"),
+               result("limoe-vmoe", 1, 0.28, "(d)"), result("dense", 1, 0.31, "(a)"), result("dense", 2, 0.2, "(a)")]
+    lines = paired_table(results).splitlines()
+    # (f) - (d): 5 and 4 points -> 4.50 ± 0.71, beyond twice the spread; (a) shares seed 1 alone: +1, no spread
+    assert lines[2] == "| (a) | 1.00 | 0.00 | 0.00 | 0.000 | 1 |"
+    assert lines[3] == "| (d) | **4.50 ± 0.71** | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.000 ± 0.000 | 2 |"
+    assert paired_table([result("dense", 0, 0.3)]) is None
 
 
 def test_compared_models_have_matched_active_compute():

@@ -36,3 +36,18 @@ def test_an_unfinished_run_is_one_error_line(tmp_path):
     run = _run(tmp_path / "r", 0.3, 4.0, final=False)
     with pytest.raises(SystemExit, match="has no final record"):
         runs_table.main([f"A={run}"])
+
+
+def test_train_keys_average_the_second_half_and_count_binding_steps(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    losses = [0.5, 0.0, 0.0, 0.2, 0.0, 0.1]  # steps 10..60; the second half is steps 40, 50, 60
+    rows = [{"kind": "train", "step": 10 * (i + 1), "time": float(i), "g": v, "routing/routing_success/text": 0.9}
+            for i, v in enumerate(losses)]
+    rows.append({"kind": "final", "step": 60, "time": 9.0, "seen/top1": 0.3})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs_table.main([f"A={run}", "--keys", "seen/top1", "--train-keys", "g,g>0,routing/routing_success/text"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| run | seen/top1 | train:g | train:g>0 | train:routing/routing_success/text | seeds |"
+    # mean of 0.2, 0, 0.1 = 0.1; positive at 2 of 3 steps = 66.67 %; routing success in %
+    assert lines[2] == "| A | 30.00 | 0.10 | 66.67 | 90.00 | 1 |"

@@ -19,6 +19,7 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("name, overrides", [
     ("limoe-tiny", {}),
+    ("limoe-tiny", {"paired_init": True}),
     ("limoe-tiny", {"moe": {"num_experts": 4, "router": "soft"}, "logit_bias_init": -10.0}),
     ("limoe-tiny", {"moe": {"num_experts": 4, "router": "expert_choice"}, "image_pool": "mean"}),
     ("dense-tiny", {}),

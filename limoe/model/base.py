@@ -57,7 +57,8 @@ class ContrastiveModel(nn.Module):
     def _make_encoder(self) -> Encoder:
         c = self.config
         layers = c.moe_layer_ids
-        return Encoder(c.width, c.depth, c.heads, c.mlp_dim, layers, c.moe_config() if layers else None, c.norm_eps)
+        return Encoder(c.width, c.depth, c.heads, c.mlp_dim, layers, c.moe_config() if layers else None, c.norm_eps,
+                       c.paired_init)
 
     def encoder_for(self, modality: int) -> Encoder:
         raise NotImplementedError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import torch
@@ -28,6 +29,23 @@ def moe_mlp(config: MoeConfig) -> MlpLayer:
             raise ValueError(f"MoeConfig has dim={config.dim}, hidden_dim={config.hidden_dim}; the block needs "
                              f"{dim}, {hidden_dim}")
         return MoeMlp(config)
+    return build
+
+
+def paired_moe_mlp(config: MoeConfig) -> MlpLayer:
+    """`moe_mlp(config)` that leaves the global RNG exactly as a dense block's `Mlp` would: it draws that Mlp (and
+    drops it), then builds the MoE layer from a stream of its own, seeded by the global RNG's state (so each MoE
+    layer differs, and each seed). Every other weight is then the dense model's of the same seed, and paired
+    comparisons of the two differ by the MoE layers alone (`ModelConfig.paired_init`)."""
+    plain = moe_mlp(config)
+
+    def build(dim: int, hidden_dim: int) -> MoeMlp:
+        state = torch.random.get_rng_state()
+        Mlp(dim, hidden_dim)
+        digest = hashlib.sha256(state.numpy().tobytes()).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+            return plain(dim, hidden_dim)
     return build
 
 
@@ -115,12 +133,13 @@ class Encoder(nn.Module):
     """`depth` blocks (MoE at `moe_layer_ids`) and a final LayerNorm; encodes one modality or pairs in lockstep."""
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_dim: int, moe_layer_ids: tuple[int, ...] = (),
-                 moe: MoeConfig | None = None, eps: float = 1e-6):
+                 moe: MoeConfig | None = None, eps: float = 1e-6, paired_init: bool = False):
         super().__init__()
         if moe_layer_ids and moe is None:
             raise ValueError("moe_layer_ids given without a MoeConfig")
+        sparse = (paired_moe_mlp if paired_init else moe_mlp)(moe) if moe_layer_ids else None
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_dim, moe_mlp(moe) if i in moe_layer_ids else Mlp, eps) for i in range(depth))
+            Block(dim, heads, mlp_dim, sparse if i in moe_layer_ids else Mlp, eps) for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=eps)
         # Joint MoE calls take a MoE modality id per token (forward_pair); an encoder has one MoeConfig.
         self.moe_modality = moe_modality_ids(moe) if moe_layer_ids else (IMAGE, TEXT)

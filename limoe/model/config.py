@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from limoe.checks import Check, check_fields, field_checks, integer, mapping, one_of, option, real
+from limoe.checks import Check, check_fields, field_checks, flag, integer, mapping, one_of, option, real
 from limoe.moe.layer import MoeConfig
 from limoe.moe.routing import capacity
 
@@ -41,6 +41,9 @@ class ModelConfig:
     max_logit_scale: float = option(100.0, real(gt=0))  # CLIP's clamp: keeps the softmax from becoming a hard argmax
     logit_bias_init: float | None = option(None, real(none=True))  # SigLIP's learned bias (e.g. -10); None: none
     norm_eps: float = option(1e-6, real(gt=0))
+    # Every weight outside the MoE layers starts as the dense model's of the same seed (experts and routers draw
+    # from streams of their own): paired comparisons with dense differ by the MoE layers alone.
+    paired_init: bool = option(False, flag())
 
     def __post_init__(self) -> None:
         check_fields(self)  # each field's declared type and range; below, the checks across fields

@@ -7,6 +7,7 @@ experts (limoe.moe.experts). This layer forms the routing groups, checks its inp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from limoe.moe.routers import Router, make_router
 from limoe.moe.routing import Routing
 from limoe.moe.stats import MoeStats
 
-__all__ = ["ROUTING_GROUPS", "MoeAux", "MoeConfig", "MoeMlp"]  # MoeConfig, ROUTING_GROUPS: imported from here too
+__all__ = ["ROUTING_GROUPS", "MoeAux", "MoeConfig", "MoeMlp", "set_eval_capacity_factor"]  # MoeConfig, ROUTING_GROUPS: imported from here too
 
 
 @dataclass
@@ -138,6 +139,23 @@ class MoeMlp(nn.Module):
             raise ValueError(f"valid must be a bool tensor of shape {tuple(lead_shape)}, got "
                              f"{valid.dtype} {tuple(valid.shape)}")
         return valid
+
+
+def set_eval_capacity_factor(model: nn.Module, factor: float) -> int:
+    """Evaluate every MoE layer of `model` with capacity factor `factor` (how much evaluation drops; training's
+    factor is untouched); returns how many layers changed. A model without capacity-limited MoE layers (dense, or
+    Soft MoE, which drops nothing) is a ValueError."""
+    if not (isinstance(factor, (int, float)) and factor > 0):
+        raise ValueError(f"the capacity factor must be > 0, got {factor!r}")
+    layers = [m for m in model.modules() if isinstance(m, MoeMlp)]
+    if not layers:
+        raise ValueError("the model has no MoE layers: a capacity factor means nothing to it")
+    if any(layer.config.router == "soft" for layer in layers):
+        raise ValueError("Soft MoE layers have slots, not a capacity: they drop nothing")
+    for layer in layers:
+        layer.config = dataclasses.replace(layer.config, eval_capacity_factor=float(factor))
+        layer.router.config = layer.config
+    return len(layers)
 
 
 def _flatten_router_keys(layer: MoeMlp, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from limoe.reproduce.metrics import PROBE_DRAWS, PROBE_SHOTS, held_out_routing
-from limoe.reproduce.plan import SCALES, VARIANT_NAMES, VARIANTS, Job, Scale, plan_jobs
-from limoe.reproduce.report import (SEEN, SPECIALIST_SHARE, ZERO_SHOT, markdown_table, plot_accuracy_vs_compute,
-                                    plot_routing_success, routing_table, style_table, summary_rows, sweep_table)
+from limoe.reproduce.plan import SCALES, VARIANT_NAMES, VARIANTS, Job, Scale, plan_ablations, plan_jobs
+from limoe.reproduce.report import (SEEN, SPECIALIST_SHARE, ZERO_SHOT, markdown_table, paired_table,
+                                    plot_accuracy_vs_compute, plot_routing_success, routing_table, style_table,
+                                    summary_rows, sweep_table)
 from limoe.locks import folder_lock
+from limoe.reproduce import scaling
 from limoe.reproduce.runner import check_run_folders, run_jobs, write_json
 
-__all__ = ["SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
+STUDY_NAMES = ("paper", "scaling", "ablations")
+__all__ = ["STUDY_NAMES", "SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
 
 
 def _best_limoe(results: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -58,55 +61,81 @@ def _specialisation(best: dict[str, Any], out_dir: Path) -> Path:
 
 def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce", seeds: tuple[int, ...] | None = None,
               variants: tuple[str, ...] | None = None, parallel: int | None = None, device: str = "auto",
-              overrides: tuple[str, ...] = (), sweep: bool = True, report: Callable[[str], None] = print
-              ) -> dict[str, Any]:
+              overrides: tuple[str, ...] = (), sweep: bool = True, study: str = "paper",
+              report: Callable[[str], None] = print) -> dict[str, Any]:
     """Train every job of `scale` (skipping finished ones), then write results.md, results.json and plots.
 
-    `overrides`: `--set` strings applied to every run (a study, e.g. "moe.num_experts=16"); `sweep=False` skips
-    the accuracy-vs-compute sizes."""
+    `study`: "paper" (the variants of the paper's comparison), "scaling" (dense and LIMoE across sizes and
+    training lengths, limoe.reproduce.scaling) or "ablations" (one factor of the full recipe at a time, plan.py).
+    `overrides`: `--set` strings applied to every run (e.g. "moe.num_experts=16"); `sweep=False` skips the paper
+    study's accuracy-vs-compute sizes."""
     if isinstance(scale, str):
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; known: {list(SCALES)}")
         scale = SCALES[scale]
+    if study not in STUDY_NAMES:
+        raise ValueError(f"unknown study {study!r}; known: {list(STUDY_NAMES)}")
+    if study != "paper" and (variants or not sweep):
+        raise ValueError(f"--variants and --no-sweep choose among the paper study's runs, not the {study} study's")
     out_dir = Path(out_dir)
-    jobs = plan_jobs(scale, variants, seeds, tuple(overrides), sweep)
+    if study == "paper":
+        jobs = plan_jobs(scale, variants, seeds, tuple(overrides), sweep)
+    elif study == "scaling":
+        jobs = scaling.plan_scaling(scale, seeds, tuple(overrides))
+    else:
+        jobs = plan_ablations(scale, seeds, tuple(overrides))
     for job in jobs:  # every config is checked before anything trains
         job.config(str(out_dir / "runs" / job.name))
+    parallel = parallel or (scaling.STUDIES[scale.name].parallel if study == "scaling" else scale.parallel)
+    command = " ".join(["limoe reproduce --scale", scale.name, *([f"--study {study}"] if study != "paper" else []),
+                        *([f"--seeds {','.join(map(str, seeds))}"] if seeds else []),
+                        *([f"--variants {','.join(variants)}"] if variants else []),
+                        *(f"--set {o}" for o in overrides), *([] if sweep else ["--no-sweep"])])
     with folder_lock(out_dir, "limoe reproduce"):  # a second reproduction here would train every run again
         check_run_folders(jobs, out_dir)
-        return _reproduce(scale, jobs, out_dir, seeds, variants, parallel or scale.parallel, device, overrides,
-                          sweep, report)
+        _build_data(jobs[0])
+        report(f"limoe reproduce: {scale.name} scale, {study} study: {len(jobs)} runs, {parallel} at a time "
+               f"-> {out_dir}")
+        start = time.perf_counter()
+        results = run_jobs(jobs, out_dir, parallel, device, report)
+        minutes = (time.perf_counter() - start) / 60
+        write = _write_scaling if study == "scaling" else _write_paper
+        summary = write(scale, study, jobs, results, out_dir, minutes, command)
+        done = [r for r in results if "error" not in r]
+        report("\n" + (scaling.paired_table(done) if study == "scaling" else markdown_table(done)))
+        report(f"\nlimoe reproduce: {len(done)} runs done, {len(results) - len(done)} failed, {minutes:.1f} min; "
+               f"{out_dir / 'results.md'}")
+        return summary
 
 
-def _reproduce(scale: Scale, jobs: list[Job], out_dir: Path, seeds, variants, parallel: int, device: str,
-               overrides: tuple[str, ...], sweep: bool, report: Callable[[str], None]) -> dict[str, Any]:
-    _build_data(jobs[0])
-    report(f"limoe reproduce: {scale.name} scale ({scale.description}): {len(jobs)} runs, {parallel} at a time "
-           f"-> {out_dir}")
-    start = time.perf_counter()
-    results = run_jobs(jobs, out_dir, parallel, device, report)
-    minutes = (time.perf_counter() - start) / 60
+def _write_scaling(scale: Scale, study: str, jobs: list[Job], results: list[dict[str, Any]], out_dir: Path,
+                   minutes: float, command: str) -> dict[str, Any]:
+    done = [r for r in results if "error" not in r]
+    plot = scaling.plot(done, out_dir / "quality_vs_compute.png")
+    summary = {"study": study, "scale": scale.name, "minutes": minutes, "machine": platform.platform(),
+               "runs": results, "rows": scaling.rows(done), "paired": scaling.paired(done),
+               "failed": [r["job"] for r in results if "error" in r]}
+    write_json(out_dir / "results.json", summary)
+    (out_dir / "results.md").write_text(scaling.markdown(done, jobs, command, minutes, plot), encoding="utf-8")
+    return summary
+
+
+def _write_paper(scale: Scale, study: str, jobs: list[Job], results: list[dict[str, Any]], out_dir: Path,
+                 minutes: float, command: str) -> dict[str, Any]:
+    """results.md, results.json and the plots of the paper study, or of the ablations (the same tables)."""
     failed = [r for r in results if "error" in r]
     done = [r for r in results if "error" not in r]
-
     paths = {"accuracy_vs_compute": plot_accuracy_vs_compute(done, out_dir / "accuracy_vs_compute.png"),
              "routing_success": plot_routing_success(done, out_dir / "routing_success.png")}
     best = _best_limoe(done)
     if best is not None:
         paths["analysis"] = _specialisation(best, out_dir)
-    summary = {"scale": scale.name, "minutes": minutes, "machine": platform.platform(), "runs": results,
-               "summary": summary_rows(done), "failed": [r["job"] for r in failed],
+    summary = {"study": study, "scale": scale.name, "minutes": minutes, "machine": platform.platform(),
+               "runs": results, "summary": summary_rows(done), "failed": [r["job"] for r in failed],
                "best_limoe": best["job"] if best else None}
     write_json(out_dir / "results.json", summary)
-    command = " ".join(["limoe reproduce --scale", scale.name,
-                        *([f"--seeds {','.join(map(str, seeds))}"] if seeds else []),
-                        *([f"--variants {','.join(variants)}"] if variants else []),
-                        *(f"--set {o}" for o in overrides), *([] if sweep else ["--no-sweep"])])
     (out_dir / "results.md").write_text(_markdown(scale, done, paths, best, minutes, jobs, command),
                                         encoding="utf-8")
-    report("\n" + markdown_table(done))
-    report(f"\nlimoe reproduce: {len(done)} runs done, {len(failed)} failed, {minutes:.1f} min; "
-           f"{out_dir / 'results.md'}")
     return summary
 
 
@@ -140,6 +169,11 @@ def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job
              f"(animal-mammal, food-fruit, ...; one image per concept, balanced accuracy, mean of "
              f"{PROBE_DRAWS} draws of the shots). Mean ± std over seeds.",
              "", markdown_table(results), ""]
+    paired = paired_table(results)
+    if paired:
+        parts += ["## (f) against each variant, paired by seed", "", "Seed i of (f) minus seed i of the variant: "
+                  "positive top-1 and negative loss favour (f); bold: beyond twice the spread of the "
+                  "differences.", "", paired, ""]
     styles = style_table(results)
     if styles:
         parts += ["## Zero-shot per style", "", "Top-1 % on each style's images of the seen and of the held-out "

@@ -19,6 +19,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
+    from limoe.reproduce import STUDY_NAMES
     from limoe.reproduce.plan import SCALES, VARIANT_NAMES
 
     scales = "; ".join(f"{name}: {scale.description}" for name, scale in SCALES.items())
@@ -26,9 +27,13 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
         "reproduce", help="LIMoE vs dense vs two-tower and the aux-loss / BPR ablation on the built-in data",
         description="Train the paper's comparison on the built-in data at matched compute and write results.md, "
                     f"results.json and plots. Finished runs are kept and skipped when rerun. Scales: {scales}.")
+    p.add_argument("--study", default="paper", choices=list(STUDY_NAMES),
+                   help="paper: the paper's comparison and ablation (default); scaling: dense vs LIMoE at several "
+                        "sizes and training lengths, paired seeds, against training FLOPs; ablations: one factor of "
+                        "the full recipe at a time (capacity, noise, expert init, entropy weights and threshold)")
     p.add_argument("--scale", default="cpu", choices=list(SCALES),
                    help="smoke, cpu or gpu (default: cpu; each is described above)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce-<scale>)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce-<scale>; the other studies: runs/<study>-<scale>)")
     p.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: the scale's)")
     p.add_argument("--variants", type=_names, help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}")
     p.add_argument("--parallel", type=int, help="runs at once, one CPU thread each (default: the scale's)")
@@ -48,9 +53,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
         print(f"limoe: error: --parallel must be >= 1, got {args.parallel}", file=sys.stderr)
         return 2
     try:
-        summary = reproduce(args.scale, args.out or f"runs/reproduce-{args.scale}", seeds=args.seeds,
-                            variants=args.variants, parallel=args.parallel, device=args.device,
-                            overrides=tuple(args.set), sweep=not args.no_sweep)
+        default_out = f"runs/{'reproduce' if args.study == 'paper' else args.study}-{args.scale}"
+        summary = reproduce(args.scale, args.out or default_out, seeds=args.seeds, variants=args.variants,
+                            parallel=args.parallel, device=args.device, overrides=tuple(args.set),
+                            sweep=not args.no_sweep, study=args.study)
     except (UserError, ValueError) as e:
         print(f"limoe: error: {e}", file=sys.stderr)
         return 2

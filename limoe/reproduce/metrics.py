@@ -79,6 +79,17 @@ def effective_experts(routed_E: torch.Tensor) -> float:
     return math.exp(-float(torch.special.xlogy(p_E, p_E).sum()))
 
 
+def final_train_loss(run_dir: Path, steps: int, last: int = 100) -> float:
+    """Mean contrastive loss of the logged training steps among the last `last`: how well the run fits its
+    training pairs at the end (NaN when none were logged)."""
+    from limoe.analysis.metrics_log import read_metrics
+
+    rows, _ = read_metrics(run_dir / "metrics.jsonl")
+    values = [r["contrastive_loss"] for r in rows if r.get("kind") == "train" and r.get("step", 0) > steps - last
+              and isinstance(r.get("contrastive_loss"), (int, float))]
+    return sum(values) / len(values) if values else math.nan
+
+
 def train_routing_success(run_dir: Path, steps: int) -> dict[str, float]:
     """Mean routing success per modality over the logged training steps of the second half of the run."""
     from limoe.analysis.metrics_log import read_metrics

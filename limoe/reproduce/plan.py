@@ -49,7 +49,22 @@ VARIANTS = (
     Variant("limoe-soft-single", "(i) (h) in single-example, per-modality groups", "limoe",
             ("moe.router=soft", "moe.group_size=1", "moe.routing_groups=per_modality")),
 )
+# One factor of the full recipe (f) changed at a time (`limoe reproduce --study ablations`), each compared with (f)
+# seed by seed: which of its parts matter at a scale. The variants of the paper's comparison leave these alone.
+_ENTROPY_X3 = ('loss.local_entropy={"image":0.03,"text":0.03}', 'loss.global_entropy={"image":0.03,"text":0.03}')
+ABLATIONS = (
+    Variant("f-capacity-2", "(f), training capacity factor 2 (fewer drops)", "limoe", ("moe.capacity_factor=2",)),
+    Variant("f-no-noise", "(f) without router noise", "limoe", ("moe.noise_std=0",)),
+    Variant("f-independent-experts", "(f), each expert drawn on its own (not V-MoE's one shared draw)", "limoe",
+            ("moe.expert_init=independent",)),
+    Variant("f-entropy-x3", "(f), entropy-loss weights x3", "limoe", _ENTROPY_X3),
+    # The global-entropy threshold at E: the loss is then the paper's plain -H, which binds at every step.
+    Variant("f-global-threshold-8", "(f), global-entropy threshold of 8 experts (plain -H)", "limoe",
+            ("moe.global_entropy_min_experts=[8,8]",)),
+)
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+ABLATION_NAMES = tuple(v.name for v in ABLATIONS)
+FULL = "limoe-entropy-bpr"  # (f): the reference of the ablations
 
 
 @dataclass(frozen=True)
@@ -154,3 +169,14 @@ def plan_jobs(scale: Scale, variants: tuple[str, ...] | None = None, seeds: tupl
                                 (*base, *size.overrides, *variant.overrides, f"seed={seeds[0]}"),
                                 f"{variant.model}-{scale.model_size}", scale.preset))
     return jobs
+
+
+def plan_ablations(scale: Scale, seeds: tuple[int, ...] | None = None, overrides: tuple[str, ...] = ()) -> list[Job]:
+    """(f) and each ablation of it at the scale's base size, every seed: the same jobs, names and folders as the
+    paper study's (f), so a folder holding that study's runs reuses them."""
+    seeds = seeds or scale.seeds
+    base = (*scale.base, *overrides)
+    full = next(v for v in VARIANTS if v.name == FULL)
+    return [Job(variant, "base", seed, (*base, *variant.overrides, f"seed={seed}"),
+                f"{variant.model}-{scale.model_size}", scale.preset)
+            for variant in (full, *ABLATIONS) for seed in seeds]

@@ -14,7 +14,7 @@ import numpy as np
 from limoe.analysis.style import IMAGE_COLOUR, TEXT_COLOUR
 from limoe.extras import require
 from limoe.reproduce.metrics import PROBE_SHOTS
-from limoe.reproduce.plan import VARIANTS
+from limoe.reproduce.plan import ABLATIONS, FULL, VARIANTS
 
 
 def _pyplot():
@@ -82,7 +82,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def group(results: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Finished results by (variant, size), in the plan's variant order."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    order = {v.name: i for i, v in enumerate(VARIANTS)}
+    order = {v.name: i for i, v in enumerate((*VARIANTS, *ABLATIONS))}
     for r in sorted((r for r in results if "error" not in r), key=lambda r: (order[r["variant"]], r["size"])):
         groups[(r["variant"], r["size"])].append(r)
     return dict(groups)
@@ -140,6 +140,32 @@ def markdown_table(results: list[dict[str, Any]], size: str = "base") -> str:
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {_params(row)}"
                      f" | {row['train_flops'] / 1e9:,.0f} | {minutes} |")
     return "\n".join(lines)
+
+
+PAIRED_COLUMNS = COLUMNS[:4]  # seen, held-out top-1 and top-5, held-out loss
+
+
+def paired_table(results: list[dict[str, Any]], size: str = "base") -> str | None:
+    """(f) minus every other variant at `size`, seed by seed (mean ± std over the seeds both ran); bold: a
+    difference beyond twice its spread. None without (f) or another variant sharing a seed."""
+    groups = {variant: runs for (variant, sz), runs in group(results).items() if sz == size}
+    full = {r["seed"]: r for r in groups.get(FULL, [])}
+    lines = []
+    for variant, runs in groups.items():
+        other = {r["seed"]: r for r in runs}
+        seeds = sorted(full.keys() & other.keys())
+        if variant == FULL or not seeds:
+            continue
+        cells = []
+        for _, where, scale, decimals in PAIRED_COLUMNS:
+            mean, std = mean_std([_get(full[s], where) - _get(other[s], where) for s in seeds])
+            cell = _format((mean, std), scale, decimals, len(seeds))
+            cells.append(f"**{cell}**" if len(seeds) > 1 and abs(mean) > 2 * std else cell)
+        lines.append(f"| {runs[0]['label']} | " + " | ".join(cells) + f" | {len(seeds)} |")
+    if not lines:
+        return None
+    header = ["(f) minus", *(c[0] for c in PAIRED_COLUMNS), "seeds"]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
 
 
 # + style: a corpus run's top-1 on one style's images

@@ -18,8 +18,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
-from limoe.reproduce.metrics import (PROBE_SHOTS, held_out_routing, probe_metrics, routing_summary,
-                                    train_routing_success)
+from limoe.reproduce.metrics import (PROBE_SHOTS, final_train_loss, held_out_routing, probe_metrics,
+                                    routing_summary, train_routing_success)
 from limoe.reproduce.plan import Job
 
 class Stopped(KeyboardInterrupt):
@@ -123,6 +123,7 @@ def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[
         # Forward + backward ~ 3x the forward's FLOPs, per pair: the compute the run spent, MoE counted at K = 1.
         "train_flops": 3 * info.flops_per_pair * cfg.data.batch_size * steps,
         "train_seconds": record["seconds"], "resumed": record["resumed"], "chance": record["chance"],
+        "train_loss": final_train_loss(run_dir, steps),
         "metrics": {**metrics, **probe_metrics(model, cfg)},
     }
     if job.variant.is_limoe:
