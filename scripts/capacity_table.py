@@ -1,5 +1,6 @@
 """How much evaluation drops cost: finished runs evaluated again at several MoE evaluation capacity factors, as one
-markdown table of mean ± std over each group's seeds (the same evaluation as `limoe eval --capacity-factor F`).
+markdown table of mean ± std over each group's seeds, then the first group's paired differences from each other
+group (the same evaluation as `limoe eval --capacity-factor F`).
 
     python scripts/capacity_table.py "(c)=runs/c-s0,runs/c-s1" "(f)=runs/f-s0,runs/f-s1" --factors 1,2,8 \\
         [--cache capacity.json]
@@ -52,16 +53,24 @@ def main() -> None:
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.is_file() else {}
     header = ["runs", "eval capacity factor", *(title for _, title, _ in KEYS), "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    measured: dict[tuple[str, float], list[dict]] = {}
     for group in args.groups:
         label, _, runs = group.partition("=")
         runs = [r for r in runs.split(",") if r]
         for factor in factors:
-            metrics = [evaluate(run, factor, cache) for run in runs]
+            measured[label, factor] = [evaluate(run, factor, cache) for run in runs]
             if cache_path:
                 cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
-            cells = [cell([m[key] for m in metrics], scale) for key, _, scale in KEYS]
+            cells = [cell([m[key] for m in measured[label, factor]], scale) for key, _, scale in KEYS]
             lines.append(f"| {label} | {factor:g} | " + " | ".join(cells) + f" | {len(runs)} |")
             print(lines[-1], file=sys.stderr, flush=True)
+    # The first group minus each other, seed i against seed i (the groups list their runs in seed order).
+    first, *others = dict.fromkeys(label for label, _ in measured)
+    for label in others:
+        for factor in factors:
+            pairs = list(zip(measured[first, factor], measured[label, factor]))
+            cells = [cell([a[key] - b[key] for a, b in pairs], scale) for key, _, scale in KEYS]
+            lines.append(f"| {first} − {label}, paired | {factor:g} | " + " | ".join(cells) + f" | {len(pairs)} |")
     print("\n".join(lines))
 
 
