@@ -96,7 +96,8 @@ def _latest(run_dir: Path) -> Path | None:
 
 
 def resolve(path_or_latest: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
-    """A checkpoint folder from a path (a checkpoint, or a run directory: its latest) or "latest" of `run_dir`."""
+    """A checkpoint folder from a path (a checkpoint, a file in one, or a run directory: its latest) or "latest" of
+    `run_dir`."""
     if str(path_or_latest) == "latest":
         if run_dir is None:
             raise CheckpointError("--resume latest needs a run directory")
@@ -105,7 +106,9 @@ def resolve(path_or_latest: str | os.PathLike, run_dir: str | os.PathLike | None
             raise CheckpointError(f"no checkpoint to resume from in {checkpoints_dir(run_dir)}")
         return latest
     path = Path(path_or_latest)
-    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "sharded").is_dir()):
+    if path.is_file() and _is_checkpoint(path.parent):  # a file in one (its model.safetensors, tokenizer.json)
+        path = path.parent
+    if path.is_dir() and _is_checkpoint(path):
         missing = _missing(path)
         if missing:
             raise CheckpointError(f"{path}: incomplete checkpoint (missing {', '.join(missing)})")
@@ -117,6 +120,10 @@ def resolve(path_or_latest: str | os.PathLike, run_dir: str | os.PathLike | None
     if path.exists():
         raise CheckpointError(f"{path}: not a checkpoint (expected a folder with model.safetensors)")
     raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() or (path / "sharded").is_dir()
 
 
 def run_dir_of(checkpoint: Path) -> Path:

@@ -143,6 +143,7 @@ def _read_config(path: str):
 
 def _train(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
+    from limoe.csv_flags import apply_csv_flags
     from limoe.train import apply_overrides, get_preset, train
 
     try:  # user errors are one line via main(); only an interruption needs a word of its own
@@ -161,6 +162,7 @@ def _train(args: argparse.Namespace) -> int:
             if value is not None:
                 setattr(cfg, key, value)
         apply_overrides(cfg, args.set or [])
+        apply_csv_flags(args, cfg.data)
         cfg.validate()
         result = train(cfg, resume=args.resume, progress=not args.no_progress, fork=args.fork)
     except KeyboardInterrupt as e:  # a second Ctrl-C, or a signal before training started
@@ -216,7 +218,8 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{_checkpoint_line(path)}: evaluating {plan}", flush=True)
     metrics = evaluate_checkpoint(str(path), args.zero_shot, args.class_names, args.templates, args.retrieval,
                                   args.probe_train, args.probe_test, args.shots, args.batch_size, args.device,
-                                  progress=_progress("eval"), capacity_factor=args.capacity_factor)
+                                  progress=_progress("eval"), capacity_factor=args.capacity_factor,
+                                  csv_flags=args)
     print(metrics_table(metrics))
     _print_evaluations(ckpt.run_dir_of(path))
     if args.output:
@@ -272,6 +275,8 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _add_job_parsers(sub) -> None:
+    from limoe.csv_flags import add_csv_flags
+
     train = sub.add_parser("train", help="train (default: a tiny LIMoE on the built-in corpus, CPU) and evaluate",
                            description="Train a contrastive model, evaluate it on held-out data and print results. "
                                        "With no arguments: the default tiny LIMoE on the built-in corpus of emoji "
@@ -292,6 +297,7 @@ def _add_job_parsers(sub) -> None:
                        help="allow --resume from another run's checkpoint or with a changed model config "
                             "(continues it in --run-dir, default a new folder)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_csv_flags(train)
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="zero-shot, retrieval and k-shot linear probe of a checkpoint",
@@ -318,6 +324,7 @@ def _add_job_parsers(sub) -> None:
                     help="evaluate every MoE layer with capacity factor F: how many tokens it may drop "
                          "(default: the model's moe.eval_capacity_factor; E or more drops nothing)")
     ev.add_argument("--output", "-o", help="write the metrics as JSON here")
+    add_csv_flags(ev)
     ev.set_defaults(func=_eval)
 
     checkpoint_help = "checkpoint folder (checkpoints/step_N) or run folder (its latest checkpoint)"

@@ -57,19 +57,21 @@ class TextTokenizer:
 
 
 def create_model_and_transforms(name: str | None = None, pretrained: str | os.PathLike | None = None,
-                                device: torch.device | str | None = None, **overrides: Any
-                                ) -> tuple[ContrastiveModel, ImagePreprocess, ImagePreprocess]:
+                                device: torch.device | str | None = None, precision: str = "fp32",
+                                **overrides: Any) -> tuple[ContrastiveModel, ImagePreprocess, ImagePreprocess]:
     """(model, training image transform, evaluation image transform), as open_clip's function of this name.
 
-    `name`: a preset (`limoe.list_models()`); `pretrained`: a checkpoint or run folder (then `name` is optional).
+    `name`: a preset (`limoe.list_models()`); `pretrained`: a checkpoint, a file in one, or a run folder (then
+    `name` is optional); `precision`: as `create_model`.
     """
-    model = create_model(name, pretrained=pretrained, device=device, **overrides)
+    model = create_model(name, pretrained=pretrained, device=device, precision=precision, **overrides)
     size = model.config.image_size
     return model, ImagePreprocess(size, train=True), ImagePreprocess(size, train=False)
 
 
 def get_tokenizer(checkpoint: str | os.PathLike) -> TextTokenizer:
-    """The tokenizer a checkpoint (or a run folder's latest checkpoint) was trained with."""
+    """The tokenizer a checkpoint (a file in one, e.g. its tokenizer.json, or a run folder's latest checkpoint) was
+    trained with."""
     from limoe import checkpoint as ckpt
 
     if str(checkpoint) in list_models() and not os.path.exists(checkpoint):

@@ -2,12 +2,14 @@
 
 import io
 import os
+import re
 import warnings
 
 import pytest
 from PIL import Image
 
 from limoe.data import CsvPairs, LoaderConfig, NoValidSamplesError, make_loader, write_csv
+from limoe.data.csv_dataset import parse_separator
 
 
 def png(color=(200, 30, 30), size=(12, 10)) -> bytes:
@@ -93,9 +95,9 @@ def test_tsv_and_custom_columns(tmp_path):
     assert [c for _, c in ds.collect()] == ["a caption, with a comma"]
 
 
-def test_missing_column_names_it(tmp_path):
+def test_missing_column_names_it_and_the_working_flag(tmp_path):
     write_csv(tmp_path / "x.csv", [("a.png", "cap")])
-    with pytest.raises(KeyError, match="'caption'.*--csv-caption-key"):
+    with pytest.raises(KeyError, match="'caption'.*--csv-caption-key \\(data.csv_caption_key\\)"):
         CsvPairs(tmp_path / "x.csv", caption_key="caption")
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         CsvPairs(tmp_path / "nope.csv")
@@ -114,3 +116,21 @@ def test_absolute_paths_and_root(tmp_path):
     write_csv(tmp_path / "abs.csv", [(str(tmp_path / "elsewhere" / "b.png"), "absolute"), ("b.png", "rooted")])
     ds = CsvPairs(tmp_path / "abs.csv", root=tmp_path / "elsewhere")
     assert sorted(c for _, c in ds.collect()) == ["absolute", "rooted"]
+
+
+@pytest.mark.parametrize("sep, name", [(";", "semicolon"), ("|", "pipe"), ("\t", "tab")])
+def test_other_separators_are_hinted_and_read_when_named(tmp_path, sep, name):
+    (tmp_path / "a.png").write_bytes(png())
+    path = tmp_path / "pairs.csv"
+    path.write_text(f"filepath{sep}title\na.png{sep}a red square\n")
+    hint = "tab" if sep == "\t" else sep
+    with pytest.raises(KeyError, match=f"separated by .*--csv-separator '{re.escape(hint)}'"):
+        CsvPairs(path)
+    for spelled in (sep, name):
+        assert [c for _, c in CsvPairs(path, sep=spelled).collect()] == ["a red square"]
+
+
+@pytest.mark.parametrize("text", ["", ";;", "ab", '"', "\n"])
+def test_a_separator_that_is_not_one_character_is_refused(text):
+    with pytest.raises(ValueError, match="one character"):
+        parse_separator(text)

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import limoe
 from limoe.cli import main
@@ -221,3 +222,45 @@ def test_eval_on_data_without_a_valid_sample_is_one_line(run, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     progress = [line for line in err if line.startswith("limoe eval: ")]  # the sets scored before the bad one
     _one_error_line_in("\n".join(line for line in err if line not in progress), "no valid samples")
+
+
+def test_open_clip_csv_flags_on_train_eval_and_analyze(run, images, tmp_path, capsys):
+    """A `;`-separated file with its own column names: train, eval --retrieval and analyze --data read it from
+    open_clip's flags; without them each is one line naming the flag that works."""
+    rows = "".join(f"{p};an emoji number {i}\n" for i, p in enumerate(images * 4))
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image;caption\n" + rows)
+    flags = ["--csv-img-key", "image", "--csv-caption-key", "caption", "--csv-separator", "semicolon"]
+    checkpoint, cfg = run
+    assert main(["eval", str(checkpoint), "--retrieval", str(pairs)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
+    assert error.startswith("limoe: error:") and "pass --csv-separator ';'" in error, error
+    assert main(["eval", str(checkpoint), "--retrieval", str(pairs), *flags, "-o", str(tmp_path / "m.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["retrieval/image_to_text/R@1"] <= 1
+    capsys.readouterr()
+    assert main(["analyze", str(checkpoint), "--data", str(pairs), *flags, "--num-pairs", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    run_dir = tmp_path / "csv-run"
+    args = ["train", "--run-dir", str(run_dir), "--steps", "1", "--set", "data.source=csv", "--set",
+            f"data.train={pairs}", "--set", "data.batch_size=4", "--set", "data.num_workers=0", "--set",
+            "eval.zero_shot=false", "--set", "eval.seen=false", "--set", "eval.retrieval=false", "--set",
+            "data.vocab_size=300", "--model", "limoe-tiny", "--set", "moe.group_size=1", "--no-progress"]
+    assert main(args) == 2
+    _one_error_line(capsys, "--csv-img-key")
+    assert main(args + flags) == 0
+    saved = json.loads((run_dir / "config.json").read_text())["data"]
+    assert (saved["csv_img_key"], saved["csv_caption_key"], saved["csv_separator"]) == ("image", "caption", ";")
+
+
+def test_a_file_inside_a_checkpoint_stands_for_it(run):
+    checkpoint, _ = run
+    tokenizer = limoe.get_tokenizer(checkpoint / "tokenizer.json")
+    assert tokenizer(["a cat"]).shape == (1, 16)
+    model = limoe.create_model(pretrained=checkpoint / "model.safetensors", precision="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    reference = limoe.create_model(pretrained=checkpoint)
+    assert torch.equal(model.logit_scale, reference.logit_scale.to(torch.bfloat16))  # the trained weights, cast
+    with pytest.raises(ValueError, match="precision must be one of"):
+        limoe.create_model_and_transforms("limoe-tiny", precision="fp8")
+    model, _, preprocess = limoe.create_model_and_transforms(pretrained=checkpoint, precision="amp")
+    assert next(model.parameters()).dtype == torch.float32

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from limoe.csv_flags import add_csv_flags, apply_csv_flags
 from limoe.errors import UserError
 
 
@@ -45,6 +46,7 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--json", action="store_true",
                    help="print the JSON of every number to stdout (the report is then written only with --out)")
+    add_csv_flags(p)
     p.set_defaults(func=run_analyze)
     return p
 
@@ -73,7 +75,9 @@ def load_pairs(spec: str, image_size: int, seed: int = 0, run_config=None):
     if ".tar" in spec:
         return WdsPairs(spec, image=image, train=False, shuffle=True, seed=seed)
     if Path(spec).suffix.lower() in (".csv", ".tsv", ".txt"):
-        return CsvPairs(spec, image=image, train=False, shuffle=True, seed=seed)
+        d = run_config.data if run_config is not None else None
+        columns = (d.csv_img_key, d.csv_caption_key, d.csv_separator) if d is not None else ()
+        return CsvPairs(spec, *columns, image=image, train=False, shuffle=True, seed=seed)
     raise UserError(f"--data must be held-out, corpus, corpus:train, builtin, builtin:train, a .csv/.tsv file or "
                     f".tar shards, got {spec!r}")
 
@@ -94,11 +98,6 @@ def describe_data(spec: str, pairs, run_config=None) -> str:
     return f"{words}, {name}" if name else words
 
 
-def _checkpoint_folder(path: str) -> Path:
-    """A file inside a checkpoint folder (e.g. its model.safetensors) stands for the folder."""
-    return Path(path).parent if Path(path).is_file() else Path(path)
-
-
 def run_analyze(args: argparse.Namespace) -> int:
     import torch
 
@@ -110,11 +109,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
     from limoe.outputs import check_output_folder
 
-    checkpoint = ckpt.resolve(_checkpoint_folder(args.checkpoint))  # a run folder: its latest, named as such below
+    checkpoint = ckpt.resolve(args.checkpoint)  # a run folder: its latest, named as such below
     out = args.out or (None if args.json else checkpoint / "analysis")
     if out is not None:  # before the analysis, which takes a while
         check_output_folder(out)
     model, tokenizer, run_config = limoe.load_checkpoint(checkpoint)
+    apply_csv_flags(args, run_config.data)  # --data pairs.csv: its columns (default: the run's)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     pairs = load_pairs(args.data, model.config.image_size, args.seed, run_config)

@@ -90,6 +90,31 @@ def read_rows(f, sep: str, path: str) -> tuple[list[str], list[list[str] | None]
             rows.append(row)
 
 
+# Named separators for the command line, where a tab is awkward to type; any other single character is itself.
+SEPARATOR_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+_LIKELY_SEPARATORS = (",", "\t", ";", "|")
+
+
+def parse_separator(text: str | None) -> str | None:
+    """A CSV separator from a flag or config value: one character, or tab / \\t / comma / semicolon / pipe;
+    None stays None (then the file's extension decides). Anything else is a ValueError."""
+    if text is None:
+        return None
+    sep = SEPARATOR_NAMES.get(text.lower(), text)
+    if len(sep) != 1 or sep in "\"\r\n":
+        raise ValueError(f"a CSV separator is one character (or tab, comma, semicolon, pipe), got {text!r}")
+    return sep
+
+
+def separator_problem(text: str | None) -> str | None:
+    """DataConfig's check of data.csv_separator."""
+    try:
+        parse_separator(text)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class CsvPairs(SampleStream):
     """Image-text pairs listed in a CSV (or TSV) file; yields (image [3,S,S], caption str).
 
@@ -102,12 +127,13 @@ class CsvPairs(SampleStream):
         path: str | os.PathLike,
         img_key: str = "filepath",
         caption_key: str = "title",
-        sep: str | None = None,
+        sep: str | None = None,  # one character, or tab / comma / semicolon / pipe; None: by extension
         root: str | os.PathLike | None = None,
         **stream_kwargs,
     ):
         path = os.fspath(path)
         super().__init__(name=path, **stream_kwargs)
+        sep = parse_separator(sep)
         if sep is None:
             sep = "\t" if path.endswith((".tsv", ".tsv.txt")) else ","
         root = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(path))
@@ -118,12 +144,13 @@ class CsvPairs(SampleStream):
         # exports write one) that would otherwise become part of the first column's name.
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f, no_field_limit():
             columns, rows = read_rows(f, sep, path)
-        for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
+        for key, flag, what in ((img_key, "img", "image paths"), (caption_key, "caption", "captions")):
             if key not in columns:
-                other = "," if sep == "\t" else "\t"
-                one_column = len(columns) == 1 and other in columns[0]
-                hint = f" (separated by {other!r}? pass sep={other!r})" if one_column else ""
-                raise MissingColumnError(f"{path}: no column {key!r} ({flag}); columns are {columns}{hint}")
+                others = [c for c in _LIKELY_SEPARATORS if c != sep and len(columns) == 1 and c in columns[0]]
+                name = {"\t": "tab"}.get(others[0], others[0]) if others else ""
+                hint = f" (separated by {others[0]!r}? pass --csv-separator {name!r})" if others else ""
+                raise MissingColumnError(f"{path}: no column {key!r}; columns are {columns}{hint}; name the "
+                                         f"column of the {what} with --csv-{flag}-key (data.csv_{flag}_key)")
         i_img, i_cap = columns.index(img_key), columns.index(caption_key)
         # A row with too few or too many fields stays in the index with caption None: every pass then counts
         # it as 'bad_row' (a shifted column would otherwise pair an image with the wrong caption).

@@ -87,11 +87,21 @@ def build_model(config: ModelConfig) -> ContrastiveModel:
     return TwoTower(config) if config.kind == "two_tower" else OneTower(config)
 
 
+# open_clip's `precision` values: the weights' dtype (None: float32; "amp*" leave autocast to the caller).
+PRECISIONS = {"fp32": None, "amp": None, "amp_bf16": None, "amp_bfloat16": None, "bf16": torch.bfloat16,
+              "pure_bf16": torch.bfloat16, "fp16": torch.float16, "pure_fp16": torch.float16}
+
+
 def create_model(name: str | None = None, pretrained: str | os.PathLike | None = None,
-                 device: torch.device | str | None = None, **overrides: Any) -> ContrastiveModel:
-    """Build a preset, or with `pretrained` (a checkpoint folder or run folder) the checkpoint's model with its
-    weights; `name`, if given too, must be the model it was trained as. `device="meta"` builds the module
-    structure without allocating weights. The model is in train mode, as any new nn.Module: call .eval()."""
+                 device: torch.device | str | None = None, precision: str = "fp32",
+                 **overrides: Any) -> ContrastiveModel:
+    """Build a preset, or with `pretrained` (a checkpoint folder, a file in one, or a run folder) the checkpoint's
+    model with its weights; `name`, if given too, must be the model it was trained as. `device="meta"` builds the
+    module structure without allocating weights. `precision` as open_clip's: "fp32" (also "amp", "amp_bf16":
+    float32 weights, autocast is the caller's), "bf16" / "fp16" (every weight cast). The model is in train mode,
+    as any new nn.Module: call .eval()."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if pretrained is None:
         if name is None:
             raise ValueError("create_model needs a model name or pretrained=<checkpoint>")
@@ -110,6 +120,8 @@ def create_model(name: str | None = None, pretrained: str | os.PathLike | None =
         model = build_model(config)
     if path is not None:
         ckpt.load_weights(model, path)
+    if PRECISIONS[precision] is not None:
+        model.to(PRECISIONS[precision])
     return model
 
 

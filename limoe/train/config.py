@@ -18,6 +18,7 @@ from typing import Any
 
 from limoe.checks import (ConfigError, check_fields, dotted, field_checks, field_keys, flag, integer, mapping, one_of,
                           option, real, section, sequence, text)
+from limoe.data.csv_dataset import separator_problem
 from limoe.data.sources import SOURCE_NAMES as CORPUS_SOURCES, STYLES as CORPUS_STYLES
 from limoe.losses import AUX_MODALITY_WEIGHTS, LossConfig
 from limoe.model.config import MOE_CHECKS, ModelConfig
@@ -59,6 +60,8 @@ class DataConfig:
     train: str | None = option(None, text(none=True))  # csv: path of the CSV/TSV; wds: shard pattern
     csv_img_key: str = option("filepath", text())
     csv_caption_key: str = option("title", text())
+    # csv: one character, or tab / comma / semicolon / pipe; None: tab for .tsv files, else comma
+    csv_separator: str | None = option(None, text(none=True, rule=separator_problem))
     image_size: int = option(32, integer(ge=1))
     batch_size: int = option(128, integer(ge=1))  # global batch (summed over ranks and accumulation micro-steps)
     num_workers: int = option(1, integer(ge=0))

@@ -53,7 +53,7 @@ def training_pairs(cfg: TrainConfig, rank: int = 0, world_size: int = 1):
 
         return load_corpus("train", cfg=corpus_config(cfg), drop_uneven=True, **corpus_filter(cfg), **common)
     if d.source == "csv":
-        return CsvPairs(d.train, d.csv_img_key, d.csv_caption_key, drop_uneven=True, **common)
+        return CsvPairs(d.train, d.csv_img_key, d.csv_caption_key, d.csv_separator, drop_uneven=True, **common)
     return WdsPairs(d.train, **common)
 
 
@@ -71,7 +71,7 @@ def training_captions(cfg: TrainConfig, skips: dict[str, int] | None = None) -> 
         # Every caption a pass can draw (the corpus's rows are all valid: its build checked every render).
         return corpus_captions("train", corpus_config(cfg), **corpus_filter(cfg))
     if cfg.data.source == "csv":
-        source = CsvPairs(cfg.data.train, cfg.data.csv_img_key, cfg.data.csv_caption_key)
+        source = CsvPairs(cfg.data.train, cfg.data.csv_img_key, cfg.data.csv_caption_key, cfg.data.csv_separator)
     else:
         source = WdsPairs(cfg.data.train)
     captions = list(source.caption_texts())
@@ -223,7 +223,10 @@ def eval_sets(cfg: TrainConfig):
         sets.seen = held_out_zero_shot(cfg, image, split="seen", **one)
     if cfg.eval.retrieval:
         if cfg.eval.retrieval_csv:
-            sets.retrieval = CsvPairs(cfg.eval.retrieval_csv, image=image, **one)
+            # the training CSV's columns and separator: an evaluation file of the user's is usually alike
+            d = cfg.data
+            sets.retrieval = CsvPairs(cfg.eval.retrieval_csv, d.csv_img_key, d.csv_caption_key, d.csv_separator,
+                                      image=image, **one)
         elif builtin:
             sets.retrieval = held_out_pairs(cfg, image, **one)
     return sets
