@@ -6,6 +6,7 @@ only torch, numpy, Pillow, safetensors, tokenizers and tqdm; the rest comes with
     wds       webdataset shards (webdataset, braceexpand)
     analysis  the plots of `limoe analyze` and `limoe reproduce` (matplotlib)
     all       all of them
+    tensorboard, wandb   optional loggers of `limoe train` (not in all)
 
 A feature whose extra is missing says so in one line (a UserError), with the pip command that adds it.
 """

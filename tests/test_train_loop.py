@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,3 +195,47 @@ def test_skips_are_reported_in_a_run_shorter_than_an_epoch(tmp_path):
     assert data_record["tokenizer_skipped/bad_encoding"] == 1
     step_record = next(r for r in records if r["kind"] == "train")
     assert step_record["data/skipped/missing_file"] >= 4 and result.skipped["missing_file"] >= 4
+
+
+class _FakeWandb:
+    """The part of the wandb module the logger uses, recording every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self
+
+    def log(self, values, step):
+        self.calls.append(("log", step, values))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def test_wandb_logs_the_same_scalars_and_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    from limoe.train.logger import MetricsLogger
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for _ in range(2):  # the second logger stands for a resumed invocation of the same run folder
+        logger = MetricsLogger(tmp_path / "my-run", wandb=("proj", {"steps": 3}))
+        logger.log("train", 1, {"contrastive_loss": 1.5, "routing/ok": 0.9, "note": "text", "flag": True})
+        logger.close()
+    (_, first), (_, second) = [c for c in fake.calls if c[0] == "init"]
+    assert first == {"project": "proj", "name": "my-run", "id": first["id"], "resume": "allow",
+                     "config": {"steps": 3}, "dir": str(tmp_path / "my-run")}
+    assert re.fullmatch("[0-9a-f]{12}", first["id"]) and second["id"] == first["id"]  # kept in the run folder
+    assert ("log", 1, {"train/contrastive_loss": 1.5, "train/routing/ok": 0.9}) in fake.calls
+    assert fake.calls.count(("finish",)) == 2
+
+
+def test_wandb_without_the_package_is_one_line_before_training(tmp_path, monkeypatch, capsys):
+    from limoe.cli import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--set", "wandb=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'limoe-torch[wandb]'" in err[0], err
+    assert not (tmp_path / "r").exists()

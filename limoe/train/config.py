@@ -171,6 +171,9 @@ class TrainConfig:
     # device; "fp32" = none. Weights, AdamW states and router logits stay float32 in every mode.
     precision: str = option("auto", one_of(*PRECISIONS))
     tensorboard: bool = option(False, flag())  # also log to TensorBoard (only if it is installed)
+    # also log to Weights & Biases (the [wandb] extra), in this project; WANDB_MODE=offline needs no account
+    wandb: bool = option(False, flag())
+    wandb_project: str = option("limoe", text())
     # testing aid: make the loss NaN at this step
     debug_nan_at_step: int | None = option(None, integer(ge=0, none=True))
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 
+WANDB_ID_FILE = "wandb-id.txt"  # the run's W&B id: a resumed run logs on into the same W&B run
+
+
 class MetricsLogger:
-    """Append one JSON object per log event to <run_dir>/metrics.jsonl; mirror scalars to TensorBoard."""
+    """Append one JSON object per log event to <run_dir>/metrics.jsonl; mirror scalars to TensorBoard and to
+    Weights & Biases (`wandb`: the project and the run's config, or None)."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = False, resumed_at: int | None = None,
-                 ends_at: int | None = None):
+                 ends_at: int | None = None, wandb: tuple[str, dict[str, Any]] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resumed_at is not None:  # ends_at: the resumed run's last step (its final evaluation is replayed there)
@@ -29,20 +34,44 @@ class MetricsLogger:
             except ImportError:
                 print("limoe: tensorboard=true but TensorBoard is not installed (pip install tensorboard); "
                       "logging to metrics.jsonl only")
+        self.wandb = _start_wandb(Path(run_dir), *wandb) if wandb is not None else None
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
         self.file.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3), **clean}) + "\n")
         self.file.flush()
+        scalars = {f"{kind}/{key}": value for key, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def require_wandb():
+    from limoe.extras import require
+
+    return require("wandb", "wandb", "logging to Weights & Biases (--set wandb=true)")
+
+
+def _start_wandb(run_dir: Path, project: str, config: dict[str, Any]):
+    """A W&B run named after the run folder, resumed when the folder has logged to one before. Offline mode
+    (WANDB_MODE=offline) needs no account; W&B drops records of steps it has seen, so a resumed run's replayed
+    steps stay in metrics.jsonl only."""
+    wandb = require_wandb()
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else secrets.token_hex(6)
+    id_file.write_text(run_id + "\n", encoding="utf-8")
+    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", config=config,
+                      dir=str(run_dir))
 
 
 def truncate_after(path: Path, step: int, ends_at: int | None = None) -> None:

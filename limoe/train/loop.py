@@ -29,7 +29,7 @@ from limoe.train import distributed
 from limoe.train.config import TrainConfig
 from limoe.train.data import DataPosition, eval_sets, make_batches, make_tokenizer
 from limoe.train.evaluation import held_out
-from limoe.train.logger import MetricsLogger, results_table, selection_score
+from limoe.train.logger import MetricsLogger, require_wandb, results_table, selection_score
 from limoe.train.materialise import build_for
 from limoe.train.optim import lr_at, make_optimizer, set_lr
 from limoe.train.signals import Interrupted, Signals
@@ -95,6 +95,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     after this many steps of this invocation, with a checkpoint (as if interrupted; used to test exact resume).
     """
     cfg.validate()
+    if cfg.wandb:  # before anything trains: a missing logger is a one-line error, not one after the tokenizer
+        require_wandb()
     device = pick_device(cfg.device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -232,7 +234,8 @@ def _train(cfg, run_dir: Path, start_path: Path | None, stop_after, progress, de
     evaluation_sets = eval_sets(cfg) if world.main or strategy.collective_eval else None
     # Records after the resumed step are replayed: the file keeps them once.
     resumed_at = step if start_path else None
-    logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at, cfg.steps) if world.main else None
+    wandb = (cfg.wandb_project, cfg.to_dict()) if cfg.wandb else None
+    logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at, cfg.steps, wandb) if world.main else None
     if logger is not None and tokenizer_skips:
         logger.log("data", step, {f"tokenizer_skipped/{reason}": n for reason, n in tokenizer_skips.items()})
     if rng is not None:
