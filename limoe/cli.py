@@ -206,6 +206,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from limoe import checkpoint as ckpt
+    from limoe.csv_flags import csv_flag_values
     from limoe.jobs import evaluate_checkpoint, evaluation_plan, metrics_table, run_config
     from limoe.outputs import check_output_file
 
@@ -219,7 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(str(path), args.zero_shot, args.class_names, args.templates, args.retrieval,
                                   args.probe_train, args.probe_test, args.shots, args.batch_size, args.device,
                                   progress=_progress("eval"), capacity_factor=args.capacity_factor,
-                                  csv_flags=args)
+                                  csv=csv_flag_values(args))
     print(metrics_table(metrics))
     _print_evaluations(ckpt.run_dir_of(path))
     if args.output:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from limoe.data.csv_dataset import parse_separator
-
 FLAGS = (("--csv-img-key", "csv_img_key", "column of the image paths (default: filepath, or the run's)"),
          ("--csv-caption-key", "csv_caption_key", "column of the captions (default: title, or the run's)"),
          ("--csv-separator", "csv_separator", "one character, or tab / comma / semicolon / pipe (default: tab for "
@@ -14,6 +12,8 @@ FLAGS = (("--csv-img-key", "csv_img_key", "column of the image paths (default: f
 
 
 def _separator(text: str) -> str:
+    from limoe.data.csv_dataset import parse_separator  # here: building the parsers must not import torch
+
     try:
         return parse_separator(text)
     except ValueError as e:
@@ -26,9 +26,12 @@ def add_csv_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=key, help=help_text, type=_separator if key == "csv_separator" else None)
 
 
+def csv_flag_values(args: argparse.Namespace) -> dict[str, str]:
+    """The flags that were given, by their data.csv_* key."""
+    return {key: getattr(args, key) for _, key, _ in FLAGS if getattr(args, key, None) is not None}
+
+
 def apply_csv_flags(args: argparse.Namespace, data) -> None:
     """Set the flags that were given on `data` (a DataConfig)."""
-    for _, key, _ in FLAGS:
-        value = getattr(args, key, None)
-        if value is not None:
-            setattr(data, key, value)
+    for key, value in csv_flag_values(args).items():
+        setattr(data, key, value)

@@ -176,15 +176,15 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
                         probe_train: str | None = None, probe_test: str | None = None, shots: int = 10,
                         batch_size: int = 256, device: str = "cpu",
                         progress: Callable[[str], None] | None = None,
-                        capacity_factor: float | None = None, csv_flags=None) -> Metrics:
+                        capacity_factor: float | None = None, csv: dict[str, str] | None = None) -> Metrics:
     """Zero-shot on an image folder (default: the held-out concepts of the run's corpus or built-in data),
     retrieval on a CSV of pairs (default: their test split), and a k-shot linear probe when two image folders
     are given. A run trained on its own data (csv, wds) needs the folder or the CSV (evaluation_plan).
     `progress` gets a line as each part starts (the command line prints them to stderr); `capacity_factor`
-    replaces the MoE layers' evaluation capacity factor; `csv_flags` (parsed `--csv-*` flags) the columns and the
-    separator of `retrieval_csv`, by default the run's `data.csv_*`."""
+    replaces the MoE layers' evaluation capacity factor; `csv` ({"csv_img_key": ..., "csv_caption_key": ...,
+    "csv_separator": ...}, any of them) the columns and the separator of `retrieval_csv`, by default the run's
+    `data.csv_*`."""
     from limoe import evaluate
-    from limoe.csv_flags import apply_csv_flags
     from limoe.data import CsvPairs, ImageConfig, ImageFolder, LoaderConfig, make_loader
     from limoe.train import evaluation
     from limoe.train.data import held_out_pairs, held_out_zero_shot
@@ -216,11 +216,10 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
             sets.zero_shot = held_out_zero_shot(config, image, **one)
             sets.seen = held_out_zero_shot(config, image, split="seen", **one)
         if retrieval_csv:
-            if csv_flags is not None:
-                apply_csv_flags(csv_flags, config.data)
-            d = config.data
-            sets.retrieval = CsvPairs(retrieval_csv, d.csv_img_key, d.csv_caption_key, d.csv_separator, image=image,
-                                      **one)
+            columns = {k: getattr(config.data, k) for k in ("csv_img_key", "csv_caption_key", "csv_separator")}
+            columns.update(csv or {})
+            sets.retrieval = CsvPairs(retrieval_csv, columns["csv_img_key"], columns["csv_caption_key"],
+                                      columns["csv_separator"], image=image, **one)
         elif built_in:
             sets.retrieval = held_out_pairs(config, image, **one)
         metrics = Metrics(*evaluation.held_out(model, tokenizer, sets, batch_size, config.eval.loss_batch,

@@ -21,7 +21,8 @@ from limoe.moe.routers import Router, make_router
 from limoe.moe.routing import Routing
 from limoe.moe.stats import MoeStats
 
-__all__ = ["ROUTING_GROUPS", "MoeAux", "MoeConfig", "MoeMlp", "set_eval_capacity_factor"]  # MoeConfig, ROUTING_GROUPS: imported from here too
+# MoeConfig, ROUTING_GROUPS: imported from here too
+__all__ = ["ROUTING_GROUPS", "MoeAux", "MoeConfig", "MoeMlp", "set_eval_capacity_factor"]
 
 
 @dataclass

@@ -33,7 +33,8 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
                         "the full recipe at a time (capacity, noise, expert init, entropy weights and threshold)")
     p.add_argument("--scale", default="cpu", choices=list(SCALES),
                    help="smoke, cpu or gpu (default: cpu; each is described above)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce-<scale>; the other studies: runs/<study>-<scale>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: runs/reproduce-<scale>; the other studies: runs/<study>-<scale>)")
     p.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: the scale's)")
     p.add_argument("--variants", type=_names, help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}")
     p.add_argument("--parallel", type=int, help="runs at once, one CPU thread each (default: the scale's)")

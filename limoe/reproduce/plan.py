@@ -63,7 +63,6 @@ ABLATIONS = (
             ("moe.global_entropy_min_experts=[8,8]",)),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
-ABLATION_NAMES = tuple(v.name for v in ABLATIONS)
 FULL = "limoe-entropy-bpr"  # (f): the reference of the ablations
 
 

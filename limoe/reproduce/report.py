@@ -17,7 +17,7 @@ from limoe.reproduce.metrics import PROBE_SHOTS
 from limoe.reproduce.plan import ABLATIONS, FULL, VARIANTS
 
 
-def _pyplot():
+def pyplot():
     """pyplot on the Agg backend (no display needed); imported when a plot is drawn, so the tables and the
     command line work without the [analysis] extra."""
     matplotlib = require("matplotlib", "analysis", "the reproduction's plots")
@@ -220,7 +220,7 @@ def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path 
     rows = _sweep_rows(results)
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for ax, (column, title) in zip(axes, ((SEEN, "top-1, seen concepts in unseen renderings"),
                                           (ZERO_SHOT, "top-1, held-out concepts"),
@@ -241,7 +241,7 @@ def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | None:
@@ -249,7 +249,7 @@ def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | No
     rows = [row for row in summary_rows(results) if row["routed"]]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(rows) + 1), 3.4))
     x = np.arange(len(rows))
     width = 0.38
@@ -266,11 +266,11 @@ def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | No
     ax.set_title("Routing success per modality during training", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path

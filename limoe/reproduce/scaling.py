@@ -205,12 +205,12 @@ def paired_table(results: list[dict[str, Any]]) -> str:
 def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
     """Each metric against training FLOPs (log axis): one line per model family and training length through the
     sizes, LIMoE with more experts as a star; error bars are the std over seeds."""
-    from limoe.reproduce.report import _pyplot, _save
+    from limoe.reproduce.report import pyplot, save_figure
 
     table = rows(results)
     if not table:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
     lengths = sorted({row["steps"] for row in table})
     styles = dict(zip(lengths, ("--", "-", ":", "-.")))
@@ -235,7 +235,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def markdown(results: list[dict[str, Any]], jobs: list[Job], command: str, minutes: float,
