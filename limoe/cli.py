@@ -158,7 +158,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.model:
             cfg.model = args.model
         for value, key in ((args.steps, "steps"), (args.seed, "seed"), (args.run_dir, "run_dir"),
-                           (args.device, "device")):
+                           (args.device, "device"), (args.init_from, "init_from")):
             if value is not None:
                 setattr(cfg, key, value)
         apply_overrides(cfg, args.set or [])
@@ -297,6 +297,10 @@ def _add_job_parsers(sub) -> None:
     train.add_argument("--fork", action="store_true",
                        help="allow --resume from another run's checkpoint or with a changed model config "
                             "(continues it in --run-dir, default a new folder)")
+    train.add_argument("--init-from", metavar="DENSE_RUN",
+                       help="sparse upcycling: start from a dense one-tower run or checkpoint of the same shape, "
+                            "each expert a copy of its block's MLP, routers fresh, its tokenizer (same as --set "
+                            "init_from=...)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_csv_flags(train)
     train.set_defaults(func=_train)

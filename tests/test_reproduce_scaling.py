@@ -81,7 +81,7 @@ def test_paired_differences_and_verdicts_by_hand():
 
 
 @pytest.mark.slow
-def test_smoke_scaling_study_end_to_end(tmp_path):
+def test_smoke_scaling_study_end_to_end(tmp_path, monkeypatch):
     lines = []
     summary = reproduce("smoke", tmp_path, study="scaling", report=lines.append)
     assert summary["failed"] == [] and summary["study"] == "scaling"
@@ -95,6 +95,14 @@ def test_smoke_scaling_study_end_to_end(tmp_path):
     assert "LIMoE minus dense, paired by seed" in md and "quality_vs_compute.png" in md
     assert all(job.command() in md for job in jobs)
     assert (tmp_path / "quality_vs_compute.png").stat().st_size > 1000
+    # --report-only: nothing trains; a run not finished (its result gone) is left out of the tables
+    (tmp_path / "runs" / jobs[0].name / "result.json").unlink()
+    monkeypatch.setattr("limoe.train.train", lambda *a, **k: pytest.fail("--report-only trained"))
+    again = reproduce("smoke", tmp_path, study="scaling", report_only=True, report=lines.append)
+    assert [r["job"] for r in again["runs"]] == [j.name for j in jobs[1:]]
+    assert f"{len(jobs) - 1} of the plan's {len(jobs)} runs finished" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="no finished run"):
+        reproduce("smoke", tmp_path / "empty", study="scaling", report_only=True)
 
 
 def test_scaling_study_refuses_the_paper_studys_switches(tmp_path):

@@ -23,7 +23,7 @@ from limoe.reproduce.report import (SEEN, SPECIALIST_SHARE, ZERO_SHOT, markdown_
                                     summary_rows, sweep_table)
 from limoe.locks import folder_lock
 from limoe.reproduce import scaling
-from limoe.reproduce.runner import check_run_folders, run_jobs, write_json
+from limoe.reproduce.runner import check_run_folders, finished_result, run_jobs, write_json
 
 STUDY_NAMES = ("paper", "scaling", "ablations")
 __all__ = ["STUDY_NAMES", "SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
@@ -62,13 +62,14 @@ def _specialisation(best: dict[str, Any], out_dir: Path) -> Path:
 def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce", seeds: tuple[int, ...] | None = None,
               variants: tuple[str, ...] | None = None, parallel: int | None = None, device: str = "auto",
               overrides: tuple[str, ...] = (), sweep: bool = True, study: str = "paper",
-              report: Callable[[str], None] = print) -> dict[str, Any]:
+              report_only: bool = False, report: Callable[[str], None] = print) -> dict[str, Any]:
     """Train every job of `scale` (skipping finished ones), then write results.md, results.json and plots.
 
     `study`: "paper" (the variants of the paper's comparison), "scaling" (dense and LIMoE across sizes and
     training lengths, limoe.reproduce.scaling) or "ablations" (one factor of the full recipe at a time, plan.py).
     `overrides`: `--set` strings applied to every run (e.g. "moe.num_experts=16"); `sweep=False` skips the paper
-    study's accuracy-vs-compute sizes."""
+    study's accuracy-vs-compute sizes. `report_only`: train nothing; write the outputs from the finished runs
+    (also while another invocation trains the rest)."""
     if isinstance(scale, str):
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; known: {list(SCALES)}")
@@ -91,6 +92,14 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
                         *([f"--seeds {','.join(map(str, seeds))}"] if seeds else []),
                         *([f"--variants {','.join(variants)}"] if variants else []),
                         *(f"--set {o}" for o in overrides), *([] if sweep else ["--no-sweep"])])
+    write = _write_scaling if study == "scaling" else _write_paper
+    if report_only:
+        results = [r for r in (finished_result(job, out_dir) for job in jobs) if r is not None]
+        if not results:
+            raise ValueError(f"{out_dir} holds no finished run of this plan to report")
+        summary = write(scale, study, jobs, results, out_dir, 0.0, command)
+        report(f"limoe reproduce: {len(results)} of {len(jobs)} runs finished; {out_dir / 'results.md'}")
+        return summary
     with folder_lock(out_dir, "limoe reproduce"):  # a second reproduction here would train every run again
         check_run_folders(jobs, out_dir)
         _build_data(jobs[0])
@@ -99,7 +108,6 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
         start = time.perf_counter()
         results = run_jobs(jobs, out_dir, parallel, device, report)
         minutes = (time.perf_counter() - start) / 60
-        write = _write_scaling if study == "scaling" else _write_paper
         summary = write(scale, study, jobs, results, out_dir, minutes, command)
         done = [r for r in results if "error" not in r]
         report("\n" + (scaling.paired_table(done) if study == "scaling" else markdown_table(done)))

@@ -41,6 +41,9 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every run, e.g. moe.num_experts=16 (repeatable; as in train)")
     p.add_argument("--no-sweep", action="store_true", help="skip the accuracy-vs-compute model sizes")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write results.md, results.json and plots from the finished runs (also "
+                        "while another invocation trains the rest)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     p.set_defaults(func=run_reproduce)
     return p
@@ -57,7 +60,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         default_out = f"runs/{'reproduce' if args.study == 'paper' else args.study}-{args.scale}"
         summary = reproduce(args.scale, args.out or default_out, seeds=args.seeds, variants=args.variants,
                             parallel=args.parallel, device=args.device, overrides=tuple(args.set),
-                            sweep=not args.no_sweep, study=args.study)
+                            sweep=not args.no_sweep, study=args.study, report_only=args.report_only)
     except (UserError, ValueError) as e:
         print(f"limoe: error: {e}", file=sys.stderr)
         return 2

@@ -100,17 +100,14 @@ def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[
     from limoe.train.loop import pick_device
 
     start = time.perf_counter()
+    done = finished_result(job, out_dir)
+    if done is not None:
+        return done
     run_dir = Path(out_dir) / "runs" / job.name
     result_path = run_dir / RESULT_FILE
     command = job.command()
     cfg = job.config(str(run_dir))
     cfg.device = device
-    done = _read_json(result_path)
-    if done is not None:
-        # The whole config, not just the command: a changed default (e.g. the data) changes the run.
-        if (done.get("command") == command and done.get("eval_version") == EVAL_VERSION
-                and _same_config(run_dir, cfg)):
-            return done
     checkpoint, metrics, record = _train_once(job, cfg, run_dir)
 
     model, tokenizer, _ = limoe.load_checkpoint(checkpoint, device=pick_device(cfg.device))
@@ -133,6 +130,17 @@ def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[
     result["run_seconds"] = time.perf_counter() - start
     write_json(result_path, result)
     return result
+
+
+def finished_result(job: Job, out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The job's result if it finished as this plan and this evaluation version would run it, else None."""
+    run_dir = Path(out_dir) / "runs" / job.name
+    done = _read_json(run_dir / RESULT_FILE)
+    # The whole config, not just the command: a changed default (e.g. the data) changes the run.
+    if (done is not None and done.get("command") == job.command() and done.get("eval_version") == EVAL_VERSION
+            and _same_config(run_dir, job.config(str(run_dir)))):
+        return done
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -245,8 +245,8 @@ def markdown(results: list[dict[str, Any]], jobs: list[Job], command: str, minut
         "# limoe reproduce: the scaling study", "",
         f"`{command}`: dense one-tower and full LIMoE (8 experts, top-1, the default recipe) at each model size "
         f"and training length; LIMoE's shared weights start as dense's of the same seed (`model.paired_init`) "
-        f"and both see the same data order. {len(results)} runs; their training took {train_minutes:.0f} min "
-        f"in all, this invocation {minutes:.1f} min. Budget: size (width) and training steps. Train loss: the "
+        f"and both see the same data order. {len(results)} of the plan's {len(jobs)} runs finished; their training "
+        f"took {train_minutes:.0f} min in all, this invocation {minutes:.1f} min. Budget: size (width) and training steps. Train loss: the "
         f"contrastive loss of the last 100 training steps (batch 128); held-out loss: on fixed batches of 128 "
         f"held-out-concept pairs. Mean ± std over seeds.", "",
         results_table(results), "",

@@ -155,6 +155,9 @@ class TrainConfig:
     steps: int = option(900, integer(ge=1))  # the default preset trains 2,300 (7.1 passes over the corpus)
     seed: int = option(0, integer(ge=0, lt=2**63))  # torch.manual_seed takes at most 64 bits
     run_dir: str = option("", text())  # "": runs/<model>-<date>-<time>, a new folder per run
+    # Sparse upcycling: a new run's weights from this dense one-tower run or checkpoint, each expert a copy of its
+    # block's MLP, routers fresh; its tokenizer too (limoe.upcycle). A resumed run ignores it.
+    init_from: str | None = option(None, text(none=True))
     device: str = option("auto", text(rule=_device_problem))  # auto: cuda if available, else cpu
     # CPU intra-op threads: the default run trains 1.26x as fast on two as on one (alone on 2 cores: 1,170
     # against 930 pairs/s). More threads than free cores slow OpenMP down several times: runs side by side want one

@@ -115,14 +115,24 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         start_path = ckpt.resolve(resume, run_dir) if resume else None
         if start_path is not None and not fork:  # refused before the folder is made (and locked)
             _check_resumable(start_path, run_dir, cfg)
+        init_path = _upcycle_source(cfg) if start_path is None and cfg.init_from else None
         # Rank 0 writes the run's files: it alone holds the folder, against a second run started on it.
         with folder_lock(run_dir, "limoe train") if world.main else contextlib.nullcontext():
-            return _train(cfg, run_dir, start_path, stop_after, progress, device, world, fork)
+            return _train(cfg, run_dir, start_path, stop_after, progress, device, world, fork, init_path)
     except OSError as e:  # a read-only or full disk, a file where a folder should be: one line, not a traceback
         raise TrainingError(f"{e.filename or cfg.run_dir}: {e.strerror or e}") from None
     finally:
         distributed.shutdown(world)
         torch.set_num_threads(threads)
+
+
+def _upcycle_source(cfg: TrainConfig) -> Path:
+    """The dense checkpoint `cfg.init_from` names, checked to fit the run's model before anything is written."""
+    from limoe.upcycle import check_upcyclable
+
+    path = ckpt.resolve(cfg.init_from)
+    check_upcyclable(ckpt.read_model_config(path), cfg.model_config(), str(path))
+    return path
 
 
 def _check_fits(cfg: TrainConfig, ranks: int, device: torch.device) -> None:
@@ -184,7 +194,7 @@ def _check_resumable(start: Path, run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def _train(cfg, run_dir: Path, start_path: Path | None, stop_after, progress, device, world,
-           fork=False) -> RunResult:
+           fork=False, init_path: Path | None = None) -> RunResult:
     if start_path is None and ckpt.list_checkpoints(run_dir):  # a fresh run never writes into an earlier run's
         raise TrainingError(f"{run_dir} already has checkpoints: pass --resume latest to continue it, or "
                             f"another --run-dir")
@@ -203,9 +213,12 @@ def _train(cfg, run_dir: Path, start_path: Path | None, stop_after, progress, de
     else:
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            trained = make_tokenizer(cfg)
-            tokenizer_skips = trained.train_skips  # captions it left out; the run logs them below
-            trained.save(run_dir / "tokenizer.json")
+            if init_path is not None:  # the token embeddings it starts from belong to the dense run's tokenizer
+                ckpt.read_tokenizer(init_path).save(run_dir / "tokenizer.json")
+            else:
+                trained = make_tokenizer(cfg)
+                tokenizer_skips = trained.train_skips  # captions it left out; the run logs them below
+                trained.save(run_dir / "tokenizer.json")
             (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
         distributed.barrier(world)
         tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
@@ -216,6 +229,11 @@ def _train(cfg, run_dir: Path, start_path: Path | None, stop_after, progress, de
                             f"{model_cfg.vocab_size} (data.vocab_size)")
     strategy = make_strategy(cfg, world, device)
     model = build_for(strategy, model_cfg, device)  # no rank ever holds more than its share and one block
+    if init_path is not None:
+        from limoe.upcycle import upcycled_weights
+
+        with torch.no_grad():  # every rank its share, as from a checkpoint
+            strategy.load_part(model, upcycled_weights(ckpt.read_weights(init_path), model_cfg))
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     optimizer = make_optimizer(model, cfg.optim)
     step, position, rng = 0, DataPosition(), None
