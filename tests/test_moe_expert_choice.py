@@ -181,3 +181,17 @@ def test_token_maps_show_the_heaviest_expert_that_picked_a_token():
     # Ranked (top-k) routing: column 0, the top choice, whether kept or not.
     expert_S, kept_S = map_choice(expert_SK, kept_SK, gate_SK, ranked=True)
     assert expert_S.tolist() == [0, 0, 0] and kept_S.tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_equal_scores_pick_the_earliest_tokens(device):
+    p_SE = torch.full((6, 2), 0.5, device=device)
+    routing = expert_choice(p_SE, capacity=2, num_groups=2)  # groups of 3 tokens
+    assert routing.kept_SK[:, 0].tolist() == [True, True, False, True, True, False]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        quantised = (torch.rand(24, 4, generator=gen) * 4).round() / 4
+        fast = expert_choice(quantised.to(device), 3, num_groups=2)
+        slow = expert_choice_loop(quantised, 3, num_groups=2)
+        assert torch.equal(fast.kept_SK.cpu(), slow.kept_SK) and torch.equal(fast.slot_SK.cpu(), slow.slot_SK)

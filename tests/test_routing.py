@@ -208,3 +208,23 @@ def test_batch_priority_changes_only_which_tokens_drop():
 def test_route_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         route(**kwargs)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_go_to_the_lowest_expert_and_the_earliest_token(device):
+    """Equal gates pick experts lowest index first (JAX's lax.top_k, V-MoE's router), and BPR keeps token order
+    among equal top-1 gates, on every backend: routing never depends on how a kernel breaks ties."""
+    uniform = torch.full((6, 4), 0.25, device=device)
+    assert route(uniform, k=2, capacity=8).expert_SK.tolist() == [[0, 1]] * 6
+    assert route(uniform, k=1, capacity=4, batch_priority=True).kept_SK[:, 0].tolist() == [True] * 4 + [False] * 2
+    gates = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.25, 0.5, 0.25]], device=device)
+    assert route(gates, k=2, capacity=8).expert_SK.tolist() == [[0, 1], [1, 2], [1, 0]]
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(50):  # many ties: the fast path equals the Python-sorted reference
+        quantised = _random_gates(gen, 40, 8, quantise=True)
+        fast = route(quantised.to(device), 2, 6, batch_priority=True)
+        slow = route_loop(quantised, 2, 6, batch_priority=True)
+        assert torch.equal(fast.expert_SK.cpu(), slow.expert_SK) and torch.equal(fast.kept_SK.cpu(), slow.kept_SK)

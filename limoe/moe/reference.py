@@ -20,7 +20,10 @@ def route_loop(gates_SE: torch.Tensor, k: int, capacity: int, batch_priority: bo
                capacity_G: list[int] | None = None) -> Routing:
     """`route` written as the V-MoE description reads: Python loops over groups, choice ranks and tokens."""
     num_tokens, num_experts = gates_SE.shape
-    gate_SK, expert_SK = gates_SE.topk(k, dim=1)
+    # each token's k best experts, equal gates lowest expert first (Python's sort is stable)
+    expert_SK = torch.tensor([sorted(range(num_experts), key=lambda e: -float(gates_SE[s, e]))[:k]
+                              for s in range(num_tokens)], dtype=torch.long).view(num_tokens, k)
+    gate_SK = gates_SE.gather(1, expert_SK)
     valid = [True] * num_tokens if valid_S is None else [bool(v) for v in valid_S]
     slot_SK = torch.full((num_tokens, k), -1, dtype=torch.long)
     kept_SK = torch.zeros(num_tokens, k, dtype=torch.bool)

@@ -33,6 +33,17 @@ def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, 
     return slots
 
 
+def top_k_lowest_first(scores: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest entries along `dim`, largest first, equal values lowest index first (as
+    JAX's `lax.top_k`, which V-MoE routes with). `torch.topk` leaves the order of ties to the backend; `max`
+    (documented: the first maximal value) and a stable descending sort do not. No host sync."""
+    if k == 1:  # the common case, and faster than topk
+        values, indices = scores.max(dim=dim, keepdim=True)
+        return values, indices
+    values, indices = torch.sort(scores, dim=dim, descending=True, stable=True)
+    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
+
+
 def group_ids(num_tokens: int, num_groups: int, device: torch.device | None = None) -> torch.Tensor:
     """The routing group of each of `num_tokens` tokens forming `num_groups` groups of consecutive tokens: [S]."""
     return torch.arange(num_tokens, device=device) // (num_tokens // num_groups)
@@ -126,7 +137,7 @@ def route(
     if capacity_G is not None and capacity_G.shape != (num_groups,):
         raise ValueError(f"capacity_G must have shape ({num_groups},), got {tuple(capacity_G.shape)}")
 
-    gate_SK, expert_SK = gates_SE.topk(k, dim=1)  # sorted: column 0 is the top-1 choice
+    gate_SK, expert_SK = top_k_lowest_first(gates_SE, k, dim=1)  # column 0 is the top-1 choice
     device = gates_SE.device
     if batch_priority:
         # One stable sort of all tokens: restricted to one group it is that group's own priority order (equal

@@ -19,7 +19,7 @@ import torch
 
 from limoe.moe import losses
 from limoe.moe.routers.base import LinearRouter, RouterOutput
-from limoe.moe.routing import Routing, group_ids
+from limoe.moe.routing import Routing, group_ids, top_k_lowest_first
 
 
 class ExpertChoiceRouter(LinearRouter):
@@ -58,10 +58,10 @@ def expert_choice(p_SE: torch.Tensor, capacity: int, valid_S: torch.Tensor | Non
     num_tokens, num_experts = p_SE.shape
     per_group = num_tokens // num_groups
     picks = min(capacity, per_group)
-    # Padding scores -1, below every probability, so that a group's valid tokens always come first (topk is
-    # sorted): an expert's picks of valid tokens are its slots 0 .. n - 1.
+    # Padding scores -1, below every probability, so that a group's valid tokens always come first (the picks
+    # are sorted): an expert's picks of valid tokens are its slots 0 .. n - 1. Equal scores: earliest token first.
     score_SE = p_SE.detach() if valid_S is None else torch.where(valid_S[:, None], p_SE.detach(), -1.0)
-    token_GCE = score_SE.view(num_groups, per_group, num_experts).topk(picks, dim=1).indices
+    token_GCE = top_k_lowest_first(score_SE.view(num_groups, per_group, num_experts), picks, dim=1)[1]
     rank_GCE = torch.arange(picks, device=p_SE.device)[None, :, None].expand_as(token_GCE)
     slot_GSE = torch.full((num_groups, per_group, num_experts), capacity, dtype=torch.long, device=p_SE.device)
     slot_SE = slot_GSE.scatter_(1, token_GCE, rank_GCE).view(num_tokens, num_experts)
