@@ -28,10 +28,16 @@ def test_every_size_length_and_seed_is_planned_once_for_both_models(scale):
         assert cfg.model_config().paired_init == (job.variant.name == LIMOE)
         if "e" in size:
             assert cfg.model_config().moe_config().num_experts == study.more_experts
-    # cheapest sizes first: complete rows while the big ones train
-    first_big = next(i for i, job in enumerate(jobs) if job.size.startswith(study.sizes[-1].name))
-    assert all(job.size.startswith(study.sizes[-1].name) or "e" in job.size.split("-")[0]
-               for job in jobs[first_big:])
+    # cheapest sizes first (complete rows while the big ones train), the more-experts runs right after their
+    # size; within a size seed by seed, dense beside its LIMoE pair
+    sizes = [job.size.split("-")[0].split("e")[0] for job in jobs]
+    assert sizes == sorted(sizes, key=[s.name for s in study.sizes].index)
+    assert [j.seed for j in jobs if j.size.split("-")[0] == study.sizes[-1].name] == \
+        [seed for seed in study.seeds for _ in range(2 * len(study.steps))]
+    pairs = [job for job in jobs if "e" not in job.size]
+    for first, second in zip(pairs[::2], pairs[1::2]):
+        assert (first.variant.name, second.variant.name, first.size, first.seed) == \
+            (DENSE, LIMOE, second.size, second.seed)
 
 
 def test_paired_runs_share_every_weight_but_the_moe_layers():

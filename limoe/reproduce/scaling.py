@@ -50,30 +50,28 @@ STUDIES = {
 
 
 def plan_scaling(scale: Scale, seeds: tuple[int, ...] | None = None, overrides: tuple[str, ...] = ()) -> list[Job]:
-    """Every size x length x seed for dense and full LIMoE, cheapest size first (finished sizes are complete
-    rows of the table while the larger ones train), then LIMoE with more experts."""
+    """Every size x length x seed for dense and full LIMoE, and LIMoE with more experts at one size. Cheapest
+    size first, the more-experts runs right after their size; within a size seed by seed, each dense run beside
+    its LIMoE pair: a study stopped part-way leaves complete sizes and complete pairs."""
     study = STUDIES[scale.name]
     seeds = seeds or study.seeds
     variants = {v.name: v for v in VARIANTS}
-    jobs = []
 
-    def add(variant: str, budget: str, size: Size, steps: int, extra: tuple[str, ...] = ()) -> None:
+    def job(variant: str, budget: str, size: Size, steps: int, seed: int, extra: tuple[str, ...] = ()) -> Job:
         v = variants[variant]
         paired = (_PAIRED_INIT,) if v.is_limoe else ()
-        for seed in seeds:
-            jobs.append(Job(v, budget, seed, (*scale.base, *overrides, *size.overrides, f"steps={steps}",
-                                              *extra, *v.overrides, *paired, f"seed={seed}"),
-                            f"{v.model}-{scale.model_size}", scale.preset))
+        return Job(v, budget, seed, (*scale.base, *overrides, *size.overrides, f"steps={steps}", *extra,
+                                     *v.overrides, *paired, f"seed={seed}"), f"{v.model}-{scale.model_size}",
+                   scale.preset)
 
+    jobs = []
     for size in study.sizes:
-        for steps in study.steps:
-            for variant in (DENSE, LIMOE):
-                add(variant, f"{size.name}-{steps}", size, steps)
-    if study.more_experts:
-        size = next(s for s in study.sizes if s.name == study.experts_size)
-        steps = max(study.steps)
-        add(LIMOE, f"{size.name}e{study.more_experts}-{steps}", size, steps,
-            (f"moe.num_experts={study.more_experts}",))
+        jobs += [job(variant, f"{size.name}-{steps}", size, steps, seed)
+                 for seed in seeds for steps in study.steps for variant in (DENSE, LIMOE)]
+        if study.more_experts and size.name == study.experts_size:
+            steps = max(study.steps)
+            jobs += [job(LIMOE, f"{size.name}e{study.more_experts}-{steps}", size, steps, seed,
+                         (f"moe.num_experts={study.more_experts}",)) for seed in seeds]
     return jobs
 
 
@@ -224,12 +222,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
                                 yerr=[0 if math.isnan(r[title][1]) else scale * r[title][1] for r in line],
                                 marker="o", capsize=3, color=colour, linestyle=styles[steps],
                                 label=f"{name}, {steps:,} steps")
+                    if ax is axes[0]:  # which size each point is
+                        for r in line:
+                            ax.annotate(r["budget"].split("-")[0], (r["train_flops"], scale * r[title][0]),
+                                        textcoords="offset points", xytext=(4, -9), fontsize=7, color=colour)
         for r in table:
             if r["experts"] not in (None, 8):
                 ax.errorbar([r["train_flops"]], [scale * r[title][0]], yerr=[0 if math.isnan(r[title][1]) else
                             scale * r[title][1]], marker="*", markersize=11, color="#1f77b4", capsize=3,
                             linestyle="", label=f"LIMoE, {r['experts']} experts, {r['steps']:,} steps")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # a decade or two: minor labels would collide
         ax.set_xlabel("training FLOPs (active, forward + backward)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
