@@ -97,7 +97,7 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
         results = [r for r in (finished_result(job, out_dir) for job in jobs) if r is not None]
         if not results:
             raise ValueError(f"{out_dir} holds no finished run of this plan to report")
-        summary = write(scale, study, jobs, results, out_dir, 0.0, command)
+        summary = write(scale, study, jobs, results, out_dir, None, command)
         report(f"limoe reproduce: {len(results)} of {len(jobs)} runs finished; {out_dir / 'results.md'}")
         return summary
     with folder_lock(out_dir, "limoe reproduce"):  # a second reproduction here would train every run again
@@ -117,7 +117,7 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
 
 
 def _write_scaling(scale: Scale, study: str, jobs: list[Job], results: list[dict[str, Any]], out_dir: Path,
-                   minutes: float, command: str) -> dict[str, Any]:
+                   minutes: float | None, command: str) -> dict[str, Any]:
     done = [r for r in results if "error" not in r]
     plot = scaling.plot(done, out_dir / "quality_vs_compute.png")
     summary = {"study": study, "scale": scale.name, "minutes": minutes, "machine": platform.platform(),
@@ -129,8 +129,10 @@ def _write_scaling(scale: Scale, study: str, jobs: list[Job], results: list[dict
 
 
 def _write_paper(scale: Scale, study: str, jobs: list[Job], results: list[dict[str, Any]], out_dir: Path,
-                 minutes: float, command: str) -> dict[str, Any]:
-    """results.md, results.json and the plots of the paper study, or of the ablations (the same tables)."""
+                 minutes: float | None, command: str) -> dict[str, Any]:
+    """results.md, results.json and the plots of the paper study, or of the ablations (the same tables);
+    `minutes` None: --report-only."""
+    minutes = 0.0 if minutes is None else minutes
     failed = [r for r in results if "error" in r]
     done = [r for r in results if "error" not in r]
     paths = {"accuracy_vs_compute": plot_accuracy_vs_compute(done, out_dir / "accuracy_vs_compute.png"),

@@ -241,17 +241,20 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def markdown(results: list[dict[str, Any]], jobs: list[Job], command: str, minutes: float,
+def markdown(results: list[dict[str, Any]], jobs: list[Job], command: str, minutes: float | None,
              plot_path: Path | None) -> str:
+    """results.md of the study; `minutes` None: written by --report-only, which trained nothing."""
     train_minutes = sum(r["train_seconds"] for r in results if "error" not in r) / 60
+    invocation = "this report trained nothing (--report-only)" if minutes is None else \
+        f"this invocation {minutes:.1f} min"
     parts = [
         "# limoe reproduce: the scaling study", "",
         f"`{command}`: dense one-tower and full LIMoE (8 experts, top-1, the default recipe) at each model size "
         f"and training length; LIMoE's shared weights start as dense's of the same seed (`model.paired_init`) "
-        f"and both see the same data order. {len(results)} of the plan's {len(jobs)} runs finished; their training "
-        f"took {train_minutes:.0f} min in all, this invocation {minutes:.1f} min. Budget: size (width) and training steps. Train loss: the "
-        f"contrastive loss of the last 100 training steps (batch 128); held-out loss: on fixed batches of 128 "
-        f"held-out-concept pairs. Mean ± std over seeds.", "",
+        f"and both see the same data order. {len(results)} of the plan's {len(jobs)} runs finished; their "
+        f"training took {train_minutes:.0f} min in all; {invocation}. Budget: size (width) and training steps. "
+        f"Train loss: the contrastive loss of the last 100 training steps (batch 128); held-out loss: on fixed "
+        f"batches of 128 held-out-concept pairs. Mean ± std over seeds.", "",
         results_table(results), "",
         "## LIMoE minus dense, paired by seed", "",
         "Positive top-1 and negative losses favour LIMoE. Ahead: by more than twice the std of the paired "
