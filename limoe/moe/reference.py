@@ -21,8 +21,9 @@ def route_loop(gates_SE: torch.Tensor, k: int, capacity: int, batch_priority: bo
     """`route` written as the V-MoE description reads: Python loops over groups, choice ranks and tokens."""
     num_tokens, num_experts = gates_SE.shape
     # each token's k best experts, equal gates lowest expert first (Python's sort is stable)
-    expert_SK = torch.tensor([sorted(range(num_experts), key=lambda e: -float(gates_SE[s, e]))[:k]
-                              for s in range(num_tokens)], dtype=torch.long).view(num_tokens, k)
+    rows = gates_SE.detach().tolist()
+    expert_SK = torch.tensor([sorted(range(num_experts), key=lambda e: -row[e])[:k] for row in rows],
+                             dtype=torch.long).view(num_tokens, k)
     gate_SK = gates_SE.gather(1, expert_SK)
     valid = [True] * num_tokens if valid_S is None else [bool(v) for v in valid_S]
     slot_SK = torch.full((num_tokens, k), -1, dtype=torch.long)

@@ -67,8 +67,11 @@ def routing_view(result: dict[str, Any]) -> dict[str, Any]:
             "effective_experts": ev.get("effective_experts", {}), "specialists": specialists if layers else {}}
 
 
-def _get(result: dict[str, Any], where: tuple[str, str]) -> float:
-    value = result.get(where[0], {}).get(where[1])
+def value_at(result: dict[str, Any], where: tuple[str, ...]) -> float:
+    """The number at the path `where` of nested dicts (("metrics", "seen/top1")), NaN where there is none."""
+    value: Any = result
+    for key in where:
+        value = value.get(key) if isinstance(value, dict) else None
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
@@ -113,9 +116,9 @@ def summary_rows(results: list[dict[str, Any]], size: str = "base") -> list[dict
                # Results of before run_seconds was recorded count their training time only.
                "run_seconds": statistics.fmean(r.get("run_seconds", r["train_seconds"]) for r in runs)}
         for title, where, _, _ in COLUMNS:
-            row[title] = mean_std([_get(r, where) for r in runs])
+            row[title] = mean_std([value_at(r, where) for r in runs])
         for title, where, _, _ in ROUTING_COLUMNS:
-            row[title] = mean_std([_get(routing_view(r), where) for r in runs])
+            row[title] = mean_std([value_at(routing_view(r), where) for r in runs])
         rows.append(row)
     return rows
 
@@ -158,7 +161,7 @@ def paired_table(results: list[dict[str, Any]], size: str = "base") -> str | Non
             continue
         cells = []
         for _, where, scale, decimals in PAIRED_COLUMNS:
-            mean, std = mean_std([_get(full[s], where) - _get(other[s], where) for s in seeds])
+            mean, std = mean_std([value_at(full[s], where) - value_at(other[s], where) for s in seeds])
             cell = _format((mean, std), scale, decimals, len(seeds))
             cells.append(f"**{cell}**" if len(seeds) > 1 and abs(mean) > 2 * std else cell)
         lines.append(f"| {runs[0]['label']} | " + " | ".join(cells) + f" | {len(seeds)} |")
@@ -185,7 +188,7 @@ def style_table(results: list[dict[str, Any]]) -> str | None:
         if size != "base":
             continue
         for test, key in STYLE_KEYS:
-            cells = [_format(mean_std([_get(r, ("metrics", key + s)) for r in runs]), 100, 2, len(runs))
+            cells = [_format(mean_std([value_at(r, ("metrics", key + s)) for r in runs]), 100, 2, len(runs))
                      for s in styles]
             if any(c != "-" for c in cells):
                 lines.append(f"| {runs[0]['label']} | {test} | " + " | ".join(cells) + " |")
@@ -233,15 +236,20 @@ def plot_accuracy_vs_compute(results: list[dict[str, Any]], path: Path) -> Path 
             ax.errorbar([row["train_flops"] for row in points], [100 * row[column][0] for row in points],
                         yerr=[100 * row[column][1] for row in points], marker="o", capsize=3, color=colour,
                         label=points[0]["label"])
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # a decade or two: labels would collide
-        ax.set_xlabel("training FLOPs (active, forward + backward)")
+        flops_axis(ax, title)
         ax.set_ylabel("%")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def flops_axis(ax, title: str) -> None:
+    """A panel of quality against training FLOPs: log x axis, its label, the title, a light grid."""
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(pyplot().NullFormatter())  # a decade or two: minor labels would collide
+    ax.set_xlabel("training FLOPs (active, forward + backward)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
 
 
 def plot_routing_success(results: list[dict[str, Any]], path: Path) -> Path | None:

@@ -10,13 +10,13 @@ and their difference is measured with less noise than two unpaired means would g
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from limoe.reproduce.plan import VARIANTS, Job, Scale, Size
+from limoe.reproduce.report import flops_axis, mean_std, pyplot, save_figure, value_at
 
 DENSE, LIMOE = "dense", "limoe-entropy-bpr"
 _PAIRED_INIT = "model.paired_init=true"
@@ -85,18 +85,10 @@ METRICS = (
 )
 
 
-def _value(result: dict[str, Any], where: tuple[str, ...]) -> float:
-    value: Any = result
-    for key in where:
-        value = value.get(key) if isinstance(value, dict) else None
-    return float(value) if isinstance(value, (int, float)) else math.nan
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+    """report.mean_std, but a single value has no spread (NaN): one seed is never judged ahead."""
+    mean, std = mean_std(values)
+    return mean, std if sum(not math.isnan(v) for v in values) > 1 else math.nan
 
 
 def _cell(stat: tuple[float, float], scale: float, decimals: int, signed: bool = False) -> str:
@@ -127,9 +119,9 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                    "steps": first["steps"], "total_params": first["total_params"],
                    "active_params": first["active_params"], "train_flops": first["train_flops"],
                    "experts": _experts(budget, variant),
-                   "text_routing": _mean_std([_value(r, ("train_routing_success", "text")) for r in runs])}
+                   "text_routing": _mean_std([value_at(r, ("train_routing_success", "text")) for r in runs])}
             for title, where, _, _ in METRICS:
-                row[title] = _mean_std([_value(r, where) for r in runs])
+                row[title] = _mean_std([value_at(r, where) for r in runs])
             out.append(row)
     return out
 
@@ -155,7 +147,7 @@ def paired(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         row = {"budget": budget, "seeds": seeds}
         for title, where, _, _ in METRICS:
-            row[title] = _mean_std([_value(limoe[s], where) - _value(dense[s], where) for s in seeds])
+            row[title] = _mean_std([value_at(limoe[s], where) - value_at(dense[s], where) for s in seeds])
         out.append(row)
     return out
 
@@ -203,7 +195,6 @@ def paired_table(results: list[dict[str, Any]]) -> str:
 def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
     """Each metric against training FLOPs (log axis): one line per model family and training length through the
     sizes, LIMoE with more experts as a star; error bars are the std over seeds."""
-    from limoe.reproduce.report import pyplot, save_figure
 
     table = rows(results)
     if not table:
@@ -231,11 +222,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
                 ax.errorbar([r["train_flops"]], [scale * r[title][0]], yerr=[0 if math.isnan(r[title][1]) else
                             scale * r[title][1]], marker="*", markersize=11, color="#1f77b4", capsize=3,
                             linestyle="", label=f"LIMoE, {r['experts']} experts, {r['steps']:,} steps")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # a decade or two: minor labels would collide
-        ax.set_xlabel("training FLOPs (active, forward + backward)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
+        flops_axis(ax, title)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
