@@ -10,6 +10,7 @@ Every rank must contribute the same batch size.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -84,30 +85,47 @@ AUX_WEIGHTS = ("importance", "load", "z")
 AUX_MODALITY_WEIGHTS = ("local_entropy", "global_entropy")
 
 
+# LIMoE's entropy-loss weights per modality with the top_k router: a starting point, not values from the paper,
+# which does not state them. Expert Choice and Soft MoE train without aux losses in V-MoE, so by default here too.
+DEFAULT_ENTROPY_WEIGHTS = {"top_k": {"image": 0.01, "text": 0.01}}
+
+
+def entropy_weights(weights: dict[str, float], router: str) -> dict[str, float]:
+    """The weight of each modality: `weights` over the router's defaults (a modality neither names weighs 0)."""
+    return {**DEFAULT_ENTROPY_WEIGHTS.get(router, {}), **weights}
+
+
 @dataclass
 class LossConfig:
     """Which contrastive loss and how much each MoE aux loss weighs (aux losses are summed over MoE layers).
-    Entropy weights are per modality; their defaults are a starting point, not values from the paper, which does
-    not state them."""
+    Entropy weights are per modality, each over the router's default (DEFAULT_ENTROPY_WEIGHTS: 0.01 per modality
+    for top_k, none for the other routers)."""
 
     contrastive: str = option("softmax", one_of(*CONTRASTIVE))  # sigmoid: training adds SigLIP's bias (-10)
     local_loss: bool = option(True, flag())
     importance: float = option(0.005, real(ge=0))  # V-MoE
     load: float = option(0.005, real(ge=0))  # V-MoE
     z: float = option(0.0, real(ge=0))
-    local_entropy: dict[str, float] = option(check=mapping(real(ge=0)), factory=lambda: {"image": 0.01, "text": 0.01})
-    global_entropy: dict[str, float] = option(check=mapping(real(ge=0)), factory=lambda: {"image": 0.01, "text": 0.01})
+    local_entropy: dict[str, float] = option(check=mapping(real(ge=0)), factory=dict)
+    global_entropy: dict[str, float] = option(check=mapping(real(ge=0)), factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self)  # when built, too: a loss misnamed in a saved config must not train another loss
 
-    def weight(self, aux_name: str) -> float:
-        """Weight of an aux loss by the name its router reports: "importance" is the field `importance`,
-        "local_entropy/text" the entry "text" of the field `local_entropy` (a modality left out weighs 0). Any
+    def resolved(self, router: str = "top_k") -> "LossConfig":
+        """This config with `router`'s default entropy weights written out."""
+        return dataclasses.replace(self, **{kind: entropy_weights(getattr(self, kind), router)
+                                            for kind in AUX_MODALITY_WEIGHTS})
+
+    def weight(self, aux_name: str, router: str = "top_k") -> float:
+        """Weight of an aux loss by the name `router` reports it under: "importance" is the field `importance`,
+        "local_entropy/text" the entry "text" of the field `local_entropy` (over the router's default). Any
         other name is an error, so that a router's new loss cannot train silently unweighted."""
         kind, slash, modality = aux_name.partition("/")
         if kind in (AUX_MODALITY_WEIGHTS if slash else AUX_WEIGHTS):
-            return float(getattr(self, kind).get(modality, 0.0)) if slash else float(getattr(self, kind))
+            if not slash:
+                return float(getattr(self, kind))
+            return float(entropy_weights(getattr(self, kind), router).get(modality, 0.0))
         known = AUX_WEIGHTS + tuple(f"{kind}/<modality>" for kind in AUX_MODALITY_WEIGHTS)
         raise ConfigError(f"no weight for the MoE aux loss {aux_name!r}; the loss config weighs {', '.join(known)}")
 
@@ -140,8 +158,9 @@ def compute_losses(output: ModelOutput, config: LossConfig | None = None) -> dic
                                   config.local_loss)
     terms = {"contrastive_loss": contrastive}
     raw = sum_aux_losses(output.aux)
+    router = output.aux[0].router if output.aux else "top_k"  # every MoE layer of a model has the same router
     for name, value in raw.items():
-        weight = config.weight(name)
+        weight = config.weight(name, router)
         if weight:
             terms[f"{name.replace('/', '_')}_loss"] = weight * value
     terms["total_loss"] = sum(terms.values())

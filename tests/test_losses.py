@@ -70,11 +70,13 @@ def test_compute_losses_weights_and_sums_the_terms():
     # Summed over the MoE calls: 2 layers, each routing images and texts in joint groups.
     assert len(out.aux) == 2
     torch.testing.assert_close(raw["z"], sum(a.losses["z"] for a in out.aux))
+    # A modality an entropy weight leaves out keeps the top_k router's default (local_entropy/image: 0.01).
     assert set(k for k in terms if k.endswith("_loss")) == {
-        "contrastive_loss", "importance_loss", "z_loss", "local_entropy_text_loss", "global_entropy_image_loss",
-        "total_loss"}
+        "contrastive_loss", "importance_loss", "z_loss", "local_entropy_image_loss", "local_entropy_text_loss",
+        "global_entropy_image_loss", "total_loss"}
     torch.testing.assert_close(terms["importance_loss"], 0.5 * raw["importance"])
     torch.testing.assert_close(terms["local_entropy_text_loss"], 2.0 * raw["local_entropy/text"])
+    torch.testing.assert_close(terms["local_entropy_image_loss"], 0.01 * raw["local_entropy/image"])
     torch.testing.assert_close(terms["contrastive_loss"], clip_loss(out.image_embeds, out.text_embeds,
                                                                      out.logit_scale))
     expected = sum(v for k, v in terms.items() if k.endswith("_loss") and k != "total_loss")

@@ -18,7 +18,8 @@ from _train_utils import tiny_config
 
 def make_layer(**overrides) -> MoeMlp:
     torch.manual_seed(0)
-    return MoeMlp(MoeConfig(**{"dim": 8, "hidden_dim": 16, "num_experts": 4, "router": "expert_choice",
+    # No router noise unless asked: the reference picks from the clean softmax.
+    return MoeMlp(MoeConfig(**{"dim": 8, "hidden_dim": 16, "num_experts": 4, "router": "expert_choice", "noise_std": 0,
                                **overrides}))
 
 
@@ -195,3 +196,47 @@ def test_equal_scores_pick_the_earliest_tokens(device):
         fast = expert_choice(quantised.to(device), 3, num_groups=2)
         slow = expert_choice_loop(quantised, 3, num_groups=2)
         assert torch.equal(fast.kept_SK.cpu(), slow.kept_SK) and torch.equal(fast.slot_SK.cpu(), slow.slot_SK)
+
+
+def test_training_noise_picks_and_weighs_as_vmoe_eval_is_clean():
+    # V-MoE's top-items-per-expert router: in training the softmax of noisy logits (std noise_std / E) both picks
+    # the tokens and weighs their outputs; the losses read the clean softmax; evaluation has no noise.
+    layer = make_layer(noise_std=1.0).train()
+    x_Sd, modality_S = torch.randn(12, 8), torch.zeros(12, dtype=torch.long)
+    torch.manual_seed(5)
+    out = layer.router(x_Sd, modality_S)
+    torch.manual_seed(5)
+    clean_SE = x_Sd @ layer.router.router_dE.detach()
+    noisy_SE = clean_SE + torch.randn_like(clean_SE) / 4  # std noise_std / E = 1 / 4, drawn as the router draws
+    expected = expert_choice(torch.softmax(noisy_SE, -1), layer.capacity_for(12))
+    assert torch.equal(out.routing.kept_SK, expected.kept_SK)
+    torch.testing.assert_close(out.routing.gate_SK, torch.softmax(noisy_SE, -1))
+    torch.testing.assert_close(out.entropy_S, torch.distributions.Categorical(logits=clean_SE).entropy())
+    layer.eval()
+    torch.testing.assert_close(layer.router(x_Sd, modality_S).routing.gate_SK, torch.softmax(clean_SE, -1))
+
+
+def test_a_capacity_above_the_group_is_an_error_naming_the_values():
+    # V-MoE's top_k over a group's items cannot pick more items than the group has.
+    with pytest.raises(ConfigError, match=r"moe.capacity_factor=5.0 with moe.router='expert_choice'.*at most "
+                                          r"moe.num_experts=4"):
+        MoeConfig(dim=8, hidden_dim=16, num_experts=4, router="expert_choice", capacity_factor=5.0)
+    with pytest.raises(ConfigError, match="moe.eval_capacity_factor=8"):
+        MoeConfig(dim=8, hidden_dim=16, num_experts=4, router="expert_choice", eval_capacity_factor=8)
+    layer = make_layer()  # 2 tokens, 4 experts: ceil(0.5) = 1 slot, rounded up to 4
+    with pytest.raises(ValueError, match=r"capacity 4 \(capacity factor 1.0, 4 experts, ceil to a multiple of "
+                                         r"moe.capacity_multiple_of=4\) exceeds the routing group's 2 tokens"):
+        layer(torch.randn(1, 2, 8))
+    make_layer(capacity_multiple_of=1)(torch.randn(1, 2, 8))  # 1 slot of 2 tokens: fine
+
+
+def test_trains_without_aux_losses_unless_asked():
+    from limoe.losses import LossConfig, compute_losses
+    from limoe.model.base import ModelOutput
+
+    layer = make_layer(group_size=2)
+    _, aux = layer(torch.randn(4, 6, 8), torch.arange(24).view(4, 6) % 2)
+    out = ModelOutput(torch.randn(4, 8), torch.randn(4, 8), torch.tensor(10.0), None, [aux])
+    assert not [name for name in compute_losses(out, LossConfig()) if name.endswith("entropy_image_loss")]
+    asked = compute_losses(out, LossConfig(local_entropy={"image": 0.5}))
+    torch.testing.assert_close(asked["local_entropy_image_loss"], 0.5 * aux.losses["local_entropy/image"])

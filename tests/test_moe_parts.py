@@ -113,7 +113,10 @@ def test_modality_ids_follow_moe_modalities():
 
 
 def test_an_aux_loss_without_a_weight_is_an_error():
-    assert LossConfig(local_entropy={"text": 2.0}).weight("local_entropy/image") == 0.0  # left out: weighs 0
+    # A modality left out keeps its router's default: top_k's 0.01, the other routers' 0; one no router names, 0.
+    loss = LossConfig(local_entropy={"text": 2.0})
+    assert loss.weight("local_entropy/image") == 0.01 and loss.weight("local_entropy/text") == 2.0
+    assert loss.weight("local_entropy/image", "soft") == 0.0 and loss.weight("local_entropy/audio") == 0.0
     for name in ("balance", "importance/text", "local_entropy"):
         with pytest.raises(ConfigError, match=f"no weight for the MoE aux loss '{name}'"):
             LossConfig().weight(name)

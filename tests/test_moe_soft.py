@@ -1,5 +1,6 @@
 """Soft MoE (`moe.router=soft`): slots mix the tokens of a routing group, tokens mix the slots' outputs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -159,13 +160,23 @@ def test_logits_stay_float32_under_autocast():
 def test_slots_default_to_the_top1_capacity_of_a_training_group():
     from limoe.model.registry import get_config
 
+    # The paper's defaults (V-MoE's soft_moe): one group per example and modality (16 patches, or 16 text
+    # positions), slots = round(16 * 1.0 / 8) = 2 per expert, over the preset's joint groups of 8 pairs.
+    paper = get_config("limoe-tiny", router="soft").moe_config()
+    assert (paper.group_size, paper.routing_groups, paper.slots_per_expert) == (1, "per_modality", 2)
+    assert get_config("limoe-tiny", router="soft", num_experts=5).moe_config().slots_per_expert == 3  # round(3.2)
+    # LIMoE's joint groups, V-MoE's router rounding (ceil, multiple of 4): the (h) comparison of limoe reproduce.
     base = get_config("limoe-tiny")
-    joint = get_config("limoe-tiny", router="soft").moe_config()
+    joint = get_config("limoe-tiny", router="soft", group_size=8, routing_groups="joint", capacity_rounding="ceil",
+                       capacity_multiple_of=4).moe_config()
     tokens = 8 * (base.num_patches + base.context_length)  # a group of 8 pairs: 16 patches + 16 positions each
     assert joint.num_experts == 8 and joint.slots_per_expert == capacity(tokens, 8, 1, 1.0) == 32  # 256 / 8
-    split = get_config("limoe-tiny", router="soft", routing_groups="per_modality").moe_config()
+    split = get_config("limoe-tiny", router="soft", group_size=8, capacity_rounding="ceil").moe_config()
     assert split.slots_per_expert == capacity(8 * 16, 8, 1, 1.0) == 16
     assert get_config("limoe-tiny", router="soft", slots_per_expert=5).moe_config().slots_per_expert == 5
+    # A checkpoint's config is the merged dict: one saved before these defaults builds the model it saved.
+    saved = dataclasses.replace(base, moe={**base.moe, "router": "soft"})
+    assert saved.moe_config().slots_per_expert == 32 and saved.moe_config().routing_groups == "joint"
 
 
 def test_refusals_are_one_line_errors(tmp_path):
@@ -216,11 +227,12 @@ def test_trains_resumes_and_evaluates(soft_run):
     lines = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
     last = [m for m in lines if m["kind"] == "train"][-1]
     assert "aux/z" in last and "aux/local_entropy/text" in last and "aux/importance" not in last
+    assert "local_entropy_text_loss" not in last  # reported, but weighed 0: V-MoE trains Soft MoE without aux losses
     assert last["routing/routing_success/image"] == 1.0 and last["routing/routing_success/text"] == 1.0
     assert json.loads((tmp / "run" / "config.json").read_text())["moe"]["router"] == "soft"
     model, _, _ = limoe.load_checkpoint(str(tmp / "run"))
     router = model.encoder.blocks[1].mlp.router
-    assert router.slots_per_expert == 32 and router.router_scale.item() != 1.0  # trained, saved and loaded
+    assert router.slots_per_expert == 2 and router.router_scale.item() != 1.0  # trained, saved and loaded
     metrics = evaluate_checkpoint(str(tmp / "run"))
     assert 0.0 <= metrics["zero_shot/top1"] <= 1.0
 
@@ -239,3 +251,20 @@ def test_analyze_runs_on_a_soft_run(soft_run, tmp_path):
     assert data["has_moe"] and data["num_pairs"] == 8
     for layer in data["layers"]:
         assert layer["modality"]["image"]["tokens"] > 0 and layer["modality"]["text"]["tokens"] > 0
+
+
+def test_slot_init_and_normalisation_follow_vmoe():
+    from limoe.moe.routers.soft import l2_normalize
+
+    def phi_std(**overrides):
+        torch.manual_seed(0)
+        config = MoeConfig(dim=256, hidden_dim=8, num_experts=8, router="soft", slots_per_expert=16, **overrides)
+        return MoeMlp(config).router.router_dN.std().item()
+
+    # V-MoE's lecun_normal over a (d, E, p) kernel: fan_in = d * E; "unit_columns": fan_in = d.
+    assert phi_std() == pytest.approx((256 * 8) ** -0.5, rel=0.03)
+    assert phi_std(soft_init="unit_columns") == pytest.approx(256 ** -0.5, rel=0.03)
+    # V-MoE's epsilon sits inside the square root: a short vector is not blown up to unit length.
+    v = torch.tensor([[3e-4, 4e-4]])  # |v| = 5e-4, |v|^2 = 2.5e-7
+    torch.testing.assert_close(l2_normalize(v, dim=-1), v / (2.5e-7 + 1e-6) ** 0.5)
+    torch.testing.assert_close(l2_normalize(torch.tensor([[3.0, 4.0]]), dim=-1), torch.tensor([[0.6, 0.8]]))

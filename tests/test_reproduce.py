@@ -2,6 +2,7 @@
 the helpers compute what they claim (hand cases), and the smoke scale runs end to end, writes its outputs and
 skips finished work when rerun."""
 
+import dataclasses
 import json
 import math
 
@@ -68,7 +69,7 @@ def test_variants_switch_exactly_the_aux_losses_and_bpr():
     configs = {j.variant.name: j.config("") for j in plan_jobs(SCALES["cpu"], seeds=(0,)) if j.size == "base"}
 
     def switches(cfg):
-        loss = cfg.loss
+        loss = cfg.resolved().loss
         return (loss.importance > 0, loss.load > 0, any(loss.local_entropy.values()),
                 any(loss.global_entropy.values()), cfg.model_config().moe_config().batch_priority)
 
@@ -76,10 +77,15 @@ def test_variants_switch_exactly_the_aux_losses_and_bpr():
     assert switches(configs["limoe-vmoe"]) == (True, True, False, False, False)
     assert switches(configs["limoe-entropy"]) == (True, True, True, True, False)
     assert switches(configs["limoe-entropy-bpr"]) == (True, True, True, True, True)
-    # (g), (h): (f) with another router; the losses it reports keep (f)'s weights, the rest do not apply.
-    for name, router in (("limoe-ec", "expert_choice"), ("limoe-soft", "soft")):
-        assert configs[name].loss == configs["limoe-entropy-bpr"].loss
-        assert configs[name].moe == {**configs["limoe-entropy-bpr"].moe, "router": router}
+    # (g), (h): (f) with another router; the losses it reports keep (f)'s weights (not the router's defaults, none),
+    # the rest do not apply; the model is (f)'s but for the router (not the router's paper defaults).
+    recipe_f = configs["limoe-entropy-bpr"]
+    for name in ("limoe-ec", "limoe-soft"):
+        assert configs[name].resolved().loss == recipe_f.resolved().loss
+        moe_f, moe = recipe_f.model_config().moe_config(), configs[name].model_config().moe_config()
+        differ = {f.name for f in dataclasses.fields(moe) if getattr(moe, f.name) != getattr(moe_f, f.name)}
+        assert differ == ({"router", "noise_std"} if name == "limoe-ec" else {"router", "slots_per_expert",
+                                                                               "soft_init"})
     # At the cpu scale (f) is the default `limoe train` run itself, evaluated once at the end, on one thread.
     default = get_preset("default")
     default.run_dir = ""

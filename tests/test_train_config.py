@@ -17,7 +17,8 @@ def test_overrides_reach_nested_fields_with_their_types():
     assert cfg.moe["capacity_factor"] == 1.25 and cfg.optim.lr == 1e-3 and cfg.optim.schedule == "rsqrt"
     assert cfg.data.batch_size == 64 and isinstance(cfg.data.batch_size, int)
     assert cfg.model_args == {"width": 96} and cfg.compile is True and cfg.optim.grad_clip is None
-    assert cfg.loss.local_entropy == {"image": 0.01, "text": 0.05}
+    assert cfg.loss.local_entropy == {"text": 0.05}  # over the router's default: image keeps top_k's 0.01
+    assert cfg.resolved().loss.local_entropy == {"image": 0.01, "text": 0.05}
     assert cfg.moe["global_entropy_min_experts"] == (2.0, 3.0)
     model = cfg.model_config()
     assert model.width == 96 and model.moe["capacity_factor"] == 1.25
@@ -32,7 +33,7 @@ def test_overrides_reach_nested_fields_with_their_types():
     ("data.batch_size=1.5", "data.batch_size: cannot parse '1.5' as int"),
     ("compile=maybe", "compile: cannot parse 'maybe' as bool"),
     ("steps", "--set expects key=value"),
-    ("loss.local_entropy.audio=1", "unknown option 'loss.local_entropy.audio'"),
+    ("loss.local_entropy.text=x", "loss.local_entropy.text: cannot parse 'x' as float"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -47,6 +48,7 @@ def test_bad_overrides_name_the_key(item, message):
     ("moe.expert_backend=triton", "moe.expert_backend must be one of"),
     ("moe.k=9", "invalid model config: moe.k must be in"),  # limoe-tiny has 8 experts
     ("optim.accumulation=3", "divisible by optim.accumulation"),
+    ("loss.local_entropy.audio=1", r"loss.local_entropy weighs modalities \['audio'\] that moe.modalities"),
 ])
 def test_invalid_values_are_caught_by_validate(item, message):
     with pytest.raises(ConfigError, match=message):

@@ -92,7 +92,8 @@ class ModelConfig:
         tokens = self.routing_group_tokens(top_k)
         if tokens is None:
             return None
-        return capacity(tokens, top_k.num_experts, 1, top_k.capacity_factor, top_k.capacity_multiple_of)
+        return capacity(tokens, top_k.num_experts, 1, top_k.capacity_factor, top_k.capacity_multiple_of,
+                        top_k.capacity_rounding)
 
 def moe_layer_ids(rule: str | tuple[int, ...], depth: int) -> tuple[int, ...]:
     """Resolve a placement rule the way V-MoE's EncoderMoe does."""

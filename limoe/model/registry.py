@@ -29,6 +29,7 @@ from limoe.model.base import ContrastiveModel
 from limoe.model.config import MOE_KEYS, ModelConfig
 from limoe.model.flops import ModelInfo, model_info
 from limoe.model.one_tower import OneTower
+from limoe.moe.config import ROUTER_PAPER_DEFAULTS
 from limoe.model.two_tower import TwoTower
 
 # name: (width, depth, mlp_dim, heads)
@@ -78,9 +79,12 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
 
 
 def with_overrides(config: ModelConfig, **overrides: Any) -> ModelConfig:
-    moe = {**config.moe, **overrides.pop("moe", {})}
-    moe.update({key: overrides.pop(key) for key in list(overrides) if key in MOE_KEYS})
-    return dataclasses.replace(config, moe=moe, **overrides)
+    """`config` with `overrides`; a router chosen here brings its paper's settings (ROUTER_PAPER_DEFAULTS) for
+    the MoE keys the overrides leave unset, over the preset's."""
+    moe_overrides = {**overrides.pop("moe", {})}
+    moe_overrides.update({key: overrides.pop(key) for key in list(overrides) if key in MOE_KEYS})
+    paper = ROUTER_PAPER_DEFAULTS.get(moe_overrides.get("router"), {})
+    return dataclasses.replace(config, moe={**config.moe, **paper, **moe_overrides}, **overrides)
 
 
 def build_model(config: ModelConfig) -> ContrastiveModel:

@@ -7,11 +7,24 @@ from dataclasses import dataclass
 from limoe.checks import ConfigError, check_fields, flag, integer, one_of, option, real, sequence, text
 from limoe.moe.experts import EXPERT_BACKENDS
 from limoe.moe.routers import ROUTERS
+from limoe.moe.routing import CAPACITY_ROUNDINGS
 
 ROUTING_GROUPS = ("joint", "per_modality")
+SOFT_INITS = ("vmoe", "unit_columns")
 # Routers for which k has no meaning, and why.
 _WHY_K_IS_1 = {"expert_choice": "each expert picks its tokens; moe.capacity_factor sets how many",
                "soft": "every token is mixed into every slot; moe.slots_per_expert sets how many"}
+
+
+# What `moe.router=<name>` brings along when a preset's model is built with it (`limoe.model.registry`): the
+# settings its paper trains with, for every key the same overrides leave unset. Soft MoE (V-MoE's soft_moe
+# project) routes each example's tokens of each modality as a group, its slots rounded to nearest; a preset's joint
+# groups of 8 pairs would let a caption's slots mix in its own image. Expert Choice needs nothing here: noise_std
+# applies to it as to top_k. Neither trains with aux losses by default (`limoe.losses.LossConfig`).
+ROUTER_PAPER_DEFAULTS = {
+    "soft": {"group_size": 1, "routing_groups": "per_modality", "capacity_rounding": "round",
+             "capacity_multiple_of": 1},
+}
 
 
 def _distinct_names(names: tuple[str, ...]) -> str | None:
@@ -27,7 +40,11 @@ class MoeConfig:
     capacity_factor: float = option(1.0, real(gt=0))
     eval_capacity_factor: float | None = option(None, real(gt=0, none=True))  # None: same as capacity_factor
     batch_priority: bool = option(True, flag())  # LIMoE trains with BPR
-    noise_std: float = option(1.0, real(ge=0))  # router noise std is noise_std / num_experts (V-MoE), training only
+    # Router noise, training only: std noise_std / num_experts on the logits (V-MoE), for top_k and expert_choice
+    noise_std: float = option(1.0, real(ge=0))
+    # Capacity C = n * k * cf / E rounded up ("ceil") or to nearest ("round"), then up to a multiple of
+    # capacity_multiple_of: V-MoE's compute_capacity (its routers: ceil, 4; its Soft MoE slots: round, 1).
+    capacity_rounding: str = option("ceil", one_of(*CAPACITY_ROUNDINGS))
     capacity_multiple_of: int = option(4, integer(ge=1))
     # Which tokens set the capacity C = ceil(n * k * cf / E): "all" S tokens of the group, padding included
     # (static shapes, no host sync), or only the "valid" ones. Padding never takes a slot either way, but with
@@ -58,13 +75,18 @@ class MoeConfig:
     # Which router assigns tokens to experts (limoe.moe.routers): "top_k" = V-MoE's top-k per token with capacity
     # and BPR. The options above that shape routing (k, capacity, batch_priority, noise_std) are top_k's.
     # "expert_choice" = each expert picks its top-C tokens of a group (Zhou et al. 2022): it uses the capacity
-    # options, needs k=1 (k has no meaning there) and ignores batch_priority and noise_std (no per-token order,
-    # no noise). "soft" = Soft MoE (Puigcerver et al. 2023): every slot mixes all tokens of a group, every token
-    # all slots; needs k=1 and slots_per_expert, ignores batch_priority, noise_std and the capacity options.
+    # options and noise_std, needs k=1 (k has no meaning there) and C <= the group's tokens, and ignores
+    # batch_priority (no per-token order). "soft" = Soft MoE (Puigcerver et al. 2023): every slot mixes all tokens
+    # of a group, every token all slots; needs k=1 and slots_per_expert, ignores batch_priority, noise_std and the
+    # capacity options.
     router: str = option("top_k", one_of(*ROUTERS))
     # Soft MoE's slots per expert p (its router has a learned column per slot, so p is fixed). A model built from a
     # ModelConfig sets it, if left None, to the top-1 capacity of its training routing group (matched compute).
     slots_per_expert: int | None = option(None, integer(ge=1, none=True))
+    # Soft MoE's slot parameters phi [d, E p] at init: "vmoe" = V-MoE's lecun_normal over (d, E, p), std
+    # 1/sqrt(d E); "unit_columns" = std 1/sqrt(d), each slot's column about unit norm. Only directions matter
+    # (phi is normalised), but under Adam a smaller phi turns sqrt(E) times faster.
+    soft_init: str = option("vmoe", one_of(*SOFT_INITS))
 
     def __post_init__(self) -> None:
         check_fields(self)  # each field's declared type and range; below, the checks across fields
@@ -73,6 +95,13 @@ class MoeConfig:
         if self.router in _WHY_K_IS_1 and self.k != 1:
             raise ConfigError(f"moe.k={self.k} has no meaning with moe.router={self.router!r} "
                               f"({_WHY_K_IS_1[self.router]}): leave k at 1")
+        if self.router == "expert_choice":
+            for key in ("capacity_factor", "eval_capacity_factor"):
+                factor = getattr(self, key)
+                if factor is not None and factor > self.num_experts:
+                    raise ConfigError(f"moe.{key}={factor} with moe.router='expert_choice' asks each of the "
+                                      f"{self.num_experts} experts for more tokens than a group has: at most "
+                                      f"moe.num_experts={self.num_experts}")
         if self.router == "soft" and self.slots_per_expert is None:
             raise ConfigError("moe.router='soft' needs moe.slots_per_expert (a model derives it from moe.group_size "
                               "when that is set)")

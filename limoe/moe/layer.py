@@ -32,6 +32,7 @@ class MoeAux:
     losses: dict[str, torch.Tensor]  # scalar, differentiable; the caller weights and sums them
     stats: MoeStats
     routing: Routing
+    router: str = "top_k"  # MoeConfig.router: which defaults weigh the losses (limoe.losses.LossConfig)
 
 
 class MoeMlp(nn.Module):
@@ -96,7 +97,7 @@ class MoeMlp(nn.Module):
                                  cfg.num_experts, routing.ranked)
         if x_Sd.shape[0] != num_tokens:  # drop the padding examples that filled the last group
             y_Sd, routing = y_Sd[:num_tokens], routing.token_slice(num_tokens)
-        return y_Sd.reshape(x.shape), MoeAux(routed.losses, stats, routing)
+        return y_Sd.reshape(x.shape), MoeAux(routed.losses, stats, routing, self.config.router)
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def _fill_groups(self, x_Sd: torch.Tensor, modality_S: torch.Tensor, valid_S: torch.Tensor | None,

@@ -102,20 +102,21 @@ def soft_moe_loop(experts: ExpertMlps, x_Sd: torch.Tensor, phi_dN: torch.Tensor,
                   valid_S: torch.Tensor | None = None, num_groups: int = 1) -> torch.Tensor:
     """Soft MoE as the paper reads, per group and per slot: slot n (of expert n // p) takes the softmax over the
     group's valid tokens of their logits scale * <x / |x|, phi_n / |phi_n|> as weights of its input; each valid
-    token's output is the softmax over the slots of its logits, weighting the slots' outputs; padding gets 0."""
+    token's output is the softmax over the slots of its logits, weighting the slots' outputs; padding gets 0.
+    |v| is V-MoE's sqrt(sum v^2 + 1e-6)."""
     num_tokens, dim = x_Sd.shape
     num_slots = phi_dN.shape[1]
     per_expert = num_slots // experts.num_experts
     per_group = num_tokens // num_groups
     valid = [True] * num_tokens if valid_S is None else [bool(v) for v in valid_S]
-    phi_unit_dN = phi_dN / phi_dN.norm(dim=0, keepdim=True)
+    phi_unit_dN = phi_dN / (phi_dN.square().sum(0, keepdim=True) + 1e-6).sqrt()
     rows = [x_Sd.new_zeros(dim) for _ in range(num_tokens)]
     for g in range(num_groups):
         tokens = [s for s in range(g * per_group, (g + 1) * per_group) if valid[s]]
         if not tokens:
             continue
         x_md = x_Sd[tokens]
-        logits_mN = scale * (x_md / x_md.norm(dim=1, keepdim=True)) @ phi_unit_dN
+        logits_mN = scale * (x_md / (x_md.square().sum(1, keepdim=True) + 1e-6).sqrt()) @ phi_unit_dN
         slot_out = []
         for n in range(num_slots):
             weight_m = torch.softmax(logits_mN[:, n], dim=0)

@@ -16,8 +16,13 @@ from dataclasses import dataclass
 import torch
 
 
-def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, multiple_of: int = 4) -> int:
-    """Slots per expert: ceil(num_tokens * k * capacity_factor / num_experts), rounded up to `multiple_of`."""
+CAPACITY_ROUNDINGS = ("ceil", "round")
+
+
+def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, multiple_of: int = 4,
+             rounding: str = "ceil") -> int:
+    """Slots per expert, as V-MoE's `compute_capacity`: num_tokens * k * capacity_factor / num_experts, rounded up
+    ("ceil") or to the nearest integer ("round", Python's: halves to even, as V-MoE's), then up to `multiple_of`."""
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if not 1 <= k <= num_experts:
@@ -26,11 +31,14 @@ def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, 
         raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
-    slots = math.ceil(num_tokens * k * capacity_factor / num_experts)
-    slots = -(-slots // multiple_of) * multiple_of
+    if rounding not in CAPACITY_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {CAPACITY_ROUNDINGS}, got {rounding!r}")
+    exact = num_tokens * k * capacity_factor / num_experts
+    slots = math.ceil(exact) if rounding == "ceil" else round(exact)
     if slots < 1:
-        raise ValueError(f"capacity must be >= 1, got {slots} for num_tokens={num_tokens}")
-    return slots
+        raise ValueError(f"capacity must be >= 1, got {slots} for num_tokens={num_tokens}, "
+                         f"num_experts={num_experts}, k={k}, capacity_factor={capacity_factor} ({rounding})")
+    return -(-slots // multiple_of) * multiple_of
 
 
 def top_k_lowest_first(scores: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

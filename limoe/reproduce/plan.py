@@ -13,6 +13,11 @@ from limoe.train.config import TrainConfig, apply_overrides, get_preset
 
 _NO_ENTROPY = ('loss.local_entropy={"image":0,"text":0}', 'loss.global_entropy={"image":0,"text":0}')
 _NO_VMOE = ("loss.importance=0", "loss.load=0")
+# (g)-(i) swap (f)'s router and keep the rest of its recipe, which the other routers' paper defaults would change
+# (limoe.moe.config.ROUTER_PAPER_DEFAULTS, LossConfig): LIMoE's entropy losses, and for Soft MoE the preset's joint
+# groups of 8 pairs with top_k's capacity rounding and the slot init they were measured with.
+_LIMOE_ENTROPY = ('loss.local_entropy={"image":0.01,"text":0.01}', 'loss.global_entropy={"image":0.01,"text":0.01}')
+_SOFT_AS_MEASURED = ("moe.capacity_rounding=ceil", "moe.capacity_multiple_of=4", "moe.soft_init=unit_columns")
 
 
 @dataclass(frozen=True)
@@ -40,14 +45,24 @@ VARIANTS = (
     Variant("limoe-entropy", "(e) (d) + per-modality entropy losses", "limoe", ("moe.batch_priority=false",)),
     Variant("limoe-entropy-bpr", "(f) (e) + BPR: full LIMoE", "limoe"),
     # Other routers on the full recipe: the aux losses they report (z, entropies) keep (f)'s weights; importance,
-    # load and BPR do not apply to them.
-    Variant("limoe-ec", "(g) (f) with Expert Choice", "limoe", ("moe.router=expert_choice",)),
-    Variant("limoe-soft", "(h) (f) with Soft MoE", "limoe", ("moe.router=soft",)),
+    # load and BPR do not apply to them. Expert Choice without router noise, as it was measured.
+    Variant("limoe-ec", "(g) (f) with Expert Choice (LIMoE's losses, no noise)", "limoe",
+            ("moe.router=expert_choice", "moe.noise_std=0", *_LIMOE_ENTROPY)),
+    Variant("limoe-soft", "(h) (f) with Soft MoE (LIMoE's joint groups and losses)", "limoe",
+            ("moe.router=soft", "moe.group_size=8", "moe.routing_groups=joint", *_SOFT_AS_MEASURED, *_LIMOE_ENTROPY)),
     # Soft MoE mixes every token of a group into every slot: in (h)'s groups of 8 pairs a caption's embedding can
     # draw on its own image (and the group's), a shortcut that held-out evaluation does not offer. Single-example,
     # single-modality groups mix nothing across examples or modalities.
     Variant("limoe-soft-single", "(i) (h) in single-example, per-modality groups", "limoe",
-            ("moe.router=soft", "moe.group_size=1", "moe.routing_groups=per_modality")),
+            ("moe.router=soft", "moe.group_size=1", "moe.routing_groups=per_modality", *_SOFT_AS_MEASURED,
+             *_LIMOE_ENTROPY)),
+    # The same routers as their papers train them (ROUTER_PAPER_DEFAULTS, no aux losses): what `--set
+    # moe.router=...` gives. V-MoE's Expert Choice with router noise in (f)'s groups; Soft MoE in one group per
+    # example and modality with rounded slots (2 per expert at the cpu scale).
+    Variant("limoe-ec-vmoe", "(j) Expert Choice as V-MoE trains it (noise, no aux losses)", "limoe",
+            ("moe.router=expert_choice",)),
+    Variant("limoe-soft-paper", "(k) Soft MoE as its paper trains it (groups of one example and modality, no aux "
+            "losses)", "limoe", ("moe.router=soft",)),
 )
 # One factor of the full recipe (f) changed at a time (`limoe reproduce --study ablations`), each compared with (f)
 # seed by seed: which of its parts matter at a scale. The variants of the paper's comparison leave these alone.

@@ -87,8 +87,9 @@ _NOT_THE_RUN = {"device": None, "run_dir": None, "checkpoint_interval": None, "k
 def _same_config(run_dir: Path, cfg) -> bool:
     from limoe.train.config import load_config
 
-    stored = load_config(str(run_dir / "config.json")).to_dict()
-    return {**stored, **_NOT_THE_RUN} == {**cfg.to_dict(), **_NOT_THE_RUN}
+    # As trained: a loss weight left to its default and the same weight written out are the same run.
+    stored = load_config(str(run_dir / "config.json")).resolved().to_dict()
+    return {**stored, **_NOT_THE_RUN} == {**cfg.resolved().to_dict(), **_NOT_THE_RUN}
 
 
 def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]:

@@ -257,6 +257,13 @@ class TrainConfig:
             overrides.setdefault("logit_bias_init", SIGLIP_BIAS_INIT)
         return get_config(self.model, moe=dict(self.moe), **overrides)
 
+    def resolved(self) -> "TrainConfig":
+        """This config with every default that depends on other keys written out (the loss weights the model's
+        router implies): two configs that train the same run resolve to the same."""
+        model = self.model_config()
+        router = model.moe_config().router if model.moe_layer_ids else "top_k"
+        return dataclasses.replace(self, loss=self.loss.resolved(router))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -331,13 +338,14 @@ def _assign(config: TrainConfig, key: str, raw: str) -> None:
         getattr(config, section)[parts[1]] = parse_value(raw, _model_field_type(section, parts[1], key), key)
         return
     target: Any = config
+    value_type: Any = None  # the values' type of a dict field with free keys (dict[str, float]), else None
     for i, name in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(target, dict):
-            if name not in target:
+            if name not in target and not (last and value_type):
                 raise ConfigError(f"unknown option {key!r}; {'.'.join(parts[:i])}.* keys: {sorted(target)}")
             if last:
-                target[name] = parse_value(raw, type(target[name]), key)
+                target[name] = parse_value(raw, value_type or type(target[name]), key)
                 return
             target = target[name]
             continue
@@ -350,6 +358,8 @@ def _assign(config: TrainConfig, key: str, raw: str) -> None:
         if last:
             setattr(target, name, parse_value(raw, hints[name], key))
             return
+        args = typing.get_args(hints[name])
+        value_type = args[1] if typing.get_origin(hints[name]) is dict and args[:1] == (str,) else None
         target = getattr(target, name)
     raise ConfigError(f"unknown option {key!r}")
 

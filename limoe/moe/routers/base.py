@@ -118,7 +118,7 @@ class LinearRouter(DistributionRouter):
         """Slots per expert for `num_tokens` tokens, k choices each, with this mode's (train / eval) factor."""
         cfg = self.config
         factor = cfg.capacity_factor if self.training else (cfg.eval_capacity_factor or cfg.capacity_factor)
-        return capacity(num_tokens, cfg.num_experts, k, factor, cfg.capacity_multiple_of)
+        return capacity(num_tokens, cfg.num_experts, k, factor, cfg.capacity_multiple_of, cfg.capacity_rounding)
 
     def group_capacity(self, group_tokens: int, valid_S: torch.Tensor | None, num_groups: int
                        ) -> tuple[int, torch.Tensor | None]:
@@ -135,3 +135,12 @@ class LinearRouter(DistributionRouter):
         """Logits x W_r [S, E], float32 even under autocast: routing decisions are sensitive to rounding."""
         with no_autocast(x_Sd.device.type):
             return x_Sd.float() @ self.router_dE.float()
+
+    def logits(self, x_Sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean and noisy logits [S, E]: in training, V-MoE's noise of std noise_std / E (the same tensor without
+        noise). The noisy ones route and weigh the outputs; the clean ones feed the losses."""
+        logits_SE = self.clean_logits(x_Sd)
+        if self.training and self.config.noise_std > 0:
+            noise_std = self.config.noise_std / self.config.num_experts
+            return logits_SE, logits_SE + noise_std * torch.randn_like(logits_SE)
+        return logits_SE, logits_SE

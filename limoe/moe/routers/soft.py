@@ -3,7 +3,9 @@ output a convex mixture of every slot's output; nothing is dropped.
 
 Per group of m tokens, E experts with p slots each (N = E p slots) and a learned phi [d, N]: logits = scale *
 normalize(x) normalize(phi) [m, N] in float32, both l2-normalised over d and scaled by a learned scalar
-(initialised to 1), as the paper does so that the logits do not grow with d. Dispatch D = softmax over the group's
+(initialised to 1), as the paper does so that the logits do not grow with d. normalize(v) = v / sqrt(|v|^2 +
+1e-6), V-MoE's (its epsilon inside the square root). phi starts as V-MoE's lecun_normal over (d, E, p), or with
+`soft_init="unit_columns"` at std 1/sqrt(d) (the runs measured before V-MoE's init was the default). Dispatch D = softmax over the group's
 tokens (each slot's column), combine C = softmax over the slots (each token's row); slot inputs D^T X run through
 their experts (slots n // p == e go to expert e) and y = C Y. Padding is masked out of D and gets a zero row of C.
 
@@ -19,7 +21,6 @@ of that per-token distribution over experts (the combine weights summed per expe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from limoe.moe import losses
@@ -40,8 +41,10 @@ class SoftRouter(DistributionRouter):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # lecun_normal, like the linear routers' kernel (only each column's direction matters after normalising).
-        std = self.config.dim ** -0.5 / 0.87962566103423978
+        # lecun_normal (a normal truncated at 2 std, std 1/sqrt(fan_in) after truncation). V-MoE's phi is a
+        # (d, E, p) kernel, whose fan_in flax counts as d * E; "unit_columns" counts d.
+        fan_in = self.config.dim * (self.config.num_experts if self.config.soft_init == "vmoe" else 1)
+        std = fan_in ** -0.5 / 0.87962566103423978
         nn.init.trunc_normal_(self.router_dN, std=std, a=-2 * std, b=2 * std)
         with torch.no_grad():
             self.router_scale.fill_(1.0)
@@ -60,8 +63,8 @@ class SoftRouter(DistributionRouter):
     def logits(self, x_Sd: torch.Tensor) -> torch.Tensor:
         """scale * normalize(x) normalize(phi): [S, N], float32 even under autocast."""
         with no_autocast(x_Sd.device.type):
-            x_Sd = F.normalize(x_Sd.float(), dim=-1, eps=1e-6)
-            phi_dN = F.normalize(self.router_dN.float(), dim=0, eps=1e-6)
+            x_Sd = l2_normalize(x_Sd.float(), dim=-1)
+            phi_dN = l2_normalize(self.router_dN.float(), dim=0)
             return self.router_scale.float() * (x_Sd @ phi_dN)
 
     def forward(self, x_Sd: torch.Tensor, modality_S: torch.Tensor, valid_S: torch.Tensor | None = None,
@@ -80,6 +83,11 @@ class SoftRouter(DistributionRouter):
                               dispatch_SN=dispatch_SN, combine_SN=combine_SN)
         w_SM = losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
         return RouterOutput(routing, self.shared_losses(logits_SN, q_SE, entropy_S, w_SM, num_groups), entropy_S)
+
+
+def l2_normalize(v: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
+    """v / sqrt(|v|^2 + eps) along `dim`: V-MoE's normalisation (`F.normalize` divides by max(|v|, eps) instead)."""
+    return v * torch.rsqrt(v.square().sum(dim, keepdim=True) + eps)
 
 
 def soft_weights(logits_SN: torch.Tensor, valid_S: torch.Tensor | None = None, num_groups: int = 1

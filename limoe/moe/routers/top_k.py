@@ -31,14 +31,6 @@ class TopKRouter(LinearRouter):
         """Slots per expert for a group of `num_tokens` tokens, with this mode's (train / eval) capacity factor."""
         return self.capacity_with_k(num_tokens, self.config.k)
 
-    def logits(self, x_Sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean and noisy logits [S, E] (the same tensor without noise)."""
-        logits_SE = self.clean_logits(x_Sd)
-        if self.training and self.config.noise_std > 0:
-            noise_std = self.config.noise_std / self.config.num_experts
-            return logits_SE, logits_SE + noise_std * torch.randn_like(logits_SE)
-        return logits_SE, logits_SE
-
     def forward(self, x_Sd: torch.Tensor, modality_S: torch.Tensor, valid_S: torch.Tensor | None = None,
                 num_groups: int = 1) -> RouterOutput:
         cfg = self.config
