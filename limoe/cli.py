@@ -311,11 +311,16 @@ def _add_job_parsers(sub) -> None:
                                     "csv or wds) needs --zero-shot and/or --retrieval. The first line names the "
                                     "checkpoint and the data, progress goes to stderr.")
     ev.add_argument("checkpoint", help="checkpoint folder (checkpoints/step_N) or run folder (its latest checkpoint)")
-    ev.add_argument("--zero-shot", metavar="DIR", help="image folder, one sub-folder per class "
-                                                       "(default: the held-out concepts of the run's built-in "
-                                                       "data or corpus)")
-    ev.add_argument("--class-names", help="class-name file (default: DIR/classnames.txt or folder names)")
-    ev.add_argument("--templates", help="prompt template file (default: DIR/templates.txt or built-in)")
+    ev.add_argument("--zero-shot", metavar="DIR", help="image folder, one sub-folder per class, or webdataset "
+                                                       "shards in CLIP_benchmark's layout ('test/{0..9}.tar': "
+                                                       "image + .cls per sample) (default: the held-out concepts "
+                                                       "of the run's built-in data or corpus)")
+    ev.add_argument("--class-names", metavar="FILE|cifar10|cifar100",
+                    help="class-name file or built-in list (default: classnames.txt beside the data, or the "
+                         "folder names)")
+    ev.add_argument("--templates", metavar="FILE|simple|openai|openai-cifar",
+                    help="prompt template file or built-in set (default: templates.txt or "
+                         "zeroshot_classification_templates.txt beside the data, or built-in)")
     ev.add_argument("--retrieval", metavar="CSV", help="image-text pairs CSV (default: the test split of the "
                                                       "run's built-in data or corpus)")
     ev.add_argument("--probe-train", metavar="DIR", help="image folder to pick the k shots per class from")

@@ -137,7 +137,9 @@ def evaluation_plan(config, zero_shot_dir: str | None = None, retrieval_csv: str
     --retrieval or a probe it is refused, never scored on built-in data."""
     if (probe_train or probe_test) and not (probe_train and probe_test):
         raise JobError("the linear probe needs both --probe-train and --probe-test image folders")
-    if zero_shot_dir and not Path(zero_shot_dir).is_dir():
+    from limoe.data.zero_shot import is_shard_pattern
+
+    if zero_shot_dir and not (is_shard_pattern(zero_shot_dir) or Path(zero_shot_dir).is_dir()):
         raise JobError(f"zero-shot folder not found: {zero_shot_dir}")
     probe = (probe_train, probe_test) if probe_train else None
     built_in = BUILT_IN_DATA.get(config.data.source)
@@ -186,6 +188,7 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
     `data.csv_*`."""
     from limoe import evaluate
     from limoe.data import CsvPairs, ImageConfig, ImageFolder, LoaderConfig, make_loader
+    from limoe.data.zero_shot import zero_shot_set
     from limoe.train import evaluation
     from limoe.train.data import held_out_pairs, held_out_zero_shot
 
@@ -207,10 +210,7 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
     try:
         progress("reading the evaluation data")
         if zero_shot_dir:
-            root = Path(zero_shot_dir)
-            names_file = class_names or (root / "classnames.txt" if (root / "classnames.txt").is_file() else None)
-            templates_file = templates or (root / "templates.txt" if (root / "templates.txt").is_file() else None)
-            ds = ImageFolder(root, names_file, templates_file, image=image, **one)
+            ds = zero_shot_set(zero_shot_dir, class_names, templates, image=image, **one)
             sets.zero_shot = (ds, ds.class_names, ds.templates)
         elif built_in:  # the run's corpus (held-out concepts, and seen concepts in unseen renderings), or built-in set
             sets.zero_shot = held_out_zero_shot(config, image, **one)

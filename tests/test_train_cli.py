@@ -264,3 +264,18 @@ def test_a_file_inside_a_checkpoint_stands_for_it(run):
         limoe.create_model_and_transforms("limoe-tiny", precision="fp8")
     model, _, preprocess = limoe.create_model_and_transforms(pretrained=checkpoint, precision="amp")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_eval_on_shards_with_built_in_names_and_templates(run, tmp_path, capsys):
+    from test_data_zero_shot import clip_benchmark_shards
+
+    pattern = clip_benchmark_shards(tmp_path, [(0, b"2"), (1, b"0"), (2, b"1"), (3, b"1")])
+    out = tmp_path / "metrics.json"
+    assert main(["eval", str(run[0]), "--zero-shot", pattern, "--class-names", "cifar10", "--templates",
+                 "openai-cifar", "-o", str(out)]) == 0
+    assert f"zero-shot on {pattern}" in capsys.readouterr().out
+    assert 0.0 <= json.loads(out.read_text())["zero_shot/top1"] <= 1.0
+    assert main(["eval", str(run[0]), "--zero-shot", pattern, "--class-names", "imagenet1k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # after the progress line, one error line
+    assert err[-1] == ("limoe: error: imagenet1k: no such class-names file, and no built-in one of that name "
+                       "(cifar10, cifar100)")

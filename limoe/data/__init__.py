@@ -24,12 +24,13 @@ from limoe.data.loader import LoaderConfig, StreamLoader, make_loader
 from limoe.data.stats import REASONS, DataError, DataNotFoundError, MissingColumnError, NoValidSamplesError
 from limoe.data.tokenizer import TokenBatch, Tokenizer, train_tokenizer
 from limoe.data.transforms import ImageConfig, ImageTransform
-from limoe.data.wds import WdsPairs, write_shards
+from limoe.data.wds import WdsLabels, WdsPairs, write_shards
+from limoe.data.zero_shot import zero_shot_set
 
 __all__ = [
     "BuiltinConfig", "build_builtin_dataset", "builtin_captions", "builtin_concepts", "builtin_zero_shot",
     "load_builtin", "PairBatch", "PairCollate", "collate_labels", "CsvPairs", "write_csv", "ImageFolder",
     "LoaderConfig", "StreamLoader", "make_loader", "REASONS", "DataError", "DataNotFoundError",
     "MissingColumnError", "NoValidSamplesError", "TokenBatch", "Tokenizer",
-    "train_tokenizer", "ImageConfig", "ImageTransform", "WdsPairs", "write_shards",
+    "train_tokenizer", "ImageConfig", "ImageTransform", "WdsLabels", "WdsPairs", "write_shards", "zero_shot_set",
 ]

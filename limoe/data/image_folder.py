@@ -3,7 +3,9 @@
 Optional text files beside the data:
 - class names: one line per class, either `folder<TAB>name` or, in sorted-folder order, just `name`
   (folder names such as `n01440764` or `thumbs_up` are rarely what the text tower should read);
-- prompt templates: one template per line containing `{}`, e.g. `a photo of a {}.`.
+- prompt templates: one template per line containing `{}` (or CLIP_benchmark's `{c}`), e.g. `a photo of a {}.`.
+Instead of a file, a built-in benchmark's name (`limoe.data.benchmarks`): class names `cifar10`, `cifar100` (for
+folders named by class index or by class name), templates `simple`, `openai`, `openai-cifar`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from limoe.data import benchmarks
 from limoe.data.stats import DataError, DataNotFoundError
 from limoe.evaluate import is_template
 from limoe.data.stream import Record, SampleStream, deal_indices, read_file
@@ -31,8 +34,28 @@ def read_lines(path: str | os.PathLike) -> list[str]:
         raise DataError(f"{os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
 
 
+def _builtin(path: str | os.PathLike, table: dict, what: str) -> tuple | None:
+    """The built-in list `path` names, if it is no file; a path that is neither is a one-line error."""
+    name = os.fspath(path)
+    if os.path.isfile(name):
+        return None
+    if benchmarks.is_named(name, table):
+        return table[name.lower()]
+    raise DataNotFoundError(f"{name}: no such {what} file, and no built-in one of that name "
+                            f"({', '.join(sorted(table))})")
+
+
+def class_names_by_index(path: str | os.PathLike) -> list[str]:
+    """Class names in class-index order (shards label by index): a built-in benchmark's, or a file's lines."""
+    builtin = _builtin(path, benchmarks.CLASS_NAMES, "class-names")
+    return list(builtin) if builtin is not None else [line.strip() for line in read_lines(path)]
+
+
 def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
-    """Class display names in the order of `folders` (see module docstring for the two layouts)."""
+    """Class display names in the order of `folders` (see module docstring for the layouts)."""
+    builtin = _builtin(path, benchmarks.CLASS_NAMES, "class-names")
+    if builtin is not None:
+        return benchmarks.names_for_folders(builtin, folders, os.fspath(path))
     lines = read_lines(path)
     if all("\t" in line for line in lines):
         mapping = dict(line.split("\t", 1) for line in lines)
@@ -46,7 +69,10 @@ def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
 
 
 def read_templates(path: str | os.PathLike) -> list[str]:
-    templates = read_lines(path)
+    builtin = _builtin(path, benchmarks.TEMPLATES, "templates")
+    if builtin is not None:
+        return list(builtin)
+    templates = [line.replace("{c}", "{}") for line in read_lines(path)]
     bad = [t for t in templates if not is_template(t)]
     if bad or not templates:
         raise DataError(f"{path}: every prompt template needs exactly one '{{}}' for the class name (other braces "

@@ -181,6 +181,34 @@ class WdsPairs(SampleStream):
         return super().decode_target(split_sample(raw.sample)[1])
 
 
+class WdsLabels(WdsPairs):
+    """Classification samples from webdataset shards in CLIP_benchmark's layout: `<key>.<png|jpg|webp...>` and
+    `<key>.cls` (the class index as text); yields (image [3,S,S], class index). A sample without a label, or with
+    one that is not an index below `num_classes`, is skipped and counted."""
+
+    target_kind = "label"
+
+    def __init__(self, pattern: str, num_classes: int, **stream_kwargs):
+        super().__init__(pattern, shuffle_buffer=0, **stream_kwargs)
+        self.num_classes = num_classes
+
+    def _image(self, sample: dict) -> bytes:
+        image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        if image is None:
+            raise SkipError("incomplete_sample", f"{sample['__key__']}: no image")
+        return image
+
+    def decode_target(self, raw) -> int:
+        sample = raw.sample
+        if "cls" not in sample:
+            raise SkipError("incomplete_sample", f"{sample['__key__']}: no .cls label")
+        text = sample["cls"].decode("utf-8", errors="replace").strip()
+        if not (text.isdigit() and int(text) < self.num_classes):
+            raise SkipError("bad_label", f"{sample['__key__']}.cls: {text[:20]!r} is no class index below "
+                                         f"{self.num_classes}")
+        return int(text)
+
+
 def buffer_shuffle(items: Iterable, size: int, seed: int) -> Iterator:
     """Approximate streaming shuffle with a fixed-size buffer (webdataset's usual strategy), seeded."""
     gen = torch.Generator().manual_seed(seed)

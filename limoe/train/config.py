@@ -121,7 +121,12 @@ class EvalConfig:
     zero_shot: bool = option(True, flag())  # built-in held-out concepts (or eval.zero_shot_dir)
     seen: bool = option(True, flag())  # the corpus's seen concepts in unseen renderings
     retrieval: bool = option(True, flag())  # built-in test pairs (or eval.retrieval_csv), and their loss
+    # An image folder or webdataset shards (CLIP_benchmark's layout): limoe.data.zero_shot
     zero_shot_dir: str | None = option(None, text(none=True))
+    # Its class names and templates: a file, or a built-in name (cifar10|cifar100; simple|openai|openai-cifar);
+    # None: the files beside the data, else folder names and the default templates
+    class_names: str | None = option(None, text(none=True))
+    templates: str | None = option(None, text(none=True))
     retrieval_csv: str | None = option(None, text(none=True))
     batch_size: int = option(256, integer(ge=1))
     # Pairs per fixed batch of the held-out contrastive loss (retrieval/contrastive_loss): the same for every

@@ -205,7 +205,7 @@ def held_out_pairs(cfg: TrainConfig, image: ImageConfig, **stream_kwargs):
 def eval_sets(cfg: TrainConfig):
     """The run's EvalSets (each configured part read whole by one rank): eval.zero_shot_dir and
     eval.retrieval_csv replace the built-in data's held-out concepts and pairs; the corpus adds its seen split."""
-    from limoe.data import ImageFolder
+    from limoe.data.zero_shot import zero_shot_set
     from limoe.train.evaluation import EvalSets
 
     image = ImageConfig(image_size=cfg.data.image_size)
@@ -214,8 +214,7 @@ def eval_sets(cfg: TrainConfig):
     builtin = cfg.data.source in ("builtin", "corpus")
     if cfg.eval.zero_shot:
         if cfg.eval.zero_shot_dir:
-            root = cfg.eval.zero_shot_dir
-            ds = ImageFolder(root, f"{root}/classnames.txt", f"{root}/templates.txt", image=image, **one)
+            ds = zero_shot_set(cfg.eval.zero_shot_dir, cfg.eval.class_names, cfg.eval.templates, image=image, **one)
             sets.zero_shot = (ds, ds.class_names, ds.templates)
         elif builtin:
             sets.zero_shot = held_out_zero_shot(cfg, image, **one)
