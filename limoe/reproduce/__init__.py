@@ -22,10 +22,10 @@ from limoe.reproduce.report import (SEEN, SPECIALIST_SHARE, ZERO_SHOT, markdown_
                                     plot_accuracy_vs_compute, plot_routing_success, routing_table, style_table,
                                     summary_rows, sweep_table)
 from limoe.locks import folder_lock
-from limoe.reproduce import scaling
+from limoe.reproduce import scaling, upcycling
 from limoe.reproduce.runner import check_run_folders, finished_result, run_jobs, write_json
 
-STUDY_NAMES = ("paper", "scaling", "ablations")
+STUDY_NAMES = ("paper", "scaling", "ablations", "upcycling")
 __all__ = ["STUDY_NAMES", "SCALES", "VARIANTS", "VARIANT_NAMES", "Job", "Scale", "plan_jobs", "reproduce"]
 
 
@@ -66,7 +66,8 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
     """Train every job of `scale` (skipping finished ones), then write results.md, results.json and plots.
 
     `study`: "paper" (the variants of the paper's comparison), "scaling" (dense and LIMoE across sizes and
-    training lengths, limoe.reproduce.scaling) or "ablations" (one factor of the full recipe at a time, plan.py).
+    training lengths, limoe.reproduce.scaling), "ablations" (one factor of the full recipe at a time, plan.py) or
+    "upcycling" (dense continued as an upcycled LIMoE, limoe.reproduce.upcycling: upcycling.md).
     `overrides`: `--set` strings applied to every run (e.g. "moe.num_experts=16"); `sweep=False` skips the paper
     study's accuracy-vs-compute sizes. `report_only`: train nothing; write the outputs from the finished runs
     (also while another invocation trains the rest)."""
@@ -83,22 +84,25 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
         jobs = plan_jobs(scale, variants, seeds, tuple(overrides), sweep)
     elif study == "scaling":
         jobs = scaling.plan_scaling(scale, seeds, tuple(overrides))
+    elif study == "upcycling":
+        jobs = upcycling.plan_upcycling(scale, seeds, tuple(overrides))
     else:
         jobs = plan_ablations(scale, seeds, tuple(overrides))
     for job in jobs:  # every config is checked before anything trains
         job.config(str(out_dir / "runs" / job.name))
-    parallel = parallel or (scaling.STUDIES[scale.name].parallel if study == "scaling" else scale.parallel)
+    parallel = parallel or (scaling.STUDIES[scale.name].parallel if study in ("scaling", "upcycling")
+                            else scale.parallel)
     command = " ".join(["limoe reproduce --scale", scale.name, *([f"--study {study}"] if study != "paper" else []),
                         *([f"--seeds {','.join(map(str, seeds))}"] if seeds else []),
                         *([f"--variants {','.join(variants)}"] if variants else []),
                         *(f"--set {o}" for o in overrides), *([] if sweep else ["--no-sweep"])])
-    write = _write_scaling if study == "scaling" else _write_paper
+    write = {"scaling": _write_scaling, "upcycling": _write_upcycling}.get(study, _write_paper)
     if report_only:
         results = [r for r in (finished_result(job, out_dir) for job in jobs) if r is not None]
         if not results:
             raise ValueError(f"{out_dir} holds no finished run of this plan to report")
         summary = write(scale, study, jobs, results, out_dir, None, command)
-        report(f"limoe reproduce: {len(results)} of {len(jobs)} runs finished; {out_dir / 'results.md'}")
+        report(f"limoe reproduce: {len(results)} of {len(jobs)} runs finished; {out_dir / _written(study)}")
         return summary
     with folder_lock(out_dir, "limoe reproduce"):  # a second reproduction here would train every run again
         check_run_folders(jobs, out_dir)
@@ -110,9 +114,10 @@ def reproduce(scale: str | Scale = "cpu", out_dir: str | Path = "runs/reproduce"
         minutes = (time.perf_counter() - start) / 60
         summary = write(scale, study, jobs, results, out_dir, minutes, command)
         done = [r for r in results if "error" not in r]
-        report("\n" + (scaling.paired_table(done) if study == "scaling" else markdown_table(done)))
+        if study != "upcycling":
+            report("\n" + (scaling.paired_table(done) if study == "scaling" else markdown_table(done)))
         report(f"\nlimoe reproduce: {len(done)} runs done, {len(results) - len(done)} failed, {minutes:.1f} min; "
-               f"{out_dir / 'results.md'}")
+               f"{out_dir / _written(study)}")
         return summary
 
 
@@ -125,6 +130,22 @@ def _write_scaling(scale: Scale, study: str, jobs: list[Job], results: list[dict
                "failed": [r["job"] for r in results if "error" in r]}
     write_json(out_dir / "results.json", summary)
     (out_dir / "results.md").write_text(scaling.markdown(done, jobs, command, minutes, plot), encoding="utf-8")
+    return summary
+
+
+def _written(study: str) -> str:
+    return "upcycling.md" if study == "upcycling" else "results.md"
+
+
+def _write_upcycling(scale: Scale, study: str, jobs: list[Job], results: list[dict[str, Any]], out_dir: Path,
+                     minutes: float | None, command: str) -> dict[str, Any]:
+    done = [r for r in results if "error" not in r]
+    steps = upcycling.STUDIES[scale.name].steps
+    summary = {"study": study, "scale": scale.name, "minutes": minutes, "machine": platform.platform(),
+               "runs": results, "rows": upcycling.rows(done, steps), "paired": upcycling.paired(done, steps),
+               "failed": [r["job"] for r in results if "error" in r]}
+    write_json(out_dir / "upcycling.json", summary)
+    (out_dir / "upcycling.md").write_text(upcycling.markdown(done, jobs, command, steps), encoding="utf-8")
     return summary
 
 

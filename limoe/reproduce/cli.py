@@ -30,11 +30,14 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--study", default="paper", choices=list(STUDY_NAMES),
                    help="paper: the paper's comparison and ablation (default); scaling: dense vs LIMoE at several "
                         "sizes and training lengths, paired seeds, against training FLOPs; ablations: one factor of "
-                        "the full recipe at a time (capacity, noise, expert init, entropy weights and threshold)")
+                        "the full recipe at a time (capacity, noise, expert init, entropy weights and threshold); "
+                        "upcycling: dense N steps then upcycled to LIMoE for N more, against dense and LIMoE "
+                        "trained 2N (written beside the scaling study's runs: upcycling.md)")
     p.add_argument("--scale", default="cpu", choices=list(SCALES),
                    help="smoke, cpu or gpu (default: cpu; each is described above)")
     p.add_argument("--out", default=None,
-                   help="output folder (default: runs/reproduce-<scale>; the other studies: runs/<study>-<scale>)")
+                   help="output folder (default: runs/reproduce-<scale>; upcycling: runs/scaling-<scale>; the "
+                        "other studies: runs/<study>-<scale>)")
     p.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: the scale's)")
     p.add_argument("--variants", type=_names, help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}")
     p.add_argument("--parallel", type=int, help="runs at once, one CPU thread each (default: the scale's)")
@@ -57,7 +60,9 @@ def run_reproduce(args: argparse.Namespace) -> int:
         print(f"limoe: error: --parallel must be >= 1, got {args.parallel}", file=sys.stderr)
         return 2
     try:
-        default_out = f"runs/{'reproduce' if args.study == 'paper' else args.study}-{args.scale}"
+        # The upcycling study adds its runs to the scaling study's, whose dense and LIMoE runs it compares with.
+        study_folder = {"paper": "reproduce", "upcycling": "scaling"}.get(args.study, args.study)
+        default_out = f"runs/{study_folder}-{args.scale}"
         summary = reproduce(args.scale, args.out or default_out, seeds=args.seeds, variants=args.variants,
                             parallel=args.parallel, device=args.device, overrides=tuple(args.set),
                             sweep=not args.no_sweep, study=args.study, report_only=args.report_only)

@@ -7,10 +7,12 @@ a job is exactly reproducible by hand with the command `Job.command()` prints.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from limoe.train.config import TrainConfig, apply_overrides, get_preset
 
+RUNS = "RUNS"  # in a job's overrides: the folder holding the study's run folders (out/runs)
 _NO_ENTROPY = ('loss.local_entropy={"image":0,"text":0}', 'loss.global_entropy={"image":0,"text":0}')
 _NO_VMOE = ("loss.importance=0", "loss.load=0")
 # (g)-(i) swap (f)'s router and keep the rest of its recipe, which the other routers' paper defaults would change
@@ -136,9 +138,10 @@ class Job:
     variant: Variant
     size: str  # "base" or a sweep size name
     seed: int
-    overrides: tuple[str, ...]  # every --set, in order
+    overrides: tuple[str, ...]  # every --set, in order; a value RUNS/<name> is the run <name> of the same study
     model: str
     preset: str
+    after: str | None = None  # the job whose finished run this one starts from (init_from=RUNS/<that job>)
 
     @property
     def name(self) -> str:
@@ -147,7 +150,8 @@ class Job:
     def config(self, run_dir: str) -> TrainConfig:
         cfg = get_preset(self.preset)
         cfg.model = self.model
-        apply_overrides(cfg, list(self.overrides))
+        runs = os.path.dirname(os.path.abspath(run_dir)) if run_dir else "."
+        apply_overrides(cfg, [o.replace(f"={RUNS}/", f"={runs}/", 1) for o in self.overrides])
         cfg.run_dir = run_dir
         return cfg.validate()
 

@@ -80,8 +80,9 @@ def _train_once(job: Job, cfg, run_dir: Path) -> tuple[Path, dict[str, float], d
 
 
 # Options that do not change what a run trains (resume is exact): where it is (a results folder moved or copied
-# elsewhere), what it ran on, how often it saved and how many checkpoints it kept.
-_NOT_THE_RUN = {"device": None, "run_dir": None, "checkpoint_interval": None, "keep_last": None}
+# elsewhere), what it ran on, how often it saved and how many checkpoints it kept; where the run it started from
+# is (the job's command names that run: RUNS/<name>).
+_NOT_THE_RUN = {"device": None, "run_dir": None, "checkpoint_interval": None, "keep_last": None, "init_from": None}
 
 
 def _same_config(run_dir: Path, cfg) -> bool:
@@ -105,6 +106,8 @@ def run_job(job: Job, out_dir: str | os.PathLike, device: str = "auto") -> dict[
     if done is not None:
         return done
     run_dir = Path(out_dir) / "runs" / job.name
+    if job.after and _read_json(Path(out_dir) / "runs" / job.after / RESULT_FILE) is None:
+        raise ValueError(f"{job.name} starts from the run {job.after}, which has not finished")
     result_path = run_dir / RESULT_FILE
     command = job.command()
     cfg = job.config(str(run_dir))
@@ -243,6 +246,22 @@ def _run_in_processes(jobs: list[Job], out_dir: str, parallel: int, device: str,
     queue = list(jobs)
     running: dict[Any, tuple[Job, Any]] = {}  # the parent's end of a job's pipe -> (job, its process)
     stop: list[int] = []
+    finished: dict[str, bool] = {}  # job name -> trained and evaluated (False: failed)
+    planned = {job.name for job in jobs}
+
+    def next_job() -> Job | None:
+        """The first queued job whose starting run (if any) has finished; one whose starting run failed fails."""
+        for job in list(queue):
+            if job.after in planned and job.after not in finished:
+                continue  # its starting run is queued or running
+            queue.remove(job)
+            if job.after is not None and not finished.get(job.after, True):
+                done({"job": job.name, "error": f"the run it starts from, {job.after}, failed",
+                      "error_log": "no log: it did not start"})
+                finished[job.name] = False
+                return next_job()
+            return job
+        return None
 
     def on_signal(signum, frame):
         if stop and signum == signal.SIGINT:
@@ -258,7 +277,14 @@ def _run_in_processes(jobs: list[Job], out_dir: str, parallel: int, device: str,
     try:
         while running or (queue and not stop):
             while queue and len(running) < parallel and not stop:
-                job = queue.pop(0)
+                job = next_job()
+                if job is None:
+                    if not running:  # every queued job waits for a run that nothing will finish
+                        for waiting in queue:
+                            done({"job": waiting.name, "error": f"waits for {waiting.after}, which never ran",
+                                  "error_log": "no log: it did not start"})
+                        queue.clear()
+                    break
                 receive, send = ctx.Pipe(duplex=False)
                 process = ctx.Process(target=_job_process, args=(job, out_dir, device, os.getpid(), send),
                                       name=f"limoe-reproduce-{job.name}")
@@ -279,6 +305,7 @@ def _run_in_processes(jobs: list[Job], out_dir: str, parallel: int, device: str,
                     result = {"job": job.name, "error": f"stopped by a signal ({result['interrupted']})",
                               "error_log": "no log: its checkpoint resumes it"}
                 if "interrupted" not in result:
+                    finished[job.name] = "error" not in result
                     done(result)
     finally:
         for sig, handler in previous.items():

@@ -9,6 +9,7 @@ and their difference is measured with less noise than two unpaired means would g
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -49,20 +50,26 @@ STUDIES = {
 }
 
 
+def budget_job(scale: Scale, overrides: tuple[str, ...], variant: str, size: Size, steps: int, seed: int,
+               extra: tuple[str, ...] = ()) -> Job:
+    """One run of the study: `variant` (dense, or LIMoE with paired init) at a size and length, budget
+    "<size>-<steps>"."""
+    v = next(v for v in VARIANTS if v.name == variant)
+    paired = (_PAIRED_INIT,) if v.is_limoe else ()
+    return Job(v, f"{size.name}-{steps}", seed, (*scale.base, *overrides, *size.overrides, f"steps={steps}", *extra,
+                                                 *v.overrides, *paired, f"seed={seed}"),
+               f"{v.model}-{scale.model_size}", scale.preset)
+
+
 def plan_scaling(scale: Scale, seeds: tuple[int, ...] | None = None, overrides: tuple[str, ...] = ()) -> list[Job]:
     """Every size x length x seed for dense and full LIMoE, and LIMoE with more experts at one size. Cheapest
     size first, the more-experts runs right after their size; within a size seed by seed, each dense run beside
     its LIMoE pair: a study stopped part-way leaves complete sizes and complete pairs."""
     study = STUDIES[scale.name]
     seeds = seeds or study.seeds
-    variants = {v.name: v for v in VARIANTS}
 
     def job(variant: str, budget: str, size: Size, steps: int, seed: int, extra: tuple[str, ...] = ()) -> Job:
-        v = variants[variant]
-        paired = (_PAIRED_INIT,) if v.is_limoe else ()
-        return Job(v, budget, seed, (*scale.base, *overrides, *size.overrides, f"steps={steps}", *extra,
-                                     *v.overrides, *paired, f"seed={seed}"), f"{v.model}-{scale.model_size}",
-                   scale.preset)
+        return dataclasses.replace(budget_job(scale, overrides, variant, size, steps, seed, extra), size=budget)
 
     jobs = []
     for size in study.sizes:
