@@ -8,7 +8,6 @@ See plan.py for what is trained, runner.py for how, report.py for what is writte
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shutil
@@ -234,6 +233,3 @@ def _markdown(scale: Scale, results, paths, best, minutes: float, jobs: list[Job
     parts += ["```", ""]
     return "\n".join(parts)
 
-
-def load_summary(out_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / "results.json").read_text(encoding="utf-8"))
