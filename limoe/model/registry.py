@@ -29,8 +29,8 @@ from limoe.model.base import ContrastiveModel
 from limoe.model.config import MOE_KEYS, ModelConfig
 from limoe.model.flops import ModelInfo, model_info
 from limoe.model.one_tower import OneTower
-from limoe.moe.config import ROUTER_PAPER_DEFAULTS
 from limoe.model.two_tower import TwoTower
+from limoe.moe.config import ROUTER_PAPER_DEFAULTS
 
 # name: (width, depth, mlp_dim, heads)
 _SIZES = {"s": (512, 8, 2048, 8), "b": (768, 12, 3072, 12), "l": (1024, 24, 4096, 16), "h": (1280, 32, 5120, 16)}

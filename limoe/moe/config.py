@@ -73,7 +73,8 @@ class MoeConfig:
     # "independent" = a draw per expert.
     expert_init: str = option("shared", one_of("shared", "independent"))
     # Which router assigns tokens to experts (limoe.moe.routers): "top_k" = V-MoE's top-k per token with capacity
-    # and BPR. The options above that shape routing (k, capacity, batch_priority, noise_std) are top_k's.
+    # and BPR. The options above that shape routing (k, capacity, batch_priority, noise_std) are top_k's; the
+    # routing groups apply to every router.
     # "expert_choice" = each expert picks its top-C tokens of a group (Zhou et al. 2022): it uses the capacity
     # options and noise_std, needs k=1 (k has no meaning there) and C <= the group's tokens, and ignores
     # batch_priority (no per-token order). "soft" = Soft MoE (Puigcerver et al. 2023): every slot mixes all tokens
