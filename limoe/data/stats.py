@@ -23,10 +23,10 @@ REASONS: tuple[str, ...] = (
     "bad_encoding",      # caption bytes that are not UTF-8
     "bad_shard",         # a tar shard that is truncated or unreadable part-way
     "incomplete_sample", # a shard sample that lacks an image or a caption (or class label)
-    "bad_label",         # a class label that is not an integer index of the classes
     "bad_row",           # a CSV/TSV row with the wrong number of fields or broken quoting
     "not_a_file",        # a path that names no regular file (a FIFO, a device), a symlink loop, no permission
     "oversized_file",    # a file larger than stream.MAX_FILE_BYTES
+    "bad_label",         # a class label that is not an integer index of the classes
 )
 
 
