@@ -1,13 +1,11 @@
 """Zero-shot sets by name: built-in CIFAR class names and OpenAI templates, image folders named by class index or
 name, webdataset shards in CLIP_benchmark's layout (image + .cls)."""
 
-import io
 import re
 import tarfile
 import warnings
 
 import pytest
-from PIL import Image
 
 from limoe.data import ImageConfig
 from limoe.data.benchmarks import CIFAR10, CIFAR100, TEMPLATES
@@ -15,19 +13,9 @@ from limoe.data.stats import DataError, DataNotFoundError
 from limoe.data.zero_shot import is_shard_pattern, zero_shot_set
 from limoe.evaluate import is_template
 
+from test_data_wds import add, png
+
 IMAGE = ImageConfig(image_size=8)
-
-
-def png(i: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (10, 10), (i * 40 % 256, 90, 30)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def folder(root, names):
