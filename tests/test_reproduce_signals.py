@@ -82,3 +82,40 @@ def test_a_signal_while_runs_start(tmp_path):
     assert group_gone(proc.pid)
     err = (tmp_path / "log" / "err").read_text()
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+
+
+CHILD_MASK_SCRIPT = """
+import signal
+from multiprocessing import get_context
+
+from limoe.data.workers import holding_stop_signals
+
+
+def report_mask(conn):
+    conn.send(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+if __name__ == "__main__":
+    ctx = get_context("spawn")
+    for _ in range(2):  # the first start is the one that also starts multiprocessing's resource tracker
+        receive, send = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=report_mask, args=(send,))
+        with holding_stop_signals(spawning=True):
+            process.start()
+        print(receive.recv())
+        process.join()
+    print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs POSIX signal masks")
+def test_every_spawned_process_starts_with_the_stop_signals_blocked(tmp_path):
+    """A run's process (spawned) must start with SIGINT blocked, so that a Ctrl-C during its imports stays pending: this
+    is what made a Ctrl-C while runs start print a traceback from the first run's interpreter start-up. A fresh
+    interpreter, so that its first start also starts the resource tracker; the parent's mask is restored after."""
+    script = tmp_path / "child_mask.py"
+    script.write_text(CHILD_MASK_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "False"], proc.stdout

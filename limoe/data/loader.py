@@ -89,7 +89,7 @@ class StreamLoader:
     def __iter__(self) -> Iterator:
         self.dataset.set_epoch(self.epoch)
         self.dataset.skips.reset()
-        with holding_stop_signals():  # the workers start here (limoe.data.workers)
+        with holding_stop_signals(spawning=START_METHOD != "fork"):  # the workers start here (limoe.data.workers)
             batches = iter(self._dataloader())
         try:
             yield from batches

@@ -35,11 +35,19 @@ START_METHOD = "fork" if sys.platform.startswith("linux") else None
 
 
 @contextlib.contextmanager
-def holding_stop_signals():
-    """Block SIGINT/SIGTERM in this thread (and so in the processes it forks) for the duration."""
+def holding_stop_signals(spawning: bool = False):
+    """Block SIGINT/SIGTERM in this thread (and so in the processes it starts) for the duration.
+
+    `spawning`: processes start by spawn or forkserver. The first such start also starts multiprocessing's
+    resource tracker, and CPython unblocks both signals in this thread once the tracker is up, midway through
+    the hold; starting the tracker first keeps the hold whole."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
+    if spawning:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield

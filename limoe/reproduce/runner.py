@@ -288,7 +288,7 @@ def _run_in_processes(jobs: list[Job], out_dir: str, parallel: int, device: str,
                 receive, send = ctx.Pipe(duplex=False)
                 process = ctx.Process(target=_job_process, args=(job, out_dir, device, os.getpid(), send),
                                       name=f"limoe-reproduce-{job.name}")
-                with holding_stop_signals():  # a Ctrl-C while Python starts up in the child: no traceback
+                with holding_stop_signals(spawning=True):  # a Ctrl-C while Python starts up in it: no traceback
                     process.start()
                 send.close()  # the child holds the other end: its exit, however it happens, ends the pipe
                 running[receive] = (job, process)
