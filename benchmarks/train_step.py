@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import autocast_dtype, profile_top, time_interleaved  # noqa: E402
 
 from limoe.losses import LossConfig, compute_losses  # noqa: E402
-from limoe.model import create_model, get_config, get_model_info  # noqa: E402
+from limoe.factory import create_model  # noqa: E402
+from limoe.model import get_config, get_model_info  # noqa: E402
 from limoe.moe.layer import ROUTING_GROUPS  # noqa: E402
 
 PRESETS = ("s32", "b32", "b16", "l16")

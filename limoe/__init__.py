@@ -7,16 +7,12 @@ __all__ = ["create_model", "create_model_and_transforms", "get_tokenizer", "list
 
 def __getattr__(name: str):
     # Lazy, so that `import limoe` (and the command line's --help) does not pay for importing torch.
-    if name == "load_checkpoint":
-        from limoe.checkpoint import load_checkpoint
+    if name == "list_models":
+        from limoe.model.registry import list_models
 
-        return load_checkpoint
-    if name in ("create_model_and_transforms", "get_tokenizer"):
+        return list_models
+    if name in __all__:
         from limoe import factory
 
         return getattr(factory, name)
-    if name in __all__:
-        from limoe.model import registry
-
-        return getattr(registry, name)
     raise AttributeError(f"module 'limoe' has no attribute {name!r}")

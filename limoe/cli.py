@@ -62,12 +62,12 @@ def builtin_table(manifest: dict) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     from limoe import checkpoint as ckpt
-    from limoe.checkpoint_sharded import export, is_sharded
+    from limoe.checkpoint.sharded import export
     from limoe.outputs import check_output_folder
 
     check_output_folder(args.out, "export to", new=True)
     path = ckpt.resolve(args.checkpoint)
-    if not is_sharded(path):
+    if not ckpt.is_sharded(path):
         raise UserError(f"{path} is a single-folder checkpoint already: copy it")
     out = export(path, args.out)
     print(f"exported {path} (step {ckpt.step_of(path)}) as a single-folder checkpoint: {out}")

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from limoe.checkpoint import CheckpointError, load_checkpoint
+from limoe.checkpoint import CheckpointError
+from limoe.factory import load_checkpoint
 from limoe.errors import UserError
 from limoe.evaluate import NonFiniteEmbeddings, check_finite, class_embeddings
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import limoe
 from limoe import checkpoint as ckpt
 from limoe.cli import main
 from limoe.train import train
@@ -80,10 +81,10 @@ def test_each_damage_is_one_line_on_resume_and_on_load(run, damage, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("limoe: error:"), err
     if damage in ("state.json not JSON", "state.json without a step", "optimizer.safetensors truncated"):
-        ckpt.load_checkpoint(run_dir)  # loading for inference reads only the model's files
+        limoe.load_checkpoint(run_dir)  # loading for inference reads only the model's files
     else:
         with pytest.raises(ckpt.CheckpointError):
-            ckpt.load_checkpoint(run_dir)
+            limoe.load_checkpoint(run_dir)
 
 
 @pytest.mark.parametrize("name", ckpt.FILES)
@@ -98,7 +99,7 @@ def test_truncation_anywhere_in_any_file_is_refused(run, name):
         file.write_bytes(data[:length])
         with pytest.raises(Exception) as info:
             if cfg is None:
-                ckpt.load_checkpoint(run_dir)
+                limoe.load_checkpoint(run_dir)
             else:
                 train(cfg, resume="latest", progress=False)
         assert isinstance(info.value, ckpt.CheckpointError), repr(info.value)
@@ -112,7 +113,7 @@ def test_a_damaged_latest_is_reported_not_skipped(run):
     with pytest.raises(ckpt.CheckpointError, match=damaged + r".*step_00000002"):
         ckpt.resolve("latest", run_dir)
     with pytest.raises(ckpt.CheckpointError, match="damaged checkpoint"):
-        ckpt.load_checkpoint(run_dir)
+        limoe.load_checkpoint(run_dir)
     older = ckpt.checkpoints_dir(run_dir) / "step_00000002"
     assert train(cfg, resume=str(older), progress=False).step == 6  # the older one, asked for explicitly
 
@@ -129,7 +130,7 @@ def test_a_kill_while_replacing_a_step_keeps_a_complete_copy(run, monkeypatch):
             raise KeyboardInterrupt  # stands for SIGKILL between the two renames
         real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", killed_after_the_first_rename)
+    monkeypatch.setattr(os, "replace", killed_after_the_first_rename)
     cfg.steps = 4
     with pytest.raises(KeyboardInterrupt):
         train(cfg, resume="latest", progress=False)  # a finished run resumed: saves step 4 again

@@ -96,7 +96,7 @@ def test_a_failed_sharded_save_is_one_line_and_leaves_nothing(tmp_path, monkeypa
     import torch.distributed as dist
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from limoe import checkpoint_sharded
+    from limoe.checkpoint import sharded as checkpoint_sharded
 
     def full_disk(*args, **kwargs):
         import traceback

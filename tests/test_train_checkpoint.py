@@ -148,12 +148,12 @@ def test_sigkill_during_a_checkpoint_write(tmp_path):
         save = lambda step: ckpt.save_checkpoint({str(tmp_path)!r}, step, model, opt, {{"step": step}},
                                                  TrainConfig().to_json(), tok)
         save(1)
-        real = ckpt._fsync_write
+        real = ckpt.save._fsync_write
         def slow(path, data):
             real(path, data[: len(data) // 2])  # half a file on disk, then hang
             print("writing", flush=True)
             time.sleep(60)
-        ckpt._fsync_write = slow
+        ckpt.save._fsync_write = slow
         save(2)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

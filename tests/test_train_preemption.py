@@ -130,7 +130,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, cache):
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, cache, monkeypatch):
     cfg = tiny_config(tmp_path, cache, steps=6, checkpoint_interval=2)
-    real, saves = ckpt._fsync_write, []
+    real, saves = ckpt.save._fsync_write, []
 
     def full_after_the_first_checkpoint(path, data):
         saves.append(path)
@@ -138,7 +138,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp
             raise OSError(28, "No space left on device", str(path))
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "_fsync_write", full_after_the_first_checkpoint)
+    monkeypatch.setattr(ckpt.save, "_fsync_write", full_after_the_first_checkpoint)
     with pytest.raises(TrainingError, match="No space left on device") as info:
         train(cfg, progress=False)
     assert "\n" not in str(info.value)

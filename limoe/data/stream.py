@@ -28,6 +28,15 @@ class Record:
     target: Any  # raw caption (str or bytes) for pairs, int class index for classification
 
 
+@dataclass
+class DataPosition:
+    """Where a seeded stream of batches is: every epoch's order follows from (seed, epoch), so this is all a
+    resumed run needs."""
+
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch already consumed
+
+
 def clean_caption(raw: str | bytes | None) -> str:
     """Raw caption -> stripped str, or SkipError('bad_encoding' | 'empty_caption' | 'bad_row').
 

@@ -6,11 +6,11 @@ from limoe.model.config import ModelConfig
 from limoe.model.flops import ModelInfo, model_info
 from limoe.model.mlp import Mlp
 from limoe.model.one_tower import OneTower
-from limoe.model.registry import build_model, create_model, get_config, get_model_info, list_models
+from limoe.model.registry import build_model, get_config, get_model_info, list_models
 from limoe.model.two_tower import TwoTower
 
 __all__ = [
     "Attention", "Block", "ContrastiveModel", "Encoder", "Mlp", "ModelConfig", "ModelInfo", "ModelOutput",
-    "OneTower", "TwoTower", "build_model", "create_model", "get_config", "get_model_info", "list_models",
+    "OneTower", "TwoTower", "build_model", "get_config", "get_model_info", "list_models",
     "model_info",
 ]

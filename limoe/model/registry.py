@@ -1,5 +1,5 @@
-"""Named presets: `create_model("limoe-b16", **overrides)`, `list_models("*b16*")`, `get_config`,
-`get_model_info`; `create_model(pretrained=<checkpoint>)` builds a trained model.
+"""Named presets: `list_models("*b16*")`, `get_config("limoe-b16", **overrides)`, `build_model(config)`,
+`get_model_info`. `limoe.create_model` (limoe/factory.py) builds a preset or a trained model from these.
 
 Sizes are the ViT ones (DESIGN §1). MoE settings of the LIMoE presets (K = 1 throughout):
 - S/32: E = 8 in every other block (the design default).
@@ -17,13 +17,9 @@ The tiny presets train in minutes on 2 CPU cores (32 px images, 16 patches, 4 bl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
-import os
 from typing import Any, Callable
-
-import torch
 
 from limoe.model.base import ContrastiveModel
 from limoe.model.config import MOE_KEYS, ModelConfig
@@ -89,44 +85,6 @@ def with_overrides(config: ModelConfig, **overrides: Any) -> ModelConfig:
 
 def build_model(config: ModelConfig) -> ContrastiveModel:
     return TwoTower(config) if config.kind == "two_tower" else OneTower(config)
-
-
-# open_clip's `precision` values: the weights' dtype (None: float32; "amp*" leave autocast to the caller).
-PRECISIONS = {"fp32": None, "amp": None, "amp_bf16": None, "amp_bfloat16": None, "bf16": torch.bfloat16,
-              "pure_bf16": torch.bfloat16, "fp16": torch.float16, "pure_fp16": torch.float16}
-
-
-def create_model(name: str | None = None, pretrained: str | os.PathLike | None = None,
-                 device: torch.device | str | None = None, precision: str = "fp32",
-                 **overrides: Any) -> ContrastiveModel:
-    """Build a preset, or with `pretrained` (a checkpoint folder, a file in one, or a run folder) the checkpoint's
-    model with its weights; `name`, if given too, must be the model it was trained as. `device="meta"` builds the
-    module structure without allocating weights. `precision` as open_clip's: "fp32" (also "amp", "amp_bf16":
-    float32 weights, autocast is the caller's), "bf16" / "fp16" (every weight cast). The model is in train mode,
-    as any new nn.Module: call .eval()."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if pretrained is None:
-        if name is None:
-            raise ValueError("create_model needs a model name or pretrained=<checkpoint>")
-        config, path = get_config(name, **overrides), None
-    else:
-        from limoe import checkpoint as ckpt
-
-        if str(device) == "meta":
-            raise ValueError("pretrained weights cannot be loaded into a meta-device model")
-        path = ckpt.resolve(pretrained)
-        trained_as = ckpt.read_json(path / "config.json").get("model")
-        if name is not None and name != trained_as:
-            raise ValueError(f"{path} holds a {trained_as} model, not {name}")
-        config = with_overrides(ckpt.read_model_config(path), **overrides)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = build_model(config)
-    if path is not None:
-        ckpt.load_weights(model, path)
-    if PRECISIONS[precision] is not None:
-        model.to(PRECISIONS[precision])
-    return model
 
 
 def get_model_info(name_or_config: str | ModelConfig, **overrides: Any) -> ModelInfo:

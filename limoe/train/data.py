@@ -9,11 +9,11 @@ resuming replays the epoch's first batches without training on them (cheap next 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from typing import Iterator
 
 from limoe.data import (BuiltinConfig, CsvPairs, DataError, ImageConfig, LoaderConfig, Tokenizer, WdsPairs,
                         builtin_captions, load_builtin, make_loader, train_tokenizer)
+from limoe.data.stream import DataPosition
 from limoe.train.config import TrainConfig
 
 
@@ -91,12 +91,6 @@ def make_tokenizer(cfg: TrainConfig) -> Tokenizer:
     captions = training_captions(cfg, skips)
     return train_tokenizer(captions, vocab_size=cfg.data.vocab_size, context_length=cfg.data.context_length,
                            skips=skips)
-
-
-@dataclass
-class DataPosition:
-    epoch: int = 0
-    batch: int = 0  # batches of this epoch already consumed
 
 
 class TrainBatches:

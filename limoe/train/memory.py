@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from limoe.data import DataError, ImageConfig, PairBatch, Tokenizer
-from limoe.data.stream import mix_seed
+from limoe.data.stream import DataPosition, mix_seed
 
 
 class MemoryBatches:
@@ -30,8 +30,6 @@ class MemoryBatches:
         """`dataset` yields (image in [0, 1] (mean 0, std 1), caption); `image` says the output size,
         normalisation and augmentation strength (crop_scale, jitter). `caption_of(epoch, row)`, if given, draws
         a caption per epoch (the corpus) instead of the one the decoding pass read."""
-        from limoe.train.data import DataPosition
-
         # One decoding pass, skips counted and warned about like a loader; each image kept as uint8 as soon as it
         # is decoded (the whole corpus as float would be 4x the memory).
         samples = dataset.collect(lambda image: (image * 255).round().to(torch.uint8))

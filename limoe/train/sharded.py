@@ -1,6 +1,6 @@
 """What every strategy whose ranks hold parts of the model shares (expert parallelism, FSDP): nothing is gathered.
 
-- Checkpoints are sharded (limoe.checkpoint_sharded): each rank writes its pieces of the single-process tensors,
+- Checkpoints are sharded (limoe/checkpoint/sharded.py): each rank writes its pieces of the single-process tensors,
   experts as shards of the global [E, ...] tensors, and loads its pieces of any checkpoint, resharding as needed.
 - Evaluation runs on every rank, with the same held-out data, on the sharded model itself: its layers' collectives
   need every rank. Rank 0 reports.
@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
 from limoe import checkpoint as ckpt
-from limoe import checkpoint_sharded as sharded
+from limoe.checkpoint import sharded as sharded_checkpoint
 from limoe.distributed import ExpertParallelGroups, is_expert_parameter
 from limoe.model.registry import build_model
 from limoe.moe.parallel import expert_state_keys
@@ -64,8 +64,8 @@ class ShardedStrategy(Strategy):
     def save(self, run_dir, step, model, optimizer, state, config_json, tokenizer, keep_last):
         tensors, names = self._global_state(model, optimizer)
         meta = ckpt.optimizer_state(optimizer)[1]  # param groups and scalars; the tensors go to DCP
-        path = sharded.save(run_dir, step, tensors, names, meta, model.config, state, config_json, tokenizer,
-                            keep_last, self.world.rank)
+        path = sharded_checkpoint.save(run_dir, step, tensors, names, meta, model.config, state, config_json,
+                                       tokenizer, keep_last, self.world.rank)
         return path if self.world.main else None
 
     def _global_state(self, model, optimizer) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -89,7 +89,7 @@ class ShardedStrategy(Strategy):
                                   shape=shape, stride=stride)
 
     def load_full_state(self, model, optimizer, checkpoint, opt_tensors, opt_meta) -> None:
-        if not sharded.is_sharded(checkpoint):
+        if not ckpt.is_sharded(checkpoint):
             return self._load_single_folder(model, optimizer, checkpoint, opt_tensors, opt_meta)
         for group in optimizer.param_groups:  # AdamW creates its state lazily: create it to be filled
             for param in group["params"]:
@@ -97,12 +97,12 @@ class ShardedStrategy(Strategy):
                                           "exp_avg_sq": torch.zeros_like(param)}
         tensors, _ = self._global_state(model, optimizer)
         try:  # DCP reads each rank's pieces straight into its parameters and AdamW moments
-            dcp.load(tensors, storage_reader=sharded.reader(checkpoint))
+            dcp.load(tensors, storage_reader=sharded_checkpoint.reader(checkpoint))
         except ckpt.CheckpointError:
             raise
-        except sharded.DCP_ERRORS as e:  # DCP's CheckpointException wraps every rank's error
+        except sharded_checkpoint.DCP_ERRORS as e:  # DCP's CheckpointException wraps every rank's error
             raise ckpt.CheckpointError(f"{checkpoint}: cannot load the sharded checkpoint "
-                                       f"({sharded.first_line(e)})") from None
+                                       f"({sharded_checkpoint.first_line(e)})") from None
         own = model.state_dict()
         for key, value in own.items():  # DCP loads in place; copies are made only where a tensor was wrapped
             loaded = tensors[f"model.{key}"]

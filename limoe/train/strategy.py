@@ -15,7 +15,7 @@
 Implementations: `Strategy` itself (one process), `DataParallel` (DDP, the default for several ranks), and the
 strategies whose ranks hold parts of the model (limoe.train.sharded): `limoe.train.expert_parallel.ExpertParallel`
 and `limoe.train.fsdp.Fsdp` (FSDP2, with or without expert parallelism). The first two write checkpoints in the
-single-process layout from rank 0; the sharded ones have every rank write its shards (limoe.checkpoint_sharded)
+single-process layout from rank 0; the sharded ones have every rank write its shards (limoe/checkpoint/sharded.py)
 and evaluate together. A run resumes from either kind of checkpoint under any strategy.
 """
 
@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from limoe import checkpoint as ckpt
-from limoe import checkpoint_sharded as sharded
 from limoe.train.distributed import World
 
 
@@ -75,7 +74,7 @@ class Strategy:
     def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint,
                         opt_tensors: dict[str, torch.Tensor], opt_meta: dict) -> None:
         """Load a checkpoint (either kind) into this rank's share; `opt_tensors`: what `read_state` returned."""
-        weights, opt_tensors = sharded.full_tensors(checkpoint, opt_tensors)
+        weights, opt_tensors = ckpt.full_tensors(checkpoint, opt_tensors)
         ckpt.load_weights(model, checkpoint, weights)
         ckpt.load_optimizer_state(optimizer, opt_tensors, opt_meta)
 

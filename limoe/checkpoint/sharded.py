@@ -1,7 +1,7 @@
 """Sharded checkpoints: every rank writes its own shards with `torch.distributed.checkpoint` (DCP); no rank ever
 holds the whole model or optimizer state. Expert-parallel and FSDP2 runs save this way.
 
-A sharded checkpoint is the usual folder (limoe.checkpoint) with `sharded/` in place of `model.safetensors` and
+A sharded checkpoint is the usual folder (`format.py`) with `sharded/` in place of `model.safetensors` and
 the optimizer tensors: a safetensors file per rank holding its pieces, each file's header naming every piece's
 offset in its global tensor (DCP's safetensors storage: nothing is pickled, so reading a checkpoint never runs
 code from it, unlike DCP's default format), and `index.json`, which rank 0 writes last and which lists them.
@@ -32,18 +32,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from limoe import checkpoint as ckpt
+from limoe.checkpoint.folder import checkpoints_dir
+from limoe.checkpoint.format import (SHARDED_FOLDER as FOLDER, SHARDED_INDEX as INDEX, CheckpointError, non_finite,
+                                     read_json, read_state)
+from limoe.checkpoint.save import prepare_root, prune, swap_in, write_metadata
 
-FOLDER = "sharded"
-INDEX = f"{FOLDER}/index.json"
-FILES = (INDEX, "optimizer.safetensors", "state.json", "config.json", "model.json", "tokenizer.json")
 # What DCP raises: its CheckpointException (every rank's error, and a BaseException, so `except Exception` misses
 # it) or an OSError of the storage.
 DCP_ERRORS = (Exception, CheckpointException)
-
-
-def is_sharded(path: str | Path) -> bool:
-    return (Path(path) / FOLDER).is_dir()
 
 
 def save(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], optimizer_params: list[str],
@@ -51,12 +47,12 @@ def save(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], optim
          keep_last: int | None, rank: int) -> Path:
     """Write `step_<step>` with every rank's shards of `tensors` (DTensors, or plain tensors equal on every rank).
     Collective; returns the folder on every rank."""
-    root = ckpt.checkpoints_dir(run_dir)
+    root = checkpoints_dir(run_dir)
     final = root / f"step_{step:08d}"
     box = [None]
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        ckpt.prepare_root(root)
+        prepare_root(root)
         box = [tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root)]
     dist.broadcast_object_list(box, src=0)  # every rank writes into the same folder (a shared file system)
     tmp = Path(box[0])
@@ -67,16 +63,16 @@ def save(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], optim
             shards = sorted(f.name for f in (tmp / FOLDER).glob("*.safetensors"))
             (tmp / INDEX).write_text(json.dumps({"format": "dcp-safetensors", "files": shards}, indent=1) + "\n")
             state = dict(state, optimizer=optimizer_meta, optimizer_params=optimizer_params)
-            ckpt.write_metadata(tmp, {}, state, config_json, model_config, tokenizer)
-            ckpt.swap_in(tmp, final)
+            write_metadata(tmp, {}, state, config_json, model_config, tokenizer)
+            swap_in(tmp, final)
             if keep_last:
-                ckpt.prune(run_dir, keep_last)
+                prune(run_dir, keep_last)
     except DCP_ERRORS as e:  # a full disk, a vanished folder: one line on each rank, not every rank's traceback
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, ckpt.CheckpointError):
+        if isinstance(e, CheckpointError):
             raise
-        raise ckpt.CheckpointError(f"cannot save {final}: {first_line(e)}") from None
+        raise CheckpointError(f"cannot save {final}: {first_line(e)}") from None
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -93,9 +89,9 @@ def read_full(path: str | Path, optimizer: bool = True) -> tuple[dict[str, torch
     folder = Path(path) / FOLDER
     order = None
     if optimizer:
-        names = ckpt.read_json(Path(path) / "state.json").get("optimizer_params")
+        names = read_json(Path(path) / "state.json").get("optimizer_params")
         if not isinstance(names, list):
-            raise ckpt.CheckpointError(f"{Path(path) / 'state.json'}: no optimizer_params (the optimizer's "
+            raise CheckpointError(f"{Path(path) / 'state.json'}: no optimizer_params (the optimizer's "
                                        f"parameter order): the optimizer state cannot be placed")
         order = {name: i for i, name in enumerate(names)}
     try:
@@ -106,17 +102,17 @@ def read_full(path: str | Path, optimizer: bool = True) -> tuple[dict[str, torch
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(full, storage_reader=reader(path), no_dist=True)
-    except ckpt.CheckpointError:
+    except CheckpointError:
         raise
     except DCP_ERRORS as e:  # on damaged or missing files
-        raise ckpt.CheckpointError(f"{folder}: cannot read the sharded checkpoint ({first_line(e)})") from None
+        raise CheckpointError(f"{folder}: cannot read the sharded checkpoint ({first_line(e)})") from None
     weights = {key[len("model."):]: value for key, value in full.items() if key.startswith("model.")}
     moments = {}
     for key, value in full.items():
         if key.startswith("optim."):
             name, _, slot = key[len("optim."):].rpartition(".")
             if name not in order:
-                raise ckpt.CheckpointError(f"{Path(path) / 'state.json'}: optimizer_params lacks {name}")
+                raise CheckpointError(f"{Path(path) / 'state.json'}: optimizer_params lacks {name}")
             moments[f"state.{order[name]}.{slot}"] = value
     return weights, moments
 
@@ -124,10 +120,10 @@ def read_full(path: str | Path, optimizer: bool = True) -> tuple[dict[str, torch
 def reader(path: str | Path) -> HuggingFaceStorageReader:
     """DCP's reader of a sharded checkpoint's shard files, after checking that the index's files are there."""
     folder = Path(path) / FOLDER
-    files = ckpt.read_json(Path(path) / INDEX).get("files", [])
+    files = read_json(Path(path) / INDEX).get("files", [])
     missing = [f for f in files if not (folder / f).is_file()]
     if missing or not files:
-        raise ckpt.CheckpointError(f"{folder}: incomplete sharded checkpoint (missing {', '.join(missing) or 'files'})")
+        raise CheckpointError(f"{folder}: incomplete sharded checkpoint (missing {', '.join(missing) or 'files'})")
     for name in files:  # before DCP, which logs a traceback of its own on every rank for a damaged file
         _check_shard(folder / name)
     return HuggingFaceStorageReader(str(folder))
@@ -144,9 +140,9 @@ def _check_shard(file: Path) -> None:
             header = json.loads(f.read(length))
         end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     except (OSError, struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        raise ckpt.CheckpointError(f"{file}: damaged shard ({e})") from None
+        raise CheckpointError(f"{file}: damaged shard ({e})") from None
     if size < 8 + length + end:
-        raise ckpt.CheckpointError(f"{file}: damaged shard (truncated: {size} of {8 + length + end} bytes)")
+        raise CheckpointError(f"{file}: damaged shard (truncated: {size} of {8 + length + end} bytes)")
 
 
 def first_line(e: Exception) -> str:
@@ -156,34 +152,24 @@ def first_line(e: Exception) -> str:
     return named[-1] if named else (lines[0] if lines else type(e).__name__)
 
 
-def full_tensors(path: str | Path, optimizer_tensors: dict[str, torch.Tensor]
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(weights, optimizer and RNG tensors) of any checkpoint in the single-process layout; `optimizer_tensors`:
-    those `read_state` returned."""
-    if not is_sharded(path):
-        return ckpt.read_weights(path), optimizer_tensors
-    weights, optimizer = read_full(path)
-    return weights, {**optimizer_tensors, **optimizer}
-
-
 def export(path: str | Path, out: str | Path) -> Path:
     """Write a sharded checkpoint as a single-folder one (model.safetensors + optimizer tensors) at `out`."""
     from safetensors.torch import save_file
 
     path, out = Path(path), Path(out)
     if out.exists():
-        raise ckpt.CheckpointError(f"{out} exists: export writes a new folder")
+        raise CheckpointError(f"{out} exists: export writes a new folder")
     weights, optimizer = read_full(path)
-    broken = ckpt.non_finite({**weights, **optimizer})
+    broken = non_finite({**weights, **optimizer})
     if broken:  # a damaged shard, exported, would pass its damage on as an undamaged-looking checkpoint
-        raise ckpt.CheckpointError(f"{path / FOLDER}: non-finite values in {len(broken)} tensors (first: "
+        raise CheckpointError(f"{path / FOLDER}: non-finite values in {len(broken)} tensors (first: "
                                    f"{broken[0]}); the checkpoint is unusable")
-    state, rng = ckpt.read_state(path)
+    state, rng = read_state(path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     except OSError as e:  # named as the user gave it, not as the temporary folder beside it
-        raise ckpt.CheckpointError(f"cannot write {out}: {e.strerror}") from None
+        raise CheckpointError(f"cannot write {out}: {e.strerror}") from None
     try:
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
         save_file({**rng, **optimizer}, tmp / "optimizer.safetensors")
@@ -192,7 +178,7 @@ def export(path: str | Path, out: str | Path) -> Path:
         tmp.rename(out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ckpt.CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
