@@ -5,8 +5,10 @@
     python benchmarks/train_step.py --preset b16 --batch 256 --compile --profile 3
     python benchmarks/train_step.py --tiny --routing-groups joint per_modality  # both groupings side by side
 
-One step = forward of images and texts under autocast (bf16 on CUDA, none on CPU) -> contrastive + weighted aux
-losses (`compute_losses`, default LossConfig) -> backward -> AdamW step. Both models (`limoe-<preset>` and
+One step is the training loop's own, `limoe.train.step.train_step` with the default run's settings (AdamW, loss
+weights, gradient clipping at 1, no accumulation): forward of images and texts under autocast (bf16 on CUDA,
+none on CPU) -> contrastive + weighted aux losses -> backward -> clip -> one host transfer of the loss terms ->
+AdamW step. Both models (`limoe-<preset>` and
 `dense-<preset>` from the registry) get the same random batch: images, and token ids with random lengths so
 that texts carry padding as real captions do. LIMoE routes as it trains: with joint routing groups (the preset
 default) one MoE call per MoE block takes a pair's patches and text tokens together; `--routing-groups` times
@@ -34,43 +36,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import autocast_dtype, profile_top, time_interleaved  # noqa: E402
 
-from limoe.losses import LossConfig, compute_losses  # noqa: E402
+from limoe.data import PairBatch  # noqa: E402
 from limoe.factory import create_model  # noqa: E402
 from limoe.model import get_config, get_model_info  # noqa: E402
 from limoe.moe.layer import ROUTING_GROUPS  # noqa: E402
+from limoe.train.config import TrainConfig  # noqa: E402
+from limoe.train.distributed import World  # noqa: E402
+from limoe.train.optim import make_optimizer  # noqa: E402
+from limoe.train.step import train_step  # noqa: E402
+from limoe.train.strategy import Strategy  # noqa: E402
 
 PRESETS = ("s32", "b32", "b16", "l16")
 
 
-def make_batch(config, batch: int, device: torch.device, seed: int = 0):
+def make_batch(config, batch: int, device: torch.device, seed: int = 0) -> PairBatch:
     """Random images [B, 3, H, W] and token ids [B, L] with 1..L real tokens each (padding id 0 after them)."""
     gen = torch.Generator().manual_seed(seed)
     images_B3HW = torch.randn(batch, 3, config.image_size, config.image_size, generator=gen)
     length = config.context_length
     ids_BL = torch.randint(1, config.vocab_size, (batch, length), generator=gen)
     lengths_B = torch.randint(1, length + 1, (batch,), generator=gen)
-    valid_BL = torch.arange(length)[None, :] < lengths_B[:, None]
-    return images_B3HW.to(device), (ids_BL * valid_BL).to(device), valid_BL.to(device)
+    padding_BL = torch.arange(length)[None, :] >= lengths_B[:, None]
+    return PairBatch(images_B3HW, ids_BL.masked_fill(padding_BL, 0), padding_BL, lengths_B - 1,
+                     [""] * batch).to(device)
 
 
-def make_step(model, batch, device: torch.device, dtype: torch.dtype, compile_model: bool):
-    """A closure running one full training step of `model` on `batch`; returns the loss tensor (no sync)."""
-    images_B3HW, ids_BL, valid_BL = batch
-    runner = torch.compile(model) if compile_model else model
-    fused = device.type == "cuda"  # one kernel for the whole update instead of several per parameter
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=fused or None)
-    loss_config = LossConfig()
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = runner(images_B3HW, ids_BL, valid_BT=valid_BL)
-            loss = compute_losses(out, loss_config)["total_loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+def make_step(model, batch: PairBatch, device: torch.device, precision: str, compile_model: bool):
+    """A closure running the training loop's step (`train_step`) of `model` on `batch`; returns the total loss."""
+    cfg = TrainConfig(precision=precision)
+    strategy = Strategy(World(), device)
+    runner = strategy.runner(model, compile_model)
+    optimizer = make_optimizer(model, cfg.optim)
+    return lambda: train_step(runner, model, optimizer, strategy, batch, cfg, device).sums["total_loss"]
 
 
 def parse_args(argv):
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype_name, dtype = autocast_dtype(args.dtype, device)
+    dtype_name, _ = autocast_dtype(args.dtype, device)
     batch_size = args.batch or (256 if device.type == "cuda" else 8)
     variant = "tiny" if args.tiny else args.preset
     dense = f"dense-{variant}"
@@ -133,14 +130,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in presets:
         torch.manual_seed(0)
         model = create_model(presets[name], **overrides[name]).to(device).train()
-        steps[name] = make_step(model, batch, device, dtype, args.compile)
+        steps[name] = make_step(model, batch, device, dtype_name, args.compile)
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device={device} ({gpu}) threads={torch.get_num_threads()} torch={torch.__version__} dtype={dtype_name} "
           f"compile={args.compile} batch={batch_size} dense-equivalent train GFLOPs/pair="
           f"{train_flops_per_pair / 1e9:.2f} peak={args.peak_tflops} TFLOP/s")
     measured = time_interleaved(steps, device, args.reps, args.warmup)
-    losses = {name: float(step().detach()) for name, step in steps.items()}  # one more step each: finite?
+    losses = {name: step() for name, step in steps.items()}  # one more step each: finite?
     dense_ms = measured[dense][0]
     print(f"{'model':<24}{'ms/step':>10}{'pairs/s':>10}{'x dense':>9}{'MFU':>8}{'peak MiB':>10}{'params':>10}")
     rows = []

@@ -18,6 +18,7 @@ from torch.utils.data import get_worker_info
 from limoe.cli import main
 from limoe.data import loader, stream
 from limoe.train import loop
+from limoe.train import step as step_module
 
 sig, target, phase, config = signal.Signals[sys.argv[1]], sys.argv[2], sys.argv[3], sys.argv[4]
 # As from a terminal: a test run in the background (`pytest &`) hands its children SIGINT ignored.
@@ -51,12 +52,12 @@ if phase == "crash":
             raise RuntimeError("a bug in the third step")
         return real_losses(*args, **kwargs)
 
-    crash.calls, real_losses = 0, loop.compute_losses
-    loop.compute_losses = crash
+    crash.calls, real_losses = 0, step_module.compute_losses
+    step_module.compute_losses = crash
 elif phase == "setup":  # before the loop takes the signals over: while the tokenizer trains
     loop.make_tokenizer = once(loop.make_tokenizer)
 elif phase == "step":
-    loop.compute_losses = once(loop.compute_losses)
+    step_module.compute_losses = once(step_module.compute_losses)
 elif phase == "eval":
     loop.held_out = once(loop.held_out)
 elif phase == "decode":

@@ -19,16 +19,15 @@ def same_global_batch(rank: int, world: int, port: int, out_dir: str, config_jso
     """One step on this rank's half of a fixed global batch: loss and (DDP-averaged) gradients."""
     _init(rank, world, port)
     try:
-        from torch.nn.parallel import DistributedDataParallel
-
         from limoe.train.config import TrainConfig
+        from limoe.train.distributed import World
         from _train_global_batch import global_batch, one_step
 
         cfg = TrainConfig.from_dict(json.loads(config_json))
         batch = global_batch()
         n = len(batch) // world
         local = batch.slice(rank * n, (rank + 1) * n)
-        loss, grads = one_step(cfg, local, wrap=DistributedDataParallel)
+        loss, grads = one_step(cfg, local, World(rank, world))
         losses = [None] * world
         dist.all_gather_object(losses, loss)
         if rank == 0:

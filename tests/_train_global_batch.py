@@ -20,19 +20,23 @@ def global_batch(size: int = 8) -> PairBatch:
     return batch
 
 
-def one_step(cfg, batch, wrap=None):
+def one_step(cfg, batch, world=None):
+    """The training step (`train_step`, with the strategy `cfg` gets on `world`: DDP over several ranks) from the
+    seed-0 model: (contrastive loss, gradients)."""
     from limoe.model.registry import build_model
-    from limoe.train.loop import step_losses
+    from limoe.train.distributed import World
     from limoe.train.optim import make_optimizer
+    from limoe.train.step import train_step
+    from limoe.train.strategy import make_strategy
 
     torch.manual_seed(0)
     model = build_model(cfg.model_config())
     opt = make_optimizer(model, cfg.optim)
-    runner = wrap(model) if wrap else model
-    terms, _ = step_losses(runner, batch, cfg, torch.device("cpu"))
-    terms["total_loss"].backward()
-    # Gradients, not updated weights, are compared: Adam's first step moves every weight by about lr * sign(g),
-    # so parameters whose true gradient is 0 (e.g. attention key biases) would differ by rounding noise.
+    cpu = torch.device("cpu")
+    strategy = make_strategy(cfg, world or World(), cpu)
+    done = train_step(strategy.runner(model, compile=False), model, opt, strategy, batch, cfg, cpu)
+    # Gradients (as the step left them: reduced and clipped), not updated weights, are compared: Adam's first step
+    # moves every weight by about lr * sign(g), so parameters whose true gradient is 0 (e.g. attention key biases)
+    # would differ by rounding noise.
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    opt.step()
-    return float(terms["contrastive_loss"].detach()), grads
+    return done.sums["contrastive_loss"], grads

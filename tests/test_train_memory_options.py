@@ -10,7 +10,7 @@ import limoe
 from limoe.losses import compute_losses
 from limoe.train import train
 from limoe.train.config import ConfigError, TrainConfig, apply_overrides
-from limoe.train.loop import autocast
+from limoe.train.step import autocast
 
 from _model_synth import random_batch
 from _train_utils import tiny_config

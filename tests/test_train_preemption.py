@@ -14,6 +14,7 @@ import pytest
 from limoe import checkpoint as ckpt
 from limoe.train import TrainingError, train
 from limoe.train import loop
+from limoe.train import step as step_module
 
 from _train_utils import tiny_config
 
@@ -75,7 +76,7 @@ def test_a_signal_during_a_periodic_evaluation_saves_and_resumes_exactly(tmp_pat
 
 
 def test_a_signal_during_a_step_saves_that_step(tmp_path, cache, monkeypatch):
-    real, calls = loop.compute_losses, []
+    real, calls = step_module.compute_losses, []
 
     def compute_losses(*args, **kwargs):
         calls.append(1)
@@ -83,7 +84,7 @@ def test_a_signal_during_a_step_saves_that_step(tmp_path, cache, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "compute_losses", compute_losses)
+    monkeypatch.setattr(step_module, "compute_losses", compute_losses)
     result = train(tiny_config(tmp_path, cache, steps=6), progress=False)
     assert result.interrupted == "SIGINT" and result.step == 3 and result.checkpoint.name == "step_00000003"
 

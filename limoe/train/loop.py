@@ -1,17 +1,16 @@
 """The training loop: one function, `train(config)`, from an empty run directory (or a checkpoint) to results.
 
-Order of a step: micro-batches (gradient accumulation) -> forward under autocast (`precision`: bf16 on CUDA, fp32
-on CPU by default) -> compute_losses -> backward -> clip -> AdamW with the scheduled lr. How the ranks share the
-model (DDP, expert parallelism, FSDP) is the strategy's business (limoe.train.strategy): the loop is one path.
-Every loss term, routing success per modality (from the MoeStats of every MoE layer of the step), the grad norm
-and pairs/s go to metrics.jsonl.
+Set-up (the tokenizer, the model and optimizer, a resumed state) makes a `_Run`, the state the steps share; the
+loop then runs `train_step` (limoe.train.step) at the scheduled learning rate, logs, evaluates and saves. How the
+ranks share the model (DDP, expert parallelism, FSDP) is the strategy's business (limoe.train.strategy): the loop
+is one path. Every loss term, routing success per modality (from the MoeStats of every MoE layer of the step),
+the grad norm and pairs/s go to metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from limoe import checkpoint as ckpt
 from limoe.errors import UserError
 from limoe.evaluate import NonFiniteEmbeddings
 from limoe.locks import folder_lock
-from limoe.losses import compute_losses
 from limoe.moe.stats import MoeStats
 from limoe.train import distributed
 from limoe.train.config import TrainConfig
@@ -33,6 +31,7 @@ from limoe.train.logger import MetricsLogger, require_wandb, results_table, sele
 from limoe.train.materialise import build_for
 from limoe.train.optim import lr_at, make_optimizer, set_lr
 from limoe.train.signals import Interrupted, Signals
+from limoe.train.step import NonFiniteLoss, train_step
 from limoe.train.strategy import make_strategy
 
 
@@ -59,31 +58,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """The forward pass's autocast for `precision` (TrainConfig.precision) on `device`."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def step_losses(model: nn.Module, batch, cfg: TrainConfig, device: torch.device
-                ) -> tuple[dict[str, torch.Tensor], MoeStats | None]:
-    """Forward one (micro-)batch: loss terms and the routing counts summed over every MoE layer and pass."""
-    batch = batch.to(device, non_blocking=True)
-    with autocast(device, cfg.precision):
-        out = model(batch.images_B3HW, batch.ids_BL, valid_BT=~batch.padding_mask_BL)
-        terms = compute_losses(out, cfg.loss)
-    stats = None
-    for record in out.aux:
-        stats = record.stats if stats is None else stats + record.stats
-    return terms, stats
-
-
-def _split(batch, parts: int) -> list:
-    n = len(batch) // parts
-    return [batch.rows(i * n, (i + 1) * n) for i in range(parts)] if parts > 1 else [batch]
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None, progress: bool = True,
@@ -199,220 +173,242 @@ def _train(cfg, run_dir: Path, start_path: Path | None, stop_after, progress, de
         raise TrainingError(f"{run_dir} already has checkpoints: pass --resume latest to continue it, or "
                             f"another --run-dir")
     torch.manual_seed(cfg.seed)
+    tokenizer, tokenizer_skips = _tokenizer(cfg, run_dir, start_path, init_path, world, fork)
+    run = _Run(cfg, run_dir, world, device, tokenizer, start_path, init_path)
+    if run.logger is not None and tokenizer_skips:
+        run.logger.log("data", run.step, {f"tokenizer_skipped/{reason}": n for reason, n in tokenizer_skips.items()})
+    if run.rng is not None:
+        ckpt.set_rng_state(*run.rng)  # last: nothing between here and the first step may draw random numbers
+    try:
+        with run.signals:
+            return run.train(progress, stop_after)
+    finally:
+        run.close()
 
-    tokenizer_skips: dict[str, int] = {}
-    # Tokenizer: from the checkpoint when resuming, else trained on the training captions (deterministic,
-    # but rank 0 trains it and the others load its file so all ranks certainly agree).
+
+def _tokenizer(cfg: TrainConfig, run_dir: Path, start_path: Path | None, init_path: Path | None, world,
+               fork: bool):
+    """(the run's tokenizer, captions its training skipped by reason). From the checkpoint when resuming, else
+    trained on the training captions (deterministic, but rank 0 trains it and the others load its file, so all
+    ranks certainly agree). Rank 0 writes the run's config.json beside it."""
     from limoe.data import Tokenizer
 
+    skips: dict[str, int] = {}
     if start_path is not None:
-        tokenizer = ckpt.read_tokenizer(start_path)
         if fork and world.main and not (run_dir / "config.json").exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
-    else:
-        if world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if init_path is not None:  # the token embeddings it starts from belong to the dense run's tokenizer
-                ckpt.read_tokenizer(init_path).save(run_dir / "tokenizer.json")
-            else:
-                trained = make_tokenizer(cfg)
-                tokenizer_skips = trained.train_skips  # captions it left out; the run logs them below
-                trained.save(run_dir / "tokenizer.json")
-            (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
-        distributed.barrier(world)
-        tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+        return ckpt.read_tokenizer(start_path), skips
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if init_path is not None:  # the token embeddings it starts from belong to the dense run's tokenizer
+            ckpt.read_tokenizer(init_path).save(run_dir / "tokenizer.json")
+        else:
+            trained = make_tokenizer(cfg)
+            skips = trained.train_skips  # captions it left out; the run logs them
+            trained.save(run_dir / "tokenizer.json")
+        (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+    distributed.barrier(world)
+    return Tokenizer.load(run_dir / "tokenizer.json"), skips
 
-    model_cfg = cfg.model_config()
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise TrainingError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                            f"{model_cfg.vocab_size} (data.vocab_size)")
-    strategy = make_strategy(cfg, world, device)
-    model = build_for(strategy, model_cfg, device)  # no rank ever holds more than its share and one block
-    if init_path is not None:
-        from limoe.upcycle import upcycled_weights
 
-        with torch.no_grad():  # every rank its share, as from a checkpoint
-            strategy.load_part(model, upcycled_weights(ckpt.read_weights(init_path), model_cfg))
-    model.set_activation_checkpointing(cfg.activation_checkpointing)
-    optimizer = make_optimizer(model, cfg.optim)
-    step, position, rng = 0, DataPosition(), None
-    if start_path is not None:  # either kind of checkpoint: the strategy takes this rank's share
-        state, tensors = ckpt.read_state(start_path)
-        strategy.load_full_state(model, optimizer, start_path, tensors, state["optimizer"])
-        _check_finite(model, optimizer, start_path, world, device)
-        step, position = state["step"], DataPosition(**state["data"]["0"])
-        # Rank 0's generators are restored on every rank: all ranks start from the same seed and draw the
-        # same shapes, so in a straight run their states are identical too.
-        rng = (tensors, state["rng"])
-    model.train()
-    runner = strategy.runner(model, cfg.compile)
+class _LogWindow:
+    """The steps since the last train record: their routing counts and time."""
 
-    batches = make_batches(cfg, tokenizer, world.rank, world.size, position)
-    evaluation_sets = eval_sets(cfg) if world.main or strategy.collective_eval else None
-    # Records after the resumed step are replayed: the file keeps them once.
-    resumed_at = step if start_path else None
-    wandb = (cfg.wandb_project, cfg.to_dict()) if cfg.wandb else None
-    logger = MetricsLogger(run_dir, cfg.tensorboard, resumed_at, cfg.steps, wandb) if world.main else None
-    if logger is not None and tokenizer_skips:
-        logger.log("data", step, {f"tokenizer_skipped/{reason}": n for reason, n in tokenizer_skips.items()})
-    if rng is not None:
-        ckpt.set_rng_state(*rng)  # last: nothing between here and the first step may draw random numbers
+    def __init__(self):
+        self.stats: MoeStats | None = None
+        self.start, self.steps = time.perf_counter(), 0
+        self.routing: dict[str, float] = {}  # the last record's routing summary
 
-    result = RunResult(step=step)
-    last_saved, saved_step = start_path, None
-    best = ckpt.best_metrics(run_dir) if world.main else None
-    best_score = selection_score(best) if best else None
+    def add(self, stats: MoeStats | None) -> None:
+        self.steps += 1
+        if stats is not None:
+            self.stats = stats if self.stats is None else self.stats + stats
 
-    def save() -> Path | None:
-        nonlocal last_saved, saved_step
-        if saved_step == step:  # e.g. the best evaluation's step, then the periodic save of the same step
-            return last_saved
+    def close(self, batch_size: int) -> dict[str, float]:
+        """pairs/s and routing metrics of the window, which then starts again."""
+        self.routing = self.stats.summary() if self.stats else {}
+        values = {"pairs_per_s": self.steps * batch_size / (time.perf_counter() - self.start),
+                  **{f"routing/{k}": v for k, v in self.routing.items()}}
+        self.stats, self.start, self.steps = None, time.perf_counter(), 0
+        return values
+
+
+class _Run:
+    """A run's state from set-up to its end: the model, optimizer and data of this rank, the step, and what
+    saving, evaluating and stopping share (the last checkpoint, the best score so far, the result)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, world, device: torch.device, tokenizer,
+                 start_path: Path | None, init_path: Path | None):
+        self.cfg, self.run_dir, self.world, self.device, self.tokenizer = cfg, run_dir, world, device, tokenizer
+        model_cfg = cfg.model_config()
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise TrainingError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                                f"{model_cfg.vocab_size} (data.vocab_size)")
+        self.strategy = make_strategy(cfg, world, device)
+        self.model = build_for(self.strategy, model_cfg, device)  # no rank holds more than its share and a block
+        if init_path is not None:
+            from limoe.upcycle import upcycled_weights
+
+            with torch.no_grad():  # every rank its share, as from a checkpoint
+                self.strategy.load_part(self.model, upcycled_weights(ckpt.read_weights(init_path), model_cfg))
+        self.model.set_activation_checkpointing(cfg.activation_checkpointing)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.step, position, self.rng = 0, DataPosition(), None
+        if start_path is not None:  # either kind of checkpoint: the strategy takes this rank's share
+            state, tensors = ckpt.read_state(start_path)
+            self.strategy.load_full_state(self.model, self.optimizer, start_path, tensors, state["optimizer"])
+            _check_finite(self.model, self.optimizer, start_path, world, device)
+            self.step, position = state["step"], DataPosition(**state["data"]["0"])
+            # Rank 0's generators are restored on every rank: all ranks start from the same seed and draw the
+            # same shapes, so in a straight run their states are identical too.
+            self.rng = (tensors, state["rng"])
+        self.model.train()
+        self.runner = self.strategy.runner(self.model, cfg.compile)
+        self.batches = make_batches(cfg, tokenizer, world.rank, world.size, position)
+        self.eval_sets = eval_sets(cfg) if world.main or self.strategy.collective_eval else None
+        # Records after the resumed step are replayed: the file keeps them once.
+        wandb = (cfg.wandb_project, cfg.to_dict()) if cfg.wandb else None
+        self.logger = (MetricsLogger(run_dir, cfg.tensorboard, self.step if start_path else None, cfg.steps, wandb)
+                       if world.main else None)
+        self.result = RunResult(step=self.step)
+        self.last_saved, self.saved_step = start_path, None
+        best = ckpt.best_metrics(run_dir) if world.main else None
+        self.best_score = selection_score(best) if best else None
+        self.signals = Signals()
+        self.window = _LogWindow()
+        self.data_iter = self.bar = None
+
+    def save(self) -> Path | None:
+        """Checkpoint this step (once: the best evaluation's step may be saved again periodically)."""
+        if self.saved_step == self.step:
+            return self.last_saved
         # Ranks consume batches in lockstep (equal batches per rank), so rank 0's position is every rank's.
-        state = {"step": step, "data": {"0": asdict(batches.position)}, "metrics": {},
-                 "world_size": world.size, "expert_parallel": cfg.dist.expert_parallel, "fsdp": cfg.dist.fsdp}
-        path = strategy.save(run_dir, step, model, optimizer, state, cfg.to_json(), tokenizer, cfg.keep_last)
-        if world.main:
-            last_saved = path
-        distributed.barrier(world)
-        saved_step = step
-        return last_saved
+        state = {"step": self.step, "data": {"0": asdict(self.batches.position)}, "metrics": {},
+                 "world_size": self.world.size, "expert_parallel": self.cfg.dist.expert_parallel,
+                 "fsdp": self.cfg.dist.fsdp}
+        path = self.strategy.save(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.to_json(),
+                                  self.tokenizer, self.cfg.keep_last)
+        if self.world.main:
+            self.last_saved = path
+        distributed.barrier(self.world)
+        self.saved_step = self.step
+        return self.last_saved
 
-    def keep_best(metrics: dict[str, float] | None) -> None:
+    def keep_best(self, metrics: dict[str, float] | None) -> None:
         """Save this step and make it checkpoints/best when its held-out score beats every earlier one's
         (collective: saving takes every rank)."""
-        nonlocal best_score
         score = selection_score(metrics) if metrics else None
-        if distributed.any_flag(score is not None and (best_score is None or score > best_score), world, device):
-            path = save()
-            if world.main:
-                result.best = ckpt.mark_best(path, metrics)
-                best_score = score
+        better = score is not None and (self.best_score is None or score > self.best_score)
+        if distributed.any_flag(better, self.world, self.device):
+            path = self.save()
+            if self.world.main:
+                self.result.best = ckpt.mark_best(path, metrics)
+                self.best_score = score
 
-    signals = Signals()
-
-    def evaluate_now() -> dict[str, float] | None:
+    def evaluate(self) -> dict[str, float] | None:
         """Held-out metrics on rank 0 ({} on the others); None when a signal interrupted the evaluation. When the
         ranks evaluate together, a signal waits for the end: one rank stopping half-way would stall the others."""
-        if not (world.main or strategy.collective_eval):
+        if not (self.world.main or self.strategy.collective_eval):
             return {}
-        stoppable = contextlib.nullcontext() if strategy.collective_eval else signals.interruptible()
+        stoppable = contextlib.nullcontext() if self.strategy.collective_eval else self.signals.interruptible()
         try:
             with stoppable:
-                metrics, chance = held_out(model, tokenizer, evaluation_sets, cfg.eval.batch_size, cfg.eval.loss_batch)
+                metrics, chance = held_out(self.model, self.tokenizer, self.eval_sets, self.cfg.eval.batch_size,
+                                           self.cfg.eval.loss_batch)
         except Interrupted:
             return None
         except NonFiniteEmbeddings as e:
-            raise TrainingError(f"evaluation at step {step}: {e}") from None
-        if not world.main:
+            raise TrainingError(f"evaluation at step {self.step}: {e}") from None
+        if not self.world.main:
             return {}
-        result.chance.update(chance)
-        logger.log("eval", step, metrics)
+        self.result.chance.update(chance)
+        self.logger.log("eval", self.step, metrics)
         return metrics
 
-    from tqdm import tqdm
-
-    if world.main:  # also without a progress bar: where the run goes is worth knowing before it ends
-        pairs = f"{len(batches)} training pairs, " if hasattr(batches, "__len__") else ""
-        print(f"limoe: {cfg.model} ({model.num_params() / 1e6:.2f}M params), {pairs}batch {cfg.data.batch_size}, "
-              f"{cfg.steps} steps on {device}{f' x {world.size} ranks' if world.size > 1 else ''} -> {run_dir}",
-              flush=True)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and world.main), dynamic_ncols=True,
-               desc="train", unit="step")
-    window_stats: MoeStats | None = None
-    window_start, window_steps = time.perf_counter(), 0
-    last_routing: dict[str, float] = {}
-    data_iter = iter(batches)
-    ran = 0
-    accumulation = cfg.optim.accumulation
-
-    def skipped() -> dict[str, int]:
+    def skipped(self) -> dict[str, int]:
         """Bad samples skipped so far by this invocation (rank 0's share), as metrics: none when there are none."""
-        result.skipped = batches.skip_counts()
-        return {f"data/skipped/{reason}": n for reason, n in result.skipped.items()}
+        self.result.skipped = self.batches.skip_counts()
+        return {f"data/skipped/{reason}": n for reason, n in self.result.skipped.items()}
 
-    def stop() -> RunResult:
-        result.interrupted = signals.name
-        result.step, result.checkpoint = step, save()
-        if world.main and result.interrupted:
-            print(f"\nlimoe: {result.interrupted} received: saved {result.checkpoint}; resume with "
+    def stop(self) -> RunResult:
+        """Leave before the last step (a signal, or `stop_after`), with a checkpoint."""
+        self.result.interrupted = self.signals.name
+        self.result.step, self.result.checkpoint = self.step, self.save()
+        if self.world.main and self.result.interrupted:
+            print(f"\nlimoe: {self.result.interrupted} received: saved {self.result.checkpoint}; resume with "
                   f"--resume latest", flush=True)
-        return result
+        return self.result
 
-    try:
-        with signals:
-            while step < cfg.steps:
-                lr = lr_at(step, cfg.optim, cfg.steps)
-                set_lr(optimizer, lr)
-                batch = next(data_iter)  # loader workers ignore SIGINT/SIGTERM: a group signal stops only us
-                optimizer.zero_grad(set_to_none=True)
-                sums_T: dict[str, torch.Tensor] = {}  # detached, on the device: no host sync per term
-                for i, micro in enumerate(_split(batch, accumulation)):
-                    with strategy.accumulating(runner, last=i == accumulation - 1):
-                        terms, stats = step_losses(runner, micro, cfg, device)
-                        if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
-                            terms["total_loss"] = terms["total_loss"] * float("nan")
-                        (terms["total_loss"] / accumulation).backward()
-                    for name, value in terms.items():
-                        part = value.detach().float() / accumulation
-                        sums_T[name] = sums_T[name] + part if name in sums_T else part
-                    if stats is not None:
-                        window_stats = stats if window_stats is None else window_stats + stats
-                strategy.reduce_gradients(model)
-                if cfg.optim.grad_clip:
-                    sums_T["grad_norm"] = strategy.clip_grad_norm(model, cfg.optim.grad_clip)
-                # One host transfer per step for every logged term and the grad norm; nothing steps before it.
-                sums = dict(zip(sums_T, torch.stack([v.float() for v in sums_T.values()]).tolist()))
-                if not math.isfinite(sums["total_loss"]):
-                    where = (f"; the last good checkpoint is {last_saved}" if last_saved
-                             else "; no checkpoint was written yet")
-                    raise TrainingError(f"non-finite loss ({sums['total_loss']}) at step {step + 1}, "
-                                        f"stopping{where}")
-                optimizer.step()
-                model.clamp_logit_scale()  # after the step, as open_clip: a clamp in forward would zero its gradient
-                step += 1
-                ran += 1
-                window_steps += 1
-                result.losses.append(sums["total_loss"])
-                if world.main and (step % cfg.log_interval == 0 or step == cfg.steps):
-                    seconds = time.perf_counter() - window_start
-                    routing = window_stats.summary() if window_stats else {}
-                    last_routing = routing
-                    values = {**sums, "lr": lr, "pairs_per_s": window_steps * cfg.data.batch_size / seconds,
-                              **{f"routing/{k}": v for k, v in routing.items()}, **skipped()}
-                    logger.log("train", step, values)
-                    post = {"loss": f"{sums['total_loss']:.3f}", "pairs/s": f"{values['pairs_per_s']:.0f}"}
-                    for modality in ("image", "text"):
-                        if f"routing_success/{modality}" in routing:
-                            post[f"ok_{modality[:3]}"] = f"{routing[f'routing_success/{modality}']:.2f}"
-                    bar.set_postfix(post, refresh=False)
-                    window_stats, window_start, window_steps = None, time.perf_counter(), 0
-                bar.update(1)
-                if cfg.eval.interval and step % cfg.eval.interval == 0 and step < cfg.steps:
-                    keep_best(evaluate_now())
-                    distributed.barrier(world)
-                signalled = distributed.any_flag(signals.received is not None, world, device)
-                if signalled or (stop_after is not None and ran >= stop_after):
-                    return stop()
-                if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.steps:
-                    save()
-            # The final checkpoint comes before the final evaluation, so a signal during it loses nothing.
-            result.step, result.checkpoint = step, save()
-            metrics = evaluate_now()
-            if metrics is None:
-                result.interrupted = signals.name
-                print(f"\nlimoe: {result.interrupted} received during the final evaluation: saved "
-                      f"{result.checkpoint}; evaluate it with limoe eval", flush=True)
-                return result
-        metrics.update({f"train/{k}": v for k, v in last_routing.items()})
-        result.metrics = metrics
+    def one_step(self) -> None:
+        """The next step at the scheduled learning rate, its record every log_interval steps."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.optim, cfg.steps)
+        set_lr(self.optimizer, lr)
+        batch = next(self.data_iter)  # loader workers ignore SIGINT/SIGTERM: a group signal stops only us
+        try:
+            done = train_step(self.runner, self.model, self.optimizer, self.strategy, batch, cfg, self.device,
+                              poison=cfg.debug_nan_at_step == self.step)
+        except NonFiniteLoss as e:
+            where = (f"; the last good checkpoint is {self.last_saved}" if self.last_saved
+                     else "; no checkpoint was written yet")
+            raise TrainingError(f"{e} at step {self.step + 1}, stopping{where}") from None
+        self.step += 1
+        self.window.add(done.stats)
+        self.result.losses.append(done.sums["total_loss"])
+        if self.world.main and (self.step % cfg.log_interval == 0 or self.step == cfg.steps):
+            values = {**done.sums, "lr": lr, **self.window.close(cfg.data.batch_size), **self.skipped()}
+            self.logger.log("train", self.step, values)
+            post = {"loss": f"{done.sums['total_loss']:.3f}", "pairs/s": f"{values['pairs_per_s']:.0f}"}
+            for modality in ("image", "text"):
+                if f"routing_success/{modality}" in self.window.routing:
+                    post[f"ok_{modality[:3]}"] = f"{self.window.routing[f'routing_success/{modality}']:.2f}"
+            self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def train(self, progress: bool, stop_after: int | None) -> RunResult:
+        """Steps to cfg.steps (or a stop), then the final checkpoint and evaluation."""
+        from tqdm import tqdm
+
+        cfg, world = self.cfg, self.world
+        if world.main:  # also without a progress bar: where the run goes is worth knowing before it ends
+            pairs = f"{len(self.batches)} training pairs, " if hasattr(self.batches, "__len__") else ""
+            ranks = f" x {world.size} ranks" if world.size > 1 else ""
+            print(f"limoe: {cfg.model} ({self.model.num_params() / 1e6:.2f}M params), {pairs}batch "
+                  f"{cfg.data.batch_size}, {cfg.steps} steps on {self.device}{ranks} -> {self.run_dir}", flush=True)
+        self.bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and world.main),
+                        dynamic_ncols=True, desc="train", unit="step")
+        self.data_iter = iter(self.batches)
+        for ran in range(1, cfg.steps - self.step + 1):
+            self.one_step()
+            if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.steps:
+                self.keep_best(self.evaluate())
+                distributed.barrier(world)
+            signalled = distributed.any_flag(self.signals.received is not None, world, self.device)
+            if signalled or (stop_after is not None and ran >= stop_after):
+                return self.stop()
+            if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < cfg.steps:
+                self.save()
+        # The final checkpoint comes before the final evaluation, so a signal during it loses nothing.
+        self.result.step, self.result.checkpoint = self.step, self.save()
+        metrics = self.evaluate()
+        if metrics is None:
+            self.result.interrupted = self.signals.name
+            print(f"\nlimoe: {self.result.interrupted} received during the final evaluation: saved "
+                  f"{self.result.checkpoint}; evaluate it with limoe eval", flush=True)
+            return self.result
+        metrics.update({f"train/{k}": v for k, v in self.window.routing.items()})
+        self.result.metrics = metrics
         if world.main:
-            ckpt.write_metrics(result.checkpoint, metrics)
-            logger.log("final", step, {**metrics, **skipped()})
-        keep_best(metrics)
-        return result
-    finally:
-        data_iter.close()  # stops the loader's workers now, also when an error is on its way out
-        bar.close()
-        if logger is not None:
-            logger.close()
+            ckpt.write_metrics(self.result.checkpoint, metrics)
+            self.logger.log("final", self.step, {**metrics, **self.skipped()})
+        self.keep_best(metrics)
+        return self.result
+
+    def close(self) -> None:
+        if self.data_iter is not None:
+            self.data_iter.close()  # stops the loader's workers now, also when an error is on its way out
+        if self.bar is not None:
+            self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
