@@ -30,9 +30,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from limoe.distributed import all_to_all, expert_parallel_groups  # noqa: E402
 from limoe.moe import MoeConfig, MoeMlp  # noqa: E402
 from limoe.moe.parallel import ExpertParallelMoeMlp, load_full_state_dict  # noqa: E402
+from limoe.parallel.collectives import all_to_all  # noqa: E402
+from limoe.parallel.mesh import expert_parallel_groups  # noqa: E402
 
 
 def _free_port() -> int:

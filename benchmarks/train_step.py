@@ -40,11 +40,11 @@ from limoe.data import PairBatch  # noqa: E402
 from limoe.factory import create_model  # noqa: E402
 from limoe.model import get_config, get_model_info  # noqa: E402
 from limoe.moe.layer import ROUTING_GROUPS  # noqa: E402
+from limoe.parallel.strategy import Strategy  # noqa: E402
+from limoe.parallel.world import World  # noqa: E402
 from limoe.train.config import TrainConfig  # noqa: E402
-from limoe.train.distributed import World  # noqa: E402
 from limoe.train.optim import make_optimizer  # noqa: E402
 from limoe.train.step import train_step  # noqa: E402
-from limoe.train.strategy import Strategy  # noqa: E402
 
 PRESETS = ("s32", "b32", "b16", "l16")
 

@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 import torch
 
 from limoe.checkpoint import CheckpointError
-from limoe.factory import load_checkpoint
 from limoe.errors import UserError
 from limoe.evaluate import NonFiniteEmbeddings, check_finite, class_embeddings
+from limoe.factory import load_checkpoint
 
 
 class JobError(UserError, ValueError):

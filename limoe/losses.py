@@ -33,7 +33,7 @@ def gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return x_BD
-    from limoe.distributed import all_gather
+    from limoe.parallel.collectives import all_gather
 
     return all_gather(x_BD)
 

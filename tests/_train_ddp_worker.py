@@ -19,8 +19,8 @@ def same_global_batch(rank: int, world: int, port: int, out_dir: str, config_jso
     """One step on this rank's half of a fixed global batch: loss and (DDP-averaged) gradients."""
     _init(rank, world, port)
     try:
+        from limoe.parallel.world import World
         from limoe.train.config import TrainConfig
-        from limoe.train.distributed import World
         from _train_global_batch import global_batch, one_step
 
         cfg = TrainConfig.from_dict(json.loads(config_json))
@@ -89,8 +89,8 @@ def ep_embeddings(rank: int, world: int, port: int, checkpoint: str, ep_size: in
         from limoe import checkpoint as ckpt
         from limoe.model.registry import build_model
         from limoe.moe.parallel import expert_state_keys, shard_state_dict
+        from limoe.parallel.expert_parallel import shard_model
         from limoe.train.config import load_config
-        from limoe.train.expert_parallel import shard_model
 
         cfg = load_config(os.path.join(checkpoint, "config.json"))
         model_cfg = cfg.model_config()
@@ -116,9 +116,9 @@ def shard_sizes(rank: int, world: int, port: int, out_dir: str, config_json: str
         from torch.distributed.tensor import DTensor
 
         from limoe.model.registry import build_model
+        from limoe.parallel import make_strategy
+        from limoe.parallel.world import World
         from limoe.train.config import TrainConfig
-        from limoe.train.distributed import World
-        from limoe.train.strategy import make_strategy
 
         cfg = TrainConfig.from_dict(json.loads(config_json))
         sizes = {}

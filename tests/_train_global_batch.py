@@ -24,10 +24,10 @@ def one_step(cfg, batch, world=None):
     """The training step (`train_step`, with the strategy `cfg` gets on `world`: DDP over several ranks) from the
     seed-0 model: (contrastive loss, gradients)."""
     from limoe.model.registry import build_model
-    from limoe.train.distributed import World
+    from limoe.parallel import make_strategy
+    from limoe.parallel.world import World
     from limoe.train.optim import make_optimizer
     from limoe.train.step import train_step
-    from limoe.train.strategy import make_strategy
 
     torch.manual_seed(0)
     model = build_model(cfg.model_config())

@@ -22,11 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from limoe.distributed import (ExpertParallelGroups, allreduce_gradients, check_expert_parallel,
-                               expert_parallel_groups, is_expert_parameter)
 from limoe.moe import MoeConfig, MoeMlp
 from limoe.moe.parallel import (ExpertParallelMoeMlp, expert_state_keys, gather_full_state_dict,
                                 load_full_state_dict, merge_state_dicts, shard_state_dict)
+from limoe.parallel.expert_parallel import allreduce_gradients
+from limoe.parallel.mesh import ExpertParallelGroups, check_expert_parallel, expert_parallel_groups, is_expert_parameter
 
 DIM, HIDDEN = 8, 16
 

@@ -1,5 +1,5 @@
 """The training loop builds its model on the meta device and fills it by replaying the constructor a block at a time
-(limoe.train.materialise): the weights, and the RNG left behind, are exactly `build_model`'s; the replay never holds
+(limoe.parallel.materialise): the weights, and the RNG left behind, are exactly `build_model`'s; the replay never holds
 two blocks. The sharded strategies fill their shards the same way (tests/test_train_fsdp.py: their first losses
 equal one process's)."""
 
@@ -10,9 +10,9 @@ import torch
 
 from limoe.model import block as block_module
 from limoe.model.registry import build_model, get_config
-from limoe.train.distributed import World
-from limoe.train.materialise import build_for
-from limoe.train.strategy import Strategy
+from limoe.parallel.materialise import build_for
+from limoe.parallel.strategy import Strategy
+from limoe.parallel.world import World
 
 CPU = torch.device("cpu")
 

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from limoe.distributed import EXPERT_PARALLEL_ATTR, ExpertParallelGroups, all_to_all, check_expert_parallel
 from limoe.moe.config import MoeConfig
 from limoe.moe.dispatch import Dispatcher
 from limoe.moe.experts import ExpertMlps
 from limoe.moe.layer import MoeMlp
+from limoe.parallel.collectives import all_to_all
+from limoe.parallel.mesh import EXPERT_PARALLEL_ATTR, ExpertParallelGroups, check_expert_parallel
 
 
 class ExpertParallelDispatcher(Dispatcher):

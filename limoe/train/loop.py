@@ -2,7 +2,7 @@
 
 Set-up (the tokenizer, the model and optimizer, a resumed state) makes a `_Run`, the state the steps share; the
 loop then runs `train_step` (limoe.train.step) at the scheduled learning rate, logs, evaluates and saves. How the
-ranks share the model (DDP, expert parallelism, FSDP) is the strategy's business (limoe.train.strategy): the loop
+ranks share the model (DDP, expert parallelism, FSDP) is the strategy's business (limoe.parallel.strategy): the loop
 is one path. Every loss term, routing success per modality (from the MoeStats of every MoE layer of the step),
 the grad norm and pairs/s go to metrics.jsonl.
 """
@@ -23,16 +23,16 @@ from limoe.errors import UserError
 from limoe.evaluate import NonFiniteEmbeddings
 from limoe.locks import folder_lock
 from limoe.moe.stats import MoeStats
-from limoe.train import distributed
+from limoe.parallel import world as distributed
+from limoe.parallel import make_strategy
+from limoe.parallel.materialise import build_for
 from limoe.train.config import TrainConfig
 from limoe.train.data import DataPosition, eval_sets, make_batches, make_tokenizer
 from limoe.train.evaluation import held_out
 from limoe.train.logger import MetricsLogger, require_wandb, results_table, selection_score
-from limoe.train.materialise import build_for
 from limoe.train.optim import lr_at, make_optimizer, set_lr
 from limoe.train.signals import Interrupted, Signals
 from limoe.train.step import NonFiniteLoss, train_step
-from limoe.train.strategy import make_strategy
 
 
 class TrainingError(UserError, RuntimeError):
@@ -125,7 +125,7 @@ def _check_fits(cfg: TrainConfig, ranks: int, device: torch.device) -> None:
 def _check_finite(model: nn.Module, optimizer, start: Path, world, device: torch.device) -> None:
     """A resumed state with a NaN or an infinity (a damaged shard) would train until the loss is NaN, then name
     this checkpoint the last good one: refused on every rank (each checks its own share)."""
-    from limoe.train.sharded import local  # a DTensor's own share
+    from limoe.parallel.sharded import local  # a DTensor's own share
 
     tensors = {**{f"model.{k}": local(v) for k, v in model.state_dict().items()},
                **{f"optimizer.{i}.{slot}": local(v) for i, per_param in enumerate(optimizer.state.values())

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from limoe.distributed import check_expert_parallel
 from limoe.model.config import ModelConfig
 from limoe.model.flops import mlp_params, model_info
 from limoe.moe.layer import MoeMlp
+from limoe.parallel.mesh import check_expert_parallel
 
 GIB = 2**30
 BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments

@@ -4,7 +4,7 @@ Order: zero the gradients -> per micro-batch (gradient accumulation): forward un
 on CUDA, fp32 on CPU by default) -> compute_losses -> backward (the strategy synchronises gradients on the last)
 -> reduce the gradients -> clip -> one host transfer of every loss term and the grad norm -> a non-finite loss
 stops here, before the weights change -> AdamW -> clamp the logit scale. How the ranks share the model (DDP,
-expert parallelism, FSDP) is the strategy's business (limoe.train.strategy); the learning rate is the caller's.
+expert parallelism, FSDP) is the strategy's business (limoe.parallel.strategy); the learning rate is the caller's.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """FSDP2 (`--set dist.fsdp=true`): parameters, gradients and AdamW states sharded over the ranks, composed with
 expert parallelism the way torchtitan composes them.
 
-On the run's one DeviceMesh (`limoe.distributed.device_mesh`, dims "expert_dp" x "ep"):
+On the run's one DeviceMesh (`limoe.parallel.mesh.device_mesh`, dims "expert_dp" x "ep"):
 - experts are split over the "ep" ranks first (as `ExpertParallel` does), then each EP shard is sharded again
   by FSDP over the "expert_dp" ranks that hold the same experts;
 - everything else is sharded by FSDP over all ranks, one FSDP unit per transformer block plus the root.
 Gradients come out of the backward reduce-scattered: nothing to reduce after it. Checkpoints and evaluation
-work on the shards too (limoe.train.sharded).
+work on the shards too (limoe.parallel.sharded).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Shard
 
-from limoe.distributed import EXPERT_PARALLEL_ATTR, device_mesh, is_expert_parameter, whole_mesh
 from limoe.model.block import Block
 from limoe.moe.layer import MoeMlp
-from limoe.train import expert_parallel as ep
-from limoe.train.sharded import ShardedStrategy
-from limoe.train.sharded import local as _local
+from limoe.parallel import expert_parallel as ep
+from limoe.parallel.mesh import EXPERT_PARALLEL_ATTR, device_mesh, is_expert_parameter, whole_mesh
+from limoe.parallel.sharded import ShardedStrategy
+from limoe.parallel.sharded import local as _local
 
 
 class Fsdp(ShardedStrategy):
@@ -78,21 +78,12 @@ class Fsdp(ShardedStrategy):
                 param.grad.copy_(grad)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        # Every sharded gradient element lives on exactly one rank (FSDP shards, EP shards of distinct experts):
-        # their squared norm is the sum over ranks of the local squares. Replicated ones count once.
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        square = sum((_local(g).detach().float().pow(2).sum() for g in grads if isinstance(g, DTensor)),
-                     torch.zeros((), device=self.device))
-        dist.all_reduce(square)
-        square += sum((g.detach().float().pow(2).sum() for g in grads if not isinstance(g, DTensor)),
-                      torch.zeros((), device=self.device))
-        total = square.sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            _local(g).mul_(coef.to(g.dtype))
-        return total
+        # Every DTensor gradient element lives on exactly one rank (FSDP shards, EP shards of distinct experts);
+        # the 0-dim replicated ones are the same everywhere.
+        params = [p for p in model.parameters() if p.grad is not None]
+        return self.clip_sharded(params, [isinstance(p.grad, DTensor) for p in params], max_norm, None)
 
-    # -- checkpoints (sharded: limoe.train.sharded) -------------------------------------------------------
+    # -- checkpoints (sharded: limoe.parallel.sharded) -------------------------------------------------------
     def expert_placements(self):
         return [Shard(0), Shard(0)]  # split over the EP ranks, then FSDP's chunks over the "expert_dp" ranks
 

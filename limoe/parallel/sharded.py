@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -18,10 +19,10 @@ from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
 from limoe import checkpoint as ckpt
 from limoe.checkpoint import sharded as sharded_checkpoint
-from limoe.distributed import ExpertParallelGroups, is_expert_parameter
 from limoe.model.registry import build_model
 from limoe.moe.parallel import expert_state_keys
-from limoe.train.strategy import Strategy
+from limoe.parallel.mesh import ExpertParallelGroups, is_expert_parameter
+from limoe.parallel.strategy import Strategy
 
 
 class ShardedStrategy(Strategy):
@@ -44,6 +45,25 @@ class ShardedStrategy(Strategy):
     def expert_placements(self) -> list[Placement]:
         """How this rank's expert tensor (a plain EP shard, or FSDP's DTensor of one) lies on `expert_mesh`."""
         raise NotImplementedError
+
+    def clip_sharded(self, params: list[nn.Parameter], sharded: list[bool], max_norm: float, group) -> torch.Tensor:
+        """Clip the gradient norm of the whole, unsharded model, as `clip_grad_norm_` in one process would; returns
+        it before clipping. `sharded[i]`: each element of params[i]'s gradient lives on exactly one rank of `group`
+        (None: all ranks); the others are the same on every rank and count once. One all_reduce, no host sync."""
+        square_sharded = torch.zeros((), device=self.device)
+        square_replicated = torch.zeros((), device=self.device)
+        for param, split in zip(params, sharded):
+            square = local(param.grad).detach().float().pow(2).sum().to(self.device)
+            if split:
+                square_sharded += square
+            else:
+                square_replicated += square
+        dist.all_reduce(square_sharded, group=group)
+        total = (square_sharded + square_replicated).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for param in params:
+            local(param.grad).mul_(coef.to(param.grad.dtype))
+        return total
 
     def load_part(self, module, full):
         own = module.state_dict()

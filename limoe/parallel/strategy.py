@@ -1,8 +1,8 @@
 """How the ranks of a run hold and train the model: one `Strategy` the training loop calls, whatever the layout.
 
-    strategy = make_strategy(cfg, world, device)
+    strategy = make_strategy(cfg, world, device)   # limoe.parallel: the one for cfg.dist on this world
     strategy.shard(model)                       # on the meta device: swap or wrap the parameters
-    strategy.load_part(block, full_state)       # fill this rank's share (limoe.train.materialise)
+    strategy.load_part(block, full_state)       # fill this rank's share (limoe.parallel.materialise)
     runner = strategy.runner(model, compile)    # what the forward pass calls
     with strategy.accumulating(runner, last):   # a micro-batch's backward; gradients sync on the last
         ...backward()
@@ -13,8 +13,8 @@
     if world.main or strategy.collective_eval: evaluate(model)     # who evaluates
 
 Implementations: `Strategy` itself (one process), `DataParallel` (DDP, the default for several ranks), and the
-strategies whose ranks hold parts of the model (limoe.train.sharded): `limoe.train.expert_parallel.ExpertParallel`
-and `limoe.train.fsdp.Fsdp` (FSDP2, with or without expert parallelism). The first two write checkpoints in the
+strategies whose ranks hold parts of the model (`sharded.py`): `expert_parallel.ExpertParallel` and `fsdp.Fsdp`
+(FSDP2, with or without expert parallelism). The first two write checkpoints in the
 single-process layout from rank 0; the sharded ones have every rank write its shards (limoe/checkpoint/sharded.py)
 and evaluate together. A run resumes from either kind of checkpoint under any strategy.
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from limoe import checkpoint as ckpt
-from limoe.train.distributed import World
+from limoe.parallel.world import World
 
 
 class Strategy:
@@ -90,20 +90,3 @@ class DataParallel(Strategy):
 
     def accumulating(self, runner: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else runner.no_sync()
-
-
-def make_strategy(cfg, world: World, device: torch.device) -> Strategy:
-    """The strategy `cfg.dist` asks for on this world."""
-    if world.size == 1:  # nothing to share: FSDP or expert parallelism over one rank is the model as built
-        return Strategy(world, device)
-    model = cfg.model_config()
-    experts = model.moe_config().num_experts if model.moe_layer_ids else 0
-    if cfg.dist.fsdp:
-        from limoe.train.fsdp import Fsdp
-
-        return Fsdp(world, device, cfg.dist.expert_parallel, experts)
-    if cfg.dist.expert_parallel > 1:
-        from limoe.train.expert_parallel import ExpertParallel
-
-        return ExpertParallel(world, device, cfg.dist.expert_parallel, experts)
-    return DataParallel(world, device)

@@ -1,24 +1,23 @@
 """Expert parallelism in the training loop (the `ExpertParallel` strategy): swap MoE layers for EP shards, reduce
-and clip gradients.
+gradients (`allreduce_gradients`) and clip them.
 
-Checkpoints are sharded (limoe.train.sharded): each rank writes its experts as a shard of the global [E, ...]
+Checkpoints are sharded (limoe.parallel.sharded): each rank writes its experts as a shard of the global [E, ...]
 tensors, so a run resumes under any layout and `limoe.load_checkpoint` loads it in one process.
 """
 
 from __future__ import annotations
 
-import math
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 
-from limoe.distributed import (ExpertParallelGroups, allreduce_gradients, device_mesh, expert_parallel_groups,
-                               is_expert_parameter)
 from limoe.moe.layer import MoeMlp
 from limoe.moe.parallel import ExpertParallelMoeMlp, expert_state_keys, shard_state_dict
-from limoe.train.sharded import ShardedStrategy
+from limoe.parallel.mesh import ExpertParallelGroups, device_mesh, expert_parallel_groups, is_expert_parameter
+from limoe.parallel.sharded import ShardedStrategy
 
 
 class ExpertParallel(ShardedStrategy):
@@ -37,13 +36,15 @@ class ExpertParallel(ShardedStrategy):
         allreduce_gradients(model, self.groups)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return torch.tensor(clip_grad_norm(model, max_norm, self.groups), device=self.device)
+        # Expert gradients are split over the EP group (each is the same on its "expert_dp" replicas).
+        params = [p for p in model.parameters() if p.grad is not None]
+        return self.clip_sharded(params, [is_expert_parameter(p) for p in params], max_norm, self.groups.ep_group)
 
 
 def shard_model(model: nn.Module, ep_size: int, num_experts: int, mesh=None) -> ExpertParallelGroups:
     """Create the EP groups (of `mesh`; collective) and replace every `MoeMlp` of `model` by this rank's EP shard of it.
 
-    A model on the meta device (the training loop's, limoe.train.materialise) gets meta shards, filled later;
+    A model on the meta device (the training loop's, limoe.parallel.materialise) gets meta shards, filled later;
     a real model's layers are sliced with `shard_state_dict`. The global RNG streams are left as they were, so
     data and router noise draw the same numbers as a data-parallel run with the same seed.
     """
@@ -64,20 +65,30 @@ def shard_model(model: nn.Module, ep_size: int, num_experts: int, mesh=None) -> 
     return groups
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, groups: ExpertParallelGroups) -> float:
-    """`clip_grad_norm_` over the whole (unsharded) model: expert gradients' squares are summed over the EP
-    group, replicated gradients counted once. Returns the total norm before clipping, as torch's does."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    expert = [p.grad for p in model.parameters() if p.grad is not None and is_expert_parameter(p)]
-    replicated_sq = sum((g.detach().float().pow(2).sum() for g in grads), torch.zeros(()))
-    expert_sq = sum((g.detach().float().pow(2).sum() for g in expert), torch.zeros(()))
-    replicated_sq = replicated_sq - expert_sq
-    if groups.ep_size > 1:
-        expert_sq = expert_sq.to(grads[0].device if grads else "cpu")
-        dist.all_reduce(expert_sq, group=groups.ep_group)
-    total = math.sqrt(float(replicated_sq) + float(expert_sq))
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
+def allreduce_gradients(model: nn.Module, groups: ExpertParallelGroups) -> None:
+    """Average gradients so every rank holds the gradient of the mean of all W ranks' losses.
+
+    Call after each rank's `loss.backward()`, before the optimizer step. Non-expert gradients are summed over the
+    whole world; expert gradients only over the expert-data-parallel group, because the all_to_all backward has
+    already summed the contributions of the other ranks of the EP group. Both are then divided by the world size W
+    (not by the group size): that is what makes them the gradient of mean_r loss_r. Parameters that need a
+    gradient but got none are reduced as zeros, so all ranks issue the same collectives.
+    """
+    buckets: dict[tuple[bool, torch.dtype, torch.device], list[torch.Tensor]] = defaultdict(list)
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        buckets[(is_expert_parameter(param), param.grad.dtype, param.grad.device)].append(param.grad)
+    # Sorted keys: every rank must issue the collectives in the same order.
+    for (expert, _, _), grads in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), str(kv[0][2]))):
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per bucket, not one per tensor
+        group = groups.expert_dp_group if expert else None
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(flat, group=group)
+        flat /= groups.world_size
+        offset = 0
         for g in grads:
-            g.mul_(coef)
-    return total
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

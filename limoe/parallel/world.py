@@ -52,10 +52,13 @@ def any_flag(flag: bool, world: World, device: torch.device) -> bool:
 
 
 def shutdown(world: World) -> None:
-    if world.owns_group and dist.is_initialized():
-        # DDP's reducer sits in reference cycles: collected after the group is destroyed, its destructor can
-        # abort the process (SIGABRT), so collect it while the group is alive.
+    """After a run: collect what holds the process group, and leave it if this module joined it."""
+    if world.size > 1 and dist.is_initialized():
+        # DDP's reducer sits in reference cycles: collected after the group is destroyed (here, or by a caller
+        # that made the group itself), its destructor can abort the process (SIGABRT), so collect it while the
+        # group is alive.
         gc.collect()
+    if world.owns_group and dist.is_initialized():
         # Leave together: a rank tearing down gloo while a peer still talks to it can abort the peer.
         dist.barrier()
         dist.destroy_process_group()
