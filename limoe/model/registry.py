@@ -1,7 +1,7 @@
 """Named presets: `list_models("*b16*")`, `get_config("limoe-b16", **overrides)`, `build_model(config)`,
 `get_model_info`. `limoe.create_model` (limoe/factory.py) builds a preset or a trained model from these.
 
-Sizes are the ViT ones (DESIGN §1). MoE settings of the LIMoE presets (K = 1 throughout):
+Sizes are the ViT ones (Dosovitskiy et al. 2021: S, B, L, H). MoE settings of the LIMoE presets (K = 1 throughout):
 - S/32: E = 8 in every other block (the design default).
 - B/32, B/16, L/16: E = 8 in every block. The paper reports B/16 at ~0.5B total / ~0.1B per token and L/16 at
   1.7B / 0.3B; every-other-block with E = 8 would give only 0.31B / 1.0B, while E = 8 everywhere gives 0.52B and

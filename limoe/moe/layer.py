@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from limoe.moe import losses
 from limoe.moe.config import ROUTING_GROUPS, MoeConfig
 from limoe.moe.dispatch import Dispatcher
 from limoe.moe.experts import ExpertMlps
@@ -92,8 +91,7 @@ class MoeMlp(nn.Module):
         routing = routed.routing
         y_Sd = self.dispatcher(x_Sd, routing, self.experts)
 
-        w_SM = losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
-        stats = MoeStats.compute(cfg.modalities, w_SM, routing.expert_SK, routing.kept_SK, routed.entropy_S,
+        stats = MoeStats.compute(cfg.modalities, routed.weights_SM, routing.expert_SK, routing.kept_SK, routed.entropy_S,
                                  cfg.num_experts, routing.ranked)
         if x_Sd.shape[0] != num_tokens:  # drop the padding examples that filled the last group
             y_Sd, routing = y_Sd[:num_tokens], routing.token_slice(num_tokens)

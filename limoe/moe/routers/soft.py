@@ -82,7 +82,8 @@ class SoftRouter(DistributionRouter):
         routing = SoftRouting(expert_S1, slot_S1, gate_S1, kept_S1, self.slots_per_expert, num_experts, num_groups,
                               dispatch_SN=dispatch_SN, combine_SN=combine_SN)
         w_SM = losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
-        return RouterOutput(routing, self.shared_losses(logits_SN, q_SE, entropy_S, w_SM, num_groups), entropy_S)
+        return RouterOutput(routing, self.shared_losses(logits_SN, q_SE, entropy_S, w_SM, num_groups), entropy_S,
+                            w_SM)
 
 
 def l2_normalize(v: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:

@@ -43,7 +43,7 @@ class TopKRouter(LinearRouter):
         entropy_S = -(p_SE * logp_SE).sum(-1)
         w_SM = losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
         aux_losses = self._aux_losses(logits_SE, noisy_logits_SE, p_SE, entropy_S, w_SM, num_groups)
-        return RouterOutput(routing, aux_losses, entropy_S)
+        return RouterOutput(routing, aux_losses, entropy_S, w_SM)
 
     def _aux_losses(self, logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, p_SE: torch.Tensor,
                     entropy_S: torch.Tensor, w_SM: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
