@@ -276,6 +276,12 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _add_job_parsers(sub) -> None:
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_classify_and_embed_parsers(sub)
+
+
+def _add_train_parser(sub) -> None:
     from limoe.csv_flags import add_csv_flags
 
     train = sub.add_parser("train", help="train (default: a tiny LIMoE on the built-in corpus, CPU) and evaluate",
@@ -304,6 +310,10 @@ def _add_job_parsers(sub) -> None:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_csv_flags(train)
     train.set_defaults(func=_train)
+
+
+def _add_eval_parser(sub) -> None:
+    from limoe.csv_flags import add_csv_flags
 
     ev = sub.add_parser("eval", help="zero-shot, retrieval and k-shot linear probe of a checkpoint",
                         description="Evaluate a checkpoint. By default on the held-out data of the built-in corpus or "
@@ -337,6 +347,8 @@ def _add_job_parsers(sub) -> None:
     add_csv_flags(ev)
     ev.set_defaults(func=_eval)
 
+
+def _add_classify_and_embed_parsers(sub) -> None:
     checkpoint_help = "checkpoint folder (checkpoints/step_N) or run folder (its latest checkpoint)"
     cl = sub.add_parser("classify", help="zero-shot labels for your own images")
     cl.add_argument("checkpoint", help=checkpoint_help)

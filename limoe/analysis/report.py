@@ -109,86 +109,96 @@ def write_report(analysis: RoutingAnalysis, out_dir: str | os.PathLike, metrics_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {"source": dict(source or {}), **analysis.to_json()}
-    parts: list[str] = []
     notes: list[str] = []
+    parts = _routing_sections(analysis, layer, out, data, notes) + _training_section(metrics_path, out, data, notes)
+    (out / "report.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    index = out / "index.html"
+    index.write_text(_page(analysis, title, data, notes, parts), encoding="utf-8")
+    return index
 
-    if analysis.has_moe:
-        n = len(analysis.layers)
-        if layer is None:  # the last layer images pass through (in a two-tower model the text tower's are last)
-            layer = max(i for i, lr in enumerate(analysis.layers) if len(lr.map_expert_IP) or i == 0)
-        if not -n <= layer < n:
-            raise ValueError(f"layer must index one of the {n} MoE layers, got {layer}")
-        layer %= n
-        data["map_layer"] = layer
-        chosen = analysis.layers[layer].ref.name
-        plots.plot_modality_share(analysis, out / "modality_share.png")
-        plots.plot_routing_success(analysis, out / "routing_success.png")
-        plots.plot_expert_usage(analysis, out / "expert_usage.png")
-        has_maps = len(analysis.layers[layer].map_expert_IP) > 0
-        if has_maps:
-            plots.plot_token_maps(analysis, layer, out / "token_maps.png")
-            plots.plot_expert_patches(analysis, layer, out / "expert_patches.png")
-        else:
-            notes.append(f"{html.escape(chosen)} sees no image tokens: no token-to-expert maps.")
-        parts += [
-            "<h2>Expert specialisation</h2>",
-            _figure("modality_share.png", "Share of image (red) and text (blue) tokens among the tokens each expert "
-                                          "processed, per MoE layer; the percentage is the image share."),
-            "<h2>Routing success</h2>",
-            _figure("routing_success.png", "Share of each modality's tokens whose top-1 choice was kept within "
-                                           "expert capacity. Low success = dropped tokens."),
-            _summary_table(data),
-            "<h2>Expert usage</h2>",
-            _figure("expert_usage.png", "Share of each layer's processed tokens that each expert took."),
-            *([f"<h2>Token-to-expert maps ({html.escape(chosen)})</h2>",
-               _figure("token_maps.png", f"Patches tinted by the expert their top-1 choice went to in {chosen}; "
-                                         "hatched patches were dropped (over capacity)."),
-               _figure("expert_patches.png", f"The image patches each expert of {chosen} processed with the "
-                                             "highest gate.")] if has_maps else []),
-            "<h2>Per layer</h2>",
-            *(_layer_section(lr) for lr in data["layers"]),
-        ]
-    else:
+
+def _routing_sections(analysis: RoutingAnalysis, layer: int | None, out: Path, data: dict[str, Any],
+                      notes: list[str]) -> list[str]:
+    """The expert and routing figures (written into `out`) and tables; `data` gets the map layer."""
+    if not analysis.has_moe:
         notes.append(f"This is a {html.escape(analysis.model_kind)} model without MoE layers: there is nothing to "
                      "route, so there are no expert or routing pictures.")
-
-    data["training_curves"] = None
-    if metrics_path is not None and os.path.isfile(metrics_path):
-        rows, skipped = read_metrics(metrics_path, kind="train")  # evaluations are not training steps
-        if plots.plot_training_curves(rows, out / "training_curves.png") is not None:
-            data["training_curves"] = {"file": "training_curves.png", "steps": len(rows), "skipped_lines": skipped}
-            parts += ["<h2>Over training</h2>",
-                      _figure("training_curves.png", f"Routing success, the contrastive loss and the aux losses, "
-                                                     f"each on an axis of its own, over {len(rows)} logged steps "
-                                                     "of the run's metrics log.")]
-        else:
-            notes.append("The metrics log has no routing success or loss keys: no training curves.")
+        return []
+    n = len(analysis.layers)
+    if layer is None:  # the last layer images pass through (in a two-tower model the text tower's are last)
+        layer = max(i for i, lr in enumerate(analysis.layers) if len(lr.map_expert_IP) or i == 0)
+    if not -n <= layer < n:
+        raise ValueError(f"layer must index one of the {n} MoE layers, got {layer}")
+    layer %= n
+    data["map_layer"] = layer
+    chosen = analysis.layers[layer].ref.name
+    plots.plot_modality_share(analysis, out / "modality_share.png")
+    plots.plot_routing_success(analysis, out / "routing_success.png")
+    plots.plot_expert_usage(analysis, out / "expert_usage.png")
+    has_maps = len(analysis.layers[layer].map_expert_IP) > 0
+    if has_maps:
+        plots.plot_token_maps(analysis, layer, out / "token_maps.png")
+        plots.plot_expert_patches(analysis, layer, out / "expert_patches.png")
     else:
-        notes.append("No metrics log (metrics.jsonl) was given or found: no curves over training steps.")
+        notes.append(f"{html.escape(chosen)} sees no image tokens: no token-to-expert maps.")
+    return [
+        "<h2>Expert specialisation</h2>",
+        _figure("modality_share.png", "Share of image (red) and text (blue) tokens among the tokens each expert "
+                                      "processed, per MoE layer; the percentage is the image share."),
+        "<h2>Routing success</h2>",
+        _figure("routing_success.png", "Share of each modality's tokens whose top-1 choice was kept within "
+                                       "expert capacity. Low success = dropped tokens."),
+        _summary_table(data),
+        "<h2>Expert usage</h2>",
+        _figure("expert_usage.png", "Share of each layer's processed tokens that each expert took."),
+        *([f"<h2>Token-to-expert maps ({html.escape(chosen)})</h2>",
+           _figure("token_maps.png", f"Patches tinted by the expert their top-1 choice went to in {chosen}; "
+                                     "hatched patches were dropped (over capacity)."),
+           _figure("expert_patches.png", f"The image patches each expert of {chosen} processed with the "
+                                         "highest gate.")] if has_maps else []),
+        "<h2>Per layer</h2>",
+        *(_layer_section(lr) for lr in data["layers"]),
+    ]
 
-    (out / "report.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+def _training_section(metrics_path: str | os.PathLike | None, out: Path, data: dict[str, Any],
+                      notes: list[str]) -> list[str]:
+    """Curves over the run's logged training steps, when a metrics log with routing or loss keys is given."""
+    data["training_curves"] = None
+    if metrics_path is None or not os.path.isfile(metrics_path):
+        notes.append("No metrics log (metrics.jsonl) was given or found: no curves over training steps.")
+        return []
+    rows, skipped = read_metrics(metrics_path, kind="train")  # evaluations are not training steps
+    if plots.plot_training_curves(rows, out / "training_curves.png") is None:
+        notes.append("The metrics log has no routing success or loss keys: no training curves.")
+        return []
+    data["training_curves"] = {"file": "training_curves.png", "steps": len(rows), "skipped_lines": skipped}
+    return ["<h2>Over training</h2>",
+            _figure("training_curves.png", f"Routing success, the contrastive loss and the aux losses, each on an "
+                                           f"axis of its own, over {len(rows)} logged steps of the run's metrics "
+                                           "log.")]
+
+
+def _page(analysis: RoutingAnalysis, title: str, data: dict[str, Any], notes: list[str], parts: list[str]) -> str:
+    """index.html: what was analysed, the notes, then the sections."""
     passes = "as pairs (as in training)" if analysis.pairs else "in separate image and text passes"
-    origin = _origin(data["source"])
-    meta = (f"{origin}{analysis.num_pairs} image-text pairs encoded {passes}, batches of {analysis.batch_size}, "
-            f"{'train' if analysis.train_routing else 'eval'}-mode routing, model kind {analysis.model_kind}, "
-            f"{len(analysis.layers)} MoE layers, {analysis.image_size} px images in {analysis.patch_size} px patches")
-    page = "\n".join([
+    meta = (f"{_origin(data['source'])}{analysis.num_pairs} image-text pairs encoded {passes}, batches of "
+            f"{analysis.batch_size}, {'train' if analysis.train_routing else 'eval'}-mode routing, model kind "
+            f"{analysis.model_kind}, {len(analysis.layers)} MoE layers, {analysis.image_size} px images in "
+            f"{analysis.patch_size} px patches")
+    settings = [*([k, v] for k, v in data["source"].items()), ["model kind", analysis.model_kind],
+                ["pairs", analysis.num_pairs], ["batch size", analysis.batch_size],
+                ["encoded", "pairs" if analysis.pairs else "separate passes"],
+                ["routing", "train" if analysis.train_routing else "eval"], ["MoE layers", len(analysis.layers)],
+                ["image size", analysis.image_size], ["patch size", analysis.patch_size]]
+    return "\n".join([
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(meta)}. Every number: "
-                                           '<a href="report.json">report.json</a>.</p>',
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p>{html.escape(meta)}. Every number: <a href="report.json">report.json</a>.</p>',
         *(f'<p class="note">{n}</p>' for n in notes),
-        _table(["setting", "value"], [*([k, v] for k, v in data["source"].items()),
-                                      ["model kind", analysis.model_kind], ["pairs", analysis.num_pairs],
-                                      ["batch size", analysis.batch_size],
-                                      ["encoded", "pairs" if analysis.pairs else "separate passes"],
-                                      ["routing", "train" if analysis.train_routing else "eval"],
-                                      ["MoE layers", len(analysis.layers)], ["image size", analysis.image_size],
-                                      ["patch size", analysis.patch_size]]),
+        _table(["setting", "value"], settings),
         *parts,
         _RENDER_CHECK,
         "</body></html>",
     ])
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index

@@ -230,6 +230,22 @@ def _job_process(job: Job, out_dir: str, device: str, parent_pid: int, conn) -> 
     conn.close()
 
 
+def _result_of(job: Job, receive, process, stopping: bool) -> dict[str, Any]:
+    """What a finished job process sent, once it has exited; "interrupted" only when the reproduction is stopping
+    (a signal sent to one run alone makes that run a failure)."""
+    try:
+        result = receive.recv()
+    except EOFError:  # died without a word: killed (out of memory, a signal)
+        result = {"job": job.name, "interrupted": "killed"} if stopping else {
+            "job": job.name, "error": f"its process died (exit code {process.exitcode})",
+            "error_log": "no log: the process was killed"}
+    process.join()
+    if "interrupted" in result and not stopping:
+        result = {"job": job.name, "error": f"stopped by a signal ({result['interrupted']})",
+                  "error_log": "no log: its checkpoint resumes it"}
+    return result
+
+
 def _run_in_processes(jobs: list[Job], out_dir: str, parallel: int, device: str,
                       done: Callable[[dict[str, Any]], None]) -> None:
     """Each job in a spawned process of its own, `parallel` at a time (a fresh process per run: no memory or
@@ -294,16 +310,7 @@ def _run_in_processes(jobs: list[Job], out_dir: str, parallel: int, device: str,
                 running[receive] = (job, process)
             for receive in wait(list(running), timeout=1.0):  # signals are handled between waits
                 job, process = running.pop(receive)
-                try:
-                    result = receive.recv()
-                except EOFError:  # died without a word: killed (out of memory, a signal)
-                    result = {"job": job.name, "interrupted": "killed"} if stop else {
-                        "job": job.name, "error": f"its process died (exit code {process.exitcode})",
-                        "error_log": "no log: the process was killed"}
-                process.join()
-                if "interrupted" in result and not stop:  # a signal sent to that run alone: it failed
-                    result = {"job": job.name, "error": f"stopped by a signal ({result['interrupted']})",
-                              "error_log": "no log: its checkpoint resumes it"}
+                result = _result_of(job, receive, process, stopping=bool(stop))
                 if "interrupted" not in result:
                     finished[job.name] = "error" not in result
                     done(result)
