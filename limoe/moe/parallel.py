@@ -19,7 +19,7 @@ from limoe.moe.dispatch import Dispatcher
 from limoe.moe.experts import ExpertMlps
 from limoe.moe.layer import MoeMlp
 from limoe.parallel.collectives import all_to_all
-from limoe.parallel.mesh import EXPERT_PARALLEL_ATTR, ExpertParallelGroups, check_expert_parallel
+from limoe.parallel.mesh import ExpertParallelGroups, check_expert_parallel
 
 
 class ExpertParallelDispatcher(Dispatcher):
@@ -47,7 +47,7 @@ class ExpertParallelMoeMlp(MoeMlp):
     """`MoeMlp` whose experts are split over `groups.ep_group`; this rank holds `groups.local_experts(E)`.
 
     State-dict keys equal MoeMlp's; expert tensors hold this rank's shard along dim 0 (see `shard_state_dict`).
-    Expert parameters are marked for `allreduce_gradients`. Initialisation: the router draws from the global RNG
+    Which parameters are experts' is known by name (`expert_state_keys`). Initialisation: the router draws from the global RNG
     as usual (same seed on every rank gives the same router); the local experts draw from a generator seeded with
     (torch.initial_seed(), ep_rank), so shards differ across an EP group and agree across its replicas.
     """
@@ -69,8 +69,6 @@ class ExpertParallelMoeMlp(MoeMlp):
             experts = ExpertMlps(config.num_experts // groups.ep_size, config.dim, config.hidden_dim)
         super().__init__(config, experts=experts, dispatcher=ExpertParallelDispatcher(groups))
         self.groups = groups
-        for param in self.experts.parameters():
-            setattr(param, EXPERT_PARALLEL_ATTR, True)
 
 
 # -- portable checkpoints ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch.distributed.tensor import Replicate, Shard
 
 from limoe.moe.layer import MoeMlp
 from limoe.moe.parallel import ExpertParallelMoeMlp, expert_state_keys, shard_state_dict
-from limoe.parallel.mesh import ExpertParallelGroups, device_mesh, expert_parallel_groups, is_expert_parameter
+from limoe.parallel.mesh import ExpertParallelGroups, device_mesh, expert_parallel_groups
 from limoe.parallel.sharded import ShardedStrategy
 
 
@@ -37,8 +37,10 @@ class ExpertParallel(ShardedStrategy):
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         # Expert gradients are split over the EP group (each is the same on its "expert_dp" replicas).
-        params = [p for p in model.parameters() if p.grad is not None]
-        return self.clip_sharded(params, [is_expert_parameter(p) for p in params], max_norm, self.groups.ep_group)
+        experts = set(expert_state_keys(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        return self.clip_sharded([p for _, p in named], [n in experts for n, _ in named], max_norm,
+                                 self.groups.ep_group)
 
 
 def shard_model(model: nn.Module, ep_size: int, num_experts: int, mesh=None) -> ExpertParallelGroups:
@@ -75,12 +77,13 @@ def allreduce_gradients(model: nn.Module, groups: ExpertParallelGroups) -> None:
     gradient but got none are reduced as zeros, so all ranks issue the same collectives.
     """
     buckets: dict[tuple[bool, torch.dtype, torch.device], list[torch.Tensor]] = defaultdict(list)
-    for param in model.parameters():
+    experts = set(expert_state_keys(model))
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        buckets[(is_expert_parameter(param), param.grad.dtype, param.grad.device)].append(param.grad)
+        buckets[(name in experts, param.grad.dtype, param.grad.device)].append(param.grad)
     # Sorted keys: every rank must issue the collectives in the same order.
     for (expert, _, _), grads in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), str(kv[0][2]))):
         flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per bucket, not one per tensor

@@ -24,11 +24,7 @@ def build_for(strategy, config: ModelConfig, device: torch.device) -> nn.Module:
     with torch.device("meta"):
         model = build_model(config)
     strategy.shard(model)  # before anything is allocated: swapped layers and FSDP shards are meta tensors too
-    # to_empty makes new parameter objects: they keep the old ones' attributes (e.g. the expert-parallel mark)
-    marks = {name: dict(p.__dict__) for name, p in model.named_parameters()}
     model.to_empty(device=device)
-    for name, param in model.named_parameters():
-        param.__dict__.update(marks[name])
     blocks = iter([(name, m) for name, m in model.named_modules() if isinstance(m, Block)])  # construction order
     written: set[str] = set()
 

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-EXPERT_PARALLEL_ATTR = "_expert_parallel"  # set True on parameters sharded over an EP group
-
 
 @dataclass(frozen=True)
 class ExpertParallelGroups:
@@ -80,7 +76,3 @@ def expert_parallel_groups(ep_size: int, num_experts: int | None = None,
     mesh = mesh if mesh is not None else device_mesh(ep_size)
     return ExpertParallelGroups(ep_size, rank % ep_size, world_size, mesh.get_group("ep"),
                                 mesh.get_group("expert_dp"), mesh)
-
-
-def is_expert_parameter(param: torch.Tensor) -> bool:
-    return bool(getattr(param, EXPERT_PARALLEL_ATTR, False))

@@ -21,7 +21,7 @@ from limoe import checkpoint as ckpt
 from limoe.checkpoint import sharded as sharded_checkpoint
 from limoe.model.registry import build_model
 from limoe.moe.parallel import expert_state_keys
-from limoe.parallel.mesh import ExpertParallelGroups, is_expert_parameter
+from limoe.parallel.mesh import ExpertParallelGroups
 from limoe.parallel.strategy import Strategy
 
 
@@ -97,7 +97,7 @@ class ShardedStrategy(Strategy):
         order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
         for param, per_param in optimizer.state.items():
             for slot, value in per_param.items():
-                out[f"optim.{names[id(param)]}.{slot}"] = self._global(value, is_expert_parameter(param))
+                out[f"optim.{names[id(param)]}.{slot}"] = self._global(value, names[id(param)] in expert_keys)
         return out, order
 
     def _global(self, t: torch.Tensor, expert: bool) -> torch.Tensor:
@@ -143,11 +143,12 @@ class ShardedStrategy(Strategy):
             whole = build_model(model.config)
         self.load_part(model, ckpt.checked_weights(whole, checkpoint))
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        names, experts = {id(p): n for n, p in model.named_parameters()}, set(expert_state_keys(model))
         placed = {}
         for key, value in opt_tensors.items():  # "state.<index>.<name>"; AdamW's step count is 0-dim
             if key.startswith("state.") and value.dim() >= 1:
                 param = params[int(key.split(".")[1])]
-                value = self._place(value, param, is_expert_parameter(param))
+                value = self._place(value, param, names[id(param)] in experts)
             placed[key] = value
         ckpt.load_optimizer_state(optimizer, placed, opt_meta)
 
