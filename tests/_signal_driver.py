@@ -1,5 +1,5 @@
 """`limoe train --config CONFIG` with SIGNAL sent to TARGET (main | group) from inside PHASE, for
-tests/test_train_signals.py. Phases: setup (before training starts), step (the 3rd forward), data (a loader
+tests/train/test_train_signals.py. Phases: setup (before training starts), step (the 3rd forward), data (a loader
 worker, then it stalls, so the trainer is waiting for data, while the other worker is still starting), eval (the
 first evaluation; the config makes it periodic or final), decode (inside the decoding of an image during the
 first evaluation). Two more phases send no signal: crash (the 3rd forward raises) and worker-dies (a loader

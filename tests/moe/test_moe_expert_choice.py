@@ -149,7 +149,7 @@ def test_refusals_are_one_line_errors(tmp_path):
     assert "\n" not in str(e.value)
     cfg.moe = {"router": "expert_choice"}
     cfg.dist = DistConfig(expert_parallel=2)
-    cfg.validate()  # expert parallelism exchanges its [E, C, d] buffers as top_k's (tests/test_train_fsdp.py)
+    cfg.validate()  # expert parallelism exchanges its [E, C, d] buffers as top_k's (tests/parallel/test_train_fsdp.py)
 
 
 def test_trains_end_to_end_and_evaluates(tmp_path):

@@ -192,7 +192,7 @@ def test_refusals_are_one_line_errors(tmp_path):
     assert "\n" not in str(e.value)
     cfg.moe = {"router": "soft"}
     cfg.dist = DistConfig(expert_parallel=2)
-    cfg.validate()  # expert parallelism exchanges the slots' [E, G*p, d] buffers (tests/test_train_fsdp.py)
+    cfg.validate()  # expert parallelism exchanges the slots' [E, G*p, d] buffers (tests/parallel/test_train_fsdp.py)
 
 
 def test_state_dict_keys_sit_at_the_layer():

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_sigint_saves_a_checkpoint_and_exits(tmp_path, cache):
     cfg = tiny_config(tmp_path, cache, steps=100_000, checkpoint_interval=0, log_interval=1)
     config_path = tmp_path / "config.json"
     config_path.write_text(cfg.to_json())
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen([sys.executable, "-m", "limoe.cli", "train", "--config", str(config_path),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = tmp_path / "run" / "metrics.jsonl"

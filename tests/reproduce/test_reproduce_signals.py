@@ -15,7 +15,7 @@ from limoe.reproduce import SCALES, plan_jobs, reproduce
 
 from _processes import group_gone
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--scale", "smoke", "--parallel", "2", "--variants", "dense,two-tower", "--seeds", "0,1", "--no-sweep",
         "--set", "steps=400"]  # the smoke preset saves every 10 steps
 JOBS = plan_jobs(SCALES["smoke"], variants=("dense", "two-tower"), seeds=(0, 1), overrides=("steps=400",),

@@ -1,6 +1,6 @@
 """The training loop builds its model on the meta device and fills it by replaying the constructor a block at a time
 (limoe.parallel.materialise): the weights, and the RNG left behind, are exactly `build_model`'s; the replay never holds
-two blocks. The sharded strategies fill their shards the same way (tests/test_train_fsdp.py: their first losses
+two blocks. The sharded strategies fill their shards the same way (tests/parallel/test_train_fsdp.py: their first losses
 equal one process's)."""
 
 import weakref

@@ -2,7 +2,7 @@
 and the run honest, and a run folder that cannot be written is one line.
 
 The signals here are sent by the process to itself from inside the phase under test (a patched evaluation or
-loss), so each case lands exactly where it should; tests/test_train_signals.py sends real ones from outside.
+loss), so each case lands exactly where it should; tests/train/test_train_signals.py sends real ones from outside.
 """
 
 import json

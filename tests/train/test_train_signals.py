@@ -16,7 +16,7 @@ from limoe.train import train
 from _processes import group_gone
 from _train_utils import tiny_config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where _signal_driver.py lives
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,8 @@ def cache(tmp_path_factory):
 
 
 def _drive(sig: str, target: str, phase: str, config) -> tuple[subprocess.Popen, str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_signal_driver.py"), sig, target, phase,
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS), TESTS]))
+    proc = subprocess.Popen([sys.executable, os.path.join(TESTS, "_signal_driver.py"), sig, target, phase,
                              str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
