@@ -84,7 +84,7 @@ def classify(checkpoint: str, images: Sequence[str], labels: str | Sequence[str]
     """Zero-shot labels for each image, in order: {"image", "labels": [(label, probability), ...] best first},
     or {"image", "error"} for an image that cannot be read (the others are still classified)."""
     from limoe.data.builtin import TEMPLATES
-    from limoe.train.evaluation import tokenize_fn
+    from limoe.train.held_out import tokenize_fn
 
     names = parse_labels(labels)
     if not images:
@@ -190,7 +190,7 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
     from limoe import evaluate
     from limoe.data import CsvPairs, ImageConfig, ImageFolder, LoaderConfig, make_loader
     from limoe.data.zero_shot import zero_shot_set
-    from limoe.train import evaluation
+    from limoe.train.held_out import EvalSets, held_out, sized
     from limoe.train.data import held_out_pairs, held_out_zero_shot
 
     progress = progress or (lambda line: None)
@@ -206,7 +206,7 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
     built_in = config.data.source in BUILT_IN_DATA
     image = ImageConfig(image_size=model.config.image_size)
     one = dict(rank=0, world_size=1)
-    sets = evaluation.EvalSets()
+    sets = EvalSets()
     start = time.perf_counter()
     try:
         progress("reading the evaluation data")
@@ -223,13 +223,13 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
                                       columns["csv_separator"], image=image, **one)
         elif built_in:
             sets.retrieval = held_out_pairs(config, image, **one)
-        metrics = Metrics(*evaluation.held_out(model, tokenizer, sets, batch_size, config.eval.loss_batch,
+        metrics = Metrics(*held_out(model, tokenizer, sets, batch_size, config.eval.loss_batch,
                                                progress))
         if probe_train:
             train_ds = ImageFolder(probe_train, image=image, **one)
             test_ds = ImageFolder(probe_test, image=image, **one)
             progress(f"linear probe: {shots} shots of {len(train_ds.class_names):,} classes, tested on "
-                     f"{evaluation.sized(test_ds, 'images')}")
+                     f"{sized(test_ds, 'images')}")
             loader = LoaderConfig(batch_size=batch_size, num_workers=0)
             result = evaluate.few_shot_linear_probe(model, make_loader(train_ds, loader), make_loader(test_ds, loader),
                                                     num_classes=len(train_ds.class_names), shots=shots)

@@ -1,8 +1,8 @@
 """Expert parallelism in the training loop (the `ExpertParallel` strategy): swap MoE layers for EP shards, reduce
 gradients (`allreduce_gradients`) and clip them.
 
-Checkpoints are sharded (limoe.parallel.sharded): each rank writes its experts as a shard of the global [E, ...]
-tensors, so a run resumes under any layout and `limoe.load_checkpoint` loads it in one process.
+Checkpoints are sharded (limoe.parallel.sharded_strategy): each rank writes its experts as a shard of the global
+[E, ...] tensors, so a run resumes under any layout and `limoe.load_checkpoint` loads it in one process.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.distributed.tensor import Replicate, Shard
 from limoe.moe.layer import MoeMlp
 from limoe.moe.parallel import ExpertParallelMoeMlp, expert_state_keys, shard_state_dict
 from limoe.parallel.mesh import ExpertParallelGroups, device_mesh, expert_parallel_groups
-from limoe.parallel.sharded import ShardedStrategy
+from limoe.parallel.sharded_strategy import ShardedStrategy
 
 
 class ExpertParallel(ShardedStrategy):

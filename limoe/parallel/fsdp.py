@@ -6,7 +6,7 @@ On the run's one DeviceMesh (`limoe.parallel.mesh.device_mesh`, dims "expert_dp"
   by FSDP over the "expert_dp" ranks that hold the same experts;
 - everything else is sharded by FSDP over all ranks, one FSDP unit per transformer block plus the root.
 Gradients come out of the backward reduce-scattered: nothing to reduce after it. Checkpoints and evaluation
-work on the shards too (limoe.parallel.sharded).
+work on the shards too (limoe.parallel.sharded_strategy).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from limoe.moe.layer import MoeMlp
 from limoe.moe.parallel import expert_state_keys
 from limoe.parallel import expert_parallel as ep
 from limoe.parallel.mesh import device_mesh, whole_mesh
-from limoe.parallel.sharded import ShardedStrategy
-from limoe.parallel.sharded import local as _local
+from limoe.parallel.sharded_strategy import ShardedStrategy
+from limoe.parallel.sharded_strategy import local as _local
 
 
 class Fsdp(ShardedStrategy):
@@ -83,7 +83,7 @@ class Fsdp(ShardedStrategy):
         params = [p for p in model.parameters() if p.grad is not None]
         return self.clip_sharded(params, [isinstance(p.grad, DTensor) for p in params], max_norm, None)
 
-    # -- checkpoints (sharded: limoe.parallel.sharded) -------------------------------------------------------
+    # -- checkpoints (sharded: limoe.parallel.sharded_strategy) ----------------------------------------------
     def expert_placements(self):
         return [Shard(0), Shard(0)]  # split over the EP ranks, then FSDP's chunks over the "expert_dp" ranks
 

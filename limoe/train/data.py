@@ -149,7 +149,7 @@ def make_batches(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_si
     """In-memory batches for the built-in data and the corpus (unless data.in_memory=false), else a streaming
     loader."""
     if cfg.data.source in ("builtin", "corpus") and cfg.data.in_memory:
-        from limoe.train.memory import MemoryBatches
+        from limoe.train.in_memory import MemoryBatches
 
         if cfg.data.batch_size % world_size:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world_size} ranks")
@@ -200,7 +200,7 @@ def eval_sets(cfg: TrainConfig):
     """The run's EvalSets (each configured part read whole by one rank): eval.zero_shot_dir and
     eval.retrieval_csv replace the built-in data's held-out concepts and pairs; the corpus adds its seen split."""
     from limoe.data.zero_shot import zero_shot_set
-    from limoe.train.evaluation import EvalSets
+    from limoe.train.held_out import EvalSets
 
     image = ImageConfig(image_size=cfg.data.image_size)
     one = dict(rank=0, world_size=1)

@@ -28,7 +28,7 @@ from limoe.parallel import make_strategy
 from limoe.parallel.materialise import build_for
 from limoe.train.config import TrainConfig
 from limoe.train.data import DataPosition, eval_sets, make_batches, make_tokenizer
-from limoe.train.evaluation import held_out
+from limoe.train.held_out import held_out
 from limoe.train.logger import MetricsLogger, require_wandb, results_table, selection_score
 from limoe.train.optim import lr_at, make_optimizer, set_lr
 from limoe.train.signals import Interrupted, Signals
@@ -125,7 +125,7 @@ def _check_fits(cfg: TrainConfig, ranks: int, device: torch.device) -> None:
 def _check_finite(model: nn.Module, optimizer, start: Path, world, device: torch.device) -> None:
     """A resumed state with a NaN or an infinity (a damaged shard) would train until the loss is NaN, then name
     this checkpoint the last good one: refused on every rank (each checks its own share)."""
-    from limoe.parallel.sharded import local  # a DTensor's own share
+    from limoe.parallel.sharded_strategy import local  # a DTensor's own share
 
     tensors = {**{f"model.{k}": local(v) for k, v in model.state_dict().items()},
                **{f"optimizer.{i}.{slot}": local(v) for i, per_param in enumerate(optimizer.state.values())

@@ -292,7 +292,7 @@ def test_zero_shot_scores_each_style_against_every_class(root, cfg, split, prefi
     import limoe
     from limoe import evaluate
     from limoe.data import ImageConfig, train_tokenizer
-    from limoe.train.evaluation import tokenize_fn, zero_shot
+    from limoe.train.held_out import tokenize_fn, zero_shot
 
     torch.manual_seed(0)
     model = limoe.create_model("limoe-tiny", image_size=64, vocab_size=512).eval()

@@ -445,7 +445,7 @@ def test_skip_counts_are_live_mid_epoch_with_workers(tmp_path):
 
 def test_memory_batches_report_their_decoding_skips(tmp_path):
     from limoe.data import train_tokenizer
-    from limoe.train.memory import MemoryBatches
+    from limoe.train.in_memory import MemoryBatches
 
     png_file(tmp_path / "img.png")
     rows = [f"img.png,good {i}" for i in range(4)] + ["img.png,", "nope.png,gone"]

@@ -5,19 +5,19 @@ import math
 import pytest
 import torch
 
-from limoe.moe import MoeConfig, MoeMlp, losses
+from limoe.moe import MoeConfig, MoeMlp, aux_losses
 
 LN2 = math.log(2.0)
 
 
 def test_importance_golden():
     # One token with p = [.75, .25]: Imp = [.75, .25], mean .5, population std .25 -> (0.5)^2.
-    assert losses.importance_loss(torch.tensor([[0.75, 0.25]]), torch.ones(1)).item() == pytest.approx(0.25)
+    assert aux_losses.importance_loss(torch.tensor([[0.75, 0.25]]), torch.ones(1)).item() == pytest.approx(0.25)
     # Two mirrored tokens balance exactly.
     mirrored = torch.tensor([[0.75, 0.25], [0.25, 0.75]])
-    assert losses.importance_loss(mirrored, torch.ones(2)).item() == pytest.approx(0.0, abs=1e-7)
+    assert aux_losses.importance_loss(mirrored, torch.ones(2)).item() == pytest.approx(0.0, abs=1e-7)
     # Weight 0 removes a token: only the first one counts.
-    assert losses.importance_loss(mirrored, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.25)
+    assert aux_losses.importance_loss(mirrored, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.25)
 
 
 def _load_loss_scalar(logits, noisy, sigma, k):
@@ -39,31 +39,31 @@ def test_load_matches_scalar_formula(k):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 4, generator=gen, dtype=torch.float64)
     noisy = logits + 0.25 * torch.randn(7, 4, generator=gen, dtype=torch.float64)
-    got = losses.load_loss(logits, noisy, 0.25, k, torch.ones(7, dtype=torch.float64)).item()
+    got = aux_losses.load_loss(logits, noisy, 0.25, k, torch.ones(7, dtype=torch.float64)).item()
     assert got == pytest.approx(_load_loss_scalar(logits.tolist(), noisy.tolist(), 0.25, k), rel=1e-9)
 
 
 def test_local_entropy_golden():
-    entropy_S = losses.entropy(torch.tensor([[0.0, 0.0], [0.0, -100.0]]))  # ln 2 and ~0
+    entropy_S = aux_losses.entropy(torch.tensor([[0.0, 0.0], [0.0, -100.0]]))  # ln 2 and ~0
     assert entropy_S.tolist() == pytest.approx([LN2, 0.0], abs=1e-6)
     # Column 0: both tokens; column 1: only the first.
     w_SM = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    assert losses.local_entropy_loss(entropy_S, w_SM).tolist() == pytest.approx([LN2 / 2, LN2])
+    assert aux_losses.local_entropy_loss(entropy_S, w_SM).tolist() == pytest.approx([LN2 / 2, LN2])
 
 
 def test_global_entropy_golden_and_threshold():
     # Tokens 0 and 1 both on expert 0, token 2 on expert 1. Modality columns: {0, 1}, {0, 2}, {} (empty).
     p_SE = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     w_SM = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    loss = losses.global_entropy_loss(p_SE, w_SM, min_experts_M=torch.tensor([2.0, 2.0, 2.0]))
+    loss = aux_losses.global_entropy_loss(p_SE, w_SM, min_experts_M=torch.tensor([2.0, 2.0, 2.0]))
     # Collapsed: marginal entropy 0 -> ln 2; split evenly: ln 2 - ln 2 = 0; empty: 0, not ln 2.
     assert loss.tolist() == pytest.approx([LN2, 0.0, 0.0], abs=1e-6)
     # The threshold is a soft minimum: asking for one expert never penalises collapse.
-    assert losses.global_entropy_loss(p_SE, w_SM, torch.tensor([1.0, 1.0, 1.0])).tolist() == [0.0, 0.0, 0.0]
+    assert aux_losses.global_entropy_loss(p_SE, w_SM, torch.tensor([1.0, 1.0, 1.0])).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_z_loss_golden():
-    assert losses.z_loss(torch.zeros(3, 2), torch.ones(3)).item() == pytest.approx(LN2**2)
+    assert aux_losses.z_loss(torch.zeros(3, 2), torch.ones(3)).item() == pytest.approx(LN2**2)
 
 
 def test_layer_losses_match_formulas_on_its_own_logits():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from limoe.moe import MoeConfig, MoeMlp
-from limoe.moe import losses
+from limoe.moe import aux_losses
 from limoe.moe.routers.expert_choice import expert_choice
 from limoe.moe.routing import Routing, capacity, route
 
@@ -76,14 +76,14 @@ def test_capacity_as_compute_capacity():
 def test_importance_loss():
     # sum of gates per expert [1.7, 1.1, 1.2]: (std / mean)^2 = 0.03874999
     gates = torch.tensor([[.5, .4, .1], [.3, .3, .4], [.1, .2, .7], [.8, .2, .0]])
-    assert losses.importance_loss(gates, torch.ones(4)).item() == pytest.approx(0.03874999, abs=1e-6)
+    assert aux_losses.importance_loss(gates, torch.ones(4)).item() == pytest.approx(0.03874999, abs=1e-6)
 
 
 def test_load_loss():
     # Three items, three experts, k = 2, noise std 0.1: a clear winner (expert 0) is selected whp.
     logits = torch.tensor([[.9, .06, .04], [.7, .18, .12], [.85, .05, .1]])
     noise = torch.tensor([[-.037, .026, -.018], [-.074, .045, -.015], [-.067, -.059, .073]])
-    got = losses.load_loss(logits, logits + noise, noise_std=0.1, k=2, w_S=torch.ones(3))
+    got = aux_losses.load_loss(logits, logits + noise, noise_std=0.1, k=2, w_S=torch.ones(3))
     assert got.item() == pytest.approx(0.48573864536489236, abs=1e-6)
 
 

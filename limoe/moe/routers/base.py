@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from limoe.moe import losses
+from limoe.moe import aux_losses
 from limoe.moe.routing import Routing, capacity
 
 if TYPE_CHECKING:
@@ -88,11 +88,11 @@ class DistributionRouter(Router):
             t.view(num_groups, -1, *t.shape[1:]) for t in (logits_SE, p_SE, entropy_S, w_SM))
         w_GS = w_GSM.sum(-1)
         count_G, count_GM = w_GS.sum(-1), w_GSM.sum(-2)
-        out = {"z": losses.mean_over_groups(losses.z_loss(logits_GSE, w_GS), count_G)}
-        local_M = losses.mean_over_groups(losses.local_entropy_loss(entropy_GS, w_GSM), count_GM)
+        out = {"z": aux_losses.mean_over_groups(aux_losses.z_loss(logits_GSE, w_GS), count_G)}
+        local_M = aux_losses.mean_over_groups(aux_losses.local_entropy_loss(entropy_GS, w_GSM), count_GM)
         # Built on the device, not copied from a host list: a blocking copy would sync the host every call.
         min_experts_M = torch.stack([p_SE.new_full((), float(v)) for v in cfg.min_experts_per_modality])
-        global_M = losses.mean_over_groups(losses.global_entropy_loss(p_GSE, w_GSM, min_experts_M), count_GM)
+        global_M = aux_losses.mean_over_groups(aux_losses.global_entropy_loss(p_GSE, w_GSM, min_experts_M), count_GM)
         for m, name in enumerate(cfg.modalities):
             out[f"local_entropy/{name}"] = local_M[m]
             out[f"global_entropy/{name}"] = global_M[m]

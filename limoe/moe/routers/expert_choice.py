@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from limoe.moe import losses
+from limoe.moe import aux_losses
 from limoe.moe.routers.base import LinearRouter, RouterOutput
 from limoe.moe.routing import Routing, group_ids, top_k_lowest_first
 
@@ -64,7 +64,7 @@ class ExpertChoiceRouter(LinearRouter):
         entropy_S = -(p_SE * logp_SE).sum(-1)
         gates_SE = p_SE if noisy_logits_SE is logits_SE else torch.softmax(noisy_logits_SE, dim=-1)
         routing = expert_choice(gates_SE, cap, valid_S, num_groups, capacity_G)
-        w_SM = losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
+        w_SM = aux_losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
         return RouterOutput(routing, self.shared_losses(logits_SE, p_SE, entropy_S, w_SM, num_groups), entropy_S,
                             w_SM)
 

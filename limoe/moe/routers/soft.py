@@ -5,9 +5,10 @@ Per group of m tokens, E experts with p slots each (N = E p slots) and a learned
 normalize(x) normalize(phi) [m, N] in float32, both l2-normalised over d and scaled by a learned scalar
 (initialised to 1), as the paper does so that the logits do not grow with d. normalize(v) = v / sqrt(|v|^2 +
 1e-6), V-MoE's (its epsilon inside the square root). phi starts as V-MoE's lecun_normal over (d, E, p), or with
-`soft_init="unit_columns"` at std 1/sqrt(d) (the runs measured before V-MoE's init was the default). Dispatch D = softmax over the group's
-tokens (each slot's column), combine C = softmax over the slots (each token's row); slot inputs D^T X run through
-their experts (slots n // p == e go to expert e) and y = C Y. Padding is masked out of D and gets a zero row of C.
+`soft_init="unit_columns"` at std 1/sqrt(d) (the runs measured before V-MoE's init was the default).
+Dispatch D = softmax over the group's tokens (each slot's column), combine C = softmax over the slots (each
+token's row); slot inputs D^T X run through their experts (slots n // p == e go to expert e) and y = C Y.
+Padding is masked out of D and gets a zero row of C.
 
 phi has a column per slot, so p is fixed: `MoeConfig.slots_per_expert`, which a model sets by default to the top-1
 capacity of its training routing group (limoe.model.config), so the E p slots cost what top_k's k=1 buffers cost.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from limoe.moe import losses
+from limoe.moe import aux_losses
 from limoe.moe.routers.base import DistributionRouter, RouterOutput, no_autocast
 from limoe.moe.routing import SoftRouting
 
@@ -81,7 +82,7 @@ class SoftRouter(DistributionRouter):
         slot_S1 = torch.where(kept_S1, 0, -1)
         routing = SoftRouting(expert_S1, slot_S1, gate_S1, kept_S1, self.slots_per_expert, num_experts, num_groups,
                               dispatch_SN=dispatch_SN, combine_SN=combine_SN)
-        w_SM = losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
+        w_SM = aux_losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
         return RouterOutput(routing, self.shared_losses(logits_SN, q_SE, entropy_S, w_SM, num_groups), entropy_S,
                             w_SM)
 

@@ -2,14 +2,14 @@
 
 Logits x W_r in float32; in training, noise of std noise_std / E is added, and the noisy softmax picks each
 token's top-k experts and their gates (`limoe.moe.routing.route`), while the clean softmax feeds the losses
-(importance, load, z, and per modality the local and the thresholded global entropy: limoe.moe.losses).
+(importance, load, z, and per modality the local and the thresholded global entropy: limoe.moe.aux_losses).
 """
 
 from __future__ import annotations
 
 import torch
 
-from limoe.moe import losses
+from limoe.moe import aux_losses
 from limoe.moe.routers.base import LinearRouter, RouterOutput
 from limoe.moe.routing import route
 
@@ -41,9 +41,9 @@ class TopKRouter(LinearRouter):
         logp_SE = torch.log_softmax(logits_SE, dim=-1)
         p_SE = logp_SE.exp()
         entropy_S = -(p_SE * logp_SE).sum(-1)
-        w_SM = losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
-        aux_losses = self._aux_losses(logits_SE, noisy_logits_SE, p_SE, entropy_S, w_SM, num_groups)
-        return RouterOutput(routing, aux_losses, entropy_S, w_SM)
+        w_SM = aux_losses.modality_weights(modality_S, valid_S, len(cfg.modalities))
+        router_losses = self._aux_losses(logits_SE, noisy_logits_SE, p_SE, entropy_S, w_SM, num_groups)
+        return RouterOutput(routing, router_losses, entropy_S, w_SM)
 
     def _aux_losses(self, logits_SE: torch.Tensor, noisy_logits_SE: torch.Tensor, p_SE: torch.Tensor,
                     entropy_S: torch.Tensor, w_SM: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
@@ -53,10 +53,10 @@ class TopKRouter(LinearRouter):
             t.view(num_groups, -1, *t.shape[1:]) for t in (logits_SE, noisy_logits_SE, p_SE, w_SM))
         w_GS = w_GSM.sum(-1)
         count_G = w_GS.sum(-1)
-        out = {"importance": losses.mean_over_groups(losses.importance_loss(p_GSE, w_GS), count_G)}
+        out = {"importance": aux_losses.mean_over_groups(aux_losses.importance_loss(p_GSE, w_GS), count_G)}
         if self.training and cfg.noise_std > 0:
-            load_G = losses.load_loss(logits_GSE, noisy_GSE, cfg.noise_std / cfg.num_experts, cfg.k, w_GS)
-            out["load"] = losses.mean_over_groups(load_G, count_G)
+            load_G = aux_losses.load_loss(logits_GSE, noisy_GSE, cfg.noise_std / cfg.num_experts, cfg.k, w_GS)
+            out["load"] = aux_losses.mean_over_groups(load_G, count_G)
         else:
             out["load"] = logits_SE.new_zeros(())
         out.update(self.shared_losses(logits_SE, p_SE, entropy_S, w_SM, num_groups))
