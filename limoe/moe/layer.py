@@ -91,8 +91,8 @@ class MoeMlp(nn.Module):
         routing = routed.routing
         y_Sd = self.dispatcher(x_Sd, routing, self.experts)
 
-        stats = MoeStats.compute(cfg.modalities, routed.weights_SM, routing.expert_SK, routing.kept_SK, routed.entropy_S,
-                                 cfg.num_experts, routing.ranked)
+        stats = MoeStats.compute(cfg.modalities, routed.weights_SM, routing.expert_SK, routing.kept_SK,
+                                 routed.entropy_S, cfg.num_experts, routing.ranked)
         if x_Sd.shape[0] != num_tokens:  # drop the padding examples that filled the last group
             y_Sd, routing = y_Sd[:num_tokens], routing.token_slice(num_tokens)
         return y_Sd.reshape(x.shape), MoeAux(routed.losses, stats, routing, self.config.router)

@@ -46,10 +46,11 @@ class ExpertParallelDispatcher(Dispatcher):
 class ExpertParallelMoeMlp(MoeMlp):
     """`MoeMlp` whose experts are split over `groups.ep_group`; this rank holds `groups.local_experts(E)`.
 
-    State-dict keys equal MoeMlp's; expert tensors hold this rank's shard along dim 0 (see `shard_state_dict`).
-    Which parameters are experts' is known by name (`expert_state_keys`). Initialisation: the router draws from the global RNG
-    as usual (same seed on every rank gives the same router); the local experts draw from a generator seeded with
-    (torch.initial_seed(), ep_rank), so shards differ across an EP group and agree across its replicas.
+    State-dict keys equal MoeMlp's; expert tensors hold this rank's shard along dim 0 (see `shard_state_dict`);
+    which parameters are experts' is known by these names (`expert_state_keys`). Initialisation: the router draws
+    from the global RNG as usual (same seed on every rank gives the same router); the local experts draw from a
+    generator seeded with (torch.initial_seed(), ep_rank), so shards differ across an EP group and agree across
+    its replicas.
     """
 
     def __init__(self, config: MoeConfig, groups: ExpertParallelGroups):
