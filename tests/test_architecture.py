@@ -1,7 +1,8 @@
 """The dependency rule of docs/architecture.md, checked from the source: the core (the MoE layer, the models, the
 data) never imports the layers built on it (training, checkpoints, studies, commands), so each can be used and
 tested alone; checkpoints know models and data, not training; and no two modules import each other, directly or
-round a circle. Every import counts, also those inside functions; type-only ones (`if TYPE_CHECKING:`) do not."""
+round a circle. Every import counts, also those inside functions; type-only ones (`if TYPE_CHECKING:`) do not.
+And no function grows past 80 lines."""
 
 import ast
 from pathlib import Path
@@ -136,3 +137,15 @@ def test_the_rule_sees_imports_inside_functions(tmp_path):
                       "def f():\n    from limoe.train import train\n    import limoe.checkpoint\n"
                       "from limoe import moe\n")
     assert imports(source) == {"train", "checkpoint", "moe"}
+
+
+MAX_FUNCTION_LINES = 80  # a function longer than this does several things: split it
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = [f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+            for path in sorted(PACKAGE.rglob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
