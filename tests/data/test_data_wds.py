@@ -1,6 +1,5 @@
 """webdataset shards: write/read round trip, brace patterns, bad samples and bad shards, clear errors."""
 
-import io
 import json
 import tarfile
 import warnings
@@ -11,17 +10,7 @@ from PIL import Image
 from limoe.data import ImageConfig, NoValidSamplesError, WdsPairs, write_shards
 from limoe.data.wds import expand_shards
 
-
-def png(i: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (10, 10), (i * 20 % 256, 100, 50)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+from _shards import add, png
 
 
 def test_round_trip_over_several_shards(tmp_path):

@@ -2,7 +2,6 @@
 name, webdataset shards in CLIP_benchmark's layout (image + .cls)."""
 
 import re
-import tarfile
 import warnings
 
 import pytest
@@ -13,7 +12,7 @@ from limoe.data.stats import DataError, DataNotFoundError
 from limoe.data.zero_shot import is_shard_pattern, zero_shot_set
 from limoe.evaluate import is_template
 
-from test_data_wds import add, png
+from _shards import clip_benchmark_shards, png
 
 IMAGE = ImageConfig(image_size=8)
 
@@ -49,20 +48,6 @@ def test_folders_named_by_index_or_by_name_take_the_built_in_names(tmp_path):
     (tmp_path / "simple").write_text("a drawing of a {c}.\n")  # CLIP_benchmark's placeholder
     assert zero_shot_set(tmp_path / "a", templates=str(tmp_path / "simple"), image=IMAGE).templates == [
         "a drawing of a {}."]
-
-
-def clip_benchmark_shards(root, labels):
-    """CLIP_benchmark's layout: root/test/{0,1}.tar, root/classnames.txt, root/zeroshot_..._templates.txt."""
-    (root / "test").mkdir(parents=True)
-    for shard, part in enumerate((labels[:3], labels[3:])):
-        with tarfile.open(root / "test" / f"{shard}.tar", "w") as tar:
-            for i, label in part:
-                add(tar, f"s{shard}{i}.webp" if i % 2 else f"s{shard}{i}.png", png(i))
-                if label is not None:
-                    add(tar, f"s{shard}{i}.cls", label)
-    (root / "classnames.txt").write_text("cat\ndog\nbird\n")
-    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na sketch of a {c}.\n")
-    return str(root / "test" / "{0..1}.tar")
 
 
 def test_shards_in_clip_benchmark_layout_label_by_index_and_count_bad_labels(tmp_path):

@@ -267,7 +267,7 @@ def test_a_file_inside_a_checkpoint_stands_for_it(run):
 
 
 def test_eval_on_shards_with_built_in_names_and_templates(run, tmp_path, capsys):
-    from test_data_zero_shot import clip_benchmark_shards
+    from _shards import clip_benchmark_shards
 
     pattern = clip_benchmark_shards(tmp_path, [(0, b"2"), (1, b"0"), (2, b"1"), (3, b"1")])
     out = tmp_path / "metrics.json"
