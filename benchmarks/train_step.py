@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"compile={args.compile} batch={batch_size} dense-equivalent train GFLOPs/pair="
           f"{train_flops_per_pair / 1e9:.2f} peak={args.peak_tflops} TFLOP/s")
     measured = time_interleaved(steps, device, args.reps, args.warmup)
-    losses = {name: step() for name, step in steps.items()}  # one more step each: finite?
+    losses = {name: step() for name, step in steps.items()}  # one more step each (a non-finite loss raises)
     dense_ms = measured[dense][0]
     print(f"{'model':<24}{'ms/step':>10}{'pairs/s':>10}{'x dense':>9}{'MFU':>8}{'peak MiB':>10}{'params':>10}")
     rows = []
@@ -151,9 +151,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"{name:<24}{ms:>10.1f}{pairs_per_s:>10.1f}{row['ratio_to_dense']:>9.2f}{100 * row['mfu']:>7.2f}%"
               f"{peak:>10.0f}{infos[name].total_params / 1e6:>9.1f}M", flush=True)
-    bad = [name for name, loss in losses.items() if not torch.isfinite(torch.tensor(loss))]
-    if bad:
-        raise RuntimeError(f"non-finite loss after the timed steps: {bad}")
     profile = profile_top(steps, device, args.profile) if args.profile else None
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "profile": profile}, indent=2))

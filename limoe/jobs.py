@@ -223,8 +223,7 @@ def evaluate_checkpoint(checkpoint: str, zero_shot_dir: str | None = None, class
                                       columns["csv_separator"], image=image, **one)
         elif built_in:
             sets.retrieval = held_out_pairs(config, image, **one)
-        metrics = Metrics(*held_out(model, tokenizer, sets, batch_size, config.eval.loss_batch,
-                                               progress))
+        metrics = Metrics(*held_out(model, tokenizer, sets, batch_size, config.eval.loss_batch, progress))
         if probe_train:
             train_ds = ImageFolder(probe_train, image=image, **one)
             test_ds = ImageFolder(probe_test, image=image, **one)

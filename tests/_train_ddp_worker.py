@@ -26,7 +26,7 @@ def same_global_batch(rank: int, world: int, port: int, out_dir: str, config_jso
         cfg = TrainConfig.from_dict(json.loads(config_json))
         batch = global_batch()
         n = len(batch) // world
-        local = batch.slice(rank * n, (rank + 1) * n)
+        local = batch.rows(rank * n, (rank + 1) * n)
         loss, grads = one_step(cfg, local, World(rank, world))
         losses = [None] * world
         dist.all_gather_object(losses, loss)

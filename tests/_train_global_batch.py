@@ -5,19 +5,12 @@ import torch
 from limoe.data import PairBatch
 
 
-def _slice(self, start, stop):
-    return PairBatch(self.images_B3HW[start:stop], self.ids_BL[start:stop], self.padding_mask_BL[start:stop],
-                     self.eos_index_B[start:stop], self.captions[start:stop])
-
-
 def global_batch(size: int = 8) -> PairBatch:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 100, (size, 16), generator=gen)
     padding = torch.arange(16)[None, :] >= torch.randint(3, 16, (size, 1), generator=gen)
-    batch = PairBatch(torch.randn(size, 3, 32, 32, generator=gen), ids.masked_fill(padding, 0), padding,
-                      (~padding).sum(1) - 1, [str(i) for i in range(size)])
-    batch.slice = _slice.__get__(batch)
-    return batch
+    return PairBatch(torch.randn(size, 3, 32, 32, generator=gen), ids.masked_fill(padding, 0), padding,
+                     (~padding).sum(1) - 1, [str(i) for i in range(size)])
 
 
 def one_step(cfg, batch, world=None):

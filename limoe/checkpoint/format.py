@@ -37,7 +37,7 @@ FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.jso
          "tokenizer.json")
 SHARDED_FOLDER = "sharded"
 SHARDED_INDEX = f"{SHARDED_FOLDER}/index.json"
-SHARDED_FILES = (SHARDED_INDEX, *FILES[1:])
+SHARDED_FILES = (SHARDED_INDEX, *(f for f in FILES if f != "model.safetensors"))  # the weights live in the shards
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -28,18 +28,18 @@ class ExpertParallel(ShardedStrategy):
         mesh = device_mesh(self.ep_size, self.device.type)
         self._set_expert_mesh(mesh)
         self.groups = shard_model(model, self.ep_size, self.num_experts, mesh)
+        self._name_experts(model)
 
     def expert_placements(self):
         return [Shard(0), Replicate()]  # split over the EP ranks, the same on every "expert_dp" rank
 
     def reduce_gradients(self, model: nn.Module) -> None:
-        allreduce_gradients(model, self.groups)
+        allreduce_gradients(model, self.groups, self.expert_names)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         # Expert gradients are split over the EP group (each is the same on its "expert_dp" replicas).
-        experts = set(expert_state_keys(model))
         named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-        return self.clip_sharded([p for _, p in named], [n in experts for n, _ in named], max_norm,
+        return self.clip_sharded([p for _, p in named], [n in self.expert_names for n, _ in named], max_norm,
                                  self.groups.ep_group)
 
 
@@ -67,17 +67,19 @@ def shard_model(model: nn.Module, ep_size: int, num_experts: int, mesh=None) -> 
     return groups
 
 
-def allreduce_gradients(model: nn.Module, groups: ExpertParallelGroups) -> None:
+def allreduce_gradients(model: nn.Module, groups: ExpertParallelGroups,
+                        expert_names: frozenset[str] | None = None) -> None:
     """Average gradients so every rank holds the gradient of the mean of all W ranks' losses.
 
     Call after each rank's `loss.backward()`, before the optimizer step. Non-expert gradients are summed over the
     whole world; expert gradients only over the expert-data-parallel group, because the all_to_all backward has
     already summed the contributions of the other ranks of the EP group. Both are then divided by the world size W
     (not by the group size): that is what makes them the gradient of mean_r loss_r. Parameters that need a
-    gradient but got none are reduced as zeros, so all ranks issue the same collectives.
+    gradient but got none are reduced as zeros, so all ranks issue the same collectives. `expert_names`: the
+    expert tensors' names (`expert_state_keys(model)`, looked up when not given).
     """
     buckets: dict[tuple[bool, torch.dtype, torch.device], list[torch.Tensor]] = defaultdict(list)
-    experts = set(expert_state_keys(model))
+    experts = expert_names if expert_names is not None else set(expert_state_keys(model))
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

@@ -22,7 +22,6 @@ from torch.distributed.tensor import DTensor, Shard
 
 from limoe.model.block import Block
 from limoe.moe.layer import MoeMlp
-from limoe.moe.parallel import expert_state_keys
 from limoe.parallel import expert_parallel as ep
 from limoe.parallel.mesh import device_mesh, whole_mesh
 from limoe.parallel.sharded_strategy import ShardedStrategy
@@ -41,6 +40,7 @@ class Fsdp(ShardedStrategy):
             self.groups = ep.shard_model(model, self.ep_size, self.num_experts, mesh)
             for layer in (m for m in model.modules() if isinstance(m, MoeMlp)):
                 fully_shard(layer.experts, mesh=mesh["expert_dp"])
+        self._name_experts(model)
         # FSDP2 cannot shard 0-dim tensors (the logit scale and bias, Soft MoE's router scale): they stay
         # replicated and are averaged by hand.
         everyone, ignored = whole_mesh(mesh), set(_replicated(model))
@@ -63,9 +63,8 @@ class Fsdp(ShardedStrategy):
         # FSDP averaged the expert gradients over the W/P "expert_dp" ranks, but the EP exchange's backward had
         # already summed them over the P ranks of the EP group: they are P times the mean's. (A divide factor of
         # W in FSDP would do the same in one go, but gloo lacks the reduce op it needs.)
-        experts = set(expert_state_keys(model))
         for name, param in model.named_parameters():
-            if name in experts and param.grad is not None:
+            if name in self.expert_names and param.grad is not None:
                 _local(param.grad).div_(self.ep_size)
         replicated = _replicated(model)  # looked up each time: materialising the model made new parameters
         for param in replicated:

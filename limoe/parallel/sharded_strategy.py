@@ -36,11 +36,17 @@ class ShardedStrategy(Strategy):
         self.ep_size, self.num_experts = ep_size, num_experts
         self.groups: ExpertParallelGroups | None = None
         self.expert_mesh: DeviceMesh | None = None
+        self.expert_names: frozenset[str] = frozenset()  # the model's expert tensors, set by `shard`
 
     def _set_expert_mesh(self, mesh: DeviceMesh) -> None:
         """The run's mesh with its dims in the order ("ep", "expert_dp") (collective). An expert tensor's rows sit at
         EP rank x E/P + the row in its EP shard, so its placements list the "ep" dim first."""
         self.expert_mesh = DeviceMesh(self.device.type, mesh.mesh.transpose(0, 1), mesh_dim_names=("ep", "expert_dp"))
+
+    def _name_experts(self, model: nn.Module) -> None:
+        """Remember which tensors are experts' (by name: names survive `to_empty` and FSDP's wrapping), once per
+        run rather than on every step."""
+        self.expert_names = frozenset(expert_state_keys(model))
 
     def expert_placements(self) -> list[Placement]:
         """How this rank's expert tensor (a plain EP shard, or FSDP's DTensor of one) lies on `expert_mesh`."""
@@ -91,7 +97,7 @@ class ShardedStrategy(Strategy):
     def _global_state(self, model, optimizer) -> tuple[dict[str, torch.Tensor], list[str]]:
         """DCP's state dict: every tensor as this rank's shard of its global, single-process tensor (plain tensors
         are the same on every rank); and the parameter names in the optimizer's order."""
-        expert_keys = set(expert_state_keys(model))
+        expert_keys = self.expert_names
         out = {f"model.{k}": self._global(v, k in expert_keys) for k, v in model.state_dict().items()}
         names = {id(p): n for n, p in model.named_parameters()}
         order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
@@ -143,7 +149,7 @@ class ShardedStrategy(Strategy):
             whole = build_model(model.config)
         self.load_part(model, ckpt.checked_weights(whole, checkpoint))
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        names, experts = {id(p): n for n, p in model.named_parameters()}, set(expert_state_keys(model))
+        names, experts = {id(p): n for n, p in model.named_parameters()}, self.expert_names
         placed = {}
         for key, value in opt_tensors.items():  # "state.<index>.<name>"; AdamW's step count is 0-dim
             if key.startswith("state.") and value.dim() >= 1:
@@ -155,4 +161,3 @@ class ShardedStrategy(Strategy):
 
 def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
-

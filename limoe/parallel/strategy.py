@@ -13,10 +13,10 @@
     if world.main or strategy.collective_eval: evaluate(model)     # who evaluates
 
 Implementations: `Strategy` itself (one process), `DataParallel` (DDP, the default for several ranks), and the
-strategies whose ranks hold parts of the model (`sharded.py`): `expert_parallel.ExpertParallel` and `fsdp.Fsdp`
-(FSDP2, with or without expert parallelism). The first two write checkpoints in the
-single-process layout from rank 0; the sharded ones have every rank write its shards (limoe/checkpoint/sharded.py)
-and evaluate together. A run resumes from either kind of checkpoint under any strategy.
+strategies whose ranks hold parts of the model (`sharded_strategy.py`): `expert_parallel.ExpertParallel` and
+`fsdp.Fsdp` (FSDP2, with or without expert parallelism). The first two write checkpoints in the single-process
+layout from rank 0; the sharded ones have every rank write its shards (limoe/checkpoint/sharded.py) and evaluate
+together. A run resumes from either kind of checkpoint under any strategy.
 """
 
 from __future__ import annotations

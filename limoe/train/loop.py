@@ -341,7 +341,7 @@ class _Run:
         return self.result
 
     def one_step(self) -> None:
-        """The next step at the scheduled learning rate, its record every log_interval steps."""
+        """The next step at the scheduled learning rate."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim, cfg.steps)
         set_lr(self.optimizer, lr)
@@ -354,17 +354,24 @@ class _Run:
                      else "; no checkpoint was written yet")
             raise TrainingError(f"{e} at step {self.step + 1}, stopping{where}") from None
         self.step += 1
-        self.window.add(done.stats)
         self.result.losses.append(done.sums["total_loss"])
-        if self.world.main and (self.step % cfg.log_interval == 0 or self.step == cfg.steps):
-            values = {**done.sums, "lr": lr, **self.window.close(cfg.data.batch_size), **self.skipped()}
-            self.logger.log("train", self.step, values)
-            post = {"loss": f"{done.sums['total_loss']:.3f}", "pairs/s": f"{values['pairs_per_s']:.0f}"}
-            for modality in ("image", "text"):
-                if f"routing_success/{modality}" in self.window.routing:
-                    post[f"ok_{modality[:3]}"] = f"{self.window.routing[f'routing_success/{modality}']:.2f}"
-            self.bar.set_postfix(post, refresh=False)
+        if self.world.main:  # rank 0 alone logs: the other ranks keep no window
+            self._log(done, lr)
         self.bar.update(1)
+
+    def _log(self, done, lr: float) -> None:
+        """Add the step to the window; every log_interval steps (and the last) write its record."""
+        cfg = self.cfg
+        self.window.add(done.stats)
+        if self.step % cfg.log_interval and self.step != cfg.steps:
+            return
+        values = {**done.sums, "lr": lr, **self.window.close(cfg.data.batch_size), **self.skipped()}
+        self.logger.log("train", self.step, values)
+        post = {"loss": f"{done.sums['total_loss']:.3f}", "pairs/s": f"{values['pairs_per_s']:.0f}"}
+        for modality in ("image", "text"):
+            if f"routing_success/{modality}" in self.window.routing:
+                post[f"ok_{modality[:3]}"] = f"{self.window.routing[f'routing_success/{modality}']:.2f}"
+        self.bar.set_postfix(post, refresh=False)
 
     def train(self, progress: bool, stop_after: int | None) -> RunResult:
         """Steps to cfg.steps (or a stop), then the final checkpoint and evaluation."""

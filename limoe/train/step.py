@@ -66,7 +66,7 @@ def train_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
     itself. `poison` makes the loss NaN (to test what a diverged run does). Raises NonFiniteLoss."""
     accumulation = cfg.optim.accumulation
     optimizer.zero_grad(set_to_none=True)
-    sums_T: dict[str, torch.Tensor] = {}  # detached, on the device: no host sync per term
+    sums_on_device: dict[str, torch.Tensor] = {}  # detached, on the device: no host sync per term
     stats_total = None
     for i, micro in enumerate(micro_batches(batch, accumulation)):
         with strategy.accumulating(runner, last=i == accumulation - 1):
@@ -76,14 +76,14 @@ def train_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.Optim
             (terms["total_loss"] / accumulation).backward()
         for name, value in terms.items():
             part = value.detach().float() / accumulation
-            sums_T[name] = sums_T[name] + part if name in sums_T else part
+            sums_on_device[name] = sums_on_device[name] + part if name in sums_on_device else part
         if stats is not None:
             stats_total = stats if stats_total is None else stats_total + stats
     strategy.reduce_gradients(model)
     if cfg.optim.grad_clip:
-        sums_T["grad_norm"] = strategy.clip_grad_norm(model, cfg.optim.grad_clip)
+        sums_on_device["grad_norm"] = strategy.clip_grad_norm(model, cfg.optim.grad_clip)
     # One host transfer per step for every logged term and the grad norm; nothing steps before it.
-    sums = dict(zip(sums_T, torch.stack([v.float() for v in sums_T.values()]).tolist()))
+    sums = dict(zip(sums_on_device, torch.stack([v.float() for v in sums_on_device.values()]).tolist()))
     if not math.isfinite(sums["total_loss"]):
         raise NonFiniteLoss(sums["total_loss"])
     optimizer.step()
