@@ -5,7 +5,8 @@ Modules, from the bottom up:
 - `mesh.py`: the run's DeviceMesh, dims ("expert_dp", "ep"), and this rank's expert-parallel groups;
 - `collectives.py`: the differentiable all_to_all and all_gather the model's own layers call;
 - `strategy.py`: the `Strategy` interface the training loop calls, for one process and for DDP;
-- `sharded.py`, `expert_parallel.py`, `fsdp.py`: the strategies whose ranks hold parts of the model;
+- `placement.py`: the table of where each tensor of a sharded model lives, and what its gradient needs;
+- `sharded_strategy.py`, `expert_parallel.py`, `fsdp.py`: the strategies whose ranks hold parts of the model;
 - `materialise.py`: a model built shard by shard, never whole on any rank.
 
 `world`, `mesh` and `collectives` import nothing of limoe (the MoE layer's expert-parallel form and the

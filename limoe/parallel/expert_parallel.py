@@ -1,5 +1,5 @@
-"""Expert parallelism in the training loop (the `ExpertParallel` strategy): swap MoE layers for EP shards, reduce
-gradients (`allreduce_gradients`) and clip them.
+"""Expert parallelism in the training loop (the `ExpertParallel` strategy): swap MoE layers for EP shards; the
+placement table says how each gradient is reduced and clipped.
 
 Checkpoints are sharded (limoe.parallel.sharded_strategy): each rank writes its experts as a shard of the global
 [E, ...] tensors, so a run resumes under any layout and `limoe.load_checkpoint` loads it in one process.
@@ -7,40 +7,36 @@ Checkpoints are sharded (limoe.parallel.sharded_strategy): each rank writes its 
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 
 from limoe.moe.layer import MoeMlp
 from limoe.moe.parallel import ExpertParallelMoeMlp, expert_state_keys, shard_state_dict
-from limoe.parallel.mesh import ExpertParallelGroups, device_mesh, expert_parallel_groups
+from limoe.parallel.mesh import ExpertParallelGroups, expert_parallel_groups
+from limoe.parallel.placement import TensorPlacement
 from limoe.parallel.sharded_strategy import ShardedStrategy
 
 
 class ExpertParallel(ShardedStrategy):
-    """Experts split over groups of `ep_size` ranks, everything else replicated: gradients are reduced after the
-    backward (`allreduce_gradients`, expert ones only over the ranks holding the same experts)."""
+    """Experts split over groups of `ep_size` ranks, everything else replicated.
 
-    def shard(self, model: nn.Module) -> None:
-        mesh = device_mesh(self.ep_size, self.device.type)
-        self._set_expert_mesh(mesh)
+    Gradients after the backward: a non-expert one is summed over the whole world; an expert one only over the
+    "expert_dp" ranks that hold the same experts, because the all_to_all's backward has already summed the
+    contributions of the other ranks of its EP group. Both are then divided by the world size W (not by the
+    group's size): that makes them the gradient of the mean of all W ranks' losses.
+    """
+
+    def _split(self, model: nn.Module, mesh: DeviceMesh) -> None:
         self.groups = shard_model(model, self.ep_size, self.num_experts, mesh)
-        self._name_experts(model)
 
-    def expert_placements(self):
-        return [Shard(0), Replicate()]  # split over the EP ranks, the same on every "expert_dp" rank
-
-    def reduce_gradients(self, model: nn.Module) -> None:
-        allreduce_gradients(model, self.groups, self.expert_names)
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        # Expert gradients are split over the EP group (each is the same on its "expert_dp" replicas).
-        named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-        return self.clip_sharded([p for _, p in named], [n in self.expert_names for n, _ in named], max_norm,
-                                 self.groups.ep_group)
+    def _placement(self, shape, value, expert, expert_mesh):
+        world = self.world.size
+        if expert:  # split over the EP ranks, the same on every "expert_dp" rank
+            return TensorPlacement(shape, expert_mesh, (Shard(0), Replicate()), "expert_dp", world,
+                                   copies=world // self.ep_size)
+        return TensorPlacement(shape, grad_reduce_over="world", grad_divisor=world, copies=world)
 
 
 def shard_model(model: nn.Module, ep_size: int, num_experts: int, mesh=None) -> ExpertParallelGroups:
@@ -66,34 +62,3 @@ def shard_model(model: nn.Module, ep_size: int, num_experts: int, mesh=None) -> 
             setattr(parent, name, shard)
     return groups
 
-
-def allreduce_gradients(model: nn.Module, groups: ExpertParallelGroups,
-                        expert_names: frozenset[str] | None = None) -> None:
-    """Average gradients so every rank holds the gradient of the mean of all W ranks' losses.
-
-    Call after each rank's `loss.backward()`, before the optimizer step. Non-expert gradients are summed over the
-    whole world; expert gradients only over the expert-data-parallel group, because the all_to_all backward has
-    already summed the contributions of the other ranks of the EP group. Both are then divided by the world size W
-    (not by the group size): that is what makes them the gradient of mean_r loss_r. Parameters that need a
-    gradient but got none are reduced as zeros, so all ranks issue the same collectives. `expert_names`: the
-    expert tensors' names (`expert_state_keys(model)`, looked up when not given).
-    """
-    buckets: dict[tuple[bool, torch.dtype, torch.device], list[torch.Tensor]] = defaultdict(list)
-    experts = expert_names if expert_names is not None else set(expert_state_keys(model))
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        buckets[(name in experts, param.grad.dtype, param.grad.device)].append(param.grad)
-    # Sorted keys: every rank must issue the collectives in the same order.
-    for (expert, _, _), grads in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), str(kv[0][2]))):
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per bucket, not one per tensor
-        group = groups.expert_dp_group if expert else None
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, group=group)
-        flat /= groups.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()

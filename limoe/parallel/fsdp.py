@@ -5,8 +5,9 @@ On the run's one DeviceMesh (`limoe.parallel.mesh.device_mesh`, dims "expert_dp"
 - experts are split over the "ep" ranks first (as `ExpertParallel` does), then each EP shard is sharded again
   by FSDP over the "expert_dp" ranks that hold the same experts;
 - everything else is sharded by FSDP over all ranks, one FSDP unit per transformer block plus the root.
-Gradients come out of the backward reduce-scattered: nothing to reduce after it. Checkpoints and evaluation
-work on the shards too (limoe.parallel.sharded_strategy).
+Gradients come out of the backward reduce-scattered; what is left (the experts' scale, the replicated 0-dim
+parameters) is in the placement table. Checkpoints and evaluation work on the shards too
+(limoe.parallel.sharded_strategy).
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ import contextlib
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Shard
 
 from limoe.model.block import Block
 from limoe.moe.layer import MoeMlp
 from limoe.parallel import expert_parallel as ep
-from limoe.parallel.mesh import device_mesh, whole_mesh
+from limoe.parallel.mesh import whole_mesh
+from limoe.parallel.placement import TensorPlacement
 from limoe.parallel.sharded_strategy import ShardedStrategy
-from limoe.parallel.sharded_strategy import local as _local
 
 
 class Fsdp(ShardedStrategy):
@@ -33,17 +34,14 @@ class Fsdp(ShardedStrategy):
         super().__init__(world, device, ep_size, num_experts)
         self.root: nn.Module | None = None
 
-    def shard(self, model: nn.Module) -> None:
-        mesh = device_mesh(self.ep_size, self.device.type)
+    def _split(self, model: nn.Module, mesh: DeviceMesh) -> None:
         if self.ep_size > 1:
-            self._set_expert_mesh(mesh)
             self.groups = ep.shard_model(model, self.ep_size, self.num_experts, mesh)
             for layer in (m for m in model.modules() if isinstance(m, MoeMlp)):
                 fully_shard(layer.experts, mesh=mesh["expert_dp"])
-        self._name_experts(model)
         # FSDP2 cannot shard 0-dim tensors (the logit scale and bias, Soft MoE's router scale): they stay
-        # replicated and are averaged by hand.
-        everyone, ignored = whole_mesh(mesh), set(_replicated(model))
+        # replicated, and their placement has them averaged after the backward.
+        everyone, ignored = whole_mesh(mesh), {p for p in model.parameters() if p.dim() == 0}
         for block in (m for m in model.modules() if isinstance(m, Block)):
             fully_shard(block, mesh=everyone, ignored_params=ignored)
             register_fsdp_forward_method(block, "forward_pair")  # one-tower training calls this, not forward
@@ -55,37 +53,18 @@ class Fsdp(ShardedStrategy):
         # in place: nothing does, and the equivalence tests would catch wrong gradients if it did.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
 
+    def _placement(self, shape, value, expert, expert_mesh):
+        if expert and self.groups is not None:
+            # Split over the EP ranks, then FSDP's chunks over the "expert_dp" ranks. FSDP averaged the gradient
+            # over the W/P "expert_dp" ranks, but the EP exchange's backward had already summed it over the P ranks
+            # of the EP group: it is P times the mean's. (A divide factor of W in FSDP would do it in one go, but
+            # gloo lacks the reduce op it needs.)
+            return TensorPlacement(shape, expert_mesh, (Shard(0), Shard(0)), grad_divisor=self.ep_size)
+        if isinstance(value, DTensor):  # FSDP's shard: its gradient comes out of the backward reduce-scattered
+            return TensorPlacement(shape, value.device_mesh, tuple(value.placements))
+        world = self.world.size  # left replicated: averaged by hand
+        return TensorPlacement(shape, grad_reduce_over="world", grad_divisor=world, copies=world)
+
     def accumulating(self, runner: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         self.root.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-
-    def reduce_gradients(self, model: nn.Module) -> None:
-        # FSDP averaged the expert gradients over the W/P "expert_dp" ranks, but the EP exchange's backward had
-        # already summed them over the P ranks of the EP group: they are P times the mean's. (A divide factor of
-        # W in FSDP would do the same in one go, but gloo lacks the reduce op it needs.)
-        for name, param in model.named_parameters():
-            if name in self.expert_names and param.grad is not None:
-                _local(param.grad).div_(self.ep_size)
-        replicated = _replicated(model)  # looked up each time: materialising the model made new parameters
-        for param in replicated:
-            if param.grad is None:  # every rank must take part in every reduction
-                param.grad = torch.zeros_like(param)
-        if replicated:
-            flat = torch.stack([p.grad for p in replicated])
-            dist.all_reduce(flat)
-            for param, grad in zip(replicated, flat / self.world.size):
-                param.grad.copy_(grad)
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        # Every DTensor gradient element lives on exactly one rank (FSDP shards, EP shards of distinct experts);
-        # the 0-dim replicated ones are the same everywhere.
-        params = [p for p in model.parameters() if p.grad is not None]
-        return self.clip_sharded(params, [isinstance(p.grad, DTensor) for p in params], max_norm, None)
-
-    # -- checkpoints (sharded: limoe.parallel.sharded_strategy) ----------------------------------------------
-    def expert_placements(self):
-        return [Shard(0), Shard(0)]  # split over the EP ranks, then FSDP's chunks over the "expert_dp" ranks
-
-
-def _replicated(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.dim() == 0]

@@ -30,7 +30,7 @@ def build_for(strategy, config: ModelConfig, device: torch.device) -> nn.Module:
 
     def fill(prefix: str, module: nn.Module, full: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            strategy.load_part(module, full)
+            strategy.load_part(module, full, prefix)
         written.update(f"{prefix}{key}" for key in full)
 
     def hand_over(parent: nn.Module, name: str, child: nn.Module) -> None:

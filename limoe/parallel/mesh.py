@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+
 @dataclass(frozen=True)
 class ExpertParallelGroups:
     """This rank's place in the EP x expert-data-parallel grid. Build with `expert_parallel_groups`."""

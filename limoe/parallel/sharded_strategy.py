@@ -2,32 +2,31 @@
 
 - Checkpoints are sharded (limoe/checkpoint/sharded.py): each rank writes its pieces of the single-process tensors,
   experts as shards of the global [E, ...] tensors, and loads its pieces of any checkpoint, resharding as needed.
+- Gradients, their norm and checkpoints follow the placement table the strategy writes when it shards the model
+  (limoe/parallel/placement.py).
 - Evaluation runs on every rank, with the same held-out data, on the sharded model itself: its layers' collectives
   need every rank. Rank 0 reports.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
 from limoe import checkpoint as ckpt
 from limoe.checkpoint import sharded as sharded_checkpoint
 from limoe.model.registry import build_model
 from limoe.moe.parallel import expert_state_keys
-from limoe.parallel.mesh import ExpertParallelGroups
+from limoe.parallel.mesh import ExpertParallelGroups, device_mesh
+from limoe.parallel.placement import Placements, TensorPlacement, local
 from limoe.parallel.strategy import Strategy
 
 
 class ShardedStrategy(Strategy):
-    """The base of `ExpertParallel` and `Fsdp`: their checkpoints, their share of single-process tensors, and
-    evaluation by every rank."""
+    """The base of `ExpertParallel` and `Fsdp`: the model split by a subclass, then every layout-dependent step
+    (checkpoints, gradient reduction, clipping) read from the placement table (limoe.parallel.placement)."""
 
     collective_eval = True
 
@@ -35,57 +34,45 @@ class ShardedStrategy(Strategy):
         super().__init__(world, device)
         self.ep_size, self.num_experts = ep_size, num_experts
         self.groups: ExpertParallelGroups | None = None
-        self.expert_mesh: DeviceMesh | None = None
-        self.expert_names: frozenset[str] = frozenset()  # the model's expert tensors, set by `shard`
+        self.placements: Placements | None = None  # written by `shard`
 
-    def _set_expert_mesh(self, mesh: DeviceMesh) -> None:
-        """The run's mesh with its dims in the order ("ep", "expert_dp") (collective). An expert tensor's rows sit at
-        EP rank x E/P + the row in its EP shard, so its placements list the "ep" dim first."""
-        self.expert_mesh = DeviceMesh(self.device.type, mesh.mesh.transpose(0, 1), mesh_dim_names=("ep", "expert_dp"))
+    def shard(self, model: nn.Module) -> None:
+        shapes = {key: value.shape for key, value in model.state_dict().items()}  # single-process shapes
+        mesh = device_mesh(self.ep_size, self.device.type)
+        self._split(model, mesh)
+        experts = frozenset(expert_state_keys(model))  # by name: names survive `to_empty` and FSDP's wrapping
+        # The run's mesh with its dims in the order ("ep", "expert_dp"): an expert tensor's rows sit at
+        # EP rank x E/P + the row in its EP shard, so its placements name the "ep" dim first.
+        expert_mesh = (DeviceMesh(self.device.type, mesh.mesh.transpose(0, 1), mesh_dim_names=("ep", "expert_dp"))
+                       if self.groups is not None else None)
+        entries = {key: self._placement(shapes[key], value, key in experts, expert_mesh)
+                   for key, value in model.state_dict().items()}
+        # A parameter's name can differ from its state-dict key (MoeMlp files its router's at its own level): the
+        # gradient steps and the optimizer's state look entries up by parameter name.
+        key_of = {id(value): key for key, value in model.state_dict(keep_vars=True).items()}
+        entries.update((name, entries[key_of[id(param)]]) for name, param in model.named_parameters())
+        groups = {"world": None, "expert_dp": self.groups.expert_dp_group if self.groups is not None else None}
+        self.placements = Placements(entries, groups)
 
-    def _name_experts(self, model: nn.Module) -> None:
-        """Remember which tensors are experts' (by name: names survive `to_empty` and FSDP's wrapping), once per
-        run rather than on every step."""
-        self.expert_names = frozenset(expert_state_keys(model))
-
-    def expert_placements(self) -> list[Placement]:
-        """How this rank's expert tensor (a plain EP shard, or FSDP's DTensor of one) lies on `expert_mesh`."""
+    def _split(self, model: nn.Module, mesh: DeviceMesh) -> None:
+        """Swap or wrap `model`'s parameters so that this rank holds its share (in place)."""
         raise NotImplementedError
 
-    def clip_sharded(self, params: list[nn.Parameter], sharded: list[bool], max_norm: float, group) -> torch.Tensor:
-        """Clip the gradient norm of the whole, unsharded model, as `clip_grad_norm_` in one process would; returns
-        it before clipping. `sharded[i]`: each element of params[i]'s gradient lives on exactly one rank of `group`
-        (None: all ranks); the others are the same on every rank and count once. One all_reduce, no host sync."""
-        square_sharded = torch.zeros((), device=self.device)
-        square_replicated = torch.zeros((), device=self.device)
-        for param, split in zip(params, sharded):
-            square = local(param.grad).detach().float().pow(2).sum().to(self.device)
-            if split:
-                square_sharded += square
-            else:
-                square_replicated += square
-        dist.all_reduce(square_sharded, group=group)
-        total = (square_sharded + square_replicated).sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for param in params:
-            local(param.grad).mul_(coef.to(param.grad.dtype))
-        return total
+    def _placement(self, shape: torch.Size, value: torch.Tensor, expert: bool,
+                   expert_mesh: DeviceMesh | None) -> TensorPlacement:
+        """Where tensor `value` (after `_split`, single-process shape `shape`) lives, and what its gradient needs."""
+        raise NotImplementedError
 
-    def load_part(self, module, full):
+    def reduce_gradients(self, model: nn.Module) -> None:
+        self.placements.reduce_gradients(model)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return self.placements.clip_grad_norm(model, max_norm, self.device)
+
+    def load_part(self, module, full, prefix=""):
         own = module.state_dict()
-        experts = set(expert_state_keys(module))
         for key, value in full.items():
-            local(own[key]).copy_(local(self._place(value, own[key], key in experts)))
-
-    def _place(self, full: torch.Tensor, target: torch.Tensor, expert: bool) -> torch.Tensor:
-        """A single-process tensor cut as `target` is: this rank's experts, then FSDP's chunk of them."""
-        if expert and self.groups is not None:
-            per_rank = full.shape[0] // self.ep_size
-            full = full[self.groups.ep_rank * per_rank:(self.groups.ep_rank + 1) * per_rank]
-        if isinstance(target, DTensor):
-            return distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
-                                     src_data_rank=None)
-        return full
+            local(own[key]).copy_(local(self.placements.cut(prefix + key, value, own[key])))
 
     def save(self, run_dir, step, model, optimizer, state, config_json, tokenizer, keep_last):
         tensors, names = self._global_state(model, optimizer)
@@ -97,22 +84,14 @@ class ShardedStrategy(Strategy):
     def _global_state(self, model, optimizer) -> tuple[dict[str, torch.Tensor], list[str]]:
         """DCP's state dict: every tensor as this rank's shard of its global, single-process tensor (plain tensors
         are the same on every rank); and the parameter names in the optimizer's order."""
-        expert_keys = self.expert_names
-        out = {f"model.{k}": self._global(v, k in expert_keys) for k, v in model.state_dict().items()}
+        view = self.placements.global_view
+        out = {f"model.{k}": view(k, v) for k, v in model.state_dict().items()}
         names = {id(p): n for n, p in model.named_parameters()}
         order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
         for param, per_param in optimizer.state.items():
             for slot, value in per_param.items():
-                out[f"optim.{names[id(param)]}.{slot}"] = self._global(value, names[id(param)] in expert_keys)
+                out[f"optim.{names[id(param)]}.{slot}"] = view(names[id(param)], value)
         return out, order
-
-    def _global(self, t: torch.Tensor, expert: bool) -> torch.Tensor:
-        if not expert or self.groups is None or t.dim() == 0:
-            return t  # FSDP's DTensors are global already; 0-dim tensors (AdamW's step) are replicated
-        shape = (t.shape[0] * self.ep_size, *t.shape[1:])  # t's shape is this EP shard's [E/P, ...]
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))  # contiguous
-        return DTensor.from_local(local(t), self.expert_mesh, self.expert_placements(), run_check=False,
-                                  shape=shape, stride=stride)
 
     def load_full_state(self, model, optimizer, checkpoint, opt_tensors, opt_meta) -> None:
         if not ckpt.is_sharded(checkpoint):
@@ -149,15 +128,11 @@ class ShardedStrategy(Strategy):
             whole = build_model(model.config)
         self.load_part(model, ckpt.checked_weights(whole, checkpoint))
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        names, experts = {id(p): n for n, p in model.named_parameters()}, self.expert_names
+        names = {id(p): n for n, p in model.named_parameters()}
         placed = {}
         for key, value in opt_tensors.items():  # "state.<index>.<name>"; AdamW's step count is 0-dim
             if key.startswith("state.") and value.dim() >= 1:
                 param = params[int(key.split(".")[1])]
-                value = self._place(value, param, names[id(param)] in experts)
+                value = self.placements.cut(names[id(param)], value, param)
             placed[key] = value
         ckpt.load_optimizer_state(optimizer, placed, opt_meta)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t

@@ -2,7 +2,7 @@
 
     strategy = make_strategy(cfg, world, device)   # limoe.parallel: the one for cfg.dist on this world
     strategy.shard(model)                       # on the meta device: swap or wrap the parameters
-    strategy.load_part(block, full_state)       # fill this rank's share (limoe.parallel.materialise)
+    strategy.load_part(block, full_state, prefix)  # fill this rank's share (limoe.parallel.materialise)
     runner = strategy.runner(model, compile)    # what the forward pass calls
     with strategy.accumulating(runner, last):   # a micro-batch's backward; gradients sync on the last
         ...backward()
@@ -14,9 +14,10 @@
 
 Implementations: `Strategy` itself (one process), `DataParallel` (DDP, the default for several ranks), and the
 strategies whose ranks hold parts of the model (`sharded_strategy.py`): `expert_parallel.ExpertParallel` and
-`fsdp.Fsdp` (FSDP2, with or without expert parallelism). The first two write checkpoints in the single-process
-layout from rank 0; the sharded ones have every rank write its shards (limoe/checkpoint/sharded.py) and evaluate
-together. A run resumes from either kind of checkpoint under any strategy.
+`fsdp.Fsdp` (FSDP2, with or without expert parallelism), whose every layout-dependent step reads one placement
+table (`placement.py`). The first two write checkpoints in the single-process layout from rank 0; the sharded ones
+have every rank write its shards (limoe/checkpoint/sharded.py) and evaluate together. A run resumes from either
+kind of checkpoint under any strategy.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ class Strategy:
     def shard(self, model: nn.Module) -> None:
         """Give this rank its share of `model`'s parameters (in place; the optimizer is built after)."""
 
-    def load_part(self, module: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    def load_part(self, module: nn.Module, full: dict[str, torch.Tensor], prefix: str = "") -> None:
         """Copy single-process values `full` (some keys of `module.state_dict()`) into this rank's share of
-        `module`, a part of the model `shard` has shared out."""
+        `module`, a part of the model `shard` has shared out, whose state-dict keys in the model start with
+        `prefix`."""
         own = module.state_dict()
         for key, value in full.items():
             own[key].copy_(value)

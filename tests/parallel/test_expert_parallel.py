@@ -9,6 +9,7 @@ collective.
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import time
@@ -23,10 +24,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from limoe.moe import MoeConfig, MoeMlp
-from limoe.moe.parallel import (ExpertParallelMoeMlp, expert_state_keys, gather_full_state_dict,
-                                load_full_state_dict, merge_state_dicts, shard_state_dict)
-from limoe.parallel.expert_parallel import allreduce_gradients
+from limoe.moe.parallel import ExpertParallelMoeMlp, expert_state_keys, load_full_state_dict, shard_state_dict
+from limoe.parallel.expert_parallel import ExpertParallel
 from limoe.parallel.mesh import ExpertParallelGroups, check_expert_parallel, expert_parallel_groups
+from limoe.parallel.world import World
 
 DIM, HIDDEN = 8, 16
 
@@ -91,6 +92,24 @@ def _ep_copy(ref: nn.Module, make, groups: ExpertParallelGroups) -> nn.Module:
     model = make().to(next(ref.parameters()).dtype)
     load_full_state_dict(model, ref.state_dict(), groups)
     return model
+
+
+def _merge_state_dicts(shards: list[dict[str, torch.Tensor]], expert_keys: list[str]) -> dict[str, torch.Tensor]:
+    """The single-process state dict from the state dicts of EP ranks 0..P-1 (no collectives)."""
+    out = dict(shards[0])
+    for key in expert_keys:
+        out[key] = torch.cat([shard[key] for shard in shards])
+    return out
+
+
+def _gather_full_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor]:
+    """The single-process state dict on every rank: expert shards all-gathered over the EP group, in rank order."""
+    out = model.state_dict()
+    for key in expert_state_keys(model):
+        parts = [torch.empty_like(out[key]) for _ in range(groups.ep_size)]
+        dist.all_gather(parts, out[key].contiguous(), group=groups.ep_group)
+        out[key] = torch.cat(parts)
+    return out
 
 
 def _tokens(rank: int, seed: int, num_tokens: int, kind: str = "random"):
@@ -189,14 +208,17 @@ class _Net(nn.Module):
 
 
 def scenario_training(rank, world_size, out_dir):
-    """AdamW steps with allreduce_gradients equal single-process steps on the mean of the per-rank losses."""
+    """AdamW steps with the `ExpertParallel` strategy's gradient reduction and clipping equal single-process steps
+    on the mean of the per-rank losses."""
     fails = []
     cfg = MoeConfig(DIM, HIDDEN, num_experts=4, k=1, noise_std=1.0)
     for ep_size in sorted({2, world_size}):
-        groups = expert_parallel_groups(ep_size)
         torch.manual_seed(0)
         ref = _Net(MoeMlp(cfg)).double()  # float64: Adam's normalisation would magnify float32 rounding
-        ep = _ep_copy(ref, lambda: _Net(ExpertParallelMoeMlp(cfg, groups)), groups)
+        ep = copy.deepcopy(ref)
+        strategy = ExpertParallel(World(rank, world_size), torch.device("cpu"), ep_size, cfg.num_experts)
+        strategy.shard(ep)
+        groups = strategy.groups
         opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
         opt_ep = torch.optim.AdamW(ep.parameters(), lr=1e-2)
 
@@ -207,9 +229,14 @@ def scenario_training(rank, world_size, out_dir):
         for step in range(3):
             loss = ep.loss(*data(rank, step), seed=step * 100 + rank)
             loss.backward()
-            allreduce_gradients(ep, groups)
+            strategy.reduce_gradients(ep)
             ref_losses = [ref.loss(*data(r, step), seed=step * 100 + r) for r in range(world_size)]
             torch.stack(ref_losses).mean().backward()
+            # The norm of the whole model (in float32, hence the tolerance); too high a bound to clip, so that the
+            # float64 comparisons below stay exact.
+            norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9)
+            _close(fails, f"ep={ep_size} step {step} norm", strategy.clip_grad_norm(ep, 1e9).double(), norm_ref,
+                   rtol=1e-6, atol=0)
             # Gradients directly, not only through losses: Adam is nearly blind to a wrong gradient scale.
             local = groups.local_experts(cfg.num_experts)
             for (name, p), p_ref in zip(ep.named_parameters(), ref.parameters()):
@@ -219,7 +246,7 @@ def scenario_training(rank, world_size, out_dir):
             opt_ref.step(), opt_ref.zero_grad()
             _close(fails, f"ep={ep_size} step {step} loss", loss.detach(), ref_losses[rank].detach(),
                    rtol=1e-10, atol=1e-12)
-        full = gather_full_state_dict(ep, groups)
+        full = _gather_full_state_dict(ep, groups)
         for key, value in ref.state_dict().items():
             _close(fails, f"ep={ep_size} final {key}", full[key], value, rtol=1e-9, atol=1e-12)
         named = {n for n, _ in ep.named_parameters()}
@@ -245,14 +272,14 @@ def scenario_checkpoints(rank, world_size, out_dir):
         layer = ExpertParallelMoeMlp(cfg, groups[src]).eval()
         load_full_state_dict(layer, full, groups[src])
         layers[src] = layer
-        written = gather_full_state_dict(layer, groups[src])
+        written = _gather_full_state_dict(layer, groups[src])
         if rank == 0:
             torch.save(written, out_dir / f"full_ep{src}.pt")
         torch.save(layer.state_dict(), out_dir / f"ep{src}_rank{rank}.pt")  # per-rank files, merged offline
         dist.barrier()
         for key, value in ref.state_dict().items():
             _close(fails, f"ep={src} gathered {key}", written[key], value, rtol=0, atol=0)
-        merged = merge_state_dicts([torch.load(out_dir / f"ep{src}_rank{r}.pt") for r in range(src)],
+        merged = _merge_state_dicts([torch.load(out_dir / f"ep{src}_rank{r}.pt") for r in range(src)],
                                    expert_state_keys(layer))
         for key, value in ref.state_dict().items():
             _close(fails, f"ep={src} merged {key}", merged[key], value, rtol=0, atol=0)
@@ -336,7 +363,7 @@ def test_shard_and_merge_round_trip_with_moe_keys():
     shards = [shard_state_dict(full, keys, r, 4) for r in range(4)]
     assert shards[1]["block.mlp.experts.w_in_Edh"].shape == (2, DIM, HIDDEN)
     assert torch.equal(shards[3]["block.mlp.router_dE"], full["block.mlp.router_dE"])
-    merged = merge_state_dicts(shards, keys)
+    merged = _merge_state_dicts(shards, keys)
     assert merged.keys() == full.keys() and all(torch.equal(merged[k], full[k]) for k in full)
     groups = ExpertParallelGroups(ep_size=4, ep_rank=1, world_size=8, ep_group=None, expert_dp_group=None)
     assert groups.local_experts(8) == range(2, 4) and groups.expert_dp_size == 2
