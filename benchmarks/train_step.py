@@ -50,14 +50,14 @@ PRESETS = ("s32", "b32", "b16", "l16")
 
 
 def make_batch(config, batch: int, device: torch.device, seed: int = 0) -> PairBatch:
-    """Random images [B, 3, H, W] and token ids [B, L] with 1..L real tokens each (padding id 0 after them)."""
+    """Random images [B, 3, H, W] and token ids [B, T] with 1..T real tokens each (padding id 0 after them)."""
     gen = torch.Generator().manual_seed(seed)
     images_B3HW = torch.randn(batch, 3, config.image_size, config.image_size, generator=gen)
     length = config.context_length
-    ids_BL = torch.randint(1, config.vocab_size, (batch, length), generator=gen)
+    ids_BT = torch.randint(1, config.vocab_size, (batch, length), generator=gen)
     lengths_B = torch.randint(1, length + 1, (batch,), generator=gen)
-    padding_BL = torch.arange(length)[None, :] >= lengths_B[:, None]
-    return PairBatch(images_B3HW, ids_BL.masked_fill(padding_BL, 0), padding_BL, lengths_B - 1,
+    padding_BT = torch.arange(length)[None, :] >= lengths_B[:, None]
+    return PairBatch(images_B3HW, ids_BT.masked_fill(padding_BT, 0), padding_BT, lengths_B - 1,
                      [""] * batch).to(device)
 
 

@@ -41,13 +41,13 @@ class TwoModalityTask:
     def __init__(self, seed: int):
         gen = torch.Generator().manual_seed(seed)
         self.gen = gen
-        self.centers_CD = 3.0 * torch.randn(9, DIM, generator=gen)  # clusters 0-5 image, 6-8 text
-        self.maps_CDD = torch.randn(9, DIM, DIM, generator=gen) / DIM**0.5
+        self.centers_Yd = 3.0 * torch.randn(9, DIM, generator=gen)  # the classes: clusters 0-5 image, 6-8 text
+        self.maps_Ydd = torch.randn(9, DIM, DIM, generator=gen) / DIM**0.5
 
     def sample(self, num_tokens: int, clusters: range) -> tuple[torch.Tensor, torch.Tensor]:
         c_S = torch.randint(clusters.start, clusters.stop, (num_tokens,), generator=self.gen)
-        x_SD = self.centers_CD[c_S] + torch.randn(num_tokens, DIM, generator=self.gen)
-        return x_SD, torch.tanh(torch.einsum("sd,sde->se", x_SD, self.maps_CDD[c_S]))
+        x_Sd = self.centers_Yd[c_S] + torch.randn(num_tokens, DIM, generator=self.gen)
+        return x_Sd, torch.tanh(torch.einsum("sd,sde->se", x_Sd, self.maps_Ydd[c_S]))
 
     def group(self, tokens: int) -> tuple[torch.Tensor, ...]:
         """One routing group: x, target, modality id and validity of every token, modalities shuffled together."""
@@ -70,9 +70,9 @@ def train_variant(variant: Variant, task_seed: int, tokens: int, steps: int, see
     opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
     start = time.perf_counter()
     for step in range(steps):
-        x_SD, y_SD, modality_S, valid_S = task.group(tokens)
-        out_SD, aux = layer(x_SD, modality=modality_S, valid=valid_S)
-        per_token_S = (out_SD - y_SD).square().mean(-1)
+        x_Sd, y_Sd, modality_S, valid_S = task.group(tokens)
+        out_Sd, aux = layer(x_Sd, modality=modality_S, valid=valid_S)
+        per_token_S = (out_Sd - y_Sd).square().mean(-1)
         # Each modality's mean error counts equally, however few its tokens.
         mse = sum(per_token_S[valid_S & (modality_S == m)].mean() for m in (0, 1)) / 2
         aux = sum(w * aux.losses[name] for name, w in variant.loss_weights.items())
@@ -85,8 +85,8 @@ def train_variant(variant: Variant, task_seed: int, tokens: int, steps: int, see
     stats: MoeStats | None = None
     with torch.no_grad():
         for _ in range(10):
-            x_SD, _, modality_S, valid_S = task.group(tokens)
-            step_stats = layer(x_SD, modality=modality_S, valid=valid_S)[1].stats
+            x_Sd, _, modality_S, valid_S = task.group(tokens)
+            step_stats = layer(x_Sd, modality=modality_S, valid=valid_S)[1].stats
             stats = step_stats if stats is None else stats + step_stats
     return {"mse": mse.item(), "stats": stats, "seconds": seconds}
 

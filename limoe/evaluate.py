@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from limoe.deprecation import renamed_arguments
+
 Tokenize = Callable[[list[str]], torch.Tensor]
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
 
@@ -59,16 +61,16 @@ def is_template(text: str) -> bool:
     return fields == [""]
 
 
-def _topk_hits(scores_NC: torch.Tensor, labels_N: torch.Tensor, topk: Sequence[int]) -> dict[int, int]:
-    k_max = min(max(topk), scores_NC.shape[1])
-    hit_NK = scores_NC.topk(k_max, dim=1).indices == labels_N[:, None]
-    return {k: int(hit_NK[:, :k].any(1).sum()) for k in topk}
+def _topk_hits(scores_BY: torch.Tensor, labels_B: torch.Tensor, topk: Sequence[int]) -> dict[int, int]:
+    k_max = min(max(topk), scores_BY.shape[1])
+    hit_BK = scores_BY.topk(k_max, dim=1).indices == labels_B[:, None]
+    return {k: int(hit_BK[:, :k].any(1).sum()) for k in topk}
 
 
 # -- zero-shot classification ---------------------------------------------------------------------------------
 def class_embeddings(model: nn.Module, classnames: Sequence[str], tokenize: Tokenize,
                      templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 256) -> torch.Tensor:
-    """[C, D]: per class, the normalised mean of the normalised text embeddings of its prompts."""
+    """[Y, D]: per class, the normalised mean of the normalised text embeddings of its prompts."""
     bad = [t for t in templates if not is_template(t)]
     if bad or not templates:
         raise ValueError(f"every prompt template needs exactly one '{{}}' for the class name (other braces "
@@ -79,31 +81,33 @@ def class_embeddings(model: nn.Module, classnames: Sequence[str], tokenize: Toke
         for start in range(0, len(classnames), per_chunk):
             names = classnames[start:start + per_chunk]
             prompts = [t.format(name) for name in names for t in templates]
-            z_PD = F.normalize(model.encode_text(tokenize(prompts).to(device)), dim=-1)
-            out.append(F.normalize(z_PD.view(len(names), len(templates), -1).mean(1), dim=-1))
+            z_BD = F.normalize(model.encode_text(tokenize(prompts).to(device)), dim=-1)
+            out.append(F.normalize(z_BD.view(len(names), len(templates), -1).mean(1), dim=-1))
     return torch.cat(out)
 
 
-def zero_shot_hits(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], class_embeds_CD: torch.Tensor,
+@renamed_arguments(class_embeds_CD="class_embeds_YD")
+def zero_shot_hits(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], class_embeds_YD: torch.Tensor,
                    topk: Sequence[int] = (1, 5)) -> tuple[dict[int, int], int]:
     """({k: images whose class is among their k nearest class embeddings}, images) over (image_embeds [B, D],
     labels [B]) batches: counts, so that the accuracies of several subsets pool exactly."""
     hits = dict.fromkeys(topk, 0)
     count = 0
-    check_finite(class_embeds_CD, "class embeddings")
+    check_finite(class_embeds_YD, "class embeddings")
     for image_BD, labels_B in batches:
         check_finite(image_BD, "image embeddings")
-        for k, h in _topk_hits(image_BD @ class_embeds_CD.T.to(image_BD), labels_B.to(image_BD.device),
+        for k, h in _topk_hits(image_BD @ class_embeds_YD.T.to(image_BD), labels_B.to(image_BD.device),
                                topk).items():
             hits[k] += h
         count += labels_B.shape[0]
     return hits, count
 
 
-def zero_shot_from_embeddings(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], class_embeds_CD: torch.Tensor,
+@renamed_arguments(class_embeds_CD="class_embeds_YD")
+def zero_shot_from_embeddings(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], class_embeds_YD: torch.Tensor,
                               topk: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy of nearest-class-embedding prediction over (image_embeds [B, D], labels [B]) batches."""
-    hits, count = zero_shot_hits(batches, class_embeds_CD, topk)
+    hits, count = zero_shot_hits(batches, class_embeds_YD, topk)
     return {f"top{k}": hits[k] / max(count, 1) for k in topk}
 
 
@@ -120,44 +124,45 @@ def zero_shot_classification(model: nn.Module, loader: Iterable, classnames: Seq
                              templates: Sequence[str] = DEFAULT_TEMPLATES, topk: Sequence[int] = (1, 5)
                              ) -> dict[str, float]:
     """Classify (images, labels) batches by the most similar class prompt ensemble; returns {"top1", "top5"}."""
-    class_CD = class_embeddings(model, classnames, tokenize, templates)
+    class_YD = class_embeddings(model, classnames, tokenize, templates)
     return zero_shot_from_embeddings(((z, torch.as_tensor(y)) for z, y in image_embeddings(model, loader)),
-                                     class_CD, topk)
+                                     class_YD, topk)
 
 
 # -- retrieval ------------------------------------------------------------------------------------------------
-def retrieval_from_embeddings(image_ND: torch.Tensor, text_MD: torch.Tensor, text_image_M: torch.Tensor,
+@renamed_arguments(image_ND="image_ID", text_MD="text_JD", text_image_M="text_image_J")
+def retrieval_from_embeddings(image_ID: torch.Tensor, text_JD: torch.Tensor, text_image_J: torch.Tensor,
                               ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
-    """Recall@k both ways; text m describes image text_image_M[m], an image may have several texts.
+    """Recall@k both ways; text j describes image text_image_J[j], an image may have several texts.
 
     image->text: an image counts as found at k if any of its texts is among its k most similar texts;
     text->image: a text counts if its image is among its k most similar images. Ties rank in the query's favour.
     """
-    check_finite(image_ND, "image embeddings"), check_finite(text_MD, "text embeddings")
-    text_image_M = text_image_M.to(image_ND.device).long()
-    n, m = image_ND.shape[0], text_MD.shape[0]
+    check_finite(image_ID, "image embeddings"), check_finite(text_JD, "text embeddings")
+    text_image_J = text_image_J.to(image_ID.device).long()
+    num_images, num_texts = image_ID.shape[0], text_JD.shape[0]
     i2t = dict.fromkeys(ks, 0)
     t2i = dict.fromkeys(ks, 0)
-    for start in range(0, n, chunk):
-        sim_nM = image_ND[start:start + chunk] @ text_MD.T
-        own_nM = text_image_M[None, :] == torch.arange(start, start + sim_nM.shape[0], device=image_ND.device)[:, None]
-        best_n = sim_nM.masked_fill(~own_nM, float("-inf")).amax(1)
-        rank_n = (sim_nM > best_n[:, None]).sum(1)  # texts strictly better than the best own text
+    for start in range(0, num_images, chunk):  # a chunk of the images, and all texts
+        sim_IJ = image_ID[start:start + chunk] @ text_JD.T
+        own_IJ = text_image_J[None, :] == torch.arange(start, start + sim_IJ.shape[0], device=image_ID.device)[:, None]
+        best_I = sim_IJ.masked_fill(~own_IJ, float("-inf")).amax(1)
+        rank_I = (sim_IJ > best_I[:, None]).sum(1)  # texts strictly better than the best own text
         for k in ks:
-            i2t[k] += int((rank_n < k).sum())
-    for start in range(0, m, chunk):
-        sim_mN = text_MD[start:start + chunk] @ image_ND.T
-        own_m = sim_mN.gather(1, text_image_M[start:start + chunk, None])
-        rank_m = (sim_mN > own_m).sum(1)
+            i2t[k] += int((rank_I < k).sum())
+    for start in range(0, num_texts, chunk):  # a chunk of the texts, and all images
+        sim_JI = text_JD[start:start + chunk] @ image_ID.T
+        own_J = sim_JI.gather(1, text_image_J[start:start + chunk, None])
+        rank_J = (sim_JI > own_J).sum(1)
         for k in ks:
-            t2i[k] += int((rank_m < k).sum())
-    out = {f"image_to_text/R@{k}": i2t[k] / max(n, 1) for k in ks}
-    out.update({f"text_to_image/R@{k}": t2i[k] / max(m, 1) for k in ks})
+            t2i[k] += int((rank_J < k).sum())
+    out = {f"image_to_text/R@{k}": i2t[k] / max(num_images, 1) for k in ks}
+    out.update({f"text_to_image/R@{k}": t2i[k] / max(num_texts, 1) for k in ks})
     return out
 
 
 def _caption_tokens(captions: Any, tokenize: Tokenize | None) -> tuple[torch.Tensor, list[int]]:
-    """Captions of one batch -> (tokens [M, T], number of captions per image)."""
+    """Captions of one batch -> (tokens [J, T], number of captions per image)."""
     if isinstance(captions, torch.Tensor):  # [B, T] or [B, n, T] already tokenized
         per_image = captions.shape[1] if captions.dim() == 3 else 1
         return captions.reshape(-1, captions.shape[-1]), [per_image] * captions.shape[0]
@@ -169,16 +174,16 @@ def _caption_tokens(captions: Any, tokenize: Tokenize | None) -> tuple[torch.Ten
 
 def pair_embeddings(model: nn.Module, loader: Iterable, tokenize: Tokenize | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(normalised image embeddings [N, D], text embeddings [M, D], the image of each text [M]) of (images,
+    """(normalised image embeddings [I, D], text embeddings [J, D], the image of each text [J]) of (images,
     captions) batches; captions per image: a string, a list of strings, or tokens."""
     images, texts, owners = [], [], []
     with _eval_mode(model) as device:
         for batch in loader:
             pixels, captions = _pair(batch, "text")
-            tokens_MT, counts = _caption_tokens(captions, tokenize)
+            tokens_JT, counts = _caption_tokens(captions, tokenize)
             offset = sum(z.shape[0] for z in images)
             images.append(F.normalize(model.encode_image(pixels.to(device)), dim=-1))
-            texts.append(F.normalize(model.encode_text(tokens_MT.to(device)), dim=-1))
+            texts.append(F.normalize(model.encode_text(tokens_JT.to(device)), dim=-1))
             owners.append(torch.repeat_interleave(torch.arange(len(counts)) + offset, torch.tensor(counts)))
     return torch.cat(images), torch.cat(texts), torch.cat(owners).to(device)
 
@@ -189,61 +194,64 @@ def retrieval(model: nn.Module, loader: Iterable, tokenize: Tokenize | None = No
     return retrieval_from_embeddings(*pair_embeddings(model, loader, tokenize), ks)
 
 
-def contrastive_loss_from_embeddings(image_ND: torch.Tensor, text_ND: torch.Tensor, logit_scale: float,
+@renamed_arguments(image_ND="image_BD", text_ND="text_BD")
+def contrastive_loss_from_embeddings(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: float,
                                      batch_size: int = 128, seed: int = 0) -> float:
     """CLIP's softmax loss ((CE over images + CE over texts) / 2, pair i's texts and image positive) averaged over
     fixed batches: the pairs in a fixed shuffle (by `seed`), cut into batch_size pairs (the remainder left
     out, one smaller batch when there are fewer). Every model is scored on the same batches, so the number
     compares models with little noise; a batch's size sets the loss's scale (log batch_size at chance)."""
-    check_finite(image_ND, "image embeddings"), check_finite(text_ND, "text embeddings")
-    if image_ND.shape != text_ND.shape:
-        raise ValueError(f"the loss needs one text per image, got {image_ND.shape[0]} images, {text_ND.shape[0]} "
+    check_finite(image_BD, "image embeddings"), check_finite(text_BD, "text embeddings")
+    if image_BD.shape != text_BD.shape:
+        raise ValueError(f"the loss needs one text per image, got {image_BD.shape[0]} images, {text_BD.shape[0]} "
                          f"texts")
-    n = image_ND.shape[0]
-    order_N = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(image_ND.device)
+    n = image_BD.shape[0]
+    order_B = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(image_BD.device)
     size = min(batch_size, n)
     losses = []
     for start in range(0, n - size + 1, size):
-        idx = order_N[start:start + size]
-        logits_BB = logit_scale * image_ND[idx].float() @ text_ND[idx].float().T
+        idx = order_B[start:start + size]
+        logits_BB = logit_scale * image_BD[idx].float() @ text_BD[idx].float().T
         labels_B = torch.arange(size, device=logits_BB.device)
         losses.append((F.cross_entropy(logits_BB, labels_B) + F.cross_entropy(logits_BB.T, labels_B)) / 2)
     return float(torch.stack(losses).mean())
 
 
 # -- k-shot linear probe --------------------------------------------------------------------------------------
-def fit_ridge(x_ND: torch.Tensor, labels_N: torch.Tensor, num_classes: int, l2: float = 1e-2
+@renamed_arguments(x_ND="x_BD", labels_N="labels_B")
+def fit_ridge(x_BD: torch.Tensor, labels_B: torch.Tensor, num_classes: int, l2: float = 1e-2
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form ridge regression onto +-1 class targets (big_vision's few-shot probe): (W [D, C], b [C]).
+    """Closed-form ridge regression onto +-1 class targets (big_vision's few-shot probe): (W [D, Y], b [Y]).
 
     The bias is fitted by centring, so it is not regularised.
     """
-    x = x_ND.double()
-    y = F.one_hot(labels_N.long(), num_classes).double() * 2 - 1
+    x = x_BD.double()
+    y = F.one_hot(labels_B.long(), num_classes).double() * 2 - 1
     mean_x, mean_y = x.mean(0), y.mean(0)
     xc = x - mean_x
     gram_DD = xc.T @ xc + l2 * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    w_DC = torch.linalg.solve(gram_DD, xc.T @ (y - mean_y))
-    return w_DC.to(x_ND.dtype), (mean_y - mean_x @ w_DC).to(x_ND.dtype)
+    w_DY = torch.linalg.solve(gram_DD, xc.T @ (y - mean_y))
+    return w_DY.to(x_BD.dtype), (mean_y - mean_x @ w_DY).to(x_BD.dtype)
 
 
-def linear_probe_from_embeddings(train_ND: torch.Tensor, train_labels_N: torch.Tensor,
+@renamed_arguments(train_ND="train_BD", train_labels_N="train_labels_B")
+def linear_probe_from_embeddings(train_BD: torch.Tensor, train_labels_B: torch.Tensor,
                                  test_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                                  l2: float = 1e-2) -> dict[str, float]:
     """{"accuracy", "balanced_accuracy" (mean recall over the classes present in the test set)}."""
-    w_DC, b_C = fit_ridge(check_finite(train_ND, "image embeddings"), train_labels_N, num_classes, l2)
-    correct_C = torch.zeros(num_classes, dtype=torch.long)
-    count_C = torch.zeros(num_classes, dtype=torch.long)
+    w_DY, b_Y = fit_ridge(check_finite(train_BD, "image embeddings"), train_labels_B, num_classes, l2)
+    correct_Y = torch.zeros(num_classes, dtype=torch.long)
+    count_Y = torch.zeros(num_classes, dtype=torch.long)
     for x_BD, labels_B in test_batches:
         check_finite(x_BD, "image embeddings")
         labels_B = torch.as_tensor(labels_B).cpu().long()
-        hit_B = (x_BD.to(w_DC) @ w_DC + b_C).argmax(1).cpu() == labels_B
-        correct_C += torch.bincount(labels_B[hit_B], minlength=num_classes)
-        count_C += torch.bincount(labels_B, minlength=num_classes)
-    present = count_C > 0
-    recall_C = correct_C[present].double() / count_C[present]
-    return {"accuracy": int(correct_C.sum()) / max(int(count_C.sum()), 1),
-            "balanced_accuracy": float(recall_C.mean()) if present.any() else 0.0}
+        hit_B = (x_BD.to(w_DY) @ w_DY + b_Y).argmax(1).cpu() == labels_B
+        correct_Y += torch.bincount(labels_B[hit_B], minlength=num_classes)
+        count_Y += torch.bincount(labels_B, minlength=num_classes)
+    present = count_Y > 0
+    recall_Y = correct_Y[present].double() / count_Y[present]
+    return {"accuracy": int(correct_Y.sum()) / max(int(count_Y.sum()), 1),
+            "balanced_accuracy": float(recall_Y.mean()) if present.any() else 0.0}
 
 
 def select_shots(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], shots: int, num_classes: int
@@ -273,33 +281,34 @@ def few_shot_linear_probe(model: nn.Module, train_loader: Iterable, test_loader:
     """k-shot (default 10) linear probe on frozen, normalised image embeddings; returns {"accuracy"}."""
     # closing(): select_shots stops early, and the generator must then leave eval mode at once.
     with contextlib.closing(image_embeddings(model, train_loader)) as train:
-        train_ND, train_N = select_shots(train, shots, num_classes)
+        train_BD, train_labels_B = select_shots(train, shots, num_classes)
     test = ((z.cpu(), y) for z, y in image_embeddings(model, test_loader))
-    return linear_probe_from_embeddings(train_ND, train_N, test, num_classes, l2)
+    return linear_probe_from_embeddings(train_BD, train_labels_B, test, num_classes, l2)
 
 
-def k_shot_split(labels_N: torch.Tensor, shots: int, seed: int = 0
+@renamed_arguments(labels_N="labels_B")
+def k_shot_split(labels_B: torch.Tensor, shots: int, seed: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices (train [C * shots], test) and new labels [N] for a k-shot probe on one labelled set.
+    """Indices (train [Y * shots], test) and new labels [B] for a k-shot probe on one labelled set.
 
     Only classes with more than `shots` examples take part (each needs at least one test example); they are
-    renumbered 0..C-1 in label order and the others get -1. Which examples are the shots is a seeded draw.
+    renumbered 0..Y-1 in label order and the others get -1. Which examples are the shots is a seeded draw.
     """
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
-    labels_N = torch.as_tensor(labels_N).long().cpu()
+    labels_B = torch.as_tensor(labels_B).long().cpu()
     gen = torch.Generator().manual_seed(seed)
-    new_N = torch.full_like(labels_N, -1)
+    new_B = torch.full_like(labels_B, -1)
     train, test = [], []
-    for label in labels_N.unique().tolist():
-        members = (labels_N == label).nonzero().flatten()
+    for label in labels_B.unique().tolist():
+        members = (labels_B == label).nonzero().flatten()
         if len(members) <= shots:
             continue
-        new_N[members] = int(new_N.max()) + 1
+        new_B[members] = int(new_B.max()) + 1
         members = members[torch.randperm(len(members), generator=gen)]
         train.append(members[:shots])
         test.append(members[shots:])
     if not train:
         raise ValueError(f"no class has more than {shots} examples: a {shots}-shot probe needs at least one test "
                          f"example per class")
-    return torch.cat(train), torch.cat(test), new_N
+    return torch.cat(train), torch.cat(test), new_B

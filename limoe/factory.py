@@ -102,7 +102,7 @@ class TextTokenizer:
         self.context_length = tokenizer.context_length
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
-        return self.tokenizer([texts] if isinstance(texts, str) else list(texts)).ids_BL
+        return self.tokenizer([texts] if isinstance(texts, str) else list(texts)).ids_BT
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))

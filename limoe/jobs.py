@@ -42,7 +42,8 @@ def _load(checkpoint: str, device: str):
 
 # -- classify -------------------------------------------------------------------------------------------------
 def load_images(paths: Sequence[str], image_size: int) -> torch.Tensor:
-    """[N, 3, S, S] evaluation-transformed images; a missing or unreadable file is a one-line JobError."""
+    """[B, 3, H, W] evaluation-transformed images (H = W = image_size); a missing or unreadable file is a one-line
+    JobError."""
     from limoe.data import ImageConfig, ImageTransform
     from limoe.data.stats import SkipError
 
@@ -101,12 +102,12 @@ def classify(checkpoint: str, images: Sequence[str], labels: str | Sequence[str]
         raise JobError(out[0]["error"] if len(out) == 1 else f"none of the {len(out)} images could be read "
                                                               f"(first: {out[0]['error']})")
     with _finite_or_job_error(), torch.no_grad():
-        class_CD = class_embeddings(model, names, tokenize_fn(tokenizer), list(templates or TEMPLATES))
-        z_ND = check_finite(model.encode_image(torch.stack(pixels).to(device), normalize=True), "image embeddings")
-        probs_NC = (model.logit_scale.exp() * z_ND @ class_CD.T).softmax(-1)
+        class_YD = class_embeddings(model, names, tokenize_fn(tokenizer), list(templates or TEMPLATES))
+        z_BD = check_finite(model.encode_image(torch.stack(pixels).to(device), normalize=True), "image embeddings")
+        probs_BY = (model.logit_scale.exp() * z_BD @ class_YD.T).softmax(-1)
     readable = [r for r in out if "error" not in r]
-    for r, p_C in zip(readable, probs_NC):
-        best = p_C.topk(min(top, len(names)))
+    for r, p_Y in zip(readable, probs_BY):
+        best = p_Y.topk(min(top, len(names)))
         r["labels"] = [(names[i], float(p)) for p, i in zip(best.values, best.indices)]
     return out
 
@@ -277,7 +278,7 @@ def inputs_path(output: str) -> str:
 
 def embed(checkpoint: str, output: str, images: Sequence[str] = (), texts: Sequence[str] = (),
           batch_size: int = 256, device: str = "cpu") -> tuple[str, tuple[int, ...]]:
-    """L2-normalised image or text embeddings [N, D] (row i: input i) to a .npy or .safetensors file (key
+    """L2-normalised image or text embeddings [B, D] (row i: input i) to a .npy or .safetensors file (key
     "embeddings"). The inputs in row order go with them: in the safetensors metadata ("kind", "items"), or for
     .npy in inputs_path(output). An empty text is refused: its embedding would be the padding's alone."""
     if bool(images) == bool(texts):
@@ -296,22 +297,22 @@ def embed(checkpoint: str, output: str, images: Sequence[str] = (), texts: Seque
                 pixels = load_images(images[start:start + batch_size], model.config.image_size).to(device)
                 chunks.append(model.encode_image(pixels, normalize=True).cpu())
             else:
-                ids_BL = tokenizer(list(texts[start:start + batch_size])).ids_BL
-                chunks.append(model.encode_text(ids_BL.to(device), normalize=True).cpu())
+                ids_BT = tokenizer(list(texts[start:start + batch_size])).ids_BT
+                chunks.append(model.encode_text(ids_BT.to(device), normalize=True).cpu())
     with _finite_or_job_error():
-        z_ND = check_finite(torch.cat(chunks).float().contiguous(), "embeddings")
+        z_BD = check_finite(torch.cat(chunks).float().contiguous(), "embeddings")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     inputs = {"kind": "image" if images else "text", "normalized": "l2", "checkpoint": str(checkpoint),
               "items": list(images or texts)}
     if suffix == ".npy":
         import numpy as np
 
-        np.save(output, z_ND.numpy())
+        np.save(output, z_BD.numpy())
         Path(inputs_path(output)).write_text(json.dumps(inputs, indent=1, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
     else:
         from safetensors.torch import save_file
 
-        save_file({"embeddings": z_ND}, output, metadata={k: v if isinstance(v, str) else json.dumps(v)
+        save_file({"embeddings": z_BD}, output, metadata={k: v if isinstance(v, str) else json.dumps(v)
                                                           for k, v in inputs.items()})
-    return output, tuple(z_ND.shape)
+    return output, tuple(z_BD.shape)

@@ -23,12 +23,12 @@ class WordTokenizer:
         return len(self.vocab)
 
     def __call__(self, texts: list[str]) -> TokenBatch:
-        ids_BL = torch.zeros(len(texts), self.length, dtype=torch.long)
+        ids_BT = torch.zeros(len(texts), self.length, dtype=torch.long)
         for b, text in enumerate(texts):
             ids = [self.vocab.index(w) for w in text.split()][: self.length - 1] + [1]
-            ids_BL[b, : len(ids)] = torch.tensor(ids)
-        valid_BL = ids_BL != 0
-        return TokenBatch(ids_BL, ~valid_BL, valid_BL.sum(1) - 1)
+            ids_BT[b, : len(ids)] = torch.tensor(ids)
+        valid_BT = ids_BT != 0
+        return TokenBatch(ids_BT, ~valid_BT, valid_BT.sum(1) - 1)
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.vocab[i] for i in ids if i > 0)

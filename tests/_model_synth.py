@@ -63,14 +63,14 @@ def random_batch(config, batch: int, seed: int = 0, min_length: int = 3) -> tupl
     return images, tokens
 
 
-def filled_groups(x_BTd: torch.Tensor, valid_BT: torch.Tensor | None, group_size: int | None
+def filled_groups(x_BNd: torch.Tensor, valid_BN: torch.Tensor | None, group_size: int | None
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The routing groups a MoE layer forms from [B, T, d] (padding examples filling the last group), flat:
+    """The routing groups a MoE layer forms from [B, N, d] (padding examples filling the last group), flat:
     (x_Sd, valid_S, num_groups), for the loop references."""
-    examples, tokens, dim = x_BTd.shape
+    examples, tokens, dim = x_BNd.shape
     group = group_size or examples
     fill = -examples % group
-    x_Sd = torch.cat([x_BTd, x_BTd.new_zeros(fill, tokens, dim)]).reshape(-1, dim)
-    real = torch.ones(examples, tokens, dtype=torch.bool) if valid_BT is None else valid_BT
+    x_Sd = torch.cat([x_BNd, x_BNd.new_zeros(fill, tokens, dim)]).reshape(-1, dim)
+    real = torch.ones(examples, tokens, dtype=torch.bool) if valid_BN is None else valid_BN
     valid_S = torch.cat([real, real.new_zeros(fill, tokens)]).reshape(-1)
     return x_Sd, valid_S, (examples + fill) // group

@@ -72,7 +72,7 @@ def test_tokenizer_returns_ids_that_encode_text_takes(run_dir):
     model, own_tokenizer, _ = limoe.load_checkpoint(run_dir)
     # ids alone (padding = pad id) and the full TokenBatch encode the same
     batch = own_tokenizer(["a red heart", "a cat"])
-    assert torch.equal(ids, batch.ids_BL)
+    assert torch.equal(ids, batch.ids_BT)
     assert torch.allclose(model.encode_text(ids), model.encode_text(batch), atol=1e-6)
     with pytest.raises(ValueError, match="is a preset"):
         limoe.get_tokenizer("limoe-tiny")

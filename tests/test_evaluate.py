@@ -14,13 +14,13 @@ from _model_synth import COLOURS, SHAPES, pairs, tokenize
 
 
 def test_zero_shot_top1_top5_known_answer():
-    class_CD = torch.eye(6)
+    class_YD = torch.eye(6)
     # Images 0-3 point at their class; image 4 (label 2) is nearest class 5, second nearest class 2.
     images = F.normalize(torch.tensor([[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
                                        [0, 0, 0, 1, 0, 0], [0, 0, 0.6, 0, 0, 0.8]], dtype=torch.float), dim=-1)
     labels = torch.tensor([0, 1, 2, 3, 2])
     batches = [(images[:2], labels[:2]), (images[2:], labels[2:])]  # streaming over two batches
-    got = ev.zero_shot_from_embeddings(batches, class_CD, topk=(1, 2, 5))
+    got = ev.zero_shot_from_embeddings(batches, class_YD, topk=(1, 2, 5))
     assert got == {"top1": 4 / 5, "top2": 1.0, "top5": 1.0}
 
 
@@ -34,24 +34,24 @@ def test_class_embeddings_average_prompt_templates():
             return F.one_hot(tokens[:, 0], 16).float()
 
     templates = ("{} photo", "a {}")  # "a" is word id 2: both prompts of a class share that second embedding
-    class_CD = ev.class_embeddings(Stub(), ["red", "blue"], tokenize, templates)
+    class_YD = ev.class_embeddings(Stub(), ["red", "blue"], tokenize, templates)
     red, blue, a = (tokenize([w])[0, 0].item() for w in ("red", "blue", "a"))
     expected = torch.zeros(2, 16)
     expected[0, [red, a]] = 2 ** -0.5
     expected[1, [blue, a]] = 2 ** -0.5
-    torch.testing.assert_close(class_CD, expected)
+    torch.testing.assert_close(class_YD, expected)
 
 
 def test_retrieval_known_answer_with_several_captions_per_image():
-    image_ND = torch.eye(3)
+    image_ID = torch.eye(3)
     # Texts 0, 1 describe image 0; text 2 image 1; texts 3, 4 image 2.
-    text_MD = F.normalize(torch.tensor([[0.2, 1.0, 0.0],   # closest to image 1: wrong
+    text_JD = F.normalize(torch.tensor([[0.2, 1.0, 0.0],   # closest to image 1: wrong
                                         [1.0, 0.1, 0.0],   # closest to image 0: right
                                         [1.0, 0.3, 0.0],   # closest to image 0: wrong (image 1 second)
                                         [0.0, 0.0, 1.0],
                                         [0.0, 0.5, 1.0]]), dim=-1)
-    owner_M = torch.tensor([0, 0, 1, 2, 2])
-    got = ev.retrieval_from_embeddings(image_ND, text_MD, owner_M, ks=(1, 2, 5), chunk=2)
+    owner_J = torch.tensor([0, 0, 1, 2, 2])
+    got = ev.retrieval_from_embeddings(image_ID, text_JD, owner_J, ks=(1, 2, 5), chunk=2)
     # image 0: best texts are 2 (0.96), 1 (0.995)... rank own text 1 first -> hit@1.
     # image 1: sims 0.98 (t0), 0.29 (t2)... own text 2 is 3rd (t0, t4 0.45 above) -> miss@2, hit@5.
     # image 2: own text 3 first -> hit@1.
@@ -146,44 +146,44 @@ def test_every_metric_runs_on_registry_models(name):
 def test_non_finite_embeddings_are_refused_not_scored():
     from limoe.evaluate import NonFiniteEmbeddings, retrieval_from_embeddings, zero_shot_from_embeddings
 
-    z_ND = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    broken = z_ND.clone()
+    z_BD = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    broken = z_BD.clone()
     broken[1, 3] = float("nan")
     with pytest.raises(NonFiniteEmbeddings):
-        retrieval_from_embeddings(broken, z_ND, torch.arange(4))  # NaN ties would count as hits: R@1 100%
+        retrieval_from_embeddings(broken, z_BD, torch.arange(4))  # NaN ties would count as hits: R@1 100%
     with pytest.raises(NonFiniteEmbeddings):
-        zero_shot_from_embeddings([(broken, torch.arange(4))], z_ND)
+        zero_shot_from_embeddings([(broken, torch.arange(4))], z_BD)
 
 
 def test_contrastive_loss_on_fixed_batches_golden_case():
     # Five pairs of orthogonal unit embeddings, batches of two: every batch's logits are [[s, 0], [0, s]], so each
     # cross-entropy (over rows and over columns) is log(1 + e^-s); the fifth pair is the remainder, left out.
     s = 3.0
-    z_ND = torch.eye(5)
-    loss = ev.contrastive_loss_from_embeddings(z_ND, z_ND.clone(), s, batch_size=2, seed=0)
+    z_BD = torch.eye(5)
+    loss = ev.contrastive_loss_from_embeddings(z_BD, z_BD.clone(), s, batch_size=2, seed=0)
     assert loss == pytest.approx(math.log1p(math.exp(-s)), abs=1e-6)
     # Fewer pairs than a batch: one batch of all of them (logits 3x3: log(1 + 2 e^-s)).
-    assert ev.contrastive_loss_from_embeddings(z_ND[:3], z_ND[:3], s, batch_size=8) == pytest.approx(
+    assert ev.contrastive_loss_from_embeddings(z_BD[:3], z_BD[:3], s, batch_size=8) == pytest.approx(
         math.log1p(2 * math.exp(-s)), abs=1e-6)
     # The batches are a fixed shuffle, not the global generator's: another global seed gives the same number.
     g = torch.Generator().manual_seed(1)
-    image_ND = F.normalize(torch.randn(9, 4, generator=g), dim=-1)
-    text_ND = F.normalize(torch.randn(9, 4, generator=g), dim=-1)
+    image_BD = F.normalize(torch.randn(9, 4, generator=g), dim=-1)
+    text_BD = F.normalize(torch.randn(9, 4, generator=g), dim=-1)
     torch.manual_seed(0)
-    first = ev.contrastive_loss_from_embeddings(image_ND, text_ND, s, batch_size=4)
+    first = ev.contrastive_loss_from_embeddings(image_BD, text_BD, s, batch_size=4)
     torch.manual_seed(123)
-    assert ev.contrastive_loss_from_embeddings(image_ND, text_ND, s, batch_size=4) == first
+    assert ev.contrastive_loss_from_embeddings(image_BD, text_BD, s, batch_size=4) == first
 
 
 def test_contrastive_loss_matches_the_training_loss_on_one_batch():
     from limoe.losses import clip_loss
 
     g = torch.Generator().manual_seed(0)
-    image_ND = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
-    text_ND = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    image_BD = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    text_BD = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
     order = torch.randperm(6, generator=torch.Generator().manual_seed(7))
-    want = clip_loss(image_ND[order], text_ND[order], torch.tensor(4.0))
-    assert ev.contrastive_loss_from_embeddings(image_ND, text_ND, 4.0, batch_size=6, seed=7) == pytest.approx(
+    want = clip_loss(image_BD[order], text_BD[order], torch.tensor(4.0))
+    assert ev.contrastive_loss_from_embeddings(image_BD, text_BD, 4.0, batch_size=6, seed=7) == pytest.approx(
         float(want), rel=1e-6)
     with pytest.raises(ValueError, match="one text per image"):
-        ev.contrastive_loss_from_embeddings(image_ND, text_ND[:5], 4.0)
+        ev.contrastive_loss_from_embeddings(image_BD, text_BD[:5], 4.0)

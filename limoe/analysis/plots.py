@@ -106,16 +106,16 @@ def plot_expert_usage(analysis: RoutingAnalysis, path: str | os.PathLike) -> Pat
     """Heatmap layers x experts of each expert's share of the layer's processed assignments (load)."""
     layers = analysis.layers
     num_experts = max(lr.ref.num_experts for lr in layers)
-    load_LE = np.full((len(layers), num_experts), np.nan)
+    load_per_layer = np.full((len(layers), num_experts), np.nan)  # [MoE layers, E]
     for i, lr in enumerate(layers):
-        load_LE[i, :lr.ref.num_experts] = lr.stats.expert_load_E.double().cpu().numpy()
+        load_per_layer[i, :lr.ref.num_experts] = lr.stats.expert_load_E.double().cpu().numpy()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * num_experts + 2.5), max(2.2, 0.45 * len(layers) + 1.2)))
-    im = ax.imshow(load_LE, cmap="viridis", vmin=0, aspect="auto")
+    im = ax.imshow(load_per_layer, cmap="viridis", vmin=0, aspect="auto")
     if num_experts <= 16:
-        for (i, e), v in np.ndenumerate(load_LE):
+        for (i, e), v in np.ndenumerate(load_per_layer):
             if not np.isnan(v):
                 ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < 0.6 * np.nanmax(load_LE) else "black")
+                        color="white" if v < 0.6 * np.nanmax(load_per_layer) else "black")
     ax.set_xticks(range(num_experts), [str(e) for e in range(num_experts)], fontsize=7)
     ax.set_yticks(range(len(layers)), [lr.ref.name for lr in layers], fontsize=8)
     ax.set_xlabel("expert")
@@ -170,7 +170,7 @@ def plot_expert_patches(analysis: RoutingAnalysis, layer: int, path: str | os.Pa
             ax.set_xticks([])
             ax.set_yticks([])
             if j < N and lr.patch_where_EP2[e, j, 0] >= 0:
-                ax.imshow(lr.patch_pixels_EP3hw[e, j].numpy().transpose(1, 2, 0), interpolation="nearest")
+                ax.imshow(lr.patch_pixels_EP3HW[e, j].numpy().transpose(1, 2, 0), interpolation="nearest")
             else:
                 ax.axis("off")
         axes[e, 0].set_ylabel(f"expert {e}", fontsize=7, rotation=0, ha="right", va="center")

@@ -8,7 +8,7 @@ MoE layer, and keeps, per layer:
 - the layer's `MoeStats` summed over every batch and call (counts, so rates weight every token equally);
 - the mean of each aux loss per kind of call ("pairs", "image" or "text"; unweighted, as the layer reports them);
 - per expert, how often each text token id was processed by it (-> its most typical text tokens);
-- per expert, the N image patches it processed with the highest gate, with their pixels (-> typical patches);
+- per expert, its `top_patches` highest-gate image patches, with their pixels (-> typical patches);
 - for the first few images, the top-1 expert of every patch and whether it was kept (-> token-to-expert maps).
 
 Calls are recorded by forward hooks and layers told apart by module identity, so one-tower models (one layer
@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from limoe.deprecation import renamed_arguments, renamed_attribute
 from limoe.model.block import IMAGE, MODALITIES, TEXT
 from limoe.moe.stats import MoeStats
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the data layer's default normalisation, undone for pictures
@@ -63,11 +64,16 @@ class LayerRouting:
     stats: MoeStats  # summed over every batch of every pass through this layer
     aux_losses: dict[str, float]  # "<pass>/<loss name>" -> mean over batches
     token_counts_EV: torch.Tensor  # kept text assignments per expert and token id
-    patch_gate_EP: torch.Tensor  # top-N gates of kept image assignments per expert (-inf: fewer than N)
+    patch_gate_EP: torch.Tensor  # the top_patches highest gates of kept image assignments per expert (-inf: fewer)
     patch_where_EP2: torch.Tensor  # (image index, patch index) of those, -1 where empty
-    patch_pixels_EP3hw: torch.Tensor  # their pixels in [0, 1]
+    patch_pixels_EP3HW: torch.Tensor  # their pixels in [0, 1]
     map_expert_IP: torch.Tensor  # top-1 expert of every patch of the first images
     map_kept_IP: torch.Tensor  # whether that top-1 assignment was kept (else the token skipped or fell back)
+
+    patch_pixels_EP3hw = renamed_attribute("patch_pixels_EP3HW")
+
+
+LayerRouting.__init__ = renamed_arguments(patch_pixels_EP3hw="patch_pixels_EP3HW")(LayerRouting.__init__)
 
 
 @dataclass
@@ -229,46 +235,46 @@ def _batches(pairs: Iterable[tuple[torch.Tensor, str]], batch_size: int,
 
 
 class _LayerAccumulator:
-    """Running sums for one layer; the top-N patches are merged batch by batch so memory stays bounded."""
+    """Running sums for one layer; the top patches are merged batch by batch so memory stays bounded."""
 
     def __init__(self, ref: LayerRef, vocab_size: int, cfg: AnalysisConfig, num_patches: int, patch_px: int):
-        E, N = ref.num_experts, cfg.top_patches
+        E, top = ref.num_experts, cfg.top_patches
         self.ref, self.cfg = ref, cfg
         self.stats: MoeStats | None = None
         self.loss_sum: dict[str, float] = defaultdict(float)
         self.loss_n: dict[str, int] = defaultdict(int)
         self.token_counts_EV = torch.zeros(E, vocab_size, dtype=torch.float64)
-        self.patch_gate_EP = torch.full((E, N), -math.inf)
-        self.patch_where_EP2 = torch.full((E, N, 2), -1, dtype=torch.long)
-        self.patch_pixels_EP3hw = torch.zeros(E, N, 3, patch_px, patch_px)
+        self.patch_gate_EP = torch.full((E, top), -math.inf)
+        self.patch_where_EP2 = torch.full((E, top, 2), -1, dtype=torch.long)
+        self.patch_pixels_EP3HW = torch.zeros(E, top, 3, patch_px, patch_px)
         self.map_expert: list[torch.Tensor] = []
         self.map_kept: list[torch.Tensor] = []
         self.num_patches = num_patches
 
     def add_call(self, modality, aux, ids_BT: torch.Tensor, first_image: int, patches_BP3hw: torch.Tensor,
                  maps_left: int) -> None:
-        """One MoE call over B examples of L tokens: an image or text pass (int modality) or joint pairs (a [B, L]
+        """One MoE call over B examples of N tokens: an image or text pass (int modality) or joint pairs (a [B, N]
         modality id per token, the same for every example). Its image and text columns are counted apart."""
         r = aux.routing
         B = ids_BT.shape[0]
-        expert_BLK, kept_BLK, gate_BLK = (t.cpu().view(B, -1, r.k)
+        expert_BNK, kept_BNK, gate_BNK = (t.cpu().view(B, -1, r.k)
                                           for t in (r.expert_SK, r.kept_SK, r.gate_SK.float()))
         # The layer's modality ids index its own config.modalities, not the model's IMAGE / TEXT.
         image_id, text_id = (aux.stats.modalities.index(name) for name in MODALITIES)
         if isinstance(modality, torch.Tensor):
-            modality_L, kind = modality[0].cpu(), "pairs"
+            modality_N, kind = modality[0].cpu(), "pairs"
         else:
             modality = 0 if modality is None else modality  # MoeMlp's default: its first modality
-            modality_L, kind = torch.full((expert_BLK.shape[1],), modality), aux.stats.modalities[modality]
+            modality_N, kind = torch.full((expert_BNK.shape[1],), modality), aux.stats.modalities[modality]
         if kind not in self.ref.passes:
             self.ref.passes += (kind,)
         self.add_common(kind, aux)
-        image_L, text_L = modality_L == image_id, modality_L == text_id
-        if image_L.any():
-            self.add_image(expert_BLK[:, image_L], kept_BLK[:, image_L], gate_BLK[:, image_L], first_image,
+        image_N, text_N = modality_N == image_id, modality_N == text_id
+        if image_N.any():
+            self.add_image(expert_BNK[:, image_N], kept_BNK[:, image_N], gate_BNK[:, image_N], first_image,
                            patches_BP3hw, maps_left, r.ranked)
-        if text_L.any():
-            self.add_text(expert_BLK[:, text_L], kept_BLK[:, text_L], ids_BT[:, :int(text_L.sum())])
+        if text_N.any():
+            self.add_text(expert_BNK[:, text_N], kept_BNK[:, text_N], ids_BT[:, :int(text_N.sum())])
 
     def add_common(self, pass_name: str, aux) -> None:
         self.stats = aux.stats if self.stats is None else self.stats + aux.stats
@@ -292,24 +298,24 @@ class _LayerAccumulator:
             expert_S, kept_S = map_choice(expert_SK, kept_SK, gate_SK, ranked)
             self.map_expert.append(expert_S.view(B, P)[:n])
             self.map_kept.append(kept_S.view(B, P)[:n])
-        # Candidates: every kept assignment, scored by its gate; merged with the running top-N of each expert.
+        # Candidates: every kept assignment, scored by its gate; merged with the running top patches of each expert.
         token_A = torch.arange(B * P)[:, None].expand_as(kept_SK)[kept_SK]
         expert_A, gate_A = expert_SK[kept_SK], gate_SK[kept_SK]
-        N = self.cfg.top_patches
+        top = self.cfg.top_patches
         for e in range(self.ref.num_experts):
             sel = expert_A == e
-            if not bool(sel.any()) or N == 0:
+            if not bool(sel.any()) or top == 0:
                 continue
             gates = gate_A[sel]
-            top = gates.topk(min(N, len(gates)))
-            tokens = token_A[sel][top.indices]
+            best_of_call = gates.topk(min(top, len(gates)))
+            tokens = token_A[sel][best_of_call.indices]
             where = torch.stack([first_image + tokens // P, tokens % P], 1)
             pixels = patches_BP3hw.reshape(B * P, *patches_BP3hw.shape[2:])[tokens]
-            all_gate = torch.cat([self.patch_gate_EP[e], top.values])
-            best = all_gate.topk(N).indices
+            all_gate = torch.cat([self.patch_gate_EP[e], best_of_call.values])
+            best = all_gate.topk(top).indices
             self.patch_gate_EP[e] = all_gate[best]
             self.patch_where_EP2[e] = torch.cat([self.patch_where_EP2[e], where])[best]
-            self.patch_pixels_EP3hw[e] = torch.cat([self.patch_pixels_EP3hw[e], pixels])[best]
+            self.patch_pixels_EP3HW[e] = torch.cat([self.patch_pixels_EP3HW[e], pixels])[best]
 
     def result(self) -> LayerRouting:
         P = self.num_patches
@@ -318,7 +324,7 @@ class _LayerAccumulator:
             ref=self.ref, stats=self.stats,
             aux_losses={k: self.loss_sum[k] / self.loss_n[k] for k in sorted(self.loss_sum)},
             token_counts_EV=self.token_counts_EV, patch_gate_EP=self.patch_gate_EP,
-            patch_where_EP2=self.patch_where_EP2, patch_pixels_EP3hw=self.patch_pixels_EP3hw,
+            patch_where_EP2=self.patch_where_EP2, patch_pixels_EP3HW=self.patch_pixels_EP3HW,
             map_expert_IP=cat(self.map_expert, torch.long), map_kept_IP=cat(self.map_kept, torch.bool))
 
 
@@ -332,11 +338,11 @@ def _token_text(tokenizer, token_id: int) -> str:
     return name or f"#{token_id}"
 
 
-def _to_patches(images_BCHW: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, P, 3, p, p] in raster order, the order PatchEmbed flattens its grid in."""
-    B, C, H, W = images_BCHW.shape
-    x = images_BCHW.reshape(B, C, H // patch, patch, W // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // patch) * (W // patch), C, patch, patch)
+def _to_patches(images_B3HW: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, P, 3, patch, patch] in raster order, the order PatchEmbed flattens its grid in."""
+    B, channels, H, W = images_B3HW.shape
+    x = images_B3HW.reshape(B, channels, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // patch) * (W // patch), channels, patch, patch)
 
 
 @torch.no_grad()
@@ -354,7 +360,7 @@ def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
                     cfg: AnalysisConfig | None = None) -> RoutingAnalysis:
     """Run `model` over (image [3,H,W] normalised, caption) pairs and collect the routing analysis.
 
-    `tokenizer(texts)` must return a TokenBatch (ids_BL, padding_mask_BL) and `tokenizer.decode(ids)` text.
+    `tokenizer(texts)` must return a TokenBatch (ids_BT, padding_mask_BT) and `tokenizer.decode(ids)` text.
     The model's train/eval mode is restored afterwards.
     """
     cfg = cfg or AnalysisConfig()
@@ -372,22 +378,22 @@ def analyze_routing(model, tokenizer, pairs: Iterable[tuple[torch.Tensor, str]],
     try:
         # No graph: analysis only reads routing (and grad-tracking losses would warn at every float()).
         with torch.no_grad(), recorded_moe_calls([layer for layer, _ in layers]) as calls:
-            for images_BCHW, captions in _batches(pairs, cfg.batch_size, cfg.num_pairs):
+            for images_B3HW, captions in _batches(pairs, cfg.batch_size, cfg.num_pairs):
                 tokens = tokenizer(captions)
-                ids_BL, valid_BL = tokens.ids_BL, ~tokens.padding_mask_BL
+                ids_BT, valid_BT = tokens.ids_BT, ~tokens.padding_mask_BT
                 calls.clear()
                 if cfg.pairs:
-                    model(images_BCHW.to(device), ids_BL.to(device), valid_BL.to(device))
+                    model(images_B3HW.to(device), ids_BT.to(device), valid_BT.to(device))
                 else:
-                    model.encode_image(images_BCHW.to(device))
-                    model.encode_text(ids_BL.to(device), valid_BL.to(device))
-                pixels_BCHW = (images_BCHW.float().cpu() * std + mean).clamp(0, 1)
-                patches = _to_patches(pixels_BCHW, mc.patch_size)
+                    model.encode_image(images_B3HW.to(device))
+                    model.encode_text(ids_BT.to(device), valid_BT.to(device))
+                pixels_B3HW = (images_B3HW.float().cpu() * std + mean).clamp(0, 1)
+                patches = _to_patches(pixels_B3HW, mc.patch_size)
                 maps_left = cfg.num_maps - len(map_captions)
                 for layer, modality, aux in calls:
-                    acc[id(layer)].add_call(modality, aux, ids_BL, seen, patches, maps_left)
+                    acc[id(layer)].add_call(modality, aux, ids_BT, seen, patches, maps_left)
                 if maps_left > 0:
-                    map_images.append(pixels_BCHW[:maps_left])
+                    map_images.append(pixels_B3HW[:maps_left])
                     map_captions += captions[:maps_left]
                 seen += len(captions)
     finally:

@@ -7,15 +7,19 @@ from dataclasses import dataclass, fields
 import torch
 
 from limoe.data.tokenizer import Tokenizer
+from limoe.deprecation import renamed_arguments, renamed_attribute
 
 
 @dataclass
 class PairBatch:
     images_B3HW: torch.Tensor      # float [B, 3, H, W], normalised
-    ids_BL: torch.Tensor           # int64 [B, L]
-    padding_mask_BL: torch.Tensor  # bool  [B, L], True at padding
+    ids_BT: torch.Tensor           # int64 [B, T]
+    padding_mask_BT: torch.Tensor  # bool  [B, T], True at padding
     eos_index_B: torch.Tensor      # int64 [B], position of the EOS (last real) token
     captions: list[str]            # the raw captions, for logging and retrieval reports
+
+    ids_BL = renamed_attribute("ids_BT")
+    padding_mask_BL = renamed_attribute("padding_mask_BT")
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PairBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -25,16 +29,19 @@ class PairBatch:
         return PairBatch(**moved)
 
     def pin_memory(self) -> "PairBatch":  # called by DataLoader(pin_memory=True)
-        return PairBatch(self.images_B3HW.pin_memory(), self.ids_BL.pin_memory(),
-                         self.padding_mask_BL.pin_memory(), self.eos_index_B.pin_memory(), self.captions)
+        return PairBatch(self.images_B3HW.pin_memory(), self.ids_BT.pin_memory(),
+                         self.padding_mask_BT.pin_memory(), self.eos_index_B.pin_memory(), self.captions)
 
     def __len__(self) -> int:
         return self.images_B3HW.shape[0]
 
     def rows(self, start: int, stop: int) -> "PairBatch":
         """Pairs start..stop-1 of this batch (views, no copies): a micro-batch of gradient accumulation."""
-        return PairBatch(self.images_B3HW[start:stop], self.ids_BL[start:stop], self.padding_mask_BL[start:stop],
+        return PairBatch(self.images_B3HW[start:stop], self.ids_BT[start:stop], self.padding_mask_BT[start:stop],
                          self.eos_index_B[start:stop], self.captions[start:stop])
+
+
+PairBatch.__init__ = renamed_arguments(ids_BL="ids_BT", padding_mask_BL="padding_mask_BT")(PairBatch.__init__)
 
 
 class PairCollate:
@@ -46,7 +53,7 @@ class PairCollate:
     def __call__(self, samples: list[tuple[torch.Tensor, str]]) -> PairBatch:
         images, captions = zip(*samples)
         tokens = self.tokenizer(list(captions))
-        return PairBatch(torch.stack(images), tokens.ids_BL, tokens.padding_mask_BL, tokens.eos_index_B,
+        return PairBatch(torch.stack(images), tokens.ids_BT, tokens.padding_mask_BT, tokens.eos_index_B,
                          list(captions))
 
 

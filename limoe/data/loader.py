@@ -68,7 +68,7 @@ class StreamLoader:
     def _dataloader(self) -> DataLoader:
         cfg = self.cfg
         workers = useful_workers(cfg, self._samples_per_rank())
-        rows = self.dataset.skips.counts_WR.shape[0] - 1
+        rows = self.dataset.skips.counts_per_worker.shape[0] - 1
         if workers > rows:
             raise DataError(f"num_workers={workers} is more than the {rows} data workers supported; lower it")
         return DataLoader(

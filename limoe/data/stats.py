@@ -66,40 +66,40 @@ class NoValidSamplesError(DataError):
 class SkipCounter:
     """Per-worker skip counts in shared memory.
 
-    counts_WR has one row per DataLoader worker (+1 for the main process, row 0), one column per
-    reason. Each process writes only its own row, so increments never race; the parent sums rows.
+    counts_per_worker [workers + 1, reasons] has one row per DataLoader worker (+1 for the main process, row 0),
+    one column per reason. Each process writes only its own row, so increments never race; the parent sums rows.
     The tensor is put in shared memory so worker processes (fork or spawn) write where the parent reads.
     """
 
     def __init__(self, max_workers: int = 64):
-        self.counts_WR = torch.zeros(max_workers + 1, len(REASONS), dtype=torch.int64).share_memory_()
-        self.yielded_W = torch.zeros(max_workers + 1, dtype=torch.int64).share_memory_()
+        self.counts_per_worker = torch.zeros(max_workers + 1, len(REASONS), dtype=torch.int64).share_memory_()
+        self.yielded_per_worker = torch.zeros(max_workers + 1, dtype=torch.int64).share_memory_()  # [workers + 1]
 
     def _row(self) -> int:
         info = torch.utils.data.get_worker_info()
         row = 0 if info is None else info.id + 1
-        if row >= self.counts_WR.shape[0]:
-            raise RuntimeError(f"more DataLoader workers than SkipCounter rows ({self.counts_WR.shape[0] - 1})")
+        if row >= self.counts_per_worker.shape[0]:
+            raise RuntimeError(f"more DataLoader workers than SkipCounter rows ({self.counts_per_worker.shape[0] - 1})")
         return row
 
     def skip(self, reason: str, n: int = 1) -> None:
-        self.counts_WR[self._row(), REASONS.index(reason)] += n
+        self.counts_per_worker[self._row(), REASONS.index(reason)] += n
 
     def ok(self) -> None:
-        self.yielded_W[self._row()] += 1
+        self.yielded_per_worker[self._row()] += 1
 
     def reset(self) -> None:
-        self.counts_WR.zero_()
-        self.yielded_W.zero_()
+        self.counts_per_worker.zero_()
+        self.yielded_per_worker.zero_()
 
     def totals(self) -> dict[str, int]:
         """Skips per reason summed over all workers; only reasons that occurred."""
-        sums_R = self.counts_WR.sum(0).tolist()
-        return {r: int(c) for r, c in zip(REASONS, sums_R) if c}
+        per_reason = self.counts_per_worker.sum(0).tolist()
+        return {r: int(c) for r, c in zip(REASONS, per_reason) if c}
 
     @property
     def yielded(self) -> int:
-        return int(self.yielded_W.sum())
+        return int(self.yielded_per_worker.sum())
 
 
 def format_skips(name: str, skips: dict[str, int], kept: int | None = None) -> str:

@@ -147,12 +147,12 @@ class SampleStream(IterableDataset):
             try:
                 target = self.decode_target(rec.target)
                 data = rec.image() if callable(rec.image) else rec.image
-                image_3SS = self.transform.from_bytes(data, gen)
+                image_3HW = self.transform.from_bytes(data, gen)
             except SkipError as e:
                 self.skips.skip(e.reason)
                 continue
             self.skips.ok()
-            yield image_3SS, target
+            yield image_3HW, target
 
     def check_pass(self) -> dict[str, int]:
         """After a full pass: one summary warning of skips; an error if nothing at all was usable."""

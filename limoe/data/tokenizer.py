@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from limoe.data.stats import DataError, SkipError, warn_skips
 from limoe.data.stream import clean_caption
+from limoe.deprecation import renamed_arguments, renamed_attribute
 
 # Batches of ~16-token captions gain nothing from the Rust thread pool, and a pool that exists before
 # DataLoader workers fork makes tokenizers print a warning and disable itself in every worker.
@@ -32,9 +33,15 @@ MAX_TRAIN_CHARS = 1024
 
 @dataclass
 class TokenBatch:
-    ids_BL: torch.Tensor           # int64 [B, L] token ids, padded with pad_id
-    padding_mask_BL: torch.Tensor  # bool  [B, L] True at padding (key_padding_mask convention)
+    ids_BT: torch.Tensor           # int64 [B, T] token ids, padded with pad_id
+    padding_mask_BT: torch.Tensor  # bool  [B, T] True at padding (key_padding_mask convention)
     eos_index_B: torch.Tensor      # int64 [B] position of the last real token (EOS unless truncated away)
+
+    ids_BL = renamed_attribute("ids_BT")
+    padding_mask_BL = renamed_attribute("padding_mask_BT")
+
+
+TokenBatch.__init__ = renamed_arguments(ids_BL="ids_BT", padding_mask_BL="padding_mask_BT")(TokenBatch.__init__)
 
 
 class Tokenizer:
@@ -59,10 +66,10 @@ class Tokenizer:
 
     def __call__(self, texts: list[str]) -> TokenBatch:
         encodings = self.hf.encode_batch(list(texts))
-        ids_BL = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
-        valid_BL = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
-        eos_index_B = valid_BL.sum(1).clamp(min=1) - 1
-        return TokenBatch(ids_BL=ids_BL, padding_mask_BL=~valid_BL, eos_index_B=eos_index_B)
+        ids_BT = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
+        valid_BT = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
+        eos_index_B = valid_BT.sum(1).clamp(min=1) - 1
+        return TokenBatch(ids_BT=ids_BT, padding_mask_BT=~valid_BT, eos_index_B=eos_index_B)
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True).strip()

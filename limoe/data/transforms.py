@@ -163,8 +163,8 @@ def random_box(w: int, h: int, cfg: ImageConfig, gen: torch.Generator) -> tuple[
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor [3, H, W] in [0, 1]."""
     w, h = img.size
-    pixels_HWC = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
-    return pixels_HWC.permute(2, 0, 1).float().div_(255.0)
+    pixels_HW3 = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
+    return pixels_HW3.permute(2, 0, 1).float().div_(255.0)
 
 
 def jitter_colors(x_3HW: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
@@ -198,10 +198,10 @@ class ImageTransform:
         img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC, box=box)
         if self.train and cfg.hflip_prob > 0 and float(torch.rand(1, generator=gen)) < cfg.hflip_prob:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x_3SS = to_tensor(img)
+        x_3HW = to_tensor(img)
         if self.train and cfg.jitter > 0:
-            x_3SS = jitter_colors(x_3SS, cfg.jitter, gen)
-        return (x_3SS - self.mean_311) / self.std_311
+            x_3HW = jitter_colors(x_3HW, cfg.jitter, gen)
+        return (x_3HW - self.mean_311) / self.std_311
 
     def from_bytes(self, data: bytes, gen: torch.Generator | None = None) -> torch.Tensor:
         img = decode_image(data, self.cfg.max_pixels)

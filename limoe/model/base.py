@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from limoe.deprecation import renamed_arguments
 from limoe.model.block import IMAGE, TEXT, Encoder
 from limoe.model.config import ModelConfig
 from limoe.model.embed import PatchEmbed, TokenEmbed
@@ -78,13 +79,14 @@ class ContrastiveModel(nn.Module):
     def text_valid_mask(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         return tokens_BT != self.config.pad_id
 
-    def encode_image(self, images_BCHW: torch.Tensor, normalize: bool = False, return_aux: bool = False):
-        """Images [B, C, H, W] -> embeddings [B, D], L2-normalised if `normalize` (open_clip's default: not);
-        with `return_aux`, also the MoE records.
+    @renamed_arguments(images_BCHW="images_B3HW")
+    def encode_image(self, images_B3HW: torch.Tensor, normalize: bool = False, return_aux: bool = False):
+        """Images [B, 3, H, W] (3: `in_channels`) -> embeddings [B, D], L2-normalised if `normalize` (open_clip's
+        default: not); with `return_aux`, also the MoE records.
 
         Alone, images route in image-only groups (inference, zero-shot); training encodes pairs (`forward`).
         """
-        x_BNd, aux = self.encoder_for(IMAGE)(self.image_embed(images_BCHW), IMAGE)
+        x_BNd, aux = self.encoder_for(IMAGE)(self.image_embed(images_B3HW), IMAGE)
         z_BD = self._image_head(x_BNd, normalize)
         return (z_BD, aux) if return_aux else z_BD
 
@@ -95,27 +97,28 @@ class ContrastiveModel(nn.Module):
         Padding is `valid_BT` False, by default tokens == pad_id (a TokenBatch brings its own mask); it is masked
         out of attention keys, MoE routing and pooling, so its content never matters.
         """
-        if hasattr(tokens_BT, "ids_BL"):  # a TokenBatch from limoe's Tokenizer
-            tokens_BT, valid_BT = tokens_BT.ids_BL, ~tokens_BT.padding_mask_BL
+        if hasattr(tokens_BT, "ids_BT"):  # a TokenBatch from limoe's Tokenizer
+            tokens_BT, valid_BT = tokens_BT.ids_BT, ~tokens_BT.padding_mask_BT
         valid_BT = self._text_valid(tokens_BT, valid_BT)
         x_BTd, aux = self.encoder_for(TEXT)(self.text_embed(tokens_BT), TEXT, valid_BT)
         z_BD = self._text_head(x_BTd, valid_BT, normalize)
         return (z_BD, aux) if return_aux else z_BD
 
-    def forward(self, images_BCHW: torch.Tensor, tokens_BT: torch.Tensor,
+    @renamed_arguments(images_BCHW="images_B3HW")
+    def forward(self, images_B3HW: torch.Tensor, tokens_BT: torch.Tensor,
                 valid_BT: torch.Tensor | None = None) -> ModelOutput:
         """Training's view: a batch of image-text pairs. One tower encodes both in lockstep, block by block,
         so that (with `routing_groups="joint"`) its MoE layers route each pair's patches and text tokens in
         shared groups; two towers encode each modality in its own pass."""
         encoder = self.encoder_for(IMAGE)
         if encoder is not self.encoder_for(TEXT):
-            image_BD, image_aux = self.encode_image(images_BCHW, normalize=True, return_aux=True)
+            image_BD, image_aux = self.encode_image(images_B3HW, normalize=True, return_aux=True)
             text_BD, text_aux = self.encode_text(tokens_BT, valid_BT, normalize=True, return_aux=True)
             return ModelOutput(image_BD, text_BD, self.logit_scale.exp(), self.logit_bias, image_aux + text_aux)
         valid_BT = self._text_valid(tokens_BT, valid_BT)
-        image_BNd, text_BTd, aux = encoder.forward_pair(self.image_embed(images_BCHW), self.text_embed(tokens_BT),
+        image_BPd, text_BTd, aux = encoder.forward_pair(self.image_embed(images_B3HW), self.text_embed(tokens_BT),
                                                         valid_BT)
-        return ModelOutput(self._image_head(image_BNd), self._text_head(text_BTd, valid_BT), self.logit_scale.exp(),
+        return ModelOutput(self._image_head(image_BPd), self._text_head(text_BTd, valid_BT), self.logit_scale.exp(),
                            self.logit_bias, aux)
 
     # -- pieces -------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from limoe.deprecation import renamed_arguments
 from limoe.model.mlp import Mlp
 from limoe.moe.layer import MoeAux, MoeConfig, MoeMlp
 
@@ -70,10 +71,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BNd: torch.Tensor, valid_BN: torch.Tensor | None = None) -> torch.Tensor:
         B, N, d = x_BNd.shape
-        q_BhNc, k_BhNc, v_BhNc = self.qkv(x_BNd).view(B, N, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q_BaNc, k_BaNc, v_BaNc = self.qkv(x_BNd).view(B, N, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         mask = None if valid_BN is None else valid_BN[:, None, None, :]  # [B, 1, 1, N]: True = may attend
-        o_BhNc = F.scaled_dot_product_attention(q_BhNc, k_BhNc, v_BhNc, attn_mask=mask)
-        return self.out(o_BhNc.transpose(1, 2).reshape(B, N, d))
+        o_BaNc = F.scaled_dot_product_attention(q_BaNc, k_BaNc, v_BaNc, attn_mask=mask)
+        return self.out(o_BaNc.transpose(1, 2).reshape(B, N, d))
 
 
 class Block(nn.Module):
@@ -103,23 +104,24 @@ class Block(nn.Module):
         y_BNd, aux = self._mlp(self.norm2(x_BNd), modality, valid_BN)
         return x_BNd + y_BNd, aux
 
-    def forward_pair(self, image_BNd: torch.Tensor, text_BTd: torch.Tensor, text_valid_BT: torch.Tensor,
-                     modality_BL: torch.Tensor, valid_BL: torch.Tensor
+    @renamed_arguments(image_BNd="image_BPd", modality_BL="modality_BN", valid_BL="valid_BN")
+    def forward_pair(self, image_BPd: torch.Tensor, text_BTd: torch.Tensor, text_valid_BT: torch.Tensor,
+                     modality_BN: torch.Tensor, valid_BN: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, list[MoeAux]]:
         """Both modalities of a batch of pairs in lockstep: attention within each image and each text (no
-        cross-attention), then the MLP. A joint MoE sees every pair's N patches and T text positions as one
-        example of L = N + T tokens (`modality_BL`, `valid_BL` describe them), so pairs share routing groups."""
-        image_BNd = image_BNd + self.attn(self.norm1(image_BNd))
+        cross-attention), then the MLP. A joint MoE sees every pair's P patches and T text positions as one
+        example of N = P + T tokens (`modality_BN`, `valid_BN` describe them), so pairs share routing groups."""
+        image_BPd = image_BPd + self.attn(self.norm1(image_BPd))
         text_BTd = text_BTd + self.attn(self.norm1(text_BTd), text_valid_BT)
-        h_image_BNd, h_text_BTd = self.norm2(image_BNd), self.norm2(text_BTd)
+        h_image_BPd, h_text_BTd = self.norm2(image_BPd), self.norm2(text_BTd)
         if self.routes_jointly:
-            num_patches = image_BNd.shape[1]
-            y_BLd, aux = self.mlp(torch.cat([h_image_BNd, h_text_BTd], 1), modality=modality_BL, valid=valid_BL)
-            return image_BNd + y_BLd[:, :num_patches], text_BTd + y_BLd[:, num_patches:], [aux]
-        y_image_BNd, image_aux = self._mlp(h_image_BNd, IMAGE, None)
+            num_patches = image_BPd.shape[1]
+            y_BNd, aux = self.mlp(torch.cat([h_image_BPd, h_text_BTd], 1), modality=modality_BN, valid=valid_BN)
+            return image_BPd + y_BNd[:, :num_patches], text_BTd + y_BNd[:, num_patches:], [aux]
+        y_image_BPd, image_aux = self._mlp(h_image_BPd, IMAGE, None)
         y_text_BTd, text_aux = self._mlp(h_text_BTd, TEXT, text_valid_BT)
         aux = [a for a in (image_aux, text_aux) if a is not None]
-        return image_BNd + y_image_BNd, text_BTd + y_text_BTd, aux
+        return image_BPd + y_image_BPd, text_BTd + y_text_BTd, aux
 
     def _mlp(self, h_BNd: torch.Tensor, modality: int, valid_BN: torch.Tensor | None
              ) -> tuple[torch.Tensor, MoeAux | None]:
@@ -162,21 +164,22 @@ class Encoder(nn.Module):
                 aux.append(block_aux)
         return self.norm(x_BNd), aux
 
-    def forward_pair(self, image_BNd: torch.Tensor, text_BTd: torch.Tensor, text_valid_BT: torch.Tensor
+    @renamed_arguments(image_BNd="image_BPd")
+    def forward_pair(self, image_BPd: torch.Tensor, text_BTd: torch.Tensor, text_valid_BT: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, list[MoeAux]]:
-        """Images [B, N, d] and their texts [B, T, d] through every block together (see Block.forward_pair)."""
-        if image_BNd.shape[0] != text_BTd.shape[0]:
-            raise ValueError(f"pairs need as many texts as images, got {image_BNd.shape[0]} images and "
+        """Images [B, P, d] and their texts [B, T, d] through every block together (see Block.forward_pair)."""
+        if image_BPd.shape[0] != text_BTd.shape[0]:
+            raise ValueError(f"pairs need as many texts as images, got {image_BPd.shape[0]} images and "
                              f"{text_BTd.shape[0]} texts")
-        B, N = image_BNd.shape[:2]
-        device = image_BNd.device
+        B, P = image_BPd.shape[:2]
+        device = image_BPd.device
         image_id, text_id = self.moe_modality
-        modality_BL = torch.cat([torch.full((B, N), image_id, device=device),
+        modality_BN = torch.cat([torch.full((B, P), image_id, device=device),
                                  torch.full(text_valid_BT.shape, text_id, device=device)], 1)
-        valid_BL = torch.cat([torch.ones(B, N, dtype=torch.bool, device=device), text_valid_BT], 1)
+        valid_BN = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), text_valid_BT], 1)
         aux: list[MoeAux] = []
         for block in self.blocks:
-            image_BNd, text_BTd, block_aux = self._call(block.forward_pair, image_BNd, text_BTd, text_valid_BT,
-                                                        modality_BL, valid_BL)
+            image_BPd, text_BTd, block_aux = self._call(block.forward_pair, image_BPd, text_BTd, text_valid_BT,
+                                                        modality_BN, valid_BN)
             aux += block_aux
-        return self.norm(image_BNd), self.norm(text_BTd), aux
+        return self.norm(image_BPd), self.norm(text_BTd), aux

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from limoe.deprecation import renamed_arguments
+
 
 class PatchEmbed(nn.Module):
-    """[B, C, H, W] -> [B, N, d]: a conv with kernel = stride = patch, plus a learned 2-D position grid."""
+    """[B, 3, H, W] (3: `in_channels`) -> [B, N, d] (N = P patches): a conv with kernel = stride = patch, plus a
+    learned 2-D position grid."""
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int):
         super().__init__()
@@ -20,14 +23,15 @@ class PatchEmbed(nn.Module):
         nn.init.trunc_normal_(self.proj.weight, std=(in_channels * patch_size**2) ** -0.5)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        if images_BCHW.dim() != 4:
-            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images_BCHW.shape)}")
-        x_BdGG = self.proj(images_BCHW)
-        if x_BdGG.shape[-2:] != (self.grid, self.grid):
+    @renamed_arguments(images_BCHW="images_B3HW")
+    def forward(self, images_B3HW: torch.Tensor) -> torch.Tensor:
+        if images_B3HW.dim() != 4:
+            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images_B3HW.shape)}")
+        grid = self.proj(images_B3HW)  # [B, d, grid rows, grid columns]
+        if grid.shape[-2:] != (self.grid, self.grid):
             raise ValueError(f"images must be {self.grid * self.proj.stride[0]} pixels square, "
-                             f"got {tuple(images_BCHW.shape[-2:])}")
-        return x_BdGG.flatten(2).transpose(1, 2) + self.pos_1Nd
+                             f"got {tuple(images_B3HW.shape[-2:])}")
+        return grid.flatten(2).transpose(1, 2) + self.pos_1Nd
 
 
 class TokenEmbed(nn.Module):

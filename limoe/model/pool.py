@@ -29,10 +29,10 @@ class MapHead(nn.Module):
     def forward(self, x_BNd: torch.Tensor, valid_BN: torch.Tensor | None = None) -> torch.Tensor:
         B, N, d = x_BNd.shape
         c = d // self.heads
-        q_Bh1c = self.q(self.probe_11d).view(1, 1, self.heads, c).transpose(1, 2).expand(B, -1, -1, -1)
-        k_BhNc, v_BhNc = self.kv(x_BNd).view(B, N, 2, self.heads, c).permute(2, 0, 3, 1, 4)
+        q_Ba1c = self.q(self.probe_11d).view(1, 1, self.heads, c).transpose(1, 2).expand(B, -1, -1, -1)
+        k_BaNc, v_BaNc = self.kv(x_BNd).view(B, N, 2, self.heads, c).permute(2, 0, 3, 1, 4)
         mask = None if valid_BN is None else valid_BN[:, None, None, :]
-        o_Bd = self.out(F.scaled_dot_product_attention(q_Bh1c, k_BhNc, v_BhNc, attn_mask=mask).reshape(B, d))
+        o_Bd = self.out(F.scaled_dot_product_attention(q_Ba1c, k_BaNc, v_BaNc, attn_mask=mask).reshape(B, d))
         return o_Bd + self.mlp(self.norm(o_Bd))
 
 

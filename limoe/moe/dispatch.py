@@ -101,15 +101,15 @@ class Dispatcher(nn.Module):
         num_experts, num_groups, per_expert = routing.num_experts, routing.num_groups, routing.capacity
         num_slots = num_experts * per_expert
         dtype = compute_dtype(x_Sd)  # the dispatch and combine matmuls run in the experts' dtype
-        dispatch_GmN = routing.dispatch_SN.view(num_groups, -1, num_slots).to(dtype)
-        x_GNd = torch.bmm(dispatch_GmN.transpose(1, 2), x_Sd.view(num_groups, -1, dim).to(dtype))
+        dispatch_GmZ = routing.dispatch_SZ.view(num_groups, -1, num_slots).to(dtype)
+        x_GZd = torch.bmm(dispatch_GmZ.transpose(1, 2), x_Sd.view(num_groups, -1, dim).to(dtype))
         # Group-major slots -> expert-major buffers: expert e's p slots of every group, as `run_experts` expects.
-        x_EGpd = x_GNd.view(num_groups, num_experts, per_expert, dim).transpose(0, 1)
+        x_EGpd = x_GZd.view(num_groups, num_experts, per_expert, dim).transpose(0, 1)
         y_EGpd = self.run_experts(experts, x_EGpd.reshape(num_experts, num_groups * per_expert, dim))
-        y_GNd = y_EGpd.view(num_experts, num_groups, per_expert, dim).transpose(0, 1)
-        y_GNd = y_GNd.reshape(num_groups, num_slots, dim)
-        combine_GmN = routing.combine_SN.view(num_groups, -1, num_slots).to(y_GNd.dtype)
-        return torch.bmm(combine_GmN, y_GNd).view(num_tokens, dim)
+        y_GZd = y_EGpd.view(num_experts, num_groups, per_expert, dim).transpose(0, 1)
+        y_GZd = y_GZd.reshape(num_groups, num_slots, dim)
+        combine_GmZ = routing.combine_SZ.view(num_groups, -1, num_slots).to(y_GZd.dtype)
+        return torch.bmm(combine_GmZ, y_GZd).view(num_tokens, dim)
 
     def run_experts(self, experts: ExpertMlps, x_ECd: torch.Tensor) -> torch.Tensor:
         """All E experts on their padded buffers [E, C, d] (C = every group's slots). Expert parallelism

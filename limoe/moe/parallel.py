@@ -2,10 +2,10 @@
 
 Each rank routes its own S tokens exactly like `MoeMlp` (same capacity C from its local S), so a rank's output
 equals `MoeMlp` with the full expert set applied to that rank's tokens. Only the experts are sharded: the
-dispatcher's [E, C, d] capacity buffer is exchanged with one all_to_all, each rank runs its E/P experts on
-[E/P, P*C, d], and a second all_to_all sends the results back. Buffers have fixed capacity, so all splits are equal
-and no sizes are exchanged. Every rank of an EP group must therefore call the layer with the same number of tokens
-(pad with valid=False).
+dispatcher's [E, C, d] capacity buffer is exchanged with one all_to_all, each rank runs its e experts (E over the
+r ranks of its EP group) on [e, r*C, d], and a second all_to_all sends the results back. Buffers have fixed
+capacity, so all splits are equal and no sizes are exchanged. Every rank of an EP group must therefore call the
+layer with the same number of tokens (pad with valid=False).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ class ExpertParallelDispatcher(Dispatcher):
         ep = self.groups.ep_size
         local = num_experts // ep
         # Dim 0 is expert-major, so chunk j (experts of EP rank j) goes to rank j; we receive, from each rank j,
-        # its C rows for each of our experts: [P, E/P, C, d] -> per expert, all ranks' rows side by side.
-        recv_PLCd = all_to_all(x_ECd, self.groups.ep_group).view(ep, local, cap, dim)
-        x_LRd = recv_PLCd.transpose(0, 1).reshape(local, ep * cap, dim)
-        y_LRd = experts(x_LRd)
-        send_PLCd = y_LRd.view(local, ep, cap, dim).transpose(0, 1)
-        return all_to_all(send_PLCd.reshape(num_experts, cap, dim), self.groups.ep_group)
+        # its C rows for each of our experts: [r, e, C, d] -> per expert, all ranks' rows side by side (R = r*C).
+        recv_reCd = all_to_all(x_ECd, self.groups.ep_group).view(ep, local, cap, dim)
+        x_eRd = recv_reCd.transpose(0, 1).reshape(local, ep * cap, dim)
+        y_eRd = experts(x_eRd)
+        send_reCd = y_eRd.view(local, ep, cap, dim).transpose(0, 1)
+        return all_to_all(send_reCd.reshape(num_experts, cap, dim), self.groups.ep_group)
 
 
 class ExpertParallelMoeMlp(MoeMlp):
@@ -99,7 +99,7 @@ def shard_state_dict(full: dict[str, torch.Tensor], expert_keys: list[str], ep_r
 
 
 def merge_state_dicts(shards: list[dict[str, torch.Tensor]], expert_keys: list[str]) -> dict[str, torch.Tensor]:
-    """Single-process state dict from the state dicts of EP ranks 0..P-1 (e.g. per-rank files), no collectives."""
+    """Single-process state dict from the state dicts of EP ranks 0, 1, ... (e.g. per-rank files), no collectives."""
     out = dict(shards[0])
     for key in expert_keys:
         out[key] = torch.cat([shard[key] for shard in shards])

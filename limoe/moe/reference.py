@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from limoe.deprecation import renamed_arguments
 from limoe.moe.experts import ExpertMlps
 from limoe.moe.routing import Routing
 
@@ -68,9 +69,9 @@ def expert_choice_loop(p_SE: torch.Tensor, capacity: int, valid_S: torch.Tensor 
     return Routing(expert_SE, slot_SE, p_SE, kept_SE, capacity, num_experts, num_groups, ranked=False)
 
 
-def _expert_mlp(experts: ExpertMlps, e: int, x_Nd: torch.Tensor) -> torch.Tensor:
-    h_Nh = F.gelu(x_Nd @ experts.w_in_Edh[e] + experts.b_in_Eh[e])
-    return h_Nh @ experts.w_out_Ehd[e] + experts.b_out_Ed[e]
+def _expert_mlp(experts: ExpertMlps, e: int, x_Rd: torch.Tensor) -> torch.Tensor:
+    h_Rh = F.gelu(x_Rd @ experts.w_in_Edh[e] + experts.b_in_Eh[e])
+    return h_Rh @ experts.w_out_Ehd[e] + experts.b_out_Ed[e]
 
 
 def moe_loop(experts: ExpertMlps, x_Sd: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -80,8 +81,8 @@ def moe_loop(experts: ExpertMlps, x_Sd: torch.Tensor, routing: Routing) -> torch
         for choice in range(routing.k):
             mask_S = routing.kept_SK[:, choice] & (routing.expert_SK[:, choice] == e)
             if mask_S.any():
-                gate_N = routing.gate_SK[mask_S, choice]
-                y_Sd = y_Sd.index_add(0, mask_S.nonzero()[:, 0], gate_N[:, None] * _expert_mlp(experts, e, x_Sd[mask_S]))
+                gate_R = routing.gate_SK[mask_S, choice]
+                y_Sd = y_Sd.index_add(0, mask_S.nonzero()[:, 0], gate_R[:, None] * _expert_mlp(experts, e, x_Sd[mask_S]))
     return y_Sd
 
 
@@ -98,31 +99,32 @@ def moe_onehot_einsum(experts: ExpertMlps, x_Sd: torch.Tensor, routing: Routing)
     return torch.einsum("sec,ecd->sd", combine_SEC, experts(x_ECd))
 
 
-def soft_moe_loop(experts: ExpertMlps, x_Sd: torch.Tensor, phi_dN: torch.Tensor, scale: torch.Tensor,
+@renamed_arguments(phi_dN="phi_dZ")
+def soft_moe_loop(experts: ExpertMlps, x_Sd: torch.Tensor, phi_dZ: torch.Tensor, scale: torch.Tensor,
                   valid_S: torch.Tensor | None = None, num_groups: int = 1) -> torch.Tensor:
-    """Soft MoE as the paper reads, per group and per slot: slot n (of expert n // p) takes the softmax over the
-    group's valid tokens of their logits scale * <x / |x|, phi_n / |phi_n|> as weights of its input; each valid
+    """Soft MoE as the paper reads, per group and per slot: slot z (of expert z // p) takes the softmax over the
+    group's valid tokens of their logits scale * <x / |x|, phi_z / |phi_z|> as weights of its input; each valid
     token's output is the softmax over the slots of its logits, weighting the slots' outputs; padding gets 0.
     |v| is V-MoE's sqrt(sum v^2 + 1e-6)."""
     num_tokens, dim = x_Sd.shape
-    num_slots = phi_dN.shape[1]
+    num_slots = phi_dZ.shape[1]
     per_expert = num_slots // experts.num_experts
     per_group = num_tokens // num_groups
     valid = [True] * num_tokens if valid_S is None else [bool(v) for v in valid_S]
-    phi_unit_dN = phi_dN / (phi_dN.square().sum(0, keepdim=True) + 1e-6).sqrt()
+    phi_unit_dZ = phi_dZ / (phi_dZ.square().sum(0, keepdim=True) + 1e-6).sqrt()
     rows = [x_Sd.new_zeros(dim) for _ in range(num_tokens)]
     for g in range(num_groups):
         tokens = [s for s in range(g * per_group, (g + 1) * per_group) if valid[s]]
         if not tokens:
             continue
         x_md = x_Sd[tokens]
-        logits_mN = scale * (x_md / (x_md.square().sum(1, keepdim=True) + 1e-6).sqrt()) @ phi_unit_dN
+        logits_mZ = scale * (x_md / (x_md.square().sum(1, keepdim=True) + 1e-6).sqrt()) @ phi_unit_dZ
         slot_out = []
-        for n in range(num_slots):
-            weight_m = torch.softmax(logits_mN[:, n], dim=0)
+        for z in range(num_slots):
+            weight_m = torch.softmax(logits_mZ[:, z], dim=0)
             slot_in_d = (weight_m[:, None] * x_md).sum(0)
-            slot_out.append(_expert_mlp(experts, n // per_expert, slot_in_d[None])[0])
-        y_Nd = torch.stack(slot_out)
+            slot_out.append(_expert_mlp(experts, z // per_expert, slot_in_d[None])[0])
+        y_Zd = torch.stack(slot_out)
         for i, s in enumerate(tokens):
-            rows[s] = (torch.softmax(logits_mN[i], dim=0)[:, None] * y_Nd).sum(0)
+            rows[s] = (torch.softmax(logits_mZ[i], dim=0)[:, None] * y_Zd).sum(0)
     return torch.stack(rows)

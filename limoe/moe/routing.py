@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from limoe.deprecation import renamed_arguments, renamed_attribute
 
 CAPACITY_ROUNDINGS = ("ceil", "round")
 
@@ -98,22 +99,28 @@ class Routing:
 @dataclass
 class SoftRouting(Routing):
     """Soft MoE's routing (limoe.moe.routers.soft): every slot mixes the tokens of its group, every token mixes the
-    slots. The dispatcher moves tokens by the two weight matrices alone, [S, N] with N = E * capacity slots of the
-    token's group, expert-major (slot n belongs to expert n // capacity):
-    - dispatch_SN[:, n] sums to 1 over the valid tokens of each group (a group without any: all 0);
-    - combine_SN[s] sums to 1 over the slots for a valid token s, and is 0 for padding.
+    slots. The dispatcher moves tokens by the two weight matrices alone, [S, Z] with Z = E * capacity slots of the
+    token's group, expert-major (slot z belongs to expert z // capacity):
+    - dispatch_SZ[:, z] sums to 1 over the valid tokens of each group (a group without any: all 0);
+    - combine_SZ[s] sums to 1 over the slots for a valid token s, and is 0 for padding.
     The Routing fields summarise it for the statistics and `limoe analyze`: K = 1 column, each token's expert with
     the largest combine weight (summed over that expert's slots), gate = that weight, kept = valid (nothing drops),
     slot 0 (-1 for padding).
     """
 
-    dispatch_SN: torch.Tensor | None = None
-    combine_SN: torch.Tensor | None = None
+    dispatch_SZ: torch.Tensor | None = None
+    combine_SZ: torch.Tensor | None = None
+
+    dispatch_SN = renamed_attribute("dispatch_SZ")
+    combine_SN = renamed_attribute("combine_SZ")
 
     def token_slice(self, num_tokens: int) -> "SoftRouting":
         return SoftRouting(self.expert_SK[:num_tokens], self.slot_SK[:num_tokens], self.gate_SK[:num_tokens],
                            self.kept_SK[:num_tokens], self.capacity, self.num_experts, self.num_groups, self.ranked,
-                           self.dispatch_SN[:num_tokens], self.combine_SN[:num_tokens])
+                           self.dispatch_SZ[:num_tokens], self.combine_SZ[:num_tokens])
+
+
+SoftRouting.__init__ = renamed_arguments(dispatch_SN="dispatch_SZ", combine_SN="combine_SZ")(SoftRouting.__init__)
 
 
 def route(
@@ -163,11 +170,12 @@ def route(
         bucket_KS = torch.where(valid_S[order_S], bucket_KS, num_buckets)
     bucket_A = bucket_KS.reshape(-1)  # A = K*S assignments
     sorted_bucket_A, perm_A = torch.sort(bucket_A, stable=True)
-    # Bucket sizes by scatter-add (bincount would need a host sync for its output size on accelerators).
-    count_B = torch.zeros(num_buckets + 1, dtype=torch.long, device=device)
-    count_B.scatter_add_(0, bucket_A, torch.ones_like(bucket_A))
-    start_B = torch.cumsum(count_B, 0) - count_B
-    rank_sorted_A = torch.arange(bucket_A.numel(), device=device) - start_B[sorted_bucket_A]
+    # Bucket sizes by scatter-add (bincount would need a host sync for its output size on accelerators); both
+    # [G * E + 1].
+    bucket_count = torch.zeros(num_buckets + 1, dtype=torch.long, device=device)
+    bucket_count.scatter_add_(0, bucket_A, torch.ones_like(bucket_A))
+    bucket_start = torch.cumsum(bucket_count, 0) - bucket_count
+    rank_sorted_A = torch.arange(bucket_A.numel(), device=device) - bucket_start[sorted_bucket_A]
     slot_A = torch.empty_like(rank_sorted_A).scatter_(0, perm_A, rank_sorted_A)
 
     slot_SK = torch.empty_like(expert_SK)

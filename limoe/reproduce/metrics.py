@@ -32,13 +32,13 @@ def probe_metrics(model, cfg, shots: int = PROBE_SHOTS, seed: int = 0) -> dict[s
     size = cfg.eval.batch_size
     batches = ((load_images([str(p) for p in paths[i:i + size]], cfg.data.image_size), labels[i:i + size])
                for i in range(0, len(paths), size))
-    embeds_ND = torch.cat([z.float().cpu() for z, _ in evaluate.image_embeddings(model, batches)])
-    labels_N = torch.tensor(labels)
+    embeds_BD = torch.cat([z.float().cpu() for z, _ in evaluate.image_embeddings(model, batches)])
+    labels_B = torch.tensor(labels)
     totals = dict.fromkeys(keys, 0.0)
     for draw in range(PROBE_DRAWS):  # which concepts are the shots moves the score by a few points: average
-        train_idx, test_idx, new_N = evaluate.k_shot_split(labels_N, shots, seed + draw)
-        result = evaluate.linear_probe_from_embeddings(embeds_ND[train_idx], new_N[train_idx],
-                                                       [(embeds_ND[test_idx], new_N[test_idx])], len(names))
+        train_idx, test_idx, new_B = evaluate.k_shot_split(labels_B, shots, seed + draw)
+        result = evaluate.linear_probe_from_embeddings(embeds_BD[train_idx], new_B[train_idx],
+                                                       [(embeds_BD[test_idx], new_B[test_idx])], len(names))
         totals[keys[0]] += result["accuracy"] / PROBE_DRAWS
         totals[keys[1]] += result["balanced_accuracy"] / PROBE_DRAWS
     return totals

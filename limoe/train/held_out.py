@@ -23,7 +23,7 @@ class EvalSets:
 
 
 def tokenize_fn(tokenizer: Tokenizer):
-    return lambda texts: tokenizer(list(texts)).ids_BL
+    return lambda texts: tokenizer(list(texts)).ids_BT
 
 
 def zero_shot(model: nn.Module, tokenizer: Tokenizer, dataset, class_names: Sequence[str],
@@ -31,12 +31,12 @@ def zero_shot(model: nn.Module, tokenizer: Tokenizer, dataset, class_names: Sequ
     """<prefix>/top1, /top5; a dataset with `parts()` (the corpus's: one per style) also gets each part's
     <prefix>/top1/<part>, scored against the same classes (the pooled numbers are exactly the parts' sum)."""
     parts = dataset.parts() if hasattr(dataset, "parts") else {"": dataset}
-    class_CD = evaluate.class_embeddings(model, list(class_names), tokenize_fn(tokenizer), list(templates))
+    class_YD = evaluate.class_embeddings(model, list(class_names), tokenize_fn(tokenizer), list(templates))
     topk = (1, 5)
     out, total_hits, total = {}, dict.fromkeys(topk, 0), 0
     for name, part in parts.items():
         loader = make_loader(part, LoaderConfig(batch_size=batch_size, num_workers=0))
-        hits, count = evaluate.zero_shot_hits(evaluate.image_embeddings(model, loader), class_CD, topk)
+        hits, count = evaluate.zero_shot_hits(evaluate.image_embeddings(model, loader), class_YD, topk)
         total += count
         for k in topk:
             total_hits[k] += hits[k]
@@ -55,11 +55,11 @@ def retrieval(model: nn.Module, tokenizer: Tokenizer, dataset, batch_size: int =
     """Recall@k both ways, and (one caption per image) the contrastive loss on fixed batches of loss_batch pairs
     (evaluate.contrastive_loss_from_embeddings, with the model's logit scale)."""
     loader = make_loader(dataset, LoaderConfig(batch_size=batch_size, num_workers=0))
-    image_ND, text_MD, owner_M = evaluate.pair_embeddings(model, loader, tokenize_fn(tokenizer))
-    out = {f"retrieval/{k}": v for k, v in evaluate.retrieval_from_embeddings(image_ND, text_MD, owner_M).items()}
-    if image_ND.shape == text_MD.shape:
+    image_ID, text_JD, owner_J = evaluate.pair_embeddings(model, loader, tokenize_fn(tokenizer))
+    out = {f"retrieval/{k}": v for k, v in evaluate.retrieval_from_embeddings(image_ID, text_JD, owner_J).items()}
+    if image_ID.shape == text_JD.shape:
         out["retrieval/contrastive_loss"] = evaluate.contrastive_loss_from_embeddings(
-            image_ND, text_MD, logit_scale(model), loss_batch)
+            image_ID, text_JD, logit_scale(model), loss_batch)
     return out
 
 

@@ -39,10 +39,10 @@ class MemoryBatches:
                             f"set data.in_memory=false")
         self.caption_of, self.tokenizer = caption_of, tokenizer
         self._skips = dataset.skips.totals()  # every later epoch reuses the decoded samples: no new skips
-        self.images_N3HW = torch.stack([image for image, _ in samples])
+        self.images_B3HW = torch.stack([image for image, _ in samples])  # B: every sample of the set
         self.captions = [caption for _, caption in samples]
         tokens = tokenizer(self.captions)
-        self.ids_NL, self.padding_NL, self.eos_N = tokens.ids_BL, tokens.padding_mask_BL, tokens.eos_index_B
+        self.ids_BT, self.padding_BT, self.eos_B = tokens.ids_BT, tokens.padding_mask_BT, tokens.eos_index_B
         if len(samples) < global_batch:
             raise DataError(f"{dataset.name}: {len(samples)} valid samples, fewer than one batch of {global_batch}; "
                             f"lower data.batch_size or add data")
@@ -69,7 +69,7 @@ class MemoryBatches:
         order = self._order[1]
         start = index * self.global_batch + self.rank * self.local_batch
         idx = order[start:start + self.local_batch]
-        images = self.images_N3HW[idx].float().div_(255.0)
+        images = self.images_B3HW[idx].float().div_(255.0)
         # Random numbers are drawn for the whole global batch and sliced, so an image gets the same crop
         # whatever the number of ranks: 2 ranks train on exactly the batch 1 process would.
         gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, 11))
@@ -83,8 +83,8 @@ class MemoryBatches:
         if self.caption_of is not None:  # a few hundred captions tokenize in well under a millisecond each
             captions = [self.caption_of(epoch, i) for i in idx.tolist()]
             tokens = self.tokenizer(captions)
-            return PairBatch(images, tokens.ids_BL, tokens.padding_mask_BL, tokens.eos_index_B, captions)
-        return PairBatch(images, self.ids_NL[idx], self.padding_NL[idx], self.eos_N[idx],
+            return PairBatch(images, tokens.ids_BT, tokens.padding_mask_BT, tokens.eos_index_B, captions)
+        return PairBatch(images, self.ids_BT[idx], self.padding_BT[idx], self.eos_B[idx],
                          [self.captions[i] for i in idx.tolist()])
 
     def resample(self, images_B3HW: torch.Tensor, u_B3: torch.Tensor | None) -> torch.Tensor:

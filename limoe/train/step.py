@@ -45,7 +45,7 @@ def step_losses(model: nn.Module, batch, cfg, device: torch.device) -> tuple[dic
     """Forward one (micro-)batch: loss terms and the routing counts summed over every MoE layer and pass."""
     batch = batch.to(device, non_blocking=True)
     with autocast(device, cfg.precision):
-        out = model(batch.images_B3HW, batch.ids_BL, valid_BT=~batch.padding_mask_BL)
+        out = model(batch.images_B3HW, batch.ids_BT, valid_BT=~batch.padding_mask_BT)
         terms = compute_losses(out, cfg.loss)
     stats = None
     for record in out.aux:

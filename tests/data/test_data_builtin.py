@@ -97,8 +97,8 @@ def test_splits_share_no_concept_and_zero_shot_view_matches(small):
 def test_load_builtin_gives_image_caption_pairs(small):
     cfg, _ = small
     train = load_builtin("train", image_size=24, cfg=cfg)
-    x_3SS, caption = next(iter(train))
-    assert x_3SS.shape == (3, 24, 24) and x_3SS.dtype == torch.float32
+    x_3HW, caption = next(iter(train))
+    assert x_3HW.shape == (3, 24, 24) and x_3HW.dtype == torch.float32
     assert isinstance(caption, str) and caption.strip() == caption and caption
     test = load_builtin("test", image_size=24, cfg=cfg)
     assert len(test.collect()) == len(builtin_concepts("test", cfg))  # every render decodes

@@ -299,13 +299,13 @@ def test_zero_shot_scores_each_style_against_every_class(root, cfg, split, prefi
     tokenizer = train_tokenizer(corpus_captions(cfg=cfg), vocab_size=512)
     dataset, classes, templates = corpus_zero_shot("all", cfg=cfg, image=ImageConfig(image_size=64), split=split)
     metrics = zero_shot(model, tokenizer, dataset, classes, templates, batch_size=7, prefix=prefix)
-    class_CD = evaluate.class_embeddings(model, classes, tokenize_fn(tokenizer), templates)
+    class_YD = evaluate.class_embeddings(model, classes, tokenize_fn(tokenizer), templates)
     hits, counts = defaultdict(int), defaultdict(int)
     for i, (image, label) in enumerate(dataset):  # in path order: evaluation streams are not shuffled
         with torch.no_grad():
             z_D = torch.nn.functional.normalize(model.encode_image(image[None]), dim=-1)[0]
         style = Path(dataset.paths[i]).name.split("-")[0]
-        hits[style] += int((class_CD @ z_D).argmax() == label)
+        hits[style] += int((class_YD @ z_D).argmax() == label)
         counts[style] += 1
     assert sorted(counts) == sorted({r["style"] for r in read_rows(root, split)})
     for style in counts:

@@ -139,8 +139,8 @@ def test_every_mode_decodes_to_the_right_rgb(mode, fmt):
         assert len(np.unique(rgb_HW3[..., 0])) > 200
     # And through the transform the loaders use: a normalised, non-degenerate tensor.
     if fmt is not None:
-        x_3SS = ImageTransform(ImageConfig(image_size=8)).from_bytes(encode(img, fmt))
-        assert x_3SS.shape == (3, 8, 8) and torch.isfinite(x_3SS).all() and x_3SS.std() > 0.05
+        x_3HW = ImageTransform(ImageConfig(image_size=8)).from_bytes(encode(img, fmt))
+        assert x_3HW.shape == (3, 8, 8) and torch.isfinite(x_3HW).all() and x_3HW.std() > 0.05
 
 
 class BytesPairs(SampleStream):

@@ -50,9 +50,9 @@ def test_eval_transform_shape_and_normalisation():
     cfg = ImageConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     t = ImageTransform(cfg, train=False)
     white = Image.new("RGB", (40, 20), (255, 255, 255))  # non-square: centre-cropped to a square
-    x_3SS = t(white)
-    assert x_3SS.shape == (3, 16, 16) and x_3SS.dtype == torch.float32
-    assert torch.allclose(x_3SS, torch.ones_like(x_3SS))  # (1 - 0.5) / 0.5
+    x_3HW = t(white)
+    assert x_3HW.shape == (3, 16, 16) and x_3HW.dtype == torch.float32
+    assert torch.allclose(x_3HW, torch.ones_like(x_3HW))  # (1 - 0.5) / 0.5
     # Centre crop: the black left edge of this wide image is outside the central square.
     img = Image.new("RGB", (60, 20), (255, 255, 255))
     img.paste((0, 0, 0), (0, 0, 10, 20))

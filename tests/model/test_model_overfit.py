@@ -53,7 +53,7 @@ def test_tiny_limoe_overfits_real_emoji_pairs(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
     for _ in range(30):
-        terms = compute_losses(model(images, batch.ids_BL, valid_BT=~batch.padding_mask_BL))
+        terms = compute_losses(model(images, batch.ids_BT, valid_BT=~batch.padding_mask_BT))
         opt.zero_grad()
         terms["total_loss"].backward()
         opt.step()

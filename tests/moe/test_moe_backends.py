@@ -28,23 +28,23 @@ def make_pair(device="cpu", seed=0, **overrides):
     return layers
 
 
-def run(layer, x_BTd, modality_BT, valid_BT, seed=1):
+def run(layer, x_BNd, modality_BN, valid_BN, seed=1):
     """Forward + backward of one training-mode call; returns output, aux losses and every gradient."""
-    x_BTd = x_BTd.detach().clone().requires_grad_(True)
+    x_BNd = x_BNd.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)  # same router noise for both backends
-    y_BTd, aux = layer(x_BTd, modality=modality_BT, valid=valid_BT)
-    loss = (y_BTd.float() * torch.linspace(-1, 1, y_BTd.numel(), device=y_BTd.device).view_as(y_BTd)).sum()
+    y_BNd, aux = layer(x_BNd, modality=modality_BN, valid=valid_BN)
+    loss = (y_BNd.float() * torch.linspace(-1, 1, y_BNd.numel(), device=y_BNd.device).view_as(y_BNd)).sum()
     (loss + sum(aux.losses.values())).backward()
-    grads = {"x": x_BTd.grad, **{name: p.grad for name, p in layer.named_parameters()}}
-    return y_BTd, aux, grads
+    grads = {"x": x_BNd.grad, **{name: p.grad for name, p in layer.named_parameters()}}
+    return y_BNd, aux, grads
 
 
 def inputs(device="cpu", batch=4, tokens=24, dim=16):
     gen = torch.Generator().manual_seed(7)
-    x_BTd = torch.randn(batch, tokens, dim, generator=gen)
-    modality_BT = torch.randint(0, 2, (batch, tokens), generator=gen)
-    valid_BT = torch.rand(batch, tokens, generator=gen) > 0.2
-    return x_BTd.to(device), modality_BT.to(device), valid_BT.to(device)
+    x_BNd = torch.randn(batch, tokens, dim, generator=gen)
+    modality_BN = torch.randint(0, 2, (batch, tokens), generator=gen)
+    valid_BN = torch.rand(batch, tokens, generator=gen) > 0.2
+    return x_BNd.to(device), modality_BN.to(device), valid_BN.to(device)
 
 
 @needs_grouped_mm
@@ -113,11 +113,11 @@ class _PoisonOutsideGroups(torch.autograd.Function):
 def test_rows_outside_groups_never_leak(monkeypatch, all_padding):
     monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs=None: _PoisonOutsideGroups.apply(a, b, offs))
     bmm, grouped = make_pair(capacity_factor=2.0)  # half the rows are empty
-    x_BTd, modality_BT, valid_BT = inputs()
+    x_BNd, modality_BN, valid_BN = inputs()
     if all_padding:  # nothing kept: every row lies outside the groups
-        valid_BT = torch.zeros_like(valid_BT)
-    y_b, _, grads_b = run(bmm, x_BTd, modality_BT, valid_BT)
-    y_g, _, grads_g = run(grouped, x_BTd, modality_BT, valid_BT)
+        valid_BN = torch.zeros_like(valid_BN)
+    y_b, _, grads_b = run(bmm, x_BNd, modality_BN, valid_BN)
+    y_g, _, grads_g = run(grouped, x_BNd, modality_BN, valid_BN)
     assert bool(torch.isfinite(y_g).all())
     torch.testing.assert_close(y_g, y_b, rtol=1e-5, atol=1e-6)
     for name, g in grads_b.items():
@@ -128,8 +128,8 @@ def test_rows_outside_groups_never_leak(monkeypatch, all_padding):
 @pytest.mark.parametrize("group_size", [None, 1])
 def test_packed_rows_are_aligned_disjoint_groups(group_size):
     _, grouped = make_pair(num_experts=4, k=2, capacity_factor=0.75, group_size=group_size)
-    x_BTd, modality_BT, valid_BT = inputs()
-    _, aux = grouped(x_BTd, modality=modality_BT, valid=valid_BT)
+    x_BNd, modality_BN, valid_BN = inputs()
+    _, aux = grouped(x_BNd, modality=modality_BN, valid=valid_BN)
     routing = aux.routing
     row_SK, group_end_E, num_rows = packed_rows(routing)
     assert group_end_E.dtype == torch.int32 and bool((group_end_E % GROUP_ROW_ALIGN == 0).all())
@@ -168,14 +168,14 @@ def test_config_rejects_unknown_backend(backend):
 def test_grouped_mm_compiles_as_one_graph_under_bf16_autocast():
     _, grouped = make_pair(k=2, capacity_factor=1.25)
     grouped.eval()  # no router noise: compiled code draws random numbers differently from eager
-    x_BTd, modality_BT, valid_BT = inputs()
+    x_BNd, modality_BN, valid_BN = inputs()
 
     def step(x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, aux = grouped(x, modality=modality_BT, valid=valid_BT)
+            y, aux = grouped(x, modality=modality_BN, valid=valid_BN)
         return y.float().sum() + sum(aux.losses.values())
 
-    x_c, x_e = x_BTd.clone().requires_grad_(True), x_BTd.clone().requires_grad_(True)
+    x_c, x_e = x_BNd.clone().requires_grad_(True), x_BNd.clone().requires_grad_(True)
     torch.compile(step, fullgraph=True)(x_c).backward()
     step(x_e).backward()
     torch.testing.assert_close(x_c.grad, x_e.grad, rtol=5e-2, atol=5e-2)
@@ -238,12 +238,12 @@ def test_cuda_backends_agree_in_bf16_forward_and_backward():
 def test_cuda_layer_never_syncs_with_the_host(backend, phase):
     layer = make_pair("cuda", dim=64, hidden_dim=128, num_experts=8, k=2, batch_priority=True)[
         backend == "grouped_mm"].train()
-    x_BTd, modality_BT, valid_BT = inputs("cuda", batch=8, tokens=64, dim=64)
-    x_BTd.requires_grad_(True)
+    x_BNd, modality_BN, valid_BN = inputs("cuda", batch=8, tokens=64, dim=64)
+    x_BNd.requires_grad_(True)
 
     def forward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y, aux = layer(x_BTd, modality=modality_BT, valid=valid_BT)
+            y, aux = layer(x_BNd, modality=modality_BN, valid=valid_BN)
         return y.float().sum() + sum(aux.losses.values())
 
     forward().backward()  # warm-up: library handles and caches are set up outside the checked region

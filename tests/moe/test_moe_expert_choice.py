@@ -38,15 +38,15 @@ def test_matches_the_reference_picks_outputs_and_gradients(case, backend):
     overrides, examples, tokens, padding = CASES[case]
     layer = make_layer(expert_backend=backend, **overrides).train()
     gen = torch.Generator().manual_seed(3)
-    x_BTd = torch.randn(examples, tokens, 8, generator=gen, requires_grad=True)
-    valid_BT = torch.rand(examples, tokens, generator=gen) > 0.3 if padding else None
-    modality_BT = torch.randint(0, 2, (examples, tokens), generator=gen)
-    y, aux = layer(x_BTd, modality_BT, valid_BT)
+    x_BNd = torch.randn(examples, tokens, 8, generator=gen, requires_grad=True)
+    valid_BN = torch.rand(examples, tokens, generator=gen) > 0.3 if padding else None
+    modality_BN = torch.randint(0, 2, (examples, tokens), generator=gen)
+    y, aux = layer(x_BNd, modality_BN, valid_BN)
 
     # Reference: the groups the layer forms (padding examples filling the last one), Python loops for the picks
     # and the experts.
     group = overrides.get("group_size") or examples
-    x_Sd, valid_S, num_groups = filled_groups(x_BTd, valid_BT, group)
+    x_Sd, valid_S, num_groups = filled_groups(x_BNd, valid_BN, group)
     p_SE = torch.softmax(x_Sd @ layer.router.router_dE, dim=-1)
     ref = expert_choice_loop(p_SE, layer.capacity_for(group * tokens), valid_S, num_groups)
     num_tokens = examples * tokens
@@ -59,7 +59,7 @@ def test_matches_the_reference_picks_outputs_and_gradients(case, backend):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
 
     weights = torch.randn(y.shape, generator=gen)
-    params = [x_BTd, layer.router.router_dE, *layer.experts.parameters()]
+    params = [x_BNd, layer.router.router_dE, *layer.experts.parameters()]
     grads = torch.autograd.grad((y * weights).sum(), params)
     grads_ref = torch.autograd.grad((y_ref * weights).sum(), params)
     for name, g, g_ref in zip(["x", "router", "w_in", "b_in", "w_out", "b_out"], grads, grads_ref):
@@ -69,16 +69,16 @@ def test_matches_the_reference_picks_outputs_and_gradients(case, backend):
 @pytest.mark.parametrize("cf", [0.5, 1.0, 2.0])
 def test_capacity_is_filled_exactly_and_never_exceeded(cf):
     layer = make_layer(group_size=2, capacity_factor=cf, eval_capacity_factor=cf * 2)
-    x_BTd = torch.randn(8, 10, 8)
-    valid_BT = torch.ones(8, 10, dtype=torch.bool)
-    valid_BT[1, 3:] = False  # group 0: 13 valid tokens
-    valid_BT[6:] = False  # group 3: none
+    x_BNd = torch.randn(8, 10, 8)
+    valid_BN = torch.ones(8, 10, dtype=torch.bool)
+    valid_BN[1, 3:] = False  # group 0: 13 valid tokens
+    valid_BN[6:] = False  # group 3: none
     for training in (True, False):
         layer.train(training)
-        _, aux = layer(x_BTd, valid=valid_BT)
+        _, aux = layer(x_BNd, valid=valid_BN)
         r = aux.routing
         assert r.capacity == capacity(20, 4, 1, cf * (1 if training else 2))
-        valid_G = valid_BT.view(4, 20).sum(1)
+        valid_G = valid_BN.view(4, 20).sum(1)
         kept_GE = r.kept_SK.view(4, 20, 4).sum(1)
         assert torch.equal(kept_GE, torch.minimum(valid_G, torch.tensor(r.capacity))[:, None].expand(4, 4))
         # Kept slots of each expert and group are exactly 0 .. count - 1 (what the dispatcher's layouts assume).
@@ -91,17 +91,17 @@ def test_capacity_is_filled_exactly_and_never_exceeded(cf):
 
 def test_capacity_from_valid_tokens_per_group():
     layer = make_layer(group_size=1, capacity_tokens="valid", capacity_multiple_of=1)
-    valid_BT = torch.ones(2, 16, dtype=torch.bool)
-    valid_BT[1, 4:] = False
-    _, aux = layer(torch.randn(2, 16, 8), valid=valid_BT)
+    valid_BN = torch.ones(2, 16, dtype=torch.bool)
+    valid_BN[1, 4:] = False
+    _, aux = layer(torch.randn(2, 16, 8), valid=valid_BN)
     assert aux.routing.kept_SK.view(2, 16, 4).sum(1).tolist() == [[4] * 4, [1] * 4]  # ceil(16/4), ceil(4/4)
 
 
 def test_padding_is_never_picked_even_with_room_to_spare():
     layer = make_layer(capacity_factor=4.0)  # C = the group's 12 tokens: every valid token fits every expert
-    valid_BT = torch.tensor([[True, False, True], [False, False, True], [True, True, False], [False] * 3])
-    y, aux = layer(torch.randn(4, 3, 8), valid=valid_BT)
-    valid_S = valid_BT.reshape(-1)
+    valid_BN = torch.tensor([[True, False, True], [False, False, True], [True, True, False], [False] * 3])
+    y, aux = layer(torch.randn(4, 3, 8), valid=valid_BN)
+    valid_S = valid_BN.reshape(-1)
     assert torch.equal(aux.routing.kept_SK, valid_S[:, None].expand(12, 4))
     assert bool((aux.routing.slot_SK[~valid_S] == -1).all())
     assert bool((y.reshape(12, 8)[~valid_S] == 0).all())
@@ -129,9 +129,9 @@ def test_a_token_may_get_no_expert_or_several():
 def test_reports_z_and_entropy_losses_as_top_k_does():
     ec, tk = make_layer(group_size=2), make_layer(group_size=2, router="top_k", noise_std=0.0)
     tk.load_state_dict(ec.state_dict())
-    x_BTd, modality_BT = torch.randn(4, 6, 8), torch.arange(24).view(4, 6) % 2
-    _, aux_ec = ec(x_BTd, modality_BT)
-    _, aux_tk = tk(x_BTd, modality_BT)
+    x_BNd, modality_BN = torch.randn(4, 6, 8), torch.arange(24).view(4, 6) % 2
+    _, aux_ec = ec(x_BNd, modality_BN)
+    _, aux_tk = tk(x_BNd, modality_BN)
     assert tuple(aux_ec.losses) == ("z", "local_entropy/image", "global_entropy/image", "local_entropy/text",
                                     "global_entropy/text")
     for name, value in aux_ec.losses.items():

@@ -60,14 +60,14 @@ def test_equals_loop_and_einsum_references_with_drops(k, bpr):
 
 def test_dropped_and_padding_tokens_output_exactly_zero():
     layer = make_layer(capacity_factor=0.25).eval()
-    x_BTd = torch.randn(4, 16, 12)
-    valid_BT = torch.rand(4, 16) > 0.3
-    y_BTd, aux = layer(x_BTd, modality=torch.randint(0, 2, (4, 16)), valid=valid_BT)
+    x_BNd = torch.randn(4, 16, 12)
+    valid_BN = torch.rand(4, 16) > 0.3
+    y_BNd, aux = layer(x_BNd, modality=torch.randint(0, 2, (4, 16)), valid=valid_BN)
     no_kept_S = ~aux.routing.kept_SK.any(1)
     assert bool(no_kept_S.any())
-    assert bool((y_BTd.reshape(-1, 12)[no_kept_S] == 0).all())
-    assert bool((y_BTd[~valid_BT] == 0).all())
-    assert bool((y_BTd.reshape(-1, 12)[~no_kept_S] != 0).any(1).all())
+    assert bool((y_BNd.reshape(-1, 12)[no_kept_S] == 0).all())
+    assert bool((y_BNd[~valid_BN] == 0).all())
+    assert bool((y_BNd.reshape(-1, 12)[~no_kept_S] != 0).any(1).all())
 
 
 def test_capacity_from_valid_tokens_counts_only_real_tokens():
@@ -236,15 +236,15 @@ def test_config_rejects_bad_values(overrides, name):
                                      dict(router="soft", slots_per_expert=3, group_size=2)])
 def test_compiles_as_one_graph_and_matches_eager(routing):
     layer = make_layer(**routing).eval()
-    x_BTd = torch.randn(4, 16, 12)
-    modality_BT, valid_BT = torch.arange(64).view(4, 16) % 2, torch.rand(4, 16) > 0.2
+    x_BNd = torch.randn(4, 16, 12)
+    modality_BN, valid_BN = torch.arange(64).view(4, 16) % 2, torch.rand(4, 16) > 0.2
 
     def run(x):
-        y, aux = layer(x, modality=modality_BT, valid=valid_BT)
+        y, aux = layer(x, modality=modality_BN, valid=valid_BN)
         return y, aux.losses, aux.stats.processed_ME
 
-    y_c, losses_c, processed_c = torch.compile(run, fullgraph=True)(x_BTd)
-    y_e, losses_e, processed_e = run(x_BTd)
+    y_c, losses_c, processed_c = torch.compile(run, fullgraph=True)(x_BNd)
+    y_e, losses_e, processed_e = run(x_BNd)
     torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
     assert torch.equal(processed_c, processed_e)
     for name in losses_e:
@@ -265,21 +265,21 @@ def test_cuda_matches_cpu():
 # -- routing groups ---------------------------------------------------------------------------------------------
 def _examples(batch=4, tokens=6, seed=3):
     gen = torch.Generator().manual_seed(seed)
-    x_BTd = torch.randn(batch, tokens, 12, generator=gen)
-    modality_BT = torch.randint(0, 2, (batch, tokens), generator=gen)
-    valid_BT = torch.rand(batch, tokens, generator=gen) > 0.2
-    return x_BTd, modality_BT, valid_BT
+    x_BNd = torch.randn(batch, tokens, 12, generator=gen)
+    modality_BN = torch.randint(0, 2, (batch, tokens), generator=gen)
+    valid_BN = torch.rand(batch, tokens, generator=gen) > 0.2
+    return x_BNd, modality_BN, valid_BN
 
 
 @pytest.mark.parametrize("train", [False, True])
 def test_groups_route_alone_split_batch_equals_halves(train):
     # Router noise off: with group_size G, a batch of 2G examples is exactly its two halves routed apart.
     layer = make_layer(capacity_factor=0.5, capacity_multiple_of=1, group_size=2, noise_std=0.0).train(train)
-    x_BTd, modality_BT, valid_BT = _examples()
-    y, aux = layer(x_BTd, modality=modality_BT, valid=valid_BT)
-    halves = [layer(x_BTd[i:i + 2], modality=modality_BT[i:i + 2], valid=valid_BT[i:i + 2]) for i in (0, 2)]
+    x_BNd, modality_BN, valid_BN = _examples()
+    y, aux = layer(x_BNd, modality=modality_BN, valid=valid_BN)
+    halves = [layer(x_BNd[i:i + 2], modality=modality_BN[i:i + 2], valid=valid_BN[i:i + 2]) for i in (0, 2)]
     assert aux.routing.num_groups == 2 and aux.routing.capacity == layer.capacity_for(2 * 6)
-    assert not bool(aux.routing.kept_SK[valid_BT.reshape(-1)].all())  # capacity binds
+    assert not bool(aux.routing.kept_SK[valid_BN.reshape(-1)].all())  # capacity binds
     torch.testing.assert_close(y, torch.cat([h[0] for h in halves]), rtol=1e-5, atol=1e-6)
     assert torch.equal(aux.routing.kept_SK, torch.cat([h[1].routing.kept_SK for h in halves]))
     assert torch.equal(aux.routing.slot_SK, torch.cat([h[1].routing.slot_SK for h in halves]))
@@ -289,24 +289,24 @@ def test_groups_route_alone_split_batch_equals_halves(train):
     assert torch.equal(aux.stats.processed_ME, summed.processed_ME)
     # One group for the whole batch routes differently: groups are not a no-op.
     y_one, _ = make_layer(capacity_factor=0.5, capacity_multiple_of=1, noise_std=0.0).train(train)(
-        x_BTd, modality=modality_BT, valid=valid_BT)
+        x_BNd, modality=modality_BN, valid=valid_BN)
     assert not torch.allclose(y, y_one)
 
 
 def test_last_group_is_filled_with_padding_examples():
     layer = make_layer(capacity_factor=0.5, group_size=4).eval()
-    x_BTd, modality_BT, valid_BT = _examples(batch=6)
-    y, aux = layer(x_BTd, modality=modality_BT, valid=valid_BT)
-    assert y.shape == x_BTd.shape and aux.routing.kept_SK.shape[0] == 6 * 6 and aux.routing.num_groups == 2
+    x_BNd, modality_BN, valid_BN = _examples(batch=6)
+    y, aux = layer(x_BNd, modality=modality_BN, valid=valid_BN)
+    assert y.shape == x_BNd.shape and aux.routing.kept_SK.shape[0] == 6 * 6 and aux.routing.num_groups == 2
     # Examples 4 and 5 form a group of their own, with the capacity of a full group of 4 examples.
-    y_tail, aux_tail = layer(x_BTd[4:], modality=modality_BT[4:], valid=valid_BT[4:])
+    y_tail, aux_tail = layer(x_BNd[4:], modality=modality_BN[4:], valid=valid_BN[4:])
     assert aux_tail.routing.capacity == layer.capacity_for(4 * 6)
     torch.testing.assert_close(y[4:], y_tail, rtol=1e-5, atol=1e-6)
-    y_head, _ = layer(x_BTd[:4], modality=modality_BT[:4], valid=valid_BT[:4])
+    y_head, _ = layer(x_BNd[:4], modality=modality_BN[:4], valid=valid_BN[:4])
     torch.testing.assert_close(y[:4], y_head, rtol=1e-5, atol=1e-6)
     # Padding examples are neither counted nor given slots.
-    assert aux.stats.tokens_M.sum().item() == valid_BT.sum().item()
-    assert aux.stats.processed_ME.sum().item() <= valid_BT.sum().item()
+    assert aux.stats.tokens_M.sum().item() == valid_BN.sum().item()
+    assert aux.stats.processed_ME.sum().item() <= valid_BN.sum().item()
 
 
 def test_batch_priority_orders_a_joint_group_across_modalities():
@@ -317,13 +317,13 @@ def test_batch_priority_orders_a_joint_group_across_modalities():
     layer = MoeMlp(MoeConfig(dim=4, hidden_dim=8, num_experts=2, capacity_multiple_of=1, group_size=1)).eval()
     with torch.no_grad():
         layer.router.router_dE.copy_(torch.tensor([[1.0, -1.0], [0, 0], [0, 0], [0, 0]]))
-    x_1Sd = torch.zeros(1, 12, 4)
-    x_1Sd[0, :8, 0] = torch.linspace(0.5, 1.0, 8)
-    x_1Sd[0, 8:, 0] = 3.0
-    modality_1S = torch.tensor([[0] * 8 + [1] * 4])
+    x_1Nd = torch.zeros(1, 12, 4)
+    x_1Nd[0, :8, 0] = torch.linspace(0.5, 1.0, 8)
+    x_1Nd[0, 8:, 0] = 3.0
+    modality_1N = torch.tensor([[0] * 8 + [1] * 4])
     for bpr, image_kept, text_kept in [(False, 6, 0), (True, 2, 4)]:
         layer.config.batch_priority = bpr
-        _, aux = layer(x_1Sd, modality=modality_1S)
+        _, aux = layer(x_1Nd, modality=modality_1N)
         assert aux.routing.capacity == 6
         assert aux.stats.top1_kept_M.tolist() == [image_kept, text_kept], bpr
     # With BPR the image tokens kept are the two most confident ones (the last two).
@@ -332,13 +332,13 @@ def test_batch_priority_orders_a_joint_group_across_modalities():
 
 def test_valid_capacity_is_per_group():
     layer = make_layer(capacity_factor=0.5, capacity_tokens="valid", capacity_multiple_of=1, group_size=1).eval()
-    x_BTd, modality_BT, _ = _examples(batch=2, tokens=16)
-    valid_BT = torch.zeros(2, 16, dtype=torch.bool)
-    valid_BT[0, :], valid_BT[1, :3] = True, True  # capacities ceil(16 * 0.5 / 4) = 2 and ceil(3 * 0.5 / 4) = 1
-    y, aux = layer(x_BTd, modality=modality_BT, valid=valid_BT)
+    x_BNd, modality_BN, _ = _examples(batch=2, tokens=16)
+    valid_BN = torch.zeros(2, 16, dtype=torch.bool)
+    valid_BN[0, :], valid_BN[1, :3] = True, True  # capacities ceil(16 * 0.5 / 4) = 2 and ceil(3 * 0.5 / 4) = 1
+    y, aux = layer(x_BNd, modality=modality_BN, valid=valid_BN)
     assert aux.routing.capacity == 2  # the larger of the two groups' capacities (2 and 1)
     for b in range(2):
-        y_b, aux_b = layer(x_BTd[b:b + 1], modality=modality_BT[b:b + 1], valid=valid_BT[b:b + 1])
+        y_b, aux_b = layer(x_BNd[b:b + 1], modality=modality_BN[b:b + 1], valid=valid_BN[b:b + 1])
         assert aux_b.routing.capacity == (2, 1)[b]
         torch.testing.assert_close(y[b], y_b[0], rtol=1e-5, atol=1e-6)
         assert torch.equal(aux.routing.kept_SK[b * 16:(b + 1) * 16], aux_b.routing.kept_SK)

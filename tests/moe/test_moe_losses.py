@@ -184,20 +184,20 @@ def test_losses_in_mixed_groups_match_a_scalar_implementation():
     torch.manual_seed(1)  # the data below does not depend on how many numbers the layer's init drew
     with torch.no_grad():
         layer.router.router_dE.normal_(0, 2.0)
-    x_BSd = torch.randn(6, 12, 6)
-    x_BSd[:, 8:] = x_BSd[0, 8] + 0.2 * torch.randn(6, 4, 6)  # similar text tokens crowd onto few experts
-    modality_BS = torch.tensor([0] * 8 + [1] * 4).repeat(6, 1)
-    valid_BS = torch.ones(6, 12, dtype=torch.bool)
-    valid_BS[:, 10:] = False
-    valid_BS[4:, 8:] = False
+    x_BNd = torch.randn(6, 12, 6)
+    x_BNd[:, 8:] = x_BNd[0, 8] + 0.2 * torch.randn(6, 4, 6)  # similar text tokens crowd onto few experts
+    modality_BN = torch.tensor([0] * 8 + [1] * 4).repeat(6, 1)
+    valid_BN = torch.ones(6, 12, dtype=torch.bool)
+    valid_BN[:, 10:] = False
+    valid_BN[4:, 8:] = False
     torch.manual_seed(5)
-    _, aux = layer(x_BSd, modality=modality_BS, valid=valid_BS)
+    _, aux = layer(x_BNd, modality=modality_BN, valid=valid_BN)
     torch.manual_seed(5)
     sigma = cfg.noise_std / cfg.num_experts
-    logits_SE = (x_BSd.reshape(-1, 6) @ layer.router.router_dE).detach()  # float32, as the layer computes them
+    logits_SE = (x_BNd.reshape(-1, 6) @ layer.router.router_dE).detach()  # float32, as the layer computes them
     noisy_SE = logits_SE + sigma * torch.randn_like(logits_SE)  # the layer's own noise draw
-    want = _grouped_losses_scalar(logits_SE.tolist(), noisy_SE.tolist(), modality_BS.reshape(-1).tolist(),
-                                  valid_BS.reshape(-1).tolist(), 3, (3, 2), sigma, 2)
+    want = _grouped_losses_scalar(logits_SE.tolist(), noisy_SE.tolist(), modality_BN.reshape(-1).tolist(),
+                                  valid_BN.reshape(-1).tolist(), 3, (3, 2), sigma, 2)
     assert set(want) == set(aux.losses)
     for name, value in want.items():
         assert aux.losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name

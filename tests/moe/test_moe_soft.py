@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import limoe
+from limoe.checkpoint.format import read_model_config
 from limoe.checks import ConfigError
 from limoe.losses import LossConfig
 from limoe.moe import MoeConfig, MoeMlp
@@ -37,21 +38,21 @@ CASES = {  # name: (layer overrides, examples, tokens per example, padding)
 
 def _inputs(examples, tokens, padding, seed=3):
     gen = torch.Generator().manual_seed(seed)
-    x_BTd = torch.randn(examples, tokens, 8, generator=gen, requires_grad=True)
-    valid_BT = torch.rand(examples, tokens, generator=gen) > 0.3 if padding else None
-    modality_BT = torch.randint(0, 2, (examples, tokens), generator=gen)
-    return x_BTd, modality_BT, valid_BT
+    x_BNd = torch.randn(examples, tokens, 8, generator=gen, requires_grad=True)
+    valid_BN = torch.rand(examples, tokens, generator=gen) > 0.3 if padding else None
+    modality_BN = torch.randint(0, 2, (examples, tokens), generator=gen)
+    return x_BNd, modality_BN, valid_BN
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_the_reference_outputs_and_gradients(case):
     overrides, examples, tokens, padding = CASES[case]
     layer = make_layer(**overrides).train()
-    x_BTd, modality_BT, valid_BT = _inputs(examples, tokens, padding)
-    y, aux = layer(x_BTd, modality_BT, valid_BT)
+    x_BNd, modality_BN, valid_BN = _inputs(examples, tokens, padding)
+    y, aux = layer(x_BNd, modality_BN, valid_BN)
 
     # Reference: the groups the layer forms (padding examples filling the last one), loops over groups and slots.
-    x_Sd, valid_S, num_groups = filled_groups(x_BTd, valid_BT, overrides.get("group_size"))
+    x_Sd, valid_S, num_groups = filled_groups(x_BNd, valid_BN, overrides.get("group_size"))
     router = layer.router
     y_ref = soft_moe_loop(layer.experts, x_Sd, router.router_dN, router.router_scale, valid_S,
                           num_groups)[:examples * tokens].view_as(y)
@@ -59,7 +60,7 @@ def test_matches_the_reference_outputs_and_gradients(case):
     assert isinstance(aux.routing, SoftRouting) and aux.routing.capacity == router.slots_per_expert
 
     weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
-    params = [x_BTd, router.router_dN, router.router_scale, *layer.experts.parameters()]
+    params = [x_BNd, router.router_dN, router.router_scale, *layer.experts.parameters()]
     grads = torch.autograd.grad((y * weights).sum(), params)
     grads_ref = torch.autograd.grad((y_ref * weights).sum(), params)
     for name, g, g_ref in zip(["x", "phi", "scale", "w_in", "b_in", "w_out", "b_out"], grads, grads_ref):
@@ -69,50 +70,50 @@ def test_matches_the_reference_outputs_and_gradients(case):
 
 def test_dispatch_sums_to_one_over_tokens_and_combine_over_slots():
     layer = make_layer(group_size=2)
-    x_BTd, modality_BT, valid_BT = _inputs(6, 5, padding=True)
-    valid_BT[4:] = False  # the last group has no valid token
-    _, aux = layer(x_BTd, modality_BT, valid_BT)
+    x_BNd, modality_BN, valid_BN = _inputs(6, 5, padding=True)
+    valid_BN[4:] = False  # the last group has no valid token
+    _, aux = layer(x_BNd, modality_BN, valid_BN)
     r = aux.routing
-    dispatch_GmN = r.dispatch_SN.view(3, 10, 8)
-    torch.testing.assert_close(dispatch_GmN[:2].sum(1), torch.ones(2, 8))  # each slot: a convex mixture
-    assert bool((dispatch_GmN[2] == 0).all())
-    valid_S = valid_BT.reshape(-1)
-    torch.testing.assert_close(r.combine_SN[valid_S].sum(1), torch.ones(int(valid_S.sum())))
-    assert bool((r.combine_SN[~valid_S] == 0).all()) and bool((r.dispatch_SN[~valid_S] == 0).all())
+    dispatch_GmZ = r.dispatch_SZ.view(3, 10, 8)
+    torch.testing.assert_close(dispatch_GmZ[:2].sum(1), torch.ones(2, 8))  # each slot: a convex mixture
+    assert bool((dispatch_GmZ[2] == 0).all())
+    valid_S = valid_BN.reshape(-1)
+    torch.testing.assert_close(r.combine_SZ[valid_S].sum(1), torch.ones(int(valid_S.sum())))
+    assert bool((r.combine_SZ[~valid_S] == 0).all()) and bool((r.dispatch_SZ[~valid_S] == 0).all())
 
 
 def test_padding_is_never_mixed_in_and_gets_zero():
     layer = make_layer(group_size=2)
-    x_BTd, modality_BT, valid_BT = _inputs(4, 5, padding=True)
-    y, aux = layer(x_BTd, modality_BT, valid_BT)
-    changed = torch.where(valid_BT[..., None], x_BTd, 100 * torch.randn_like(x_BTd))
-    y2, aux2 = layer(changed, modality_BT, valid_BT)
+    x_BNd, modality_BN, valid_BN = _inputs(4, 5, padding=True)
+    y, aux = layer(x_BNd, modality_BN, valid_BN)
+    changed = torch.where(valid_BN[..., None], x_BNd, 100 * torch.randn_like(x_BNd))
+    y2, aux2 = layer(changed, modality_BN, valid_BN)
     assert torch.equal(y, y2)
-    assert bool((y[~valid_BT] == 0).all())
+    assert bool((y[~valid_BN] == 0).all())
     for name in aux.losses:
         assert torch.equal(aux.losses[name], aux2.losses[name]), name
 
 
 def test_a_group_of_padding_only_gives_zeros_not_nan():
     layer = make_layer(group_size=1)
-    x_BTd = torch.randn(2, 4, 8, requires_grad=True)
-    valid_BT = torch.tensor([[True, False, True, True], [False] * 4])
-    y, aux = layer(x_BTd, valid=valid_BT)
+    x_BNd = torch.randn(2, 4, 8, requires_grad=True)
+    valid_BN = torch.tensor([[True, False, True, True], [False] * 4])
+    y, aux = layer(x_BNd, valid=valid_BN)
     assert bool((y[1] == 0).all()) and bool(y.isfinite().all())
     assert all(bool(v.isfinite()) for v in aux.losses.values())
     (y.sum() + sum(aux.losses.values())).backward()
-    assert bool(x_BTd.grad.isfinite().all()) and bool((x_BTd.grad[1] == 0).all())
+    assert bool(x_BNd.grad.isfinite().all()) and bool((x_BNd.grad[1] == 0).all())
     assert all(bool(p.grad.isfinite().all()) for p in layer.parameters())
 
 
 def test_slots_mix_examples_within_a_group_and_only_there():
-    x_BTd, modality_BT, _ = _inputs(4, 3, padding=False)
-    other = x_BTd.detach().clone()
+    x_BNd, modality_BN, _ = _inputs(4, 3, padding=False)
+    other = x_BNd.detach().clone()
     other[1] += 1.0  # change example 1 only
     for group_size, leaks in ((2, True), (1, False)):
         layer = make_layer(group_size=group_size)
-        y, _ = layer(x_BTd, modality_BT)
-        y2, _ = layer(other, modality_BT)
+        y, _ = layer(x_BNd, modality_BN)
+        y2, _ = layer(other, modality_BN)
         assert not torch.equal(y[0], y2[0]) if leaks else torch.equal(y[0], y2[0])  # example 0 shares its group
         assert torch.equal(y[2:], y2[2:])  # other groups never see example 1
 
@@ -121,10 +122,10 @@ def test_statistics_count_every_token_and_its_heaviest_expert():
     from limoe.analysis.routing_stats import map_choice
 
     layer = make_layer(group_size=2)
-    x_BTd, modality_BT, valid_BT = _inputs(4, 5, padding=True)
-    _, aux = layer(x_BTd, modality_BT, valid_BT)
-    r, valid_S = aux.routing, valid_BT.reshape(-1)
-    q_SE = r.combine_SN.view(-1, 4, 2).sum(-1)
+    x_BNd, modality_BN, valid_BN = _inputs(4, 5, padding=True)
+    _, aux = layer(x_BNd, modality_BN, valid_BN)
+    r, valid_S = aux.routing, valid_BN.reshape(-1)
+    q_SE = r.combine_SZ.view(-1, 4, 2).sum(-1)
     assert torch.equal(r.expert_SK[valid_S, 0], q_SE[valid_S].argmax(1))
     torch.testing.assert_close(r.gate_SK[valid_S, 0], q_SE[valid_S].max(1).values)
     assert aux.stats.routing_success_M.tolist() == [1.0, 1.0] and aux.stats.dropped_M.sum() == 0
@@ -135,13 +136,13 @@ def test_statistics_count_every_token_and_its_heaviest_expert():
 
 def test_losses_are_z_and_entropies_of_the_summed_combine_weights():
     layer = make_layer(group_size=2)
-    x_BTd, modality_BT, _ = _inputs(4, 6, padding=False)
-    _, aux = layer(x_BTd, modality_BT)
+    x_BNd, modality_BN, _ = _inputs(4, 6, padding=False)
+    _, aux = layer(x_BNd, modality_BN)
     assert tuple(aux.losses) == ("z", "local_entropy/image", "global_entropy/image", "local_entropy/text",
                                  "global_entropy/text")
     assert all(LossConfig().weight(name) >= 0 for name in aux.losses)
-    q_SE = aux.routing.combine_SN.view(-1, 4, 2).sum(-1)
-    image_S = modality_BT.reshape(-1) == 0
+    q_SE = aux.routing.combine_SZ.view(-1, 4, 2).sum(-1)
+    image_S = modality_BN.reshape(-1) == 0
     entropy_S = -(q_SE * q_SE.log()).sum(-1)
     # The local entropy is the mean over each group's image tokens, averaged over the two groups.
     want = torch.stack([entropy_S[g * 12:(g + 1) * 12][image_S[g * 12:(g + 1) * 12]].mean() for g in (0, 1)]).mean()
@@ -157,7 +158,7 @@ def test_logits_stay_float32_under_autocast():
     assert logits.dtype == torch.float32 and bool(y.isfinite().all())
 
 
-def test_slots_default_to_the_top1_capacity_of_a_training_group():
+def test_slots_default_to_the_top1_capacity_of_a_training_group(tmp_path):
     from limoe.model.registry import get_config
 
     # The paper's defaults (V-MoE's soft_moe): one group per example and modality (16 patches, or 16 text
@@ -174,9 +175,13 @@ def test_slots_default_to_the_top1_capacity_of_a_training_group():
     split = get_config("limoe-tiny", router="soft", group_size=8, capacity_rounding="ceil").moe_config()
     assert split.slots_per_expert == capacity(8 * 16, 8, 1, 1.0) == 16
     assert get_config("limoe-tiny", router="soft", slots_per_expert=5).moe_config().slots_per_expert == 5
-    # A checkpoint's config is the merged dict: one saved before these defaults builds the model it saved.
-    saved = dataclasses.replace(base, moe={**base.moe, "router": "soft"})
+    # A checkpoint's config is the merged dict: one saved before these defaults builds the model it saved, the
+    # preset's eval_capacity_factor (which Soft MoE never read) dropped as it is read.
+    (tmp_path / "model.json").write_text(json.dumps(dataclasses.asdict(
+        dataclasses.replace(base, moe={**base.moe, "router": "soft"}))))
+    saved = read_model_config(tmp_path)
     assert saved.moe_config().slots_per_expert == 32 and saved.moe_config().routing_groups == "joint"
+    assert "eval_capacity_factor" not in saved.moe
 
 
 def test_refusals_are_one_line_errors(tmp_path):

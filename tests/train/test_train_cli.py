@@ -39,7 +39,7 @@ def _one_error_line(capsys, contains: str) -> None:
 
 def test_load_checkpoint_api(run):
     model, tokenizer, config = limoe.load_checkpoint(str(run[0]))
-    z = model.encode_text(tokenizer(["thumbs up", "red heart"]).ids_BL)
+    z = model.encode_text(tokenizer(["thumbs up", "red heart"]).ids_BT)
     assert z.shape == (2, model.config.output_dim) and config.steps == 3
 
 

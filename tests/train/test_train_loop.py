@@ -84,7 +84,7 @@ def test_accumulation_splits_the_batch_and_averages_the_micro_batch_losses(tmp_p
     model = build_model(cfg.model_config()).train()
     batch = next(iter(make_batches(cfg, tokenizer, 0, 1, DataPosition())))
     half = len(batch) // 2
-    losses = [compute_losses(model(batch.images_B3HW[sl], batch.ids_BL[sl], valid_BT=~batch.padding_mask_BL[sl]),
+    losses = [compute_losses(model(batch.images_B3HW[sl], batch.ids_BT[sl], valid_BT=~batch.padding_mask_BT[sl]),
                              cfg.loss)["total_loss"].item() for sl in (slice(0, half), slice(half, 2 * half))]
     assert result.losses[0] == pytest.approx(sum(losses) / 2, rel=1e-5)
     assert abs(losses[0] - losses[1]) > 1e-3  # two different halves: averaging is really being checked
