@@ -67,10 +67,11 @@ def make_steps(args, device, dtype, num_experts, batch_priority, backends):
     top_k = None
     for router, backend in _router_backends(args, backends, batch_priority):
         torch.manual_seed(0)  # the same weights for every backend
-        soft = {"slots_per_expert": capacity(group, num_experts, 1, args.capacity_factor)} if router == "soft" else {}
-        moe = MoeMlp(MoeConfig(args.dim, args.hidden, num_experts=num_experts, k=args.k if router == "top_k" else 1,
-                               capacity_factor=args.capacity_factor, batch_priority=batch_priority,
-                               expert_backend=backend, router=router, group_size=1, **soft)).to(device).train()
+        # What each router reads (ROUTER_OPTIONS): k and BPR are top_k's; Soft MoE's slots match top-1's capacity.
+        own = ({"k": args.k, "batch_priority": batch_priority} if router == "top_k" else
+               {"slots_per_expert": capacity(group, num_experts, 1, args.capacity_factor)} if router == "soft" else {})
+        moe = MoeMlp(MoeConfig(args.dim, args.hidden, num_experts=num_experts, capacity_factor=args.capacity_factor,
+                               expert_backend=backend, router=router, group_size=1, **own)).to(device).train()
         top_k = moe if router == "top_k" else top_k
 
         def moe_forward(x, moe=moe):  # tensors only: what a compiled graph returns

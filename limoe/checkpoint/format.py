@@ -106,10 +106,15 @@ def read_tokenizer(path: str | os.PathLike):
 
 def read_model_config(path: str | os.PathLike):
     from limoe.model.config import ModelConfig
+    from limoe.moe.config import without_unread_options
 
     file = Path(path) / "model.json"
     try:
-        return ModelConfig(**read_json(file))
+        saved = read_json(file)
+        if isinstance(saved, dict) and isinstance(saved.get("moe"), dict):
+            # Written before MoeConfig refused options a router does not read: they did nothing, so they go.
+            saved["moe"] = without_unread_options(saved["moe"])
+        return ModelConfig(**saved)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{file}: unreadable model config ({e})") from None
 

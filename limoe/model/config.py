@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from limoe.checks import Check, check_fields, field_checks, flag, integer, mapping, one_of, option, real
+from limoe.moe.config import without_unread_options
 from limoe.moe.layer import MoeConfig
 from limoe.moe.routing import capacity
 
@@ -88,7 +89,8 @@ class ModelConfig:
     def _soft_slots_per_expert(self, moe: dict[str, Any]) -> int | None:
         """Soft MoE's default slots per expert: the top-1 capacity of a training routing group, so that its E*p
         slots cost what top_k's k=1 buffers cost; None without group_size."""
-        top_k = MoeConfig(dim=self.width, hidden_dim=self.mlp_dim, **{**moe, "router": "top_k", "k": 1})
+        top_k = MoeConfig(dim=self.width, hidden_dim=self.mlp_dim,
+                          **without_unread_options({**moe, "router": "top_k", "k": 1}))
         tokens = self.routing_group_tokens(top_k)
         if tokens is None:
             return None

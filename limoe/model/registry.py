@@ -26,7 +26,7 @@ from limoe.model.config import MOE_KEYS, ModelConfig
 from limoe.model.flops import ModelInfo, model_info
 from limoe.model.one_tower import OneTower
 from limoe.model.two_tower import TwoTower
-from limoe.moe.config import ROUTER_PAPER_DEFAULTS
+from limoe.moe.config import ROUTER_PAPER_DEFAULTS, without_unread_options
 
 # name: (width, depth, mlp_dim, heads)
 _SIZES = {"s": (512, 8, 2048, 8), "b": (768, 12, 3072, 12), "l": (1024, 24, 4096, 16), "h": (1280, 32, 5120, 16)}
@@ -76,11 +76,13 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
 
 def with_overrides(config: ModelConfig, **overrides: Any) -> ModelConfig:
     """`config` with `overrides`; a router chosen here brings its paper's settings (ROUTER_PAPER_DEFAULTS) for
-    the MoE keys the overrides leave unset, over the preset's."""
+    the MoE keys the overrides leave unset, over the preset's, and drops the preset's options it does not read
+    (ROUTER_OPTIONS; the overrides' own are kept, and refused by MoeConfig)."""
     moe_overrides = {**overrides.pop("moe", {})}
     moe_overrides.update({key: overrides.pop(key) for key in list(overrides) if key in MOE_KEYS})
     paper = ROUTER_PAPER_DEFAULTS.get(moe_overrides.get("router"), {})
-    return dataclasses.replace(config, moe={**config.moe, **paper, **moe_overrides}, **overrides)
+    moe = without_unread_options({**config.moe, **paper, **moe_overrides}, keep=moe_overrides)
+    return dataclasses.replace(config, moe=moe, **overrides)
 
 
 def build_model(config: ModelConfig) -> ContrastiveModel:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import MISSING, dataclass, fields
 
 from limoe.checks import ConfigError, check_fields, flag, integer, one_of, option, real, sequence, text
 from limoe.moe.experts import EXPERT_BACKENDS
@@ -25,6 +26,34 @@ ROUTER_PAPER_DEFAULTS = {
     "soft": {"group_size": 1, "routing_groups": "per_modality", "capacity_rounding": "round",
              "capacity_multiple_of": 1},
 }
+
+
+# The routing options each router reads. The fields stay flat, as V-MoE's router arguments and torchtitan's MoEArgs
+# are, because top_k and expert_choice share most of them; options not named here (experts, routing groups,
+# modalities, entropy thresholds, backend, init) apply to every router. A value other than its default in an option
+# the chosen router does not read would do nothing: MoeConfig refuses it.
+_CAPACITY = ("capacity_factor", "eval_capacity_factor", "capacity_rounding", "capacity_multiple_of",
+             "capacity_tokens")
+ROUTER_OPTIONS = {
+    "top_k": ("k", "batch_priority", "noise_std", *_CAPACITY),
+    "expert_choice": ("noise_std", *_CAPACITY),
+    # The three capacity options set the slots a model derives when slots_per_expert is unset (ModelConfig).
+    "soft": ("slots_per_expert", "soft_init", "capacity_factor", "capacity_rounding", "capacity_multiple_of"),
+}
+_ROUTING_OPTIONS = tuple(dict.fromkeys(key for keys in ROUTER_OPTIONS.values() for key in keys))
+
+
+def unread_options(router: str) -> tuple[str, ...]:
+    """The routing options `router` does not read (ROUTER_OPTIONS); none for a router MoeConfig will refuse."""
+    read = ROUTER_OPTIONS.get(router) if isinstance(router, str) else None
+    return () if read is None else tuple(key for key in _ROUTING_OPTIONS if key not in read)
+
+
+def without_unread_options(moe: dict, keep: Iterable[str] = ()) -> dict:
+    """MoeConfig keyword arguments `moe` without the options its router does not read (but those in `keep`): what
+    a preset's values become when a different router is chosen, and a saved model.json whose router ignored them."""
+    unread = set(unread_options(moe.get("router", "top_k"))) - set(keep)
+    return {key: value for key, value in moe.items() if key not in unread}
 
 
 def _distinct_names(names: tuple[str, ...]) -> str | None:
@@ -75,11 +104,10 @@ class MoeConfig:
     # Which router assigns tokens to experts (limoe.moe.routers): "top_k" = V-MoE's top-k per token with capacity
     # and BPR. The options above that shape routing (k, capacity, batch_priority, noise_std) are top_k's; the
     # routing groups apply to every router.
-    # "expert_choice" = each expert picks its top-C tokens of a group (Zhou et al. 2022): it uses the capacity
-    # options and noise_std, needs k=1 (k has no meaning there) and C <= the group's tokens, and ignores
-    # batch_priority (no per-token order). "soft" = Soft MoE (Puigcerver et al. 2023): every slot mixes all tokens
-    # of a group, every token all slots; needs k=1 and slots_per_expert, ignores batch_priority, noise_std and the
-    # capacity options.
+    # "expert_choice" = each expert picks its top-C tokens of a group (Zhou et al. 2022): it needs C <= the
+    # group's tokens and has no per-token order (no batch_priority). "soft" = Soft MoE (Puigcerver et al. 2023):
+    # every slot mixes all tokens of a group, every token all slots; needs slots_per_expert. ROUTER_OPTIONS says
+    # which options each reads.
     router: str = option("top_k", one_of(*ROUTERS))
     # Soft MoE's slots per expert p (its router has a learned column per slot, so p is fixed). A model built from a
     # ModelConfig sets it, if left None, to the top-1 capacity of its training routing group (matched compute).
@@ -96,6 +124,11 @@ class MoeConfig:
         if self.router in _WHY_K_IS_1 and self.k != 1:
             raise ConfigError(f"moe.k={self.k} has no meaning with moe.router={self.router!r} "
                               f"({_WHY_K_IS_1[self.router]}): leave k at 1")
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        for key in unread_options(self.router):
+            if getattr(self, key) != defaults[key]:
+                raise ConfigError(f"moe.{key}={getattr(self, key)!r} does nothing with moe.router={self.router!r}, "
+                                  f"which reads {', '.join(ROUTER_OPTIONS[self.router])}: leave it unset")
         if self.router == "expert_choice":
             for key in ("capacity_factor", "eval_capacity_factor"):
                 factor = getattr(self, key)

@@ -30,7 +30,8 @@ def _config(path, cache, *sets: str, steps: int = STEPS):
     # route the groups one process routes), N ranks' mean loss is exactly the one-process loss of the global batch.
     cfg = tiny_config(path, cache, steps=steps, checkpoint_interval=0)
     cfg.eval.zero_shot = cfg.eval.retrieval = False
-    apply_overrides(cfg, ["moe.noise_std=0", "moe.group_size=4", *sets])
+    noise = [] if "moe.router=soft" in sets else ["moe.noise_std=0"]  # Soft MoE has no router noise to turn off
+    apply_overrides(cfg, [*noise, "moe.group_size=4", *sets])
     return cfg
 
 

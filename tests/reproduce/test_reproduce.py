@@ -78,14 +78,15 @@ def test_variants_switch_exactly_the_aux_losses_and_bpr():
     assert switches(configs["limoe-entropy"]) == (True, True, True, True, False)
     assert switches(configs["limoe-entropy-bpr"]) == (True, True, True, True, True)
     # (g), (h): (f) with another router; the losses it reports keep (f)'s weights (not the router's defaults, none),
-    # the rest do not apply; the model is (f)'s but for the router (not the router's paper defaults).
+    # the rest do not apply; the model is (f)'s but for the router (not the router's paper defaults), and for
+    # Soft MoE without the preset's evaluation capacity factor, which it does not read.
     recipe_f = configs["limoe-entropy-bpr"]
     for name in ("limoe-ec", "limoe-soft"):
         assert configs[name].resolved().loss == recipe_f.resolved().loss
         moe_f, moe = recipe_f.model_config().moe_config(), configs[name].model_config().moe_config()
         differ = {f.name for f in dataclasses.fields(moe) if getattr(moe, f.name) != getattr(moe_f, f.name)}
         assert differ == ({"router", "noise_std"} if name == "limoe-ec" else {"router", "slots_per_expert",
-                                                                               "soft_init"})
+                                                                               "soft_init", "eval_capacity_factor"})
     # At the cpu scale (f) is the default `limoe train` run itself, evaluated once at the end, on one thread.
     default = get_preset("default")
     default.run_dir = ""
