@@ -98,34 +98,6 @@ def shard_state_dict(full: dict[str, torch.Tensor], expert_keys: list[str], ep_r
     return out
 
 
-def merge_state_dicts(shards: list[dict[str, torch.Tensor]], expert_keys: list[str]) -> dict[str, torch.Tensor]:
-    """Single-process state dict from the state dicts of EP ranks 0, 1, ... (e.g. per-rank files), no collectives."""
-    out = dict(shards[0])
-    for key in expert_keys:
-        out[key] = torch.cat([shard[key] for shard in shards])
-    return out
-
-
-def gather_full_state_dict(model: nn.Module, groups: ExpertParallelGroups,
-                           local: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The model's single-process state dict, on every rank. Collective over the EP group.
-
-    Non-expert tensors are taken from this rank (they are replicated); expert shards are all-gathered in EP-rank
-    order, which is expert order because shards are contiguous. `local`: this rank's state dict, if not
-    `model.state_dict()` (e.g. FSDP's, already gathered over the data-parallel ranks).
-    """
-    local = model.state_dict() if local is None else local
-    out = dict(local)
-    if groups.ep_size == 1:
-        return out
-    for key in expert_state_keys(model):
-        shard = local[key].detach().contiguous()
-        parts = [torch.empty_like(shard) for _ in range(groups.ep_size)]
-        dist.all_gather(parts, shard, group=groups.ep_group)
-        out[key] = torch.cat(parts)
-    return out
-
-
 def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], groups: ExpertParallelGroups) -> None:
     """Load a single-process state dict (any EP size wrote it, once merged) into this rank's shard of `model`."""
     model.load_state_dict(shard_state_dict(full, expert_state_keys(model), groups.ep_rank, groups.ep_size))
