@@ -74,12 +74,16 @@ def test_an_evaluate_function_called_with_its_old_keywords_gives_the_same_result
     assert all(torch.equal(a, b) for a, b in zip(old_split, evaluate.k_shot_split(labels_B, shots=1)))
 
 
-def test_a_module_called_with_an_old_keyword_warns_at_the_caller_past_torch():
-    from limoe.model.embed import PatchEmbed
+def test_a_model_called_with_an_old_keyword_warns_at_the_caller_past_torch():
+    from limoe.model.registry import build_model, get_config
 
-    embed = PatchEmbed(image_size=8, patch_size=4, in_channels=3, dim=16)
-    images_B3HW = torch.randn(2, 3, 8, 8)
-    with pytest.warns(DeprecationWarning, match="argument images_BCHW is renamed images_B3HW") as caught:
-        old = embed(images_BCHW=images_B3HW)
+    torch.manual_seed(0)
+    model = build_model(get_config("limoe-tiny")).eval()
+    images_B3HW = torch.randn(2, 3, 32, 32)
+    tokens_BT = torch.randint(1, 100, (2, 16))
+    with torch.no_grad():
+        with pytest.warns(DeprecationWarning, match="argument images_BCHW is renamed images_B3HW") as caught:
+            old = model(images_BCHW=images_B3HW, tokens_BT=tokens_BT)
+        new = model(images_B3HW, tokens_BT)
     assert caught[0].filename == __file__  # not nn.Module.__call__'s
-    assert torch.equal(old, embed(images_B3HW))
+    assert torch.equal(old.image_embeds, new.image_embeds) and torch.equal(old.text_embeds, new.text_embeds)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from limoe.deprecation import renamed_arguments
 from limoe.model.mlp import Mlp
 from limoe.moe.layer import MoeAux, MoeConfig, MoeMlp
 
@@ -104,7 +103,6 @@ class Block(nn.Module):
         y_BNd, aux = self._mlp(self.norm2(x_BNd), modality, valid_BN)
         return x_BNd + y_BNd, aux
 
-    @renamed_arguments(image_BNd="image_BPd", modality_BL="modality_BN", valid_BL="valid_BN")
     def forward_pair(self, image_BPd: torch.Tensor, text_BTd: torch.Tensor, text_valid_BT: torch.Tensor,
                      modality_BN: torch.Tensor, valid_BN: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, list[MoeAux]]:
@@ -164,7 +162,6 @@ class Encoder(nn.Module):
                 aux.append(block_aux)
         return self.norm(x_BNd), aux
 
-    @renamed_arguments(image_BNd="image_BPd")
     def forward_pair(self, image_BPd: torch.Tensor, text_BTd: torch.Tensor, text_valid_BT: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, list[MoeAux]]:
         """Images [B, P, d] and their texts [B, T, d] through every block together (see Block.forward_pair)."""

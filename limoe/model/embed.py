@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from limoe.deprecation import renamed_arguments
-
 
 class PatchEmbed(nn.Module):
     """[B, 3, H, W] (3: `in_channels`) -> [B, N, d] (N = P patches): a conv with kernel = stride = patch, plus a
@@ -23,7 +21,6 @@ class PatchEmbed(nn.Module):
         nn.init.trunc_normal_(self.proj.weight, std=(in_channels * patch_size**2) ** -0.5)
         nn.init.zeros_(self.proj.bias)
 
-    @renamed_arguments(images_BCHW="images_B3HW")
     def forward(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         if images_B3HW.dim() != 4:
             raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images_B3HW.shape)}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from limoe.deprecation import renamed_arguments, renamed_attribute
+from limoe.deprecation import renamed_attribute
 
 CAPACITY_ROUNDINGS = ("ceil", "round")
 
@@ -119,8 +119,6 @@ class SoftRouting(Routing):
                            self.kept_SK[:num_tokens], self.capacity, self.num_experts, self.num_groups, self.ranked,
                            self.dispatch_SZ[:num_tokens], self.combine_SZ[:num_tokens])
 
-
-SoftRouting.__init__ = renamed_arguments(dispatch_SN="dispatch_SZ", combine_SN="combine_SZ")(SoftRouting.__init__)
 
 
 def route(

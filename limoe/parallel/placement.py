@@ -100,13 +100,16 @@ class Placements:
         """Clip the gradient norm of the whole, unsharded model, as `clip_grad_norm_` does in one process; returns
         the norm before clipping. Each rank adds its squares, each divided by its element's number of copies; one
         all_reduce over the world sums them."""
-        squares = torch.zeros((), device=device)
+        by_copies: dict[int, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         grads = []
         for name, param in model.named_parameters():
             if param.grad is not None:
                 grad = local(param.grad)
-                squares += grad.detach().float().pow(2).sum().to(device) / self.entries[name].copies
+                by_copies[self.entries[name].copies] += grad.detach().float().pow(2).sum().to(device)
                 grads.append(grad)
+        squares = torch.zeros((), device=device)
+        for copies, summed in by_copies.items():  # one division per kind of tensor, not per parameter
+            squares += summed / copies
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(squares)
         total = squares.sqrt()

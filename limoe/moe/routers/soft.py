@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from limoe.deprecation import renamed_arguments
 from limoe.moe import aux_losses
 from limoe.moe.routers.base import DistributionRouter, RouterOutput, no_autocast
 from limoe.moe.routing import SoftRouting
@@ -94,7 +93,6 @@ def l2_normalize(v: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
     return v * torch.rsqrt(v.square().sum(dim, keepdim=True) + eps)
 
 
-@renamed_arguments(logits_SN="logits_SZ")
 def soft_weights(logits_SZ: torch.Tensor, valid_S: torch.Tensor | None = None, num_groups: int = 1
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch (softmax over each group's valid tokens, per slot) and combine (softmax over the slots, per valid
